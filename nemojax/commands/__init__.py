@@ -1,0 +1,1 @@
+"""One module per `nemojax` subcommand (see nemojax/cli.py)."""

@@ -1,0 +1,351 @@
+"""Typed configuration: every key nemojax reads, its meaning, and its validation.
+
+A config is a YAML file whose top level mirrors `Config` below. A file may name a
+`base:` file (relative to itself) whose values it overrides, so presets compose:
+`configs/tiny.yaml` says `base: models/tiny.yaml` and adds training settings.
+Command-line overrides are `dotted.key=value` strings, parsed as YAML scalars.
+
+Everything a user can get wrong fails here, at load time, with a `ConfigError` that
+names the key and says what to change, never later from deep inside JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value a user must fix; the message says which key and how."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    """The Nemotron-4 architecture and how it is computed."""
+
+    vocab_size: int = 256000
+    hidden_size: int = 6144
+    num_layers: int = 32
+    num_heads: int = 48  # query heads
+    num_kv_heads: int = 8  # GQA key/value heads; must divide num_heads
+    head_dim: int = 128  # num_heads * head_dim need not equal hidden_size, but see validate()
+    ffn_hidden_size: int = 24576  # squared-ReLU MLP width (4 x hidden in the paper)
+    rotary_percentage: float = 0.5  # fraction of each head's dims that RoPE rotates
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.0134  # normal init std; output projections use std / sqrt(2 * layers)
+    max_seq_len: int = 4096
+    param_dtype: str = "float32"  # storage dtype of the weights: float32 | bfloat16
+    compute_dtype: str = "float32"  # matmul/activation dtype: float32 | bfloat16
+    remat_policy: str = "none"  # see nemojax.model.transformer.REMAT_POLICIES
+    attention_backend: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention; cuDNN on GPU) | cudnn
+    scan_layers: bool = True  # one compiled block scanned over stacked layer params
+    bos_id: int = 2
+    eos_id: int = 3
+    pad_id: int = 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_percentage)
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "ffn_hidden_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"{prefix}.num_heads={self.num_heads} is not divisible by "
+                f"{prefix}.num_kv_heads={self.num_kv_heads}: GQA needs every KV head to serve the "
+                f"same number of query heads; pick num_kv_heads among "
+                f"{[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]}")
+        if self.num_heads * self.head_dim != self.hidden_size:
+            fix = self.hidden_size // self.num_heads if self.hidden_size % self.num_heads == 0 else None
+            raise ConfigError(
+                f"{prefix}.num_heads * {prefix}.head_dim = {self.num_heads} * {self.head_dim} = "
+                f"{self.num_heads * self.head_dim} does not equal {prefix}.hidden_size={self.hidden_size}; "
+                + (f"set {prefix}.head_dim={fix}" if fix else "change num_heads or hidden_size"))
+        if not 0.0 < self.rotary_percentage <= 1.0:
+            raise ConfigError(f"{prefix}.rotary_percentage must be in (0, 1], got {self.rotary_percentage}")
+        rot = self.head_dim * self.rotary_percentage
+        if rot != int(rot) or int(rot) % 2:
+            raise ConfigError(
+                f"{prefix}.rotary_percentage={self.rotary_percentage} with head_dim={self.head_dim} gives a "
+                f"rotary dim of {rot}; RoPE rotates pairs, so head_dim * rotary_percentage must be an "
+                f"even integer (e.g. rotary_percentage=0.5 with an even head_dim/2)")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ConfigError(f"{prefix}.{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+        from nemojax.model.transformer import REMAT_POLICIES  # local: config must not import jax eagerly
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"{prefix}.remat_policy={self.remat_policy!r} is unknown; choose one of "
+                              f"{sorted(REMAT_POLICIES)}")
+        if self.attention_backend not in ("xla", "dot_product", "cudnn"):
+            raise ConfigError(f"{prefix}.attention_backend={self.attention_backend!r} is unknown; choose "
+                              f"xla, dot_product or cudnn")
+        if self.init_std <= 0:
+            raise ConfigError(f"{prefix}.init_std must be positive, got {self.init_std}")
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh sizes per named axis; -1 on one axis fills the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    pipeline: int = 1
+    tensor: int = 1
+    # Cross-slice / cross-node (DCN) factor per axis for hybrid meshes; 1 = all within a slice.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_pipeline: int = 1
+    dcn_tensor: int = 1
+    # Pipeline schedule: virtual stages per device (interleaving) and microbatches per step.
+    virtual_stages: int = 1
+    microbatches: int = 1
+    zero1: bool = True  # shard optimizer state and fp32 master weights over `data`
+    sequence_parallel: bool = False  # shard activations between blocks over `tensor` along length
+    # Logical axis -> mesh axis (or list of mesh axes, or null for replicated).
+    rules: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, prefix: str = "mesh") -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "pipeline": self.pipeline, "tensor": self.tensor}
+        if sum(1 for v in sizes.values() if v == -1) > 1:
+            raise ConfigError(f"{prefix}: at most one axis may be -1, got {sizes}")
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ConfigError(f"{prefix}.{k} must be a positive size or -1, got {v}")
+        for k in ("virtual_stages", "microbatches", "dcn_data", "dcn_fsdp", "dcn_pipeline", "dcn_tensor"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{prefix}.{k} must be >= 1, got {getattr(self, k)}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with warmup and a decay schedule (see nemojax.train.optim)."""
+
+    learning_rate: float = 3e-4  # peak learning rate
+    min_learning_rate: float = 3e-5  # floor of the cosine / decay phase
+    schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0 = decay until `steps`; for wsd: length of the final decay phase
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only (not norms or embeddings' biases)
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclass
+class DataSourceConfig:
+    """One source of a blend."""
+
+    path: str = ""  # file, glob, or "builtin:<name>" for the corpus that ships with nemojax
+    format: str = "jsonl"  # jsonl | parquet | arrayrecord (pre-tokenized ids) | builtin
+    weight: float = 1.0
+    text_field: str = "text"
+
+
+@dataclass
+class DataConfig:
+    """Pretraining data: a weighted blend of sources, tokenized and packed."""
+
+    tokenizer: str = "builtin"  # path to a SentencePiece .model, or "builtin" for the shipped one
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    validation: list[DataSourceConfig] = field(default_factory=list)  # empty: hold out a split
+    validation_fraction: float = 0.01
+    seq_len: int = 256
+    global_batch_size: int = 8  # sequences per optimizer step (before ramp-up stages)
+    micro_batch_size: int = 0  # sequences per forward/backward; 0 = global batch (no accumulation)
+    # Batch-size ramp-up: list of {batch_size, until_tokens}; empty = constant global_batch_size.
+    rampup: list[dict[str, Any]] = field(default_factory=list)
+    shuffle_seed: int = 0
+    worker_count: int = 0
+
+
+@dataclass
+class Config:
+    """A whole run. `steps`, `seed`, `run_dir`, `checkpoint_every` are top-level by contract."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    seed: int = 0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    init_from: str = ""  # continued pretraining: start from this checkpoint's weights, fresh optimizer
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look it up from the device kind
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.mesh.validate("mesh")
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config base cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at top level, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base).resolve()
+    if not base_path.exists() and (CONFIG_DIR / base).exists():
+        base_path = CONFIG_DIR / base
+    return _deep_merge(_read_yaml(base_path, (*seen, path)), raw)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "rules":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. model.num_layers=4)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(text) if text.strip() else ""
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list,):
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict,):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in raw.items():
+        full = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join((prefix + '.' if prefix else '') + c for c in close)}?" \
+                if close else f"; valid keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[k] = _coerce(v, hints[k], full)
+    return cls(**kwargs)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path as given, or relative to the shipped configs/ directory."""
+    p = Path(path)
+    if p.exists():
+        return p.resolve()
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml", CONFIG_DIR / "models" / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config file not found: {path} (also looked under {CONFIG_DIR})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when path is None), apply overrides, validate."""
+    tree = _read_yaml(resolve_path(path)) if path is not None else {}
+    for item in overrides:
+        _apply_override(tree, item)
+    cfg = _build(Config, tree)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    cfg = _build(Config, tree)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

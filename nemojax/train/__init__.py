@@ -1,0 +1,1 @@
+"""Losses, optimizer, pure train steps and the training loop."""
