@@ -101,13 +101,20 @@ class ModelConfig:
 
 @dataclass
 class MeshConfig:
-    """Device mesh sizes per named axis; -1 on one axis fills the remaining devices."""
+    """How the devices are arranged and what is sharded over them (see nemojax.parallel).
 
-    data: int = -1
-    fsdp: int = 1
-    pipeline: int = 1
-    tensor: int = 1
-    # Cross-slice / cross-node (DCN) factor per axis for hybrid meshes; 1 = all within a slice.
+    The mesh has four named axes, outermost first: data, pipeline, fsdp, tensor (tensor is
+    innermost so its per-layer all-reduces use the fastest links). Sizes are global (whole
+    job); their product must equal the device count, and one axis may be -1 to take the rest.
+    """
+
+    data: int = -1  # data-parallel replicas (batch split; params replicated unless fsdp/zero1)
+    fsdp: int = 1  # fully sharded data parallel: batch split AND params/grads/opt state sharded
+    pipeline: int = 1  # pipeline stages (layers split into consecutive stages)
+    tensor: int = 1  # Megatron tensor parallel: heads, kv_heads, mlp and vocab split
+    # DCN factor per axis for hybrid meshes: how many slices (TPU) / nodes (GPU) the axis spans.
+    # It must divide the axis size; e.g. data=16 dcn_data=4 = 4 slices x 4-way data inside each.
+    # Put DCN on data (or pipeline), rarely on fsdp, never on tensor.
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_pipeline: int = 1
@@ -115,9 +122,14 @@ class MeshConfig:
     # Pipeline schedule: virtual stages per device (interleaving) and microbatches per step.
     virtual_stages: int = 1
     microbatches: int = 1
-    zero1: bool = True  # shard optimizer state and fp32 master weights over `data`
-    sequence_parallel: bool = False  # shard activations between blocks over `tensor` along length
-    # Logical axis -> mesh axis (or list of mesh axes, or null for replicated).
+    # ZeRO-1 / distributed optimizer: optimizer state (and the fp32 master copy of bf16
+    # params) additionally sharded over `data`; params stay replicated over `data`.
+    # false = optimizer state sharded exactly like the params.
+    zero1: bool = True
+    # Shard activations between blocks along the sequence over `tensor` (rules.length=tensor).
+    sequence_parallel: bool = False
+    # Logical axis -> mesh axis, list of mesh axes, or null (replicated); overrides
+    # nemojax.parallel.rules.DEFAULT_RULES per key, e.g. {kv_heads: null, embed: [fsdp, data]}.
     rules: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, prefix: str = "mesh") -> None:
@@ -130,6 +142,19 @@ class MeshConfig:
         for k in ("virtual_stages", "microbatches", "dcn_data", "dcn_fsdp", "dcn_pipeline", "dcn_tensor"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{prefix}.{k} must be >= 1, got {getattr(self, k)}")
+        for k, v in sizes.items():
+            dcn = getattr(self, f"dcn_{k}")
+            if v != -1 and v % dcn:
+                raise ConfigError(f"{prefix}.dcn_{k}={dcn} does not divide {prefix}.{k}={v}; the DCN "
+                                  f"factor counts the slices/nodes the axis spans and must divide it")
+        axes = ("data", "fsdp", "pipeline", "tensor")
+        if not isinstance(self.rules, dict):
+            raise ConfigError(f"{prefix}.rules must be a mapping of logical axis -> mesh axis")
+        for k, v in self.rules.items():
+            vals = [v] if isinstance(v, str) else ([] if v is None else v)
+            if not isinstance(vals, list) or any(x not in axes for x in vals):
+                raise ConfigError(f"{prefix}.rules.{k}={v!r}: use a mesh axis name ({', '.join(axes)}), "
+                                  f"a list of them, or null")
 
 
 @dataclass
