@@ -175,29 +175,86 @@ class OptimizerConfig:
 
 @dataclass
 class DataSourceConfig:
-    """One source of a blend."""
+    """One source of a blend: where its documents are and how much of the blend it gets.
 
-    path: str = ""  # file, glob, or "builtin:<name>" for the corpus that ships with nemojax
-    format: str = "jsonl"  # jsonl | parquet | arrayrecord (pre-tokenized ids) | builtin
+    See nemojax/data/sources.py for the file schemas.
+    """
+
+    # A file, a directory (every file in it) or a glob; or "builtin:prose" / "builtin:code"
+    # for the corpus that ships with nemojax (built from the Python standard library).
+    path: str = ""
+    # jsonl | parquet | arrayrecord (pre-tokenized int32 ids) | builtin; "auto" infers it
+    # from the path ("builtin:" prefix or the file suffix).
+    format: str = "auto"
+    # Relative share of training rows (normalised over the blend; 0 drops the source).
     weight: float = 1.0
+    # JSONL key / Parquet column holding each document's text (unused for arrayrecord/builtin).
     text_field: str = "text"
+
+    def validate(self, prefix: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{prefix}.path is empty; give a file, directory, glob or builtin:prose")
+        if self.format not in ("auto", "jsonl", "parquet", "arrayrecord", "builtin"):
+            raise ConfigError(f"{prefix}.format={self.format!r} is unknown; use auto, jsonl, parquet, "
+                              f"arrayrecord or builtin")
+        if self.weight < 0:
+            raise ConfigError(f"{prefix}.weight must be >= 0, got {self.weight}")
+        if not self.text_field:
+            raise ConfigError(f"{prefix}.text_field must name the text key/column, got an empty string")
+
+
+def _default_sources() -> list[DataSourceConfig]:
+    # The built-in corpus, blended like Nemotron's 70% natural language / 30% other.
+    return [DataSourceConfig(path="builtin:prose", weight=0.7), DataSourceConfig(path="builtin:code", weight=0.3)]
 
 
 @dataclass
 class DataConfig:
-    """Pretraining data: a weighted blend of sources, tokenized and packed."""
+    """Pretraining data: a weighted blend of sources, tokenized and packed (nemojax.data.pretrain)."""
 
-    tokenizer: str = "builtin"  # path to a SentencePiece .model, or "builtin" for the shipped one
-    sources: list[DataSourceConfig] = field(default_factory=list)
-    validation: list[DataSourceConfig] = field(default_factory=list)  # empty: hold out a split
+    # Path to a SentencePiece .model (or a directory holding tokenizer.model), or "builtin"
+    # for the shipped 4096-piece model (matches configs/models/tiny.yaml's vocab_size).
+    tokenizer: str = "builtin"
+    # Training blend; each row of a batch comes from one source, chosen so that the row
+    # counts follow the weights exactly (within one row) at every point of the stream.
+    sources: list[DataSourceConfig] = field(default_factory=_default_sources)
+    # Validation blend. Empty: hold out `validation_fraction` of each training source's
+    # documents (chosen by a hash of the document index, so the split never changes).
+    validation: list[DataSourceConfig] = field(default_factory=list)
     validation_fraction: float = 0.01
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per packed row
     global_batch_size: int = 8  # sequences per optimizer step (before ramp-up stages)
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = global batch (no accumulation)
     # Batch-size ramp-up: list of {batch_size, until_tokens}; empty = constant global_batch_size.
     rampup: list[dict[str, Any]] = field(default_factory=list)
+    # Seed of the document shuffle (per source, reshuffled each epoch); the trainer passes it
+    # to make_batch_iterator. Validation order is fixed and independent of it.
     shuffle_seed: int = 0
-    worker_count: int = 0
+    # concat: documents laid end to end, cut at row ends (no padding, Megatron style);
+    # pad: a document that does not fit the rest of a row starts the next row (padding).
+    pack_mode: str = "concat"
+    worker_count: int = 0  # reserved for multi-process loading; 0 = load in the training process
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"{prefix}.seq_len must be >= 2, got {self.seq_len}")
+        if self.global_batch_size < 1:
+            raise ConfigError(f"{prefix}.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if not self.sources:
+            raise ConfigError(f"{prefix}.sources is empty; list at least one source "
+                              f"(e.g. {{path: builtin:prose}})")
+        for i, src in enumerate(self.sources):
+            src.validate(f"{prefix}.sources[{i}]")
+        for i, src in enumerate(self.validation):
+            src.validate(f"{prefix}.validation[{i}]")
+        if sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError(f"{prefix}.sources: the weights sum to 0; give at least one a positive weight")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"{prefix}.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.pack_mode not in ("concat", "pad"):
+            raise ConfigError(f"{prefix}.pack_mode={self.pack_mode!r} is unknown; use concat or pad")
+        if not 0 <= self.shuffle_seed < 2**32:
+            raise ConfigError(f"{prefix}.shuffle_seed must be in [0, 2**32), got {self.shuffle_seed}")
 
 
 @dataclass
@@ -222,6 +279,7 @@ class Config:
     def validate(self) -> None:
         self.model.validate("model")
         self.mesh.validate("mesh")
+        self.data.validate("data")
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if self.data.seq_len > self.model.max_seq_len:
