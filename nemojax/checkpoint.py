@@ -5,7 +5,7 @@ A *nemojax model checkpoint* is a directory holding
     config.yaml   the model section (or a whole run Config) -- enough to rebuild the module
     params/       an orbax PyTree checkpoint of the parameters as a plain nested dict,
                   {"embed": ..., "blocks": {"q": ..., ...}, "final_norm_scale": ..., ...}
-                  (`nnx.state(model, nnx.Param).to_pure_dict()`)
+                  (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`)
 
 Training runs use the same layout per step: `<run_dir>/config.yaml` and
 `<run_dir>/checkpoints/<step>/params`, so `load_model` accepts a run directory (latest step),
@@ -39,9 +39,9 @@ def _params_tree(model_or_params: Any) -> Any:
     from flax import nnx
 
     if isinstance(model_or_params, nnx.Module):
-        return nnx.state(model_or_params, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
     if isinstance(model_or_params, nnx.State):
-        return model_or_params.to_pure_dict()
+        return nnx.to_pure_dict(model_or_params)
     return model_or_params
 
 
@@ -192,7 +192,7 @@ def load_params(params_dir: str | Path, cfg: ModelConfig, *, sharding: Any = Non
     from nemojax.model.transformer import abstract_model
 
     params_dir = Path(params_dir).absolute()
-    abstract = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+    abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
     with ocp.StandardCheckpointer() as ckptr:
         try:

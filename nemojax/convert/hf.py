@@ -238,7 +238,7 @@ def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     import jax
     from flax import nnx
 
-    tree = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+    tree = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
@@ -474,8 +474,11 @@ def _apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig
 def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str | None = None,
                     overwrite: bool = False, progress: bool = True) -> Path:
     """HF Nemotron directory -> nemojax model checkpoint (config.yaml + params/)."""
-    from nemojax.checkpoint import save_model
+    from nemojax.checkpoint import PARAMS_DIR, save_model
 
+    if (Path(out_dir) / PARAMS_DIR).exists() and not overwrite:  # fail before reading any weights
+        raise FileExistsError(f"{Path(out_dir) / PARAMS_DIR} already exists; pass overwrite=True "
+                              f"(CLI: --force) to replace it")
     cfg, tied = hf_config_and_tied(hf_dir, param_dtype=param_dtype)
     params = load_hf_params(hf_dir, cfg, tied=tied, progress=progress)
     return save_model(params, cfg, out_dir, overwrite=overwrite)
@@ -624,5 +627,5 @@ def convert_to_hf(ckpt: str | Path, hf_dir: str | Path, *, dtype: str | None = N
     from nemojax.checkpoint import load_model
 
     model = load_model(ckpt)
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return save_hf(params, model.cfg, hf_dir, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
