@@ -1,0 +1,324 @@
+"""The pretraining pipeline: packing, blending, shuffling, sharding, resume, sources, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nemojax.config import ConfigError, DataConfig, DataSourceConfig, config_from_dict
+from nemojax.data.packing import Cursor, empty_rows, pack_row
+from nemojax.data.pretrain import BatchIterator, make_batch_iterator, split_indices
+from nemojax.data.sources import ArrayRecordFile, DataError, write_array_record
+from nemojax.data.tokenizer import load_tokenizer
+
+EOS = 3
+KEYS = ("input_ids", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def _pack(docs: list[list[int]], rows: int, seq_len: int, mode: str = "concat",
+          start: Cursor | None = None) -> tuple[dict[str, np.ndarray], Cursor]:
+    arrays = [np.array(d, np.int32) for d in docs]
+    out = empty_rows(rows, seq_len)
+    cur = start or Cursor()
+    for r in range(rows):
+        cur = pack_row(lambda k: arrays[k % len(arrays)], cur, out, r, eos_id=EOS, mode=mode)
+    return out, cur
+
+
+def test_packing_hand_example_concat() -> None:
+    docs = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39]]
+    out, cur = _pack(docs, rows=3, seq_len=8)
+    np.testing.assert_array_equal(out["input_ids"][0], [10, 11, 12, EOS, 20, 21, EOS, 30])
+    np.testing.assert_array_equal(out["segment_ids"][0], [1, 1, 1, 1, 2, 2, 2, 3])
+    np.testing.assert_array_equal(out["positions"][0], [0, 1, 2, 3, 0, 1, 2, 0])
+    # eos predicts nothing (its successor is another document); 30's target is read past the row.
+    np.testing.assert_array_equal(out["targets"][0], [11, 12, EOS, 0, 21, EOS, 0, 31])
+    np.testing.assert_array_equal(out["loss_mask"][0], [1, 1, 1, 0, 1, 1, 0, 1])
+    # The long document continues on the next row as a new segment with positions from 0.
+    np.testing.assert_array_equal(out["input_ids"][1], [31, 32, 33, 34, 35, 36, 37, 38])
+    np.testing.assert_array_equal(out["segment_ids"][1], [1] * 8)
+    np.testing.assert_array_equal(out["positions"][1], range(8))
+    np.testing.assert_array_equal(out["targets"][1], [32, 33, 34, 35, 36, 37, 38, 39])
+    np.testing.assert_array_equal(out["loss_mask"][1], [1] * 8)
+    np.testing.assert_array_equal(out["input_ids"][2], [39, EOS, 10, 11, 12, EOS, 20, 21])
+    np.testing.assert_array_equal(out["targets"][2], [EOS, 0, 11, 12, EOS, 0, 21, EOS])
+    np.testing.assert_array_equal(out["loss_mask"][2], [1, 0, 1, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(out["segment_ids"][2], [1, 1, 2, 2, 2, 2, 3, 3])
+    assert cur == Cursor(doc=4, offset=2)  # next: the eos of document 4 (= docs[1])
+
+
+def test_packing_row_ending_just_before_eos_and_empty_docs() -> None:
+    # Row of 3 ends right after the last real token: the target of that token is eos.
+    out, cur = _pack([[5, 6, 7], []], rows=2, seq_len=3)
+    np.testing.assert_array_equal(out["targets"][0], [6, 7, EOS])
+    np.testing.assert_array_equal(out["loss_mask"][0], [1, 1, 1])
+    # The next row opens with that eos alone (no target), then the empty document is skipped.
+    np.testing.assert_array_equal(out["input_ids"][1], [EOS, 5, 6])
+    np.testing.assert_array_equal(out["segment_ids"][1], [1, 2, 2])
+    np.testing.assert_array_equal(out["loss_mask"][1], [0, 1, 1])
+    with pytest.raises(Exception, match="empty documents"):
+        pack_row(lambda k: np.zeros(0, np.int32), Cursor(), empty_rows(1, 4), 0, eos_id=EOS, max_empty=5)
+
+
+def test_packing_pad_mode_keeps_short_documents_whole() -> None:
+    docs = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39]]
+    out, _ = _pack(docs, rows=3, seq_len=8, mode="pad")
+    np.testing.assert_array_equal(out["input_ids"][0], [10, 11, 12, EOS, 20, 21, EOS, 0])
+    np.testing.assert_array_equal(out["segment_ids"][0], [1, 1, 1, 1, 2, 2, 2, 0])  # 0 = padding
+    np.testing.assert_array_equal(out["loss_mask"][0], [1, 1, 1, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(out["input_ids"][1], [30, 31, 32, 33, 34, 35, 36, 37])  # longer than a row
+    np.testing.assert_array_equal(out["input_ids"][2], [38, 39, EOS, 10, 11, 12, EOS, 0])
+
+
+def _check_rows(batch: dict[str, np.ndarray]) -> None:
+    """Invariants every packed batch must satisfy."""
+    ids, tgt, pos, seg, mask = (batch[k] for k in KEYS)
+    for k, dt in zip(KEYS, (np.int32,) * 4 + (np.float32,)):
+        assert batch[k].dtype == dt
+    same_next = seg[:, 1:] == seg[:, :-1]
+    # Inside a row, a supervised slot's target is the next input of the same document.
+    inner = mask[:, :-1] == 1
+    assert np.all(same_next[inner])
+    np.testing.assert_array_equal(tgt[:, :-1][inner], ids[:, 1:][inner])
+    # Never supervise eos -> next document, and never padding.
+    assert np.all(mask[ids == EOS] == 0)
+    assert np.all(mask[seg == 0] == 0)
+    # Positions restart at 0 at every new segment and count up inside it.
+    starts = np.concatenate([np.ones((seg.shape[0], 1), bool), ~same_next], axis=1)
+    assert np.all(pos[starts] == 0)
+    assert np.all(pos[:, 1:][same_next] == pos[:, :-1][same_next] + 1)
+
+
+@pytest.fixture(scope="module")
+def builtin_cfg() -> DataConfig:
+    return DataConfig()  # the default blend: builtin:prose 0.7 + builtin:code 0.3
+
+
+def test_builtin_batches_shapes_and_invariants(builtin_cfg: DataConfig) -> None:
+    it = make_batch_iterator(builtin_cfg, batch_size=16, seq_len=128, seed=0)
+    for _ in range(5):
+        b = next(it)
+        assert set(b) == set(KEYS)
+        assert all(v.shape == (16, 128) for v in b.values())
+        _check_rows(b)
+    tok = load_tokenizer("builtin")
+    assert b["input_ids"].max() < tok.vocab_size
+    assert b["loss_mask"].mean() > 0.95  # concat packing wastes almost nothing
+
+
+def test_exact_resume_including_batch_size_change(builtin_cfg: DataConfig) -> None:
+    it = make_batch_iterator(builtin_cfg, batch_size=8, seq_len=64, seed=3)
+    for _ in range(7):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # must survive JSON
+    expected = [next(it) for _ in range(4)]
+    fresh = make_batch_iterator(builtin_cfg, batch_size=8, seq_len=64, seed=3)
+    fresh.set_state(state)
+    for want in expected:
+        got = next(fresh)
+        for k in KEYS:
+            np.testing.assert_array_equal(got[k], want[k])
+    # Ramp-up: a batch of 4 continues from the same row; two of them equal one batch of 8.
+    small = make_batch_iterator(builtin_cfg, batch_size=4, seq_len=64, seed=3)
+    small.set_state(state)
+    for want in expected[:2]:
+        a, b = next(small), next(small)
+        for k in KEYS:
+            np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), want[k])
+    # A state from another configuration is refused with the reason.
+    other = make_batch_iterator(builtin_cfg, batch_size=8, seq_len=32, seed=3)
+    with pytest.raises(DataError, match="seq_len"):
+        other.set_state(state)
+
+
+def test_determinism_from_seed(builtin_cfg: DataConfig) -> None:
+    a = make_batch_iterator(builtin_cfg, batch_size=4, seq_len=64, seed=11)
+    b = make_batch_iterator(builtin_cfg, batch_size=4, seq_len=64, seed=11)
+    c = make_batch_iterator(builtin_cfg, batch_size=4, seq_len=64, seed=12)
+    xa, xb, xc = ([next(i)["input_ids"] for _ in range(3)] for i in (a, b, c))
+    np.testing.assert_array_equal(np.stack(xa), np.stack(xb))
+    assert not np.array_equal(np.stack(xa), np.stack(xc))
+
+
+def test_validation_split_is_held_out_and_repeatable(builtin_cfg: DataConfig) -> None:
+    for n in (1, 2, 50, 1000):
+        tr, va = split_indices(n, "train", 0.05), split_indices(n, "validation", 0.05)
+        assert not set(tr) & set(va) and len(tr) + len(va) == n and len(tr) >= 1
+        assert (len(va) >= 1) == (n >= 2)
+    va = split_indices(1000, "validation", 0.05)
+    assert 25 <= len(va) <= 75
+    v1 = make_batch_iterator(builtin_cfg, split="validation", batch_size=4, seq_len=64, seed=1)
+    v2 = make_batch_iterator(builtin_cfg, split="validation", batch_size=4, seq_len=64, seed=99)
+    for _ in range(3):  # the training seed does not change the evaluation set
+        np.testing.assert_array_equal(next(v1)["input_ids"], next(v2)["input_ids"])
+    tr = make_batch_iterator(builtin_cfg, batch_size=4, seq_len=64, seed=1)
+    assert not np.array_equal(next(tr)["input_ids"], next(make_batch_iterator(
+        builtin_cfg, split="validation", batch_size=4, seq_len=64, seed=1))["input_ids"])
+
+
+# ---------------------------------------------------------------------------- synthetic sources
+
+
+def _marked_docs(n: int, base: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Document i is `base + i` repeated (length 1..40): every token names its document."""
+    return [np.full(int(rng.integers(1, 41)), base + i, np.int32) for i in range(n)]
+
+
+def _collect_rows(it: BatchIterator, batches: int) -> dict[str, np.ndarray]:
+    got = [next(it) for _ in range(batches)]
+    return {k: np.concatenate([g[k] for g in got]) for k in KEYS}
+
+
+def test_blend_holds_its_proportions(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    ranges = {"a": 100, "b": 1000, "c": 2000}
+    for name, base in ranges.items():  # token values tell the sources apart
+        write_array_record(tmp_path / f"{name}.arrayrecord", _marked_docs(300, base, rng))
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "a.arrayrecord"), weight=0.70),
+                              DataSourceConfig(path=str(tmp_path / "b.arrayrecord"), weight=0.15),
+                              DataSourceConfig(path=str(tmp_path / "c.arrayrecord"), weight=0.15)])
+    it = make_batch_iterator(cfg, batch_size=20, seq_len=32, seed=0)
+    rows = _collect_rows(it, 100)
+    ids, seg = rows["input_ids"], rows["segment_ids"]
+    real = (seg > 0) & (ids != EOS)
+    counts = np.array([np.sum(real & (ids >= 100) & (ids < 1000)),
+                       np.sum(real & (ids >= 1000) & (ids < 2000)),
+                       np.sum(real & (ids >= 2000))])
+    share = counts / counts.sum()
+    np.testing.assert_allclose(share, [0.70, 0.15, 0.15], atol=0.01)
+    # Every row comes from exactly one source.
+    first = ids[:, 0]
+    assert all(len({int(v) // 1000 for v in r[(r != EOS)]}) == 1 for r, f in zip(ids, first))
+    # ...and any prefix of the stream holds the weights to within one row.
+    picks = np.array(it.source_of_rows(200))
+    for n in (10, 37, 200):
+        frac = np.bincount(picks[:n], minlength=3)
+        assert np.all(np.abs(frac - n * np.array([0.7, 0.15, 0.15])) <= 1.0 + 1e-9)
+
+
+def test_host_sharding_is_disjoint_and_covering(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    docs = _marked_docs(101, 10, rng)
+    write_array_record(tmp_path / "d.arrayrecord", docs)
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "d.arrayrecord"))], validation_fraction=0.0)
+    total_tokens = sum(len(d) + 1 for d in docs)
+    seen = []
+    for host in range(2):
+        it = make_batch_iterator(cfg, batch_size=8, seq_len=16, seed=5, process_index=host, process_count=2)
+        rows = _collect_rows(it, total_tokens // (16 * 4) + 4)  # more than one epoch of this host's share
+        assert rows["input_ids"].shape[0] % 4 == 0 and next(it)["input_ids"].shape == (4, 16)
+        ids = rows["input_ids"]
+        seen.append(set(np.unique(ids[ids != EOS]).tolist()))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(10, 111))
+    with pytest.raises(ConfigError, match="not divisible"):
+        make_batch_iterator(cfg, batch_size=7, seq_len=16, seed=0, process_count=2)
+
+
+def test_array_record_helper_round_trip(tmp_path: Path) -> None:
+    docs = [[1, 2, 3], [], list(range(4000, 4090)), [7]]
+    assert write_array_record(tmp_path / "x.arrayrecord", docs) == 4
+    f = ArrayRecordFile(tmp_path / "x.arrayrecord")
+    assert len(f) == 4
+    assert [f[i].tolist() for i in range(4)] == docs
+    with pytest.raises(DataError, match="1-D"):
+        write_array_record(tmp_path / "y.arrayrecord", [[[1, 2]]])
+
+
+def _decoded_documents(cfg: DataConfig, n_rows: int) -> list[str]:
+    """Run a single-source iterator and cut its row stream back into documents."""
+    tok = load_tokenizer(cfg.tokenizer)
+    rows = _collect_rows(make_batch_iterator(cfg, batch_size=4, seq_len=32, seed=0), n_rows // 4)
+    stream = rows["input_ids"].reshape(-1).tolist()
+    docs, cur = [], []
+    for t in stream:
+        if t == EOS:
+            docs.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(t)
+    return docs
+
+
+TEXTS = [f"Document number {i}: the {'quick ' * (i % 5)}brown fox, line two\n    indented {i}." for i in range(30)]
+
+
+def test_jsonl_source(tmp_path: Path) -> None:
+    p = tmp_path / "docs.jsonl"
+    with p.open("w") as f:
+        for i, t in enumerate(TEXTS):
+            f.write(json.dumps({"id": i, "content": t}) + "\n")
+            if i == 3:
+                f.write("\n")  # blank lines are skipped
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(p), text_field="content")], validation_fraction=0.0)
+    docs = _decoded_documents(cfg, 200)
+    assert set(docs[:30]) == set(TEXTS)  # exactly one epoch, shuffled, every document intact
+    assert docs[:30] != TEXTS
+
+
+def test_parquet_source(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": TEXTS, "n": list(range(30))}), p, row_group_size=7)
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(p))], validation_fraction=0.0)
+    assert set(_decoded_documents(cfg, 200)[:30]) == set(TEXTS)
+    bad = DataConfig(sources=[DataSourceConfig(path=str(p), text_field="body")])
+    with pytest.raises(DataError, match=r"docs\.parquet.*no column 'body'"):
+        make_batch_iterator(bad, batch_size=2, seq_len=16, seed=0)
+
+
+def test_glob_of_files_and_separate_validation_list(tmp_path: Path) -> None:
+    for k in range(3):
+        with (tmp_path / f"part-{k}.jsonl").open("w") as f:
+            for t in TEXTS[k * 10:(k + 1) * 10]:
+                f.write(json.dumps({"text": t}) + "\n")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": "held out text"}) + "\n")
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "part-*.jsonl"))],
+                     validation=[DataSourceConfig(path=str(tmp_path / "val.jsonl"))])
+    assert set(_decoded_documents(cfg, 200)[:30]) == set(TEXTS)  # no hold-out from the sources
+    v = next(make_batch_iterator(cfg, split="validation", batch_size=2, seq_len=16, seed=0))
+    assert "held out text" in load_tokenizer("builtin").decode(v["input_ids"][0].tolist())
+
+
+def test_clear_errors_for_missing_files_and_bad_lines(tmp_path: Path) -> None:
+    missing = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "nowhere.jsonl"))])
+    with pytest.raises(DataError, match=r"data\.sources\[0\].*nowhere\.jsonl"):
+        make_batch_iterator(missing, batch_size=2, seq_len=16, seed=0)
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "fine"}) + "\n"
+                 + json.dumps({"body": "no text key"}) + "\n")
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(p))], validation_fraction=0.0)
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: no 'text' field \(found: body\)"):
+        next(make_batch_iterator(cfg, batch_size=2, seq_len=16, seed=0))
+    p.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        next(make_batch_iterator(cfg, batch_size=2, seq_len=16, seed=0))
+    with pytest.raises(DataError, match="format"):
+        make_batch_iterator(DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "x.csv"))]),
+                            batch_size=2, seq_len=16, seed=0)
+    with pytest.raises(DataError, match="poetry"):
+        make_batch_iterator(DataConfig(sources=[DataSourceConfig(path="builtin:poetry")]),
+                            batch_size=2, seq_len=16, seed=0)
+
+
+def test_token_ids_outside_the_vocabulary_are_reported(tmp_path: Path) -> None:
+    write_array_record(tmp_path / "big.arrayrecord", [[5, 6, 99999]])
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "big.arrayrecord"))])
+    with pytest.raises(DataError, match="99999.*vocabulary of 4096"):
+        next(make_batch_iterator(cfg, batch_size=1, seq_len=8, seed=0))
+
+
+def test_data_config_validation_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.weight"):
+        config_from_dict({"data": {"sources": [{"path": "builtin:prose"}, {"path": "x.jsonl", "weight": -1}]}})
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.format"):
+        config_from_dict({"data": {"sources": [{"path": "x", "format": "csv"}]}})
+    with pytest.raises(ConfigError, match="pack_mode"):
+        config_from_dict({"data": {"pack_mode": "zip"}})
+    with pytest.raises(ConfigError, match="split"):
+        make_batch_iterator(DataConfig(), split="test", batch_size=2, seq_len=16, seed=0)
