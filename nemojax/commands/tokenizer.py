@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
     t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--verbose", action="store_true", help="show SentencePiece's own training log")
     s = sub.add_parser("stats", help="tokens, chars/token and unigram entropy of a corpus")
     s.add_argument("--tokenizer", default="builtin", help="'builtin' or a .model path")
     s.add_argument("--input", nargs="*", default=[], metavar="FILE",
@@ -74,7 +75,8 @@ def _train(args: argparse.Namespace) -> int:
         _log("nothing to train on: give --input FILE... and/or --builtin-corpus")
         return 2
     t0 = time.perf_counter()
-    path = train_tokenizer(_training_texts(args), args.out, args.vocab_size, model_type=args.model_type)
+    path = train_tokenizer(_training_texts(args), args.out, args.vocab_size, model_type=args.model_type,
+                           verbose=args.verbose)
     tok = Tokenizer(path)
     sample = "<extra_id_1>User\ndef add(a, b):\n    return a + b\n"
     ids = tok.encode(sample)

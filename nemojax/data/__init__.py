@@ -1,0 +1,34 @@
+"""Data: tokenizer and chat template, the built-in corpus, and the pretraining pipeline.
+
+Modules (one idea each):
+- `tokenizer`     SentencePiece wrapper (`Tokenizer`, `load_tokenizer`, `train_tokenizer`,
+                  `unigram_entropy`)
+- `chat_template` Nemotron-4 chat formatting (`format_chat`)
+- `corpus`        the default corpus built from the Python stdlib (`builtin_documents`)
+- `sources`       JSONL / Parquet / ArrayRecord readers (`write_array_record`)
+- `packing`       documents -> fixed-length rows with segment ids
+- `pretrain`      the grain pipeline (`make_batch_iterator`)
+
+Names are re-exported lazily so `import nemojax.data` stays cheap (grain and
+sentencepiece load only when used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+    "unigram_entropy": "tokenizer", "format_chat": "chat_template", "builtin_documents": "corpus",
+    "write_array_record": "sources", "DataError": "sources", "make_batch_iterator": "pretrain",
+    "BatchIterator": "pretrain",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
