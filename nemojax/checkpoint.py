@@ -158,7 +158,8 @@ def read_model_config(config_path: str | Path) -> ModelConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def _with_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+def with_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """`cfg` with the given ModelConfig fields replaced (None values ignored), validated."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -266,7 +267,7 @@ def load_model(path: str | Path, *, param_dtype: str | None = None, compute_dtyp
         return load_hf_model(where, param_dtype=param_dtype, compute_dtype=compute_dtype,
                              sharding=sharding, progress=progress, **overrides)
     cfg = read_model_config(cfg_path)
-    cfg = _with_overrides(cfg, {"param_dtype": param_dtype, "compute_dtype": compute_dtype, **overrides})
+    cfg = with_overrides(cfg, {"param_dtype": param_dtype, "compute_dtype": compute_dtype, **overrides})
     params = load_params(where, cfg, sharding=sharding)
     graphdef, state = nnx.split(abstract_model(cfg))
     nnx.replace_by_pure_dict(state, params)

@@ -448,27 +448,15 @@ def load_hf_model(hf_dir: str | Path, *, param_dtype: str | None = None, compute
     """A `NemotronLM` built directly from a HF Nemotron directory (converted in memory)."""
     from flax import nnx
 
+    from nemojax.checkpoint import with_overrides
     from nemojax.model.transformer import abstract_model
 
     cfg, tied = hf_config_and_tied(hf_dir, param_dtype=param_dtype, compute_dtype=compute_dtype)
-    if overrides:
-        cfg = _apply_overrides(cfg, overrides)
+    cfg = with_overrides(cfg, overrides)
     params = load_hf_params(hf_dir, cfg, tied=tied, sharding=sharding, progress=progress)
     graphdef, state = nnx.split(abstract_model(cfg))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
-
-
-def _apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"unknown model setting(s) {unknown}; valid: {sorted(names)}")
-    cfg = dataclasses.replace(cfg, **overrides)
-    cfg.validate()
-    return cfg
 
 
 def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str | None = None,
