@@ -322,3 +322,27 @@ def test_data_config_validation_names_the_key() -> None:
         config_from_dict({"data": {"pack_mode": "zip"}})
     with pytest.raises(ConfigError, match="split"):
         make_batch_iterator(DataConfig(), split="test", batch_size=2, seq_len=16, seed=0)
+
+
+def test_prefetch_keeps_batches_and_exact_resume(builtin_cfg: DataConfig, tmp_path: Path) -> None:
+    from nemojax.data.prefetch import Prefetch
+
+    plain = make_batch_iterator(builtin_cfg, batch_size=4, seq_len=32, seed=2)
+    want = [next(plain)["input_ids"] for _ in range(10)]
+    pf = Prefetch(make_batch_iterator(builtin_cfg, batch_size=4, seq_len=32, seed=2), depth=3)
+    got = [next(pf)["input_ids"] for _ in range(6)]
+    state = pf.get_state()  # the worker is already further ahead; the state must not be
+    fresh = make_batch_iterator(builtin_cfg, batch_size=4, seq_len=32, seed=2)
+    fresh.set_state(state)
+    np.testing.assert_array_equal(next(fresh)["input_ids"], want[6])
+    pf.close()  # stopping and going on loses nothing
+    got += [next(pf)["input_ids"] for _ in range(4)]
+    np.testing.assert_array_equal(np.stack(got), np.stack(want))
+    pf.close()
+    # Errors raised in the worker surface in the consumer.
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"body": 1}\n')
+    bad = make_batch_iterator(DataConfig(sources=[DataSourceConfig(path=str(p))], validation_fraction=0.0),
+                              batch_size=1, seq_len=8, seed=0)
+    with pytest.raises(DataError, match=r"bad\.jsonl:1"):
+        next(Prefetch(bad))

@@ -8,6 +8,7 @@ Modules (one idea each):
 - `sources`       JSONL / Parquet / ArrayRecord readers (`write_array_record`)
 - `packing`       documents -> fixed-length rows with segment ids
 - `pretrain`      the grain pipeline (`make_batch_iterator`)
+- `prefetch`      optional background thread that keeps exact resume (`Prefetch`)
 
 Names are re-exported lazily so `import nemojax.data` stays cheap (grain and
 sentencepiece load only when used).
@@ -22,7 +23,7 @@ _EXPORTS = {
     "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
     "unigram_entropy": "tokenizer", "format_chat": "chat_template", "builtin_documents": "corpus",
     "write_array_record": "sources", "DataError": "sources", "make_batch_iterator": "pretrain",
-    "BatchIterator": "pretrain",
+    "BatchIterator": "pretrain", "Prefetch": "prefetch",
 }
 
 __all__ = sorted(_EXPORTS)
