@@ -165,3 +165,17 @@ def test_cli_train_on_a_small_corpus(tmp_path: Path, capsys: pytest.CaptureFixtu
     # Missing inputs are reported, not crashed on.
     assert cli_main(["tokenizer", "train", "--input", str(tmp_path / "missing.txt"), "--out", str(out)]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_cli_encode_writes_pretokenized_array_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nemojax.data.sources import ArrayRecordFile
+
+    texts = ["first document\n  with indentation", "second one 🙂", "third"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "out.arrayrecord"
+    assert cli_main(["tokenizer", "encode", "--input", str(src), "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == 3
+    tok = load_tokenizer("builtin")
+    f = ArrayRecordFile(out)
+    assert [tok.decode(f[i].tolist()) for i in range(len(f))] == texts

@@ -3,6 +3,7 @@
     nemojax tokenizer train --input docs/*.txt data.jsonl --vocab-size 4096 --out DIR
     nemojax tokenizer train --builtin-corpus --vocab-size 4096 --out DIR   # the shipped model
     nemojax tokenizer stats --tokenizer builtin                             # bits/token etc.
+    nemojax tokenizer encode --input data.jsonl --out data.arrayrecord      # pre-tokenize
 
 Inputs: .txt/.md/.py/.rst files (one document each), JSONL (--text-field, default "text")
 and Parquet files; globs and directories are expanded.
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--input", nargs="*", default=[], metavar="FILE",
                    help="files to measure (default: the built-in corpus sources)")
     s.add_argument("--text-field", default="text")
+    e = sub.add_parser("encode", help="pre-tokenize text files into an ArrayRecord file (one record of "
+                                      "int32 ids per document) for fast pretraining input")
+    e.add_argument("--tokenizer", default="builtin", help="'builtin' or a .model path")
+    e.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--out", required=True, metavar="FILE.arrayrecord")
 
 
 def _log(msg: str) -> None:
@@ -120,6 +127,33 @@ def corpus_stats(tok_spec: str = "builtin", inputs: list[str] | None = None,
     return out
 
 
+def _encode(args: argparse.Namespace) -> int:
+    import itertools
+
+    from nemojax.data.sources import iter_texts, write_array_record
+    from nemojax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    texts = itertools.chain.from_iterable(iter_texts(p, text_field=args.text_field) for p in args.input)
+    n_tokens = 0
+    t0 = last = time.perf_counter()
+
+    def encoded() -> Iterator[list[int]]:
+        nonlocal n_tokens, last
+        while block := list(itertools.islice(texts, 256)):
+            for ids in tok.encode_batch(block):
+                n_tokens += len(ids)
+                yield ids
+            if time.perf_counter() - last > 2.0:
+                _log(f"encoded {n_tokens:,} tokens")
+                last = time.perf_counter()
+
+    n_docs = write_array_record(args.out, encoded())
+    _log(f"wrote {n_docs:,} documents, {n_tokens:,} tokens to {args.out} in {time.perf_counter() - t0:.1f}s")
+    print(json.dumps({"out": args.out, "documents": n_docs, "tokens": n_tokens, "tokenizer": tok.fingerprint}))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from nemojax.data.sources import DataError
     from nemojax.data.tokenizer import TokenizerError
@@ -127,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "train":
             return _train(args)
+        if args.action == "encode":
+            return _encode(args)
         print(json.dumps(corpus_stats(args.tokenizer, args.input, args.text_field), indent=2))
         return 0
     except (DataError, TokenizerError) as e:

@@ -33,6 +33,9 @@ def builtin_tokens(name: str, tokenizer: Tokenizer, *, verbose: bool = True) -> 
         src = TokenArraySource(np.load(tok_file, mmap_mode="r"), np.load(off_file))
     else:
         t0 = time.perf_counter()
+        if verbose:
+            print(f"nemojax: tokenizing builtin:{name} (first use with this tokenizer; cached afterwards)",
+                  file=sys.stderr, flush=True)
         docs = list(builtin_documents(name))
         ids = tokenizer.encode_batch(docs)
         dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.int32
