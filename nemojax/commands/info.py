@@ -1,4 +1,8 @@
-"""`nemojax info CONFIG [key=value ...]`: parameter counts and FLOPs per token, as JSON."""
+"""`nemojax info CONFIG [key=value ...]`: parameter counts and FLOPs per token, as JSON.
+
+With `--mesh-devices N` it adds the per-device bytes of params, gradients, optimizer state
+and fp32 master copy for the config's mesh over N devices, computed abstractly (no devices).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--seq-len", type=int, default=0,
                    help="sequence length for attention FLOPs (default: model.max_seq_len)")
+    # nargs="+" so overrides may also follow the flag: `info CFG --mesh-devices 64 mesh.tensor=8`.
+    p.add_argument("--mesh-devices", "--devices", dest="mesh_devices", nargs="+", default=None,
+                   metavar="N [key=value ...]",
+                   help="also report per-device training-state bytes for the config's mesh "
+                        "(mesh.* overrides) over N devices; no devices needed")
 
 
 def run(args: argparse.Namespace) -> int:
     from nemojax.model.flops import info
 
-    cfg = load_config(args.config, args.overrides)
-    print(json.dumps(info(cfg.model, args.seq_len or cfg.model.max_seq_len), indent=2))
+    from nemojax.config import ConfigError
+
+    devices, overrides = 0, list(args.overrides)
+    if args.mesh_devices:
+        try:
+            devices = int(args.mesh_devices[0])
+        except ValueError:
+            raise ConfigError(f"--mesh-devices needs a device count first, got {args.mesh_devices[0]!r}") from None
+        if devices < 1:
+            raise ConfigError(f"--mesh-devices must be >= 1, got {devices}")
+        overrides += args.mesh_devices[1:]
+    cfg = load_config(args.config, overrides)
+    out = info(cfg.model, args.seq_len or cfg.model.max_seq_len)
+    if devices:
+        from nemojax.parallel.memory import training_state_bytes
+
+        out["memory"] = training_state_bytes(cfg, devices)
+    print(json.dumps(out, indent=2))
     return 0

@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from nemojax.config import ModelConfig
 from nemojax.model.attention import attend
 from nemojax.model.layers import apply_partial_rope, layernorm1p, rope_tables, squared_relu_mlp
+from nemojax.parallel.rules import constrain
 
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,  # keep every activation (fastest, most memory)
@@ -31,6 +32,9 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Logical axes of the residual stream between blocks (sharding hook; a no-op without rules).
+ACT_AXES: tuple[str, ...] = ("batch", "length", "activation_embed")
 
 # Logical axis names of the stacked block parameters (leading "layers" axis).
 BLOCK_AXES: dict[str, tuple[str, ...]] = {
@@ -144,7 +148,7 @@ def run_blocks(cfg: ModelConfig, stacked: dict[str, jax.Array], x: jax.Array, *,
         layer_params, layer_cache = xs
         y, new_cache = block(cfg, layer_params, carry, cos=cos, sin=sin, q_index=q_index,
                              segment_ids=segment_ids, cache=layer_cache)
-        return y, new_cache
+        return constrain(y, ACT_AXES), new_cache
 
     policy = REMAT_POLICIES[cfg.remat_policy]
     if cfg.remat_policy != "none":
@@ -189,6 +193,7 @@ class NemotronLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         q_index = positions if cache is not None else jnp.broadcast_to(jnp.arange(s), (b, s))
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(DTYPES[self.cfg.compute_dtype])
+        x = constrain(x, ACT_AXES)
         x, cache = run_blocks(self.cfg, self.blocks.arrays(), x, positions=positions, q_index=q_index,
                               segment_ids=segment_ids, cache=cache)
         x = layernorm1p(x, self.final_norm_scale[...], self.final_norm_bias[...], self.cfg.norm_eps)
