@@ -346,3 +346,16 @@ def test_prefetch_keeps_batches_and_exact_resume(builtin_cfg: DataConfig, tmp_pa
                               batch_size=1, seq_len=8, seed=0)
     with pytest.raises(DataError, match=r"bad\.jsonl:1"):
         next(Prefetch(bad))
+
+
+def test_pad_mode_pipeline_invariants() -> None:
+    it = make_batch_iterator(DataConfig(pack_mode="pad"), batch_size=8, seq_len=512, seed=0)
+    b = next(it)
+    _check_rows(b)
+    # Rows end in padding where the next document did not fit; no document starts mid-row
+    # unless it is whole in that row (each non-first segment ends with eos).
+    seg, ids = b["segment_ids"], b["input_ids"]
+    assert (seg == 0).any()
+    for r in range(seg.shape[0]):
+        for s in range(2, seg[r].max() + 1):
+            assert ids[r][seg[r] == s][-1] == EOS

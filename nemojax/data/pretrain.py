@@ -186,13 +186,19 @@ class BatchIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         out = empty_rows(self.local_batch, self.seq_len)
-        for r in range(self.local_batch):
-            i = self._next_source()
-            s = self.streams[i]
-            self.cursors[i] = pack_row(s.get_doc, self.cursors[i], out, r, eos_id=self.eos_id,
-                                       mode=self.pack_mode, max_empty=s.docs_per_epoch)
-            self.rows_per_source[i] += 1
-            self.rows += 1
+        saved = (list(self.cursors), self.rows_per_source.copy(), self.rows)
+        try:
+            for r in range(self.local_batch):
+                i = self._next_source()
+                s = self.streams[i]
+                self.cursors[i] = pack_row(s.get_doc, self.cursors[i], out, r, eos_id=self.eos_id,
+                                           mode=self.pack_mode, max_empty=s.docs_per_epoch)
+                self.rows_per_source[i] += 1
+                self.rows += 1
+        except BaseException:
+            # A batch is all or nothing: the state stays at the last batch returned.
+            self.cursors, self.rows_per_source, self.rows = saved
+            raise
         return out
 
     def source_of_rows(self, n: int) -> list[int]:
