@@ -89,7 +89,8 @@ def _check_rows(batch: dict[str, np.ndarray]) -> None:
     # Positions restart at 0 at every new segment and count up inside it.
     starts = np.concatenate([np.ones((seg.shape[0], 1), bool), ~same_next], axis=1)
     assert np.all(pos[starts] == 0)
-    assert np.all(pos[:, 1:][same_next] == pos[:, :-1][same_next] + 1)
+    inside = same_next & (seg[:, 1:] > 0)  # padding (segment 0) has position 0 throughout
+    assert np.all(pos[:, 1:][inside] == pos[:, :-1][inside] + 1)
 
 
 @pytest.fixture(scope="module")
