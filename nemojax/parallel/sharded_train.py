@@ -143,6 +143,21 @@ class ShardedTraining:
         """Micro-batch sizes must be multiples of this (devices the batch is split over)."""
         return shards_per_dim(self.batch_sharding.spec, 3, mesh_shape(self.mesh))[1]
 
+    def process_rows(self, micro_batch: int) -> slice:
+        """Rows of a global [accum, micro_batch, seq] batch this process must supply.
+
+        A data loader on each host reads exactly these rows of every global batch and passes
+        them to `global_batch`; on one host it is all rows.
+        """
+        idx = self.batch_sharding.addressable_devices_indices_map((1, micro_batch, 1))
+        rows = sorted({(s[1].start or 0, micro_batch if s[1].stop is None else s[1].stop)
+                       for s in idx.values()})
+        start, stop = rows[0][0], rows[-1][1]
+        covered = sum(b - a for a, b in rows)
+        if covered != stop - start:
+            raise ValueError(f"this process' batch rows {rows} are not contiguous; reorder the mesh")
+        return slice(start, stop)
+
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assemble this host's rows into global arrays (one call per host, same order).
 
