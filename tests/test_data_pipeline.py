@@ -360,3 +360,19 @@ def test_pad_mode_pipeline_invariants() -> None:
     for r in range(seg.shape[0]):
         for s in range(2, seg[r].max() + 1):
             assert ids[r][seg[r] == s][-1] == EOS
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_epoch_shuffle_is_a_fresh_permutation_each_epoch(materialize: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import grain
+
+    from nemojax.data import shuffle
+
+    if not materialize:  # the large-dataset path (grain's index shuffle)
+        monkeypatch.setattr(shuffle, "MAX_MATERIALIZED", 0)
+    ds = shuffle.EpochShuffle(grain.MapDataset.source(list(range(100, 150))), seed=3)
+    epochs = [[ds[e * 50 + j] for j in range(50)] for e in range(3)]
+    assert all(sorted(ep) == list(range(100, 150)) for ep in epochs)
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(100, 150))
+    again = shuffle.EpochShuffle(grain.MapDataset.source(list(range(100, 150))), seed=3)
+    assert [again[k] for k in range(150)] == sum(epochs, [])

@@ -3,7 +3,8 @@
 Per source, grain does the document-level work by index arithmetic (no data is touched
 until needed): `MapDataset.source(document indices of this split)`, sliced to this host's
 share (`[process_index::process_count]`, disjoint and covering), shuffled from the seed
-(a fresh permutation each epoch), repeated forever, then read and tokenized in blocks.
+(a fresh permutation each epoch, repeated forever: nemojax.data.shuffle), then read and
+tokenized in blocks (`batch` with a tokenizing batch_fn).
 Each source is packed into rows separately (nemojax.data.packing) and the rows are
 blended by weight: row k goes to the source furthest behind its share (as Megatron's
 BlendableDataset does), so the proportions hold to within one row at every point.
@@ -31,6 +32,7 @@ import numpy as np
 
 from nemojax.config import ConfigError, DataConfig, DataSourceConfig
 from nemojax.data.packing import Cursor, empty_rows, pack_row
+from nemojax.data.shuffle import EpochShuffle
 from nemojax.data.sources import DataError, TokenArraySource, infer_format, open_files
 from nemojax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -147,7 +149,7 @@ def _build_stream(i: int, src: DataSourceConfig, group: str, *, split: str, hold
                         f"hosts; every host needs at least one (add data or lower validation_fraction)")
     ds = grain.MapDataset.source(indices)[process_index::process_count]
     per_epoch = len(ds)
-    ds = ds.shuffle(seed=_derive_seed(seed, group, i)).repeat()
+    ds = EpochShuffle(ds, seed=_derive_seed(seed, group, i))  # infinite, reshuffled each epoch
     ds = ds.batch(READ_BLOCK, batch_fn=fetch)
     return _Stream(label=label, weight=float(src.weight), blocks=ds, docs_per_epoch=per_epoch)
 
