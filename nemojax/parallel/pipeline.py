@@ -1,0 +1,312 @@
+"""Interleaved (circular) pipeline parallelism over the mesh axis `pipeline`, in one jitted step.
+
+Layout. The model's `L` stacked layers are cut into `P * V` chunks of `Lc = L / (P * V)`
+consecutive layers (`P` = size of the `pipeline` mesh axis, `V` = `mesh.virtual_stages`).
+Chunk `c` runs on pipeline stage `c % P` as that stage's virtual stage (repeat) `c // P`, as in
+Megatron's interleaved schedule. For the computation the block weights are viewed as
+`[V, P, Lc, ...]` (a reshape of the `[L, ...]` stack) with the `P` dim sharded over `pipeline`.
+
+Schedule ("stacked stages + vmap + roll"). The pipeline state is one activation slot per stage,
+`[P, micro, seq, hidden]`, sharded over `pipeline`. Each of the `T = V * M + P - 1` iterations
+ 1. feeds stage 0 from a circular buffer of the `M` microbatches (fresh embeddings for repeat 0,
+    stage `P-1`'s earlier output for later repeats),
+ 2. runs every stage's current chunk at once: `vmap` over the stage dim, so under GSPMD each
+    device runs only its own chunk (a `lax.scan` over its `Lc` layers with the model's remat),
+ 3. stores stage `P-1`'s output in the buffer and rotates the state by one stage
+    (`jnp.roll` on the sharded dim, which XLA lowers to a collective-permute to the neighbour).
+Stage `p` at iteration `t` works on microbatch `(t - p) mod M`, repeat `(t - p) // M`; it is
+busy for `V * M` of the `T` iterations, so the bubble (idle) fraction is
+
+    bubble_fraction(P, V, M) = (P - 1) / (V * M + P - 1)
+
+the same as Megatron's interleaved 1F1B (its bubble is (P-1)/(V*M) of the useful time, i.e.
+(P-1)/(V*M+P-1) of the total). Backward is JAX autodiff of the scan, so it runs the same schedule
+in reverse: this is the all-forward-then-all-backward (GPipe-order) variant, which keeps
+`V * M` chunk inputs per device alive (with remat, only the per-layer checkpoints) instead of
+1F1B's `P`; it buys simplicity and exact equivalence with the unpipelined model.
+
+Recirculation needs `M >= P` when `V > 1` (stage P-1's output of microbatch m must land in the
+buffer before stage 0 needs it again, `P - 1` iterations later and `M` iterations after it
+first used it). Other mesh axes (data, fsdp, tensor) are not touched here: the sharding
+constraints name only `pipeline` and leave the other dims UNCONSTRAINED for the rules to set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as PS
+
+from nemojax.config import ConfigError, ModelConfig
+from nemojax.model.layers import layernorm1p, rope_tables
+from nemojax.model.transformer import DTYPES, REMAT_POLICIES, block
+from nemojax.train.losses import token_log_probs
+
+PIPELINE_AXIS = "pipeline"
+_U = PS.UNCONSTRAINED
+
+
+def bubble_fraction(P: int, V: int, M: int) -> float:
+    """Fraction of stage-iterations that are idle in the circular schedule: (P-1)/(V*M+P-1)."""
+    if P < 1 or V < 1 or M < 1:
+        raise ValueError(f"P, V, M must be >= 1, got {P}, {V}, {M}")
+    return (P - 1) / (V * M + P - 1)
+
+
+def num_iterations(P: int, V: int, M: int) -> int:
+    """Iterations of the circular schedule (each runs one chunk on every stage)."""
+    return V * M + P - 1
+
+
+def validate_pipeline(num_layers: int, P: int, V: int, M: int, batch: int | None = None) -> None:
+    """Raise ConfigError (naming the keys) if the layout cannot run this model and batch."""
+    if num_layers % (P * V):
+        divs = [v for v in range(1, num_layers + 1) if num_layers % (P * v) == 0]
+        raise ConfigError(
+            f"model.num_layers={num_layers} is not divisible by mesh.pipeline * mesh.virtual_stages = "
+            f"{P} * {V} = {P * V}: every virtual stage needs the same number of layers; with "
+            f"pipeline={P} valid virtual_stages are {divs or 'none (change mesh.pipeline)'}")
+    if V > 1 and M < P:
+        raise ConfigError(
+            f"mesh.microbatches={M} < mesh.pipeline={P} with mesh.virtual_stages={V}: the interleaved "
+            f"schedule recirculates microbatches, so it needs at least as many microbatches as "
+            f"stages; set mesh.microbatches >= {P}")
+    if batch is not None and batch % M:
+        raise ConfigError(
+            f"the per-step micro batch of {batch} sequences is not divisible by mesh.microbatches={M}; "
+            f"choose a batch size that is a multiple of mesh.microbatches")
+
+
+def to_stages(stacked: dict[str, jax.Array], P: int, V: int) -> dict[str, jax.Array]:
+    """[L, ...] stacked block params -> [V, P, Lc, ...]: layer (r*P + p)*Lc + l at [r, p, l]."""
+    def f(a: jax.Array) -> jax.Array:
+        L = a.shape[0]
+        return a.reshape(V, P, L // (P * V), *a.shape[1:])
+    return jax.tree.map(f, stacked)
+
+
+def _relayout_interleaved(a: jax.Array, P: int, V: int, mesh: Mesh) -> jax.Array:
+    """[L, ...] sharded in contiguous blocks over `pipeline` -> [V, P, Lc, ...] sharded on P.
+
+    Storage keeps the canonical layer order (checkpoints and the plain forward stay valid), so
+    pipeline device d holds chunks dV..dV+V-1 but runs chunks d, d+P, d+2P, ... . Letting XLA
+    reshard that reshape all-gathers the whole stack on every device (P x the weights); here the
+    chunks move point to point instead: in round k (k = 1..P-1) every device ppermutes to
+    device d+k the (at most ceil(V/P)) chunks destined there. Peak extra memory is one copy of the
+    device's own chunks; the backward pass is the transposed (reverse) permutation.
+    """
+    L = a.shape[0]
+    Lc = L // (P * V)
+    J = -(-V // P)  # chunks per (device, round) at most
+
+    def local(x: jax.Array) -> jax.Array:
+        d = jax.lax.axis_index(PIPELINE_AXIS)
+        x = x.reshape(V, Lc, *x.shape[1:])  # slot v holds chunk d*V + v
+        out = jnp.zeros_like(x)  # slot r will hold chunk r*P + d
+        for k in range(P):
+            src = (d - k) % P  # the device this round receives from (sender side: d sends to d+k)
+            # Sender side: my slots v with (d*V + v - d) % P == k.
+            v0 = jnp.mod(k - d * (V - 1), P)
+            vs = v0 + P * jnp.arange(J)
+            send = x[jnp.minimum(vs, V - 1)]
+            if k:
+                send = jax.lax.ppermute(send, PIPELINE_AXIS, [(i, (i + k) % P) for i in range(P)])
+            # Receiver side: the same slots as computed by the sender `src`, landing at r = c // P.
+            rv = jnp.mod(k - src * (V - 1), P) + P * jnp.arange(J)
+            valid = rv < V
+            r = jnp.where(valid, (src * V + rv) // P, V)  # V = out of range: dropped
+            out = out.at[r].set(send, mode="drop")
+        return out[:, None]
+
+    spec_in = PS(PIPELINE_AXIS)
+    spec_out = PS(None, PIPELINE_AXIS)
+    return jax.shard_map(local, mesh=mesh, in_specs=spec_in, out_specs=spec_out,
+                         axis_names=frozenset({PIPELINE_AXIS}), check_vma=False)(a)
+
+
+def stage_weights(stacked: dict[str, jax.Array], P: int, V: int, mesh: Mesh | None,
+                  compute_dtype: Any) -> dict[str, jax.Array]:
+    """Block params [L, ...] -> [V, P, Lc, ...] with P over `pipeline`, moving as little as needed.
+
+    Matrices are cast to the compute dtype first (block() casts them anyway), so a relayout moves
+    bf16, not fp32; norm vectors keep their dtype (block() reads them uncast).
+    """
+    def one(a: jax.Array) -> jax.Array:
+        if a.ndim >= 3:
+            a = a.astype(compute_dtype)
+        if mesh is None or mesh.shape.get(PIPELINE_AXIS, 1) == 1:
+            return to_stages({"a": a}, P, V)["a"]
+        if V == 1:  # contiguous blocks are already the stage chunks: a local reshape
+            staged = to_stages({"a": a}, P, V)["a"]
+        else:
+            staged = _relayout_interleaved(a, P, V, mesh)
+        return _constrain(staged, mesh, PS(None, PIPELINE_AXIS, *([_U] * (a.ndim - 1))))
+    return jax.tree.map(one, stacked)
+
+
+def _constrain(x: jax.Array, mesh: Mesh | None, spec: PS) -> jax.Array:
+    if mesh is None or mesh.shape.get(PIPELINE_AXIS, 1) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def pipelined_blocks(cfg: ModelConfig, stacked: dict[str, jax.Array], x: jax.Array, *,
+                     positions: jax.Array, segment_ids: jax.Array | None, P: int, V: int,
+                     mesh: Mesh | None = None) -> jax.Array:
+    """All decoder blocks over microbatched activations with the circular schedule.
+
+    x: [M, micro, seq, hidden] activations (M microbatches); positions / segment_ids:
+    [M, micro, seq]. stacked: block params with the leading [L] layers axis. Returns the blocks'
+    output, [M, micro, seq, hidden], equal to `run_blocks` applied to each microbatch.
+    """
+    M = x.shape[0]
+    L = next(iter(stacked.values())).shape[0]
+    validate_pipeline(L, P, V, M)
+    T = num_iterations(P, V, M)
+    # Weights: [V, P, Lc, ...] with P over `pipeline`; other dims as the rules made them.
+    staged = stage_weights(stacked, P, V, mesh, DTYPES[cfg.compute_dtype])
+    q_index = jnp.broadcast_to(jnp.arange(x.shape[2]), x.shape[1:3])
+    stage_ids = jnp.arange(P)
+    state_spec = PS(PIPELINE_AXIS, *([_U] * (x.ndim - 1)))
+
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    spmd = PIPELINE_AXIS if mesh is not None and mesh.shape.get(PIPELINE_AXIS, 1) > 1 else None
+
+    def layer(carry, xs):
+        p, cos, sin, seg = xs
+        y, _ = block(cfg, p, carry, cos=cos, sin=sin, q_index=q_index, segment_ids=seg)
+        return y
+
+    def chunk(w: dict[str, jax.Array], h: jax.Array, pos: jax.Array, seg: jax.Array | None) -> jax.Array:
+        """One stage's Lc layers on one microbatch: a scan, remat per layer like run_blocks."""
+        cos, sin = rope_tables(pos, cfg.rotary_dim, cfg.rope_base)
+
+        def body(c, p):
+            return layer(c, (p, cos, sin, seg)), None
+        if cfg.remat_policy != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        h, _ = jax.lax.scan(body, h, w)
+        return h
+
+    def iteration(carry, t):
+        state, buf = carry
+        rel = t - stage_ids  # how far each stage is into its work
+        mb = jnp.mod(rel, M)  # microbatch index per stage
+        rep = jnp.clip(rel // M, 0, V - 1)  # virtual stage (repeat) per stage
+        first = jax.lax.dynamic_index_in_dim(buf, jnp.mod(t, M), 0, keepdims=False)
+        inp = jnp.where((stage_ids == 0).reshape(P, *([1] * (x.ndim - 1))), first[None], state)
+        inp = _constrain(inp, mesh, state_spec)
+        w = jax.vmap(lambda wr, r: jax.tree.map(lambda a: a[r], wr), in_axes=(1, 0),
+                     spmd_axis_name=spmd)(staged, rep)
+        pos = positions[mb]
+        seg = None if segment_ids is None else segment_ids[mb]
+        # spmd_axis_name: sharding constraints inside the model (rules.constrain) keep the
+        # stage dim on `pipeline` instead of replicating it.
+        out = jax.vmap(chunk, spmd_axis_name=spmd)(w, inp, pos, seg)
+        out = _constrain(out, mesh, state_spec)
+        # Stage P-1's output for microbatch (t - P + 1) goes back to the buffer (for the next
+        # repeat, or as the final result after repeat V-1); before t = P-1 it is bubble garbage.
+        done = t - (P - 1)
+        slot = jnp.mod(done, M)
+        old = jax.lax.dynamic_index_in_dim(buf, slot, 0, keepdims=False)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(done >= 0, out[P - 1], old), slot, 0)
+        state = _constrain(jnp.roll(out, 1, axis=0), mesh, state_spec)
+        return (state, buf), None
+
+    state0 = _constrain(jnp.zeros((P, *x.shape[1:]), x.dtype), mesh, state_spec)
+    (_, buf), _ = jax.lax.scan(iteration, (state0, x), jnp.arange(T))
+    return buf
+
+
+def split_microbatches(a: jax.Array, M: int) -> jax.Array:
+    """[B, ...] -> [M, B/M, ...] taking rows m, m+M, m+2M, ... for microbatch m.
+
+    Strided (not contiguous) so that a batch sharded in contiguous blocks over data axes keeps
+    that sharding on the per-microbatch dim: no data movement.
+    """
+    B = a.shape[0]
+    if B % M:
+        raise ConfigError(f"batch of {B} sequences is not divisible by mesh.microbatches={M}")
+    return a.reshape(B // M, M, *a.shape[1:]).swapaxes(0, 1)
+
+
+def merge_microbatches(a: jax.Array) -> jax.Array:
+    """Inverse of split_microbatches: [M, b, ...] -> [M*b, ...]."""
+    return a.swapaxes(0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def pipelined_hidden(model: nnx.Module, input_ids: jax.Array, *, positions: jax.Array | None,
+                     segment_ids: jax.Array | None, P: int, V: int, M: int,
+                     mesh: Mesh | None = None) -> jax.Array:
+    """Final-normed hidden states [B, S, D] of `model` (a NemotronLM), blocks pipelined.
+
+    Numerically the same computation as `model.hidden(...)`: only the schedule differs.
+    """
+    cfg = model.cfg
+    b, s = input_ids.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    x = jnp.take(model.embed[...], input_ids, axis=0).astype(DTYPES[cfg.compute_dtype])
+    seg = None if segment_ids is None else split_microbatches(segment_ids, M)
+    y = pipelined_blocks(cfg, model.blocks.arrays(), split_microbatches(x, M),
+                         positions=split_microbatches(positions, M), segment_ids=seg, P=P, V=V,
+                         mesh=mesh)
+    y = merge_microbatches(y)
+    return layernorm1p(y, model.final_norm_scale[...], model.final_norm_bias[...], cfg.norm_eps)
+
+
+def make_pipeline_loss_sums(P: int, V: int, M: int, mesh: Mesh | None = None) -> Callable:
+    """A drop-in `loss_sums(graphdef, params, mb)` for `make_train_step` that pipelines the blocks.
+
+    The step's micro batch (one gradient-accumulation slice, [B, S]) is cut into M pipeline
+    microbatches. The LM head and loss then run on the whole [B, S] batch outside the pipeline.
+    """
+
+    def loss_sums(graphdef: Any, params: Any, mb: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        model = nnx.merge(graphdef, params)
+        h = pipelined_hidden(model, mb["input_ids"], positions=mb["positions"],
+                             segment_ids=mb["segment_ids"], P=P, V=V, M=M, mesh=mesh)
+        logits = model.logits(h)
+        mask = mb["loss_mask"].astype(jnp.float32)
+        nll = -token_log_probs(logits, mb["targets"]) * mask
+        return jnp.sum(nll), jnp.sum(mask)
+
+    return loss_sums
+
+
+def schedule_summary(P: int, V: int, M: int, num_layers: int) -> dict[str, Any]:
+    """What `nemojax compile` / `info` print about the pipeline schedule."""
+    return {
+        "stages": P, "virtual_stages": V, "microbatches": M,
+        "layers_per_chunk": num_layers // (P * V) if num_layers % (P * V) == 0 else None,
+        "iterations": num_iterations(P, V, M),
+        "bubble_fraction": round(bubble_fraction(P, V, M), 6),
+        "schedule": "circular interleaved (vmap+roll), GPipe-order backward via autodiff",
+    }
+
+
+def pipeline_layout(cfg: Any, mesh: Mesh) -> tuple[int, int, int]:
+    """(P, V, M) for a Config on a mesh, validated against the model and batch."""
+    P = mesh.shape.get(PIPELINE_AXIS, 1)
+    V, M = cfg.mesh.virtual_stages, cfg.mesh.microbatches
+    micro = cfg.data.micro_batch_size or cfg.data.global_batch_size
+    validate_pipeline(cfg.model.num_layers, P, V, M, micro)
+    return P, V, M
+
+
+def build_training(cfg: Any, mesh: Mesh, **kwargs: Any) -> Any:
+    """`build_sharded_training` with the pipelined loss when the mesh has a pipeline axis > 1.
+
+    With pipeline == 1 this is exactly `build_sharded_training(cfg, mesh)` (the plain scan).
+    """
+    from nemojax.parallel.sharded_train import build_sharded_training
+
+    P = mesh.shape.get(PIPELINE_AXIS, 1)
+    if P > 1 and "loss_sums" not in kwargs:
+        P, V, M = pipeline_layout(cfg, mesh)
+        kwargs["loss_sums"] = make_pipeline_loss_sums(P, V, M, mesh)
+    return build_sharded_training(cfg, mesh, **kwargs)
