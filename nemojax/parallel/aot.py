@@ -1,0 +1,208 @@
+"""Ahead-of-time compilation of the full training step for a TPU topology, from a CPU host.
+
+Why: whether a layout (mesh, remat policy, microbatches) fits a chip's HBM is known only
+after XLA has compiled the step for that chip, and the hardware may not exist yet or be busy.
+libtpu can compile for any TPU topology without TPUs attached (`jax.experimental.topologies`
+makes "compile-only" devices), so this host can compile the exact sharded program a pod
+would run and read its memory analysis.
+
+Topology names (`--topology`):
+  * libtpu form `TYPE:SHAPE`: `v5p:2x2x1`, `v5p:4x4x4`, `v5p:8x8x8`, `v4:2x2x1`, `v5e:2x2`,
+    `v6e:4x4` (chips per dim; 3-D for v4/v5p, 2-D for v5e/v6e);
+  * Cloud slice form `TYPE-N`: `v5p-8`, `v5p-1024`, `v4-32` (N = TensorCores, 2 per chip),
+    `v5e-16` / `v5litepod-16`, `v6e-64` (N = chips), translated to the libtpu form below;
+  * `cpu`: this host's CPU devices (labelled as such: not a TPU memory estimate).
+`--num-slices K` compiles a K-slice multislice job (DCN between slices).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from nemojax.config import Config, ConfigError
+
+# HBM per chip in GiB (public spec sheets); used only to say whether a compiled step fits.
+HBM_GIB: dict[str, float] = {"v4": 32.0, "v5p": 95.0, "v5e": 16.0, "v6e": 32.0}
+_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1, "v5litepod": 1}
+_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
+
+
+def _slice_shape(chips: int, dims: int) -> list[int]:
+    """Chip count -> the standard slice shape: 3-D 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ...;
+    2-D 1x2, 2x2, 2x4, 4x4, 4x8, ... (a power of two; other shapes must be given explicitly)."""
+    if chips < 1 or chips & (chips - 1):
+        raise ConfigError(f"a TPU slice of {chips} chips is not a power of two; give the shape "
+                          f"explicitly, e.g. --topology v5p:4x4x8")
+    if dims == 3:
+        if chips < 4:
+            return [chips, 1, 1]
+        shape, order = [2, 2, 2], [2, 1, 0]  # 2x2x1 doubled along z gives 2x2x2
+        if chips == 4:
+            return [2, 2, 1]
+        chips //= 8
+    else:
+        shape, order = [1, 1], [1, 0]
+    i = 0
+    while chips > 1:
+        shape[order[i % len(order)]] *= 2
+        chips //= 2
+        i += 1
+    return shape
+
+
+def libtpu_topology_name(name: str) -> tuple[str, str]:
+    """(libtpu topology name, chip family) for a user-facing name; see the module docstring."""
+    name = name.strip()
+    m = re.fullmatch(r"([A-Za-z0-9]+):([0-9]+(?:x[0-9]+)+)", name)
+    if m:
+        fam = _ALIASES.get(m.group(1).lower(), m.group(1).lower())
+        return f"{fam}:{m.group(2)}", fam
+    m = re.fullmatch(r"([A-Za-z0-9]+)-([0-9]+)", name)
+    if m:
+        fam = m.group(1).lower()
+        n = int(m.group(2))
+        cores = _CORES_PER_CHIP.get(fam)
+        fam = _ALIASES.get(fam, fam)
+        if cores is None or fam not in _DIMS:
+            raise ConfigError(f"unknown TPU type in topology {name!r}; known: "
+                              f"{sorted(set(_CORES_PER_CHIP) | set(_DIMS))}")
+        if n % cores:
+            raise ConfigError(f"topology {name!r}: {fam} slices are named by TensorCores "
+                              f"({cores} per chip), so N must be a multiple of {cores}")
+        chips = n // cores
+        shape = _slice_shape(chips, _DIMS[fam])
+        return f"{fam}:{'x'.join(map(str, shape))}", fam
+    raise ConfigError(f"cannot parse topology {name!r}: use e.g. v5p:4x4x4, v5p-128, v5e-16 or cpu")
+
+
+def topology_devices(name: str, num_slices: int = 1) -> tuple[list[Any], dict[str, Any]]:
+    """Compile-only devices for `name` and a description of them (platform, chips, HBM)."""
+    if name == "cpu":
+        devs = jax.devices("cpu")
+        return devs, {"platform": "cpu", "topology": "cpu", "devices": len(devs), "hbm_gib": None,
+                      "note": "compiled for this host's CPU devices: NOT a TPU memory estimate"}
+    topo, fam = libtpu_topology_name(name)
+    # libtpu takes a process-wide lock file; compile-only use needs no exclusive TPU access.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ConfigError("AOT compilation for TPU needs libtpu: pip install 'nemojax[tpu]' "
+                          "(or use --topology cpu for a CPU-only compile)") from None
+    from jax.experimental import topologies
+
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    try:
+        desc = topologies.get_topology_desc(topo, "tpu", **kwargs)
+    except Exception as e:  # libtpu reports bad names as a runtime error
+        raise ConfigError(f"libtpu rejected topology {topo!r} (from {name!r}): {e}") from None
+    devs = list(desc.devices)
+    return devs, {"platform": "tpu", "topology": topo, "requested": name, "num_slices": num_slices,
+                  "device_kind": devs[0].device_kind, "devices": len(devs),
+                  "hbm_gib": HBM_GIB.get(fam)}
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def abstract_batch(cfg: Config, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of one step's batch: [accum, micro_batch, seq] per field."""
+    micro = cfg.data.micro_batch_size or cfg.data.global_batch_size
+    if cfg.data.global_batch_size % micro:
+        raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
+                          f"data.micro_batch_size={micro}")
+    shape = (cfg.data.global_batch_size // micro, micro, cfg.data.seq_len)
+    out = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+           for k in ("input_ids", "targets", "positions", "segment_ids")}
+    out["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    return out
+
+
+def _memory(compiled: Any) -> dict[str, Any]:
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return {"available": False}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes",
+              "host_argument_size_in_bytes", "host_output_size_in_bytes", "host_temp_size_in_bytes")
+    out: dict[str, Any] = {f.replace("_size_in_bytes", "_bytes"): int(getattr(ma, f, 0) or 0) for f in fields}
+    # Donated state aliases its outputs: those bytes are counted in both arguments and outputs.
+    total = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+             + out["generated_code_bytes"])
+    out["total_bytes"] = total
+    out["total_gib"] = round(total / 2**30, 3)
+    return out
+
+
+def compile_train_step(cfg: Config, devices: list[Any]) -> dict[str, Any]:
+    """Lower and compile the sharded train step (forward, backward, optimizer) for `devices`.
+
+    Returns timings and the per-device memory analysis. Nothing is allocated: parameters,
+    optimizer state and batch are ShapeDtypeStructs carrying their shardings.
+    """
+    from nemojax.parallel.mesh import make_mesh, mesh_shape
+    from nemojax.parallel.pipeline import PIPELINE_AXIS, build_training, pipeline_layout, schedule_summary
+
+    t0 = time.perf_counter()
+    mesh = make_mesh(cfg.mesh, devices)
+    st = build_training(cfg, mesh)
+    state = _abstract(st.abstract_state, st.state_shardings)
+    batch = abstract_batch(cfg, st.batch_sharding)
+    t1 = time.perf_counter()
+    lowered = st.step.lower(state, batch)
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    sizes = mesh_shape(mesh)
+    result: dict[str, Any] = {
+        "mesh": sizes,
+        "remat_policy": cfg.model.remat_policy,
+        "compute_dtype": cfg.model.compute_dtype,
+        "param_dtype": cfg.model.param_dtype,
+        "zero1": cfg.mesh.zero1,
+        "seq_len": cfg.data.seq_len,
+        "global_batch_size": cfg.data.global_batch_size,
+        "micro_batch_size": cfg.data.micro_batch_size or cfg.data.global_batch_size,
+        "memory_per_device": _memory(compiled),
+        "seconds": {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2),
+                    "compile": round(t3 - t2, 2), "total": round(t3 - t0, 2)},
+    }
+    if sizes.get(PIPELINE_AXIS, 1) > 1:
+        P, V, M = pipeline_layout(cfg, mesh)
+        result["pipeline"] = schedule_summary(P, V, M, cfg.model.num_layers)
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, list):
+            cost = cost[0] if cost else {}
+        if cost and "flops" in cost:
+            result["flops_per_device"] = float(cost["flops"])
+    except Exception:  # cost analysis is optional and backend-dependent
+        pass
+    return result
+
+
+def aot_compile(cfg: Config, topology: str, num_slices: int = 1) -> dict[str, Any]:
+    """Everything `nemojax compile` prints: target, schedule, memory, fit, times."""
+    devices, target = topology_devices(topology, num_slices)
+    out = {"target": target, **compile_train_step(cfg, devices)}
+    hbm = target.get("hbm_gib")
+    mem = out["memory_per_device"]
+    if hbm and mem.get("total_bytes") is not None:
+        out["fits"] = bool(mem["total_bytes"] <= hbm * 2**30)
+        out["headroom_gib"] = round(hbm - mem["total_bytes"] / 2**30, 3)
+    out["jax_version"] = jax.__version__
+    return out
+
+
+__all__ = ["HBM_GIB", "abstract_batch", "aot_compile", "compile_train_step", "libtpu_topology_name",
+           "topology_devices"]

@@ -1,0 +1,95 @@
+"""`nemojax compile`: AOT-compile the train step for a TPU topology from this CPU host.
+
+The TPU cases need libtpu (`pip install 'nemojax[tpu]'`) and skip with that reason without it;
+they compile a tiny model, so they check the plumbing and the JSON contract, not big numbers
+(docs/SCALING.md records those).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from nemojax.cli import main
+from nemojax.config import ConfigError
+from nemojax.parallel.aot import libtpu_topology_name
+
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu not installed: pip install 'nemojax[tpu]'")
+
+TINY = ["model.vocab_size=256", "model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.head_dim=16", "model.ffn_hidden_size=128", "model.max_seq_len=64",
+        "data.seq_len=64", "data.global_batch_size=8"]
+MEMORY_FIELDS = ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "generated_code_bytes",
+                 "total_bytes")
+
+
+def _compile(capsys, *argv: str) -> dict:
+    rc = main(["compile", "tiny", *argv])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return json.loads(out)
+
+
+def _check_memory(result: dict) -> None:
+    mem = result["memory_per_device"]
+    for f in MEMORY_FIELDS:
+        assert isinstance(mem[f], int) and mem[f] >= 0, f
+    assert mem["argument_bytes"] > 0 and mem["temp_bytes"] > 0
+    assert mem["total_bytes"] == (mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"]
+                                  + mem["temp_bytes"] + mem["generated_code_bytes"])
+    assert result["seconds"]["compile"] > 0
+
+
+def test_topology_names() -> None:
+    assert libtpu_topology_name("v5p-8") == ("v5p:2x2x1", "v5p")  # 8 TensorCores = 4 chips
+    assert libtpu_topology_name("v5p-1024") == ("v5p:8x8x8", "v5p")
+    assert libtpu_topology_name("v5p-32") == ("v5p:2x2x4", "v5p")
+    assert libtpu_topology_name("v5p:4x4x8") == ("v5p:4x4x8", "v5p")
+    assert libtpu_topology_name("v5litepod-16") == ("v5e:4x4", "v5e")  # v5e counts chips
+    assert libtpu_topology_name("v6e-8") == ("v6e:2x4", "v6e")
+    for bad, match in (("v5p-12", "power of two"), ("v9z-8", "unknown TPU type"), ("v5p", "cannot parse"),
+                       ("v5p-7", "multiple of 2")):
+        with pytest.raises(ConfigError, match=match):
+            libtpu_topology_name(bad)
+
+
+@needs_libtpu
+def test_compile_tensor_data_for_v5p(capsys) -> None:
+    """4 v5p chips (v5p-8): tensor 2 x data 2, parameters and Adam state sharded."""
+    r = _compile(capsys, "--topology", "v5p-8", *TINY, "mesh.tensor=2", "mesh.data=-1")
+    assert r["target"]["platform"] == "tpu" and r["target"]["topology"] == "v5p:2x2x1"
+    assert r["target"]["devices"] == 4 and r["target"]["hbm_gib"] == 95.0
+    assert r["mesh"] == {"data": 2, "pipeline": 1, "fsdp": 1, "tensor": 2}
+    _check_memory(r)
+    assert r["fits"] is True and 0 < r["headroom_gib"] < 95.0
+    # the donated train state aliases its outputs (in-place update on device)
+    assert r["memory_per_device"]["alias_bytes"] > 0
+
+
+@needs_libtpu
+def test_compile_interleaved_pipeline_for_v5p(capsys) -> None:
+    """8 v5p chips: pipeline 2 (2 virtual stages) x tensor 2 x data 2, bf16, full remat."""
+    r = _compile(capsys, "--topology", "v5p:2x2x2", *TINY, "mesh.tensor=2", "mesh.pipeline=2",
+                 "mesh.data=-1", "model.compute_dtype=bfloat16", "model.remat_policy=full",
+                 "--microbatches", "2", "--virtual-stages", "2")
+    assert r["target"]["devices"] == 8
+    assert r["mesh"]["pipeline"] == 2
+    pipe = r["pipeline"]
+    assert (pipe["stages"], pipe["virtual_stages"], pipe["microbatches"]) == (2, 2, 2)
+    assert pipe["bubble_fraction"] == pytest.approx(1 / 5)
+    _check_memory(r)
+
+
+def test_compile_for_cpu_is_labelled(capsys) -> None:
+    r = _compile(capsys, "--topology", "cpu", *TINY, "mesh.data=-1")
+    assert r["target"]["platform"] == "cpu" and "NOT a TPU" in r["target"]["note"]
+    assert "fits" not in r
+    _check_memory(r)
+
+
+def test_bad_topology_is_a_config_error(capsys) -> None:
+    assert main(["compile", "tiny", "--topology", "v5p-12", *TINY]) == 2
+    assert "power of two" in capsys.readouterr().err
