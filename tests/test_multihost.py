@@ -2,7 +2,7 @@
 
 Each child runs this file as a script with 4 fake CPU devices, joins the job through
 `nemojax.parallel.distributed.initialize` (NEMOJAX_* environment variables), builds the
-data 2 x fsdp 2 x tensor 2 mesh across both processes, feeds only its own rows of a fixed
+hybrid data 2 (DCN: one per process) x fsdp 2 x tensor 2 mesh across both processes, feeds only its own rows of a fixed
 batch, and prints its losses. The parent compares them with the same training run in this
 single process on 8 fake devices. Every wait is bounded; children are killed on failure.
 """
@@ -19,7 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
-MESH = dict(data=2, fsdp=2, tensor=2, zero1=True, sequence_parallel=True)  # = an equivalence case
+# data spans the two processes as DCN (hybrid mesh, a process per "node"); otherwise the same
+# layout as an equivalence case, so the in-process reference reuses its compiled step.
+MESH = dict(data=2, dcn_data=2, fsdp=2, tensor=2, zero1=True, sequence_parallel=True)
 TIMEOUT_S = 420
 
 

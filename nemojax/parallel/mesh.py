@@ -70,8 +70,9 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mes
     if any(d > 1 for d in dcn.values()):
         ici = [sizes[a] // dcn[a] for a in MESH_AXES]
         dcn_shape = [dcn[a] for a in MESH_AXES]
-        # TPU devices know their slice; elsewhere (GPU nodes, CPU tests) a process is a granule.
-        by_process = not hasattr(devices[0], "slice_index")
+        # TPU devices know their slice; elsewhere (GPU nodes, CPU tests) a process is a granule
+        # (multi-process CPU devices carry a slice_index too, but it is 0 on every process).
+        by_process = getattr(devices[0], "platform", "") != "tpu"
         try:
             arr = mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, devices,
                                                        process_is_granule=by_process)
