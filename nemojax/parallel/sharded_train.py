@@ -136,6 +136,7 @@ class ShardedTraining:
     state_shardings: TrainState  # NamedShardings
     batch_sharding: NamedSharding  # for each [accum, micro, seq] batch array
     init_state: Callable[[int], TrainState]  # seed -> sharded TrainState
+    init_jit: Any  # the jitted init (uint32 seed array -> TrainState), for .lower()/AOT
     step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted, donates state
 
     @property
@@ -232,4 +233,4 @@ def build_sharded_training(cfg: Config, mesh: Mesh, *, tx: optax.GradientTransfo
                    donate_argnums=0)
     return ShardedTraining(mesh=mesh, rules=rules, graphdef=graphdef, tx=tx,
                            abstract_state=abstract_state, state_specs=specs, state_shardings=shardings,
-                           batch_sharding=bsharding, init_state=init_state, step=step)
+                           batch_sharding=bsharding, init_state=init_state, init_jit=jit_init, step=step)
