@@ -21,7 +21,7 @@ from nemojax.parallel.distributed import resolve_settings
 from nemojax.parallel.memory import training_state_bytes
 from nemojax.parallel.mesh import MESH_AXES, axis_sizes, make_abstract_mesh, make_mesh
 from nemojax.parallel.rules import (add_axis_to_largest_dim, check_divisible, constrain,
-                                    logical_to_spec, resolve_rules, use_rules)
+                                    logical_to_spec, resolve_rules, tree_shardings, use_rules)
 from nemojax.parallel.sharded_train import build_sharded_training, with_fp32_master
 
 MODEL = dict(vocab_size=128, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=8,
@@ -227,6 +227,17 @@ def test_init_never_materialises_the_whole_state_on_one_device() -> None:
     mem = st.init_jit.lower(jnp.asarray(0, jnp.uint32)).compile().memory_analysis()
     assert mem.output_size_in_bytes <= full / 8 * 1.01
     assert mem.temp_size_in_bytes < full / 4
+
+
+def test_tree_shardings_from_model_logical_axes(mixed_state) -> None:
+    _, mesh, _, state = mixed_state
+    model = abstract_model(cfg_for(MIXED).model)
+    shardings = tree_shardings(logical_axes(model), resolve_rules(MeshConfig()), mesh)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in p): s for p, s in
+            jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    assert set(flat) == set(EXPECTED_PARAMS)
+    for name, sharding in flat.items():
+        assert sharding.spec == EXPECTED_PARAMS[name], name
 
 
 def test_zero1_off_shards_optimizer_state_like_params() -> None:

@@ -143,6 +143,14 @@ def tree_specs(axes_tree: Any, rules: Mapping[str, Sequence[str]],
     return jax.tree.map(lambda a: logical_to_spec(a, rules, mesh), axes_tree, is_leaf=_is_axes)
 
 
+def tree_shardings(axes_tree: Any, rules: Mapping[str, Sequence[str]], mesh: Mesh) -> Any:
+    """NamedShardings for a tree of logical-axis tuples, e.g. the params of
+    `transformer.logical_axes(model)`: what a checkpoint loader or inference engine passes to
+    `jax.device_put` / `out_shardings` to place weights as training does."""
+    return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)), axes_tree,
+                        is_leaf=_is_axes)
+
+
 def check_divisible(shapes: Any, axes_tree: Any, rules: Mapping[str, Sequence[str]],
                     mesh: Mesh | AbstractMesh, model_cfg: ModelConfig | None = None) -> None:
     """Raise ConfigError for the first parameter dim its mapped mesh axes do not divide.
