@@ -112,7 +112,10 @@ def test_layout_matches_single_device(name: str, reference) -> None:
     worst = max(float(np.max(np.abs(got[k] - ref_params[k]))) for k in got)
     for k in got:
         np.testing.assert_allclose(got[k], ref_params[k], rtol=TOL, atol=TOL, err_msg=f"{name}: {k}")
-    # the layout really is distributed: the largest weight is split across devices
-    assert len({s.device for s in state.params["blocks"]["up"][...].addressable_shards}) == 8
+    # the layout really is distributed: device 0 holds at most half of the training state
+    leaves = jax.tree.leaves(state)
+    full = sum(a.nbytes for a in leaves)
+    dev0 = sum(next(s.data.nbytes for s in a.addressable_shards if s.device.id == 0) for a in leaves)
+    assert dev0 <= full / 2, f"{name}: device 0 holds {dev0} of {full} bytes"
     print(f"{name}: max |param diff| = {worst:.2e}")
     assert worst <= TOL
