@@ -129,6 +129,9 @@ def test_constrain_is_identity_without_rules_and_shards_with_them() -> None:
         y = jax.jit(lambda a: constrain(a * 2, ACT_AXES))(x)
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor")), 3)
     assert constrain(x, ACT_AXES) is x  # context restored
+    with use_rules(mesh, rules):  # batch 1 / odd length: those dims stay replicated, no error
+        z = jax.jit(lambda a: constrain(a + 1, ACT_AXES))(jnp.ones((1, 5, 16)))
+    assert z.sharding.is_equivalent_to(NamedSharding(mesh, P()), 3)
 
 
 # --------------------------------------------------------------------------- measured shardings

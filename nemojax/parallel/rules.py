@@ -244,4 +244,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     if len(axes) != x.ndim:
         raise ValueError(f"constrain: array of rank {x.ndim} given logical axes {tuple(axes)}")
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+    spec = logical_to_spec(axes, rules, mesh)
+    cuts = shards_per_dim(spec, x.ndim, mesh_shape(mesh))
+    # A dim its axes do not divide (a batch of 1 in a generation call, an odd length) is left
+    # replicated rather than failing: activation constraints are a performance hint.
+    entries = [spec[i] if i < len(spec) and x.shape[i] % cuts[i] == 0 else None for i in range(x.ndim)]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*entries)))
