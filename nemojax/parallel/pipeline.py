@@ -259,6 +259,29 @@ def pipelined_hidden(model: nnx.Module, input_ids: jax.Array, *, positions: jax.
     return layernorm1p(y, model.final_norm_scale[...], model.final_norm_bias[...], cfg.norm_eps)
 
 
+def _spread_over_pipeline(h: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Shard the post-pipeline batch over `pipeline` too, so the LM head, logits and loss are
+    computed once, split P ways, instead of redundantly on every stage (the logits
+    [batch, seq, vocab] are the largest activation of the step). Skipped when the batch does
+    not divide; the batch's data-parallel axes come from the active rules."""
+    if mesh is None or mesh.shape.get(PIPELINE_AXIS, 1) == 1:
+        return h
+    from nemojax.parallel.rules import active_rules, logical_to_spec, spec_axes
+
+    active = active_rules()
+    batch_axes: tuple[str, ...] = ()
+    if active is not None:
+        batch_axes = spec_axes(logical_to_spec(("batch",), active[1], mesh)[0]
+                               if len(logical_to_spec(("batch",), active[1], mesh)) else None)
+    batch_axes = tuple(a for a in batch_axes if a != PIPELINE_AXIS) + (PIPELINE_AXIS,)
+    n = 1
+    for a in batch_axes:
+        n *= mesh.shape[a]
+    if h.shape[0] % n:
+        return h
+    return jax.lax.with_sharding_constraint(h, NamedSharding(mesh, PS(batch_axes, *([_U] * (h.ndim - 1)))))
+
+
 def make_pipeline_loss_sums(P: int, V: int, M: int, mesh: Mesh | None = None) -> Callable:
     """A drop-in `loss_sums(graphdef, params, mb)` for `make_train_step` that pipelines the blocks.
 
@@ -270,6 +293,7 @@ def make_pipeline_loss_sums(P: int, V: int, M: int, mesh: Mesh | None = None) ->
         model = nnx.merge(graphdef, params)
         h = pipelined_hidden(model, mb["input_ids"], positions=mb["positions"],
                              segment_ids=mb["segment_ids"], P=P, V=V, M=M, mesh=mesh)
+        h = _spread_over_pipeline(h, mesh)
         logits = model.logits(h)
         mask = mb["loss_mask"].astype(jnp.float32)
         nll = -token_log_probs(logits, mb["targets"]) * mask
