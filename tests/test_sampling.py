@@ -66,10 +66,13 @@ def test_top_p_applies_after_top_k():
     assert keep(jnp.isfinite(out)) == [False, True, False, True, False]
 
 
+SAMPLE = jax.jit(sample)  # one compile per shape instead of op-by-op dispatch
+
+
 def _sample(logits, temperature, top_k=0, top_p=1.0, min_p=0.0, seed=0, sample_index=0, token_index=0):
     b = logits.shape[0]
     full = lambda v, dt: jnp.full((b,), v, dt)  # noqa: E731
-    return sample(logits, temperature=full(temperature, jnp.float32), top_k=full(top_k, jnp.int32),
+    return SAMPLE(logits, temperature=full(temperature, jnp.float32), top_k=full(top_k, jnp.int32),
                   top_p=full(top_p, jnp.float32), min_p=full(min_p, jnp.float32),
                   seed=full(seed, jnp.uint32), sample_index=full(sample_index, jnp.int32),
                   token_index=full(token_index, jnp.int32))
