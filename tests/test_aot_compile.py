@@ -93,3 +93,17 @@ def test_compile_for_cpu_is_labelled(capsys) -> None:
 def test_bad_topology_is_a_config_error(capsys) -> None:
     assert main(["compile", "tiny", "--topology", "v5p-12", *TINY]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_layout_that_does_not_fit_reports_oom(capsys) -> None:
+    """The TPU compiler refuses programs over HBM; that refusal is reported, exit status 1."""
+    rc = main(["compile", "tiny", "--topology", "v5e-4", "model.vocab_size=65536", "model.max_seq_len=4096",
+               "data.seq_len=4096", "data.global_batch_size=64"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 1 and r["fits"] is False
+    err = r["compile_error"]
+    assert "RESOURCE_EXHAUSTED" in err["message"]
+    assert err["temporaries_required_gib"] > err["hbm_available_gib"] > 15
+    # the train state's per-device bytes are known without a successful compile
+    assert r["state_bytes_per_device"]["params"] > 0 and r["state_bytes_per_device"]["opt_state"] > 0

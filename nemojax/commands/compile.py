@@ -64,4 +64,4 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
-    return 0
+    return 1 if result.get("fits") is False else 0  # scripts can gate on "does it fit"

@@ -144,6 +144,25 @@ def _memory(compiled: Any) -> dict[str, Any]:
     return out
 
 
+def _run_info(cfg: Config) -> dict[str, Any]:
+    return {"remat_policy": cfg.model.remat_policy, "compute_dtype": cfg.model.compute_dtype,
+            "param_dtype": cfg.model.param_dtype, "zero1": cfg.mesh.zero1, "seq_len": cfg.data.seq_len,
+            "global_batch_size": cfg.data.global_batch_size,
+            "micro_batch_size": cfg.data.micro_batch_size or cfg.data.global_batch_size}
+
+
+def _state_bytes(state: Any) -> dict[str, int]:
+    """Per-device bytes of the train state from its shardings (no compile needed): the floor
+    that arguments can never go below, reported even when compilation runs out of HBM."""
+    def nbytes(tree: Any) -> int:
+        total = 0
+        for leaf in jax.tree.leaves(tree):
+            shard = leaf.sharding.shard_shape(leaf.shape)
+            total += int(math.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
+        return total
+    return {"params": nbytes(state.params), "opt_state": nbytes(state.opt_state)}
+
+
 def compile_train_step(cfg: Config, devices: list[Any]) -> dict[str, Any]:
     """Lower and compile the sharded train step (forward, backward, optimizer) for `devices`.
 
@@ -161,25 +180,35 @@ def compile_train_step(cfg: Config, devices: list[Any]) -> dict[str, Any]:
     t1 = time.perf_counter()
     lowered = st.step.lower(state, batch)
     t2 = time.perf_counter()
-    compiled = lowered.compile()
-    t3 = time.perf_counter()
     sizes = mesh_shape(mesh)
+    base: dict[str, Any] = {"mesh": sizes, "state_bytes_per_device": _state_bytes(state)}
+    if sizes.get(PIPELINE_AXIS, 1) > 1:
+        P, V, M = pipeline_layout(cfg, mesh)
+        base["pipeline"] = schedule_summary(P, V, M, cfg.model.num_layers)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program that cannot fit; that answer is the measurement.
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg:
+            raise
+        m = re.search(r"HLO temporaries \(([0-9.]+)([GMK])\) exceeds available HBM \(([0-9.]+)([GMK])\)", msg)
+        unit = {"G": 1.0, "M": 1 / 1024, "K": 1 / 2**20}
+        oom: dict[str, Any] = {"message": msg.strip().splitlines()[0][:2000]}
+        if m:
+            oom["temporaries_required_gib"] = float(m.group(1)) * unit[m.group(2)]
+            oom["hbm_available_gib"] = float(m.group(3)) * unit[m.group(4)]
+        return {**base, **_run_info(cfg), "fits": False, "compile_error": oom,
+                "seconds": {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2),
+                            "compile_until_oom": round(time.perf_counter() - t2, 2)}}
+    t3 = time.perf_counter()
     result: dict[str, Any] = {
-        "mesh": sizes,
-        "remat_policy": cfg.model.remat_policy,
-        "compute_dtype": cfg.model.compute_dtype,
-        "param_dtype": cfg.model.param_dtype,
-        "zero1": cfg.mesh.zero1,
-        "seq_len": cfg.data.seq_len,
-        "global_batch_size": cfg.data.global_batch_size,
-        "micro_batch_size": cfg.data.micro_batch_size or cfg.data.global_batch_size,
+        **base,
+        **_run_info(cfg),
         "memory_per_device": _memory(compiled),
         "seconds": {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2),
                     "compile": round(t3 - t2, 2), "total": round(t3 - t0, 2)},
     }
-    if sizes.get(PIPELINE_AXIS, 1) > 1:
-        P, V, M = pipeline_layout(cfg, mesh)
-        result["pipeline"] = schedule_summary(P, V, M, cfg.model.num_layers)
     try:
         cost = compiled.cost_analysis()
         if isinstance(cost, list):
@@ -196,7 +225,7 @@ def aot_compile(cfg: Config, topology: str, num_slices: int = 1) -> dict[str, An
     devices, target = topology_devices(topology, num_slices)
     out = {"target": target, **compile_train_step(cfg, devices)}
     hbm = target.get("hbm_gib")
-    mem = out["memory_per_device"]
+    mem = out.get("memory_per_device", {})
     if hbm and mem.get("total_bytes") is not None:
         out["fits"] = bool(mem["total_bytes"] <= hbm * 2**30)
         out["headroom_gib"] = round(hbm - mem["total_bytes"] / 2**30, 3)
