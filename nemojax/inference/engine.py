@@ -379,3 +379,79 @@ class Engine:
         index = {r.id: i for i, r in enumerate(reqs)}
         done = list(self.generate(reqs))
         return sorted(done, key=lambda c: (index[c.request_id], c.sample_index))
+
+    # ------------------------------------------------------------------ incremental API
+    # For callers that receive requests over time (the HTTP server's worker thread): queue
+    # requests with `submit`, call `step` while `has_work`, and read partial outputs with
+    # `in_flight`. It keeps its own slots, so do not interleave it with a running `generate`.
+
+    def _sched(self) -> tuple[collections.deque[_Job], list[_Job | None]]:
+        if not hasattr(self, "_inc_waiting"):
+            self._inc_waiting: collections.deque[_Job] = collections.deque()
+            self._inc_slots: list[_Job | None] = [None] * self.max_slots
+        return self._inc_waiting, self._inc_slots
+
+    def submit(self, request: Request) -> None:
+        """Queue a request for `step`; raises ValueError now if the engine cannot run it."""
+        waiting, _ = self._sched()
+        waiting.extend(self._new_jobs(request))
+
+    def cancel(self, request_id: Any) -> int:
+        """Drop every waiting or running sample of `request_id`; returns how many were dropped.
+
+        A freed slot's cache rows are simply overwritten by the next prefill into it.
+        """
+        waiting, slots = self._sched()
+        kept = [j for j in waiting if j.request.id != request_id]
+        dropped = len(waiting) - len(kept)
+        waiting.clear()
+        waiting.extend(kept)
+        for i, job in enumerate(slots):
+            if job is not None and job.request.id == request_id:
+                slots[i] = None
+                dropped += 1
+        return dropped
+
+    @property
+    def has_work(self) -> bool:
+        """True while submitted samples are waiting or running."""
+        waiting, slots = self._sched()
+        return bool(waiting) or any(j is not None for j in slots)
+
+    def in_flight(self) -> list[tuple[Any, int, list[int]]]:
+        """(request id, sample index, output ids so far) of every running sample."""
+        _, slots = self._sched()
+        return [(j.request.id, j.sample_index, list(j.output_ids)) for j in slots if j is not None]
+
+    def step(self) -> list[Completion]:
+        """Admit waiting samples into free slots, then decode one chunk for the running ones.
+
+        Returns the samples that finished during this call (the same bookkeeping as `generate`).
+        """
+        waiting, slots = self._sched()
+        done: list[Completion] = []
+        while waiting:
+            free = [i for i, j in enumerate(slots) if j is None]
+            batch = [(free[i], waiting.popleft()) for i in range(min(len(free), len(waiting)))]
+            if not batch:
+                break
+            finished_any = False
+            for slot, job, tok, lp in self._admit(batch):
+                slots[slot] = job
+                if self._accept(job, [tok], [lp]):
+                    slots[slot] = None
+                    finished_any = True
+                    done.append(self._complete(job))
+            if not finished_any:
+                break
+        running = [(i, j) for i, j in enumerate(slots) if j is not None]
+        if running:
+            window = self._window([j for _, j in running])
+            self.state, toks, lps = self._decode_jit(self.params, self.state, window)
+            toks, lps = np.asarray(toks), np.asarray(lps)
+            for i, job in running:
+                job.position += self.decode_steps
+                if self._accept(job, toks[:, i].tolist(), lps[:, i].tolist()):
+                    slots[i] = None
+                    done.append(self._complete(job))
+        return done
