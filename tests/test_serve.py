@@ -279,6 +279,7 @@ BAD = [
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1.5]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {"prompt": ["a"] * 5, "n": 64}, 400, "prompt"),
     ("/v1/chat/completions", {"max_tokens": 5}, 400, "messages"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
@@ -346,3 +347,36 @@ def test_serve_command_and_launcher_help():
     assert out.returncode == 0, out.stderr
     for flag in ("--checkpoint", "--host", "--port", "--batch-slots", "--model-name"):
         assert flag in out.stdout
+
+
+class BrokenEngine:
+    """Accepts requests, then fails in its first step (as a device error would)."""
+
+    def __init__(self, tok) -> None:
+        self.cfg = ModelConfig(vocab_size=4096, max_seq_len=MAX_LEN)
+        self.max_len, self.tokenizer, self.queued = MAX_LEN, tok, []
+
+    has_work = property(lambda self: bool(self.queued))
+
+    def submit(self, request):
+        self.queued.append(request)
+
+    def step(self):
+        raise RuntimeError("XLA device lost")
+
+    def cancel(self, request_id):
+        self.queued = [r for r in self.queued if r.id != request_id]
+
+    def in_flight(self):
+        return []
+
+
+def test_engine_failure_is_a_500_then_503_never_a_traceback(tok):
+    with TestClient(create_app(BrokenEngine(tok), tok, model_name="tiny")) as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "XLA device lost" in r.json()["error"]["message"] and "Traceback" not in r.text
+        h = c.get("/health")
+        assert h.status_code == 503 and "failed" in h.json()["reason"]
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"

@@ -7,6 +7,12 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (`stream: true` for server-sent events). One background thread owns the engine; concurrent
 requests share its decode batches (continuous batching over --batch-slots slots).
+
+With the `openai` client:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
 """
 
 from __future__ import annotations
@@ -57,8 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from nemojax.data.tokenizer import TokenizerError, load_tokenizer
     from nemojax.inference import Engine, Request, SamplingParams
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log = logging.getLogger("nemojax.serve")
+    log = logging.getLogger("nemojax")  # ours only: the root logger would echo JAX's chatter
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(args.log_level.upper())
     ckpt = Path(args.checkpoint)
     tok_spec = args.tokenizer
     if tok_spec is None:

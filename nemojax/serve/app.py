@@ -55,6 +55,7 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
                                "tools", "tool_choice", "functions", "function_call"}
 MAX_N = 64
+MAX_SAMPLES = 256  # prompts x n per HTTP request: one request must not monopolise the engine
 MAX_STOPS = 16
 
 
@@ -242,6 +243,9 @@ class _Server:
         params.logprobs = self._logprobs_flag(body, chat=False)
         stream, include_usage = _stream_flags(body)
         prompts = self._prompts(body["prompt"])
+        if len(prompts) * params.n > MAX_SAMPLES:
+            raise _bad("prompt", f"{len(prompts)} prompts x n={params.n} samples exceeds the limit of "
+                                 f"{MAX_SAMPLES} samples per request; split the request")
         base = f"cmpl-{uuid.uuid4().hex}"
         reqs = [Request(f"{base}-{i}", ids, params) for i, ids in enumerate(prompts)]
         return _Job(base, "completion", reqs, params, stream, include_usage, params.logprobs)
@@ -572,7 +576,7 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Any, *, model_name: str
 
     async def answer(job: _Job) -> Any:
         if not worker.alive:
-            raise APIError(503, worker._why_stopped(), type="server_error")
+            raise APIError(503, worker.why_unavailable(), type="server_error")
         if job.stream:
             return StreamingResponse(_stream(server, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -584,7 +588,7 @@ def create_app(engine: Engine | EngineWorker, tokenizer: Any, *, model_name: str
         body = {"status": "ok" if ok else "unavailable", "model": model_name,
                 "active_requests": worker.stats["active_requests"], "steps": worker.stats["steps"]}
         if not ok:
-            body["reason"] = worker._why_stopped()
+            body["reason"] = worker.why_unavailable()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models")

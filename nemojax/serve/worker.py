@@ -120,7 +120,7 @@ class EngineWorker:
         among requests in flight.
         """
         if not self.alive:
-            raise WorkerStopped(self._why_stopped())
+            raise WorkerStopped(self.why_unavailable())
         self._inbox.put(("submit", request, callback, stream))
 
     def cancel(self, request_id: Any) -> None:
@@ -150,7 +150,8 @@ class EngineWorker:
         index = {r.id: i for i, r in enumerate(reqs)}
         return sorted(done, key=lambda c: (index[c.request_id], c.sample_index))
 
-    def _why_stopped(self) -> str:
+    def why_unavailable(self) -> str:
+        """Why `alive` is False, in words for an error body or /health."""
         if self.error is not None:
             return f"the engine failed earlier ({type(self.error).__name__}: {self.error}); restart the server"
         if self._stopped:
@@ -182,7 +183,7 @@ class EngineWorker:
                 self._emit(sub, Failure(request.id, f"request id {request.id!r} is already in flight",
                                         client_error=True))
             elif self.error is not None or self._stopped:
-                self._emit(sub, Failure(request.id, self._why_stopped(), client_error=False))
+                self._emit(sub, Failure(request.id, self.why_unavailable(), client_error=False))
             else:
                 try:
                     self.engine.submit(request)
@@ -219,7 +220,7 @@ class EngineWorker:
                 running = False
             self.stats["active_requests"] = len(self._subs)
         self._stopped = True
-        self._fail_all(self._why_stopped())
+        self._fail_all(self.why_unavailable())
         # Answer submissions that raced with the stop.
         while True:
             try:
@@ -228,7 +229,7 @@ class EngineWorker:
                 break
             if msg[0] == "submit":
                 self._emit(_Subscription(msg[2], msg[3], 0),
-                           Failure(msg[1].id, self._why_stopped(), client_error=False))
+                           Failure(msg[1].id, self.why_unavailable(), client_error=False))
 
     def _step(self) -> None:
         engine = self.engine
