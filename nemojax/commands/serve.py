@@ -22,6 +22,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nemojax.inference import Engine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,9 +49,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute (and weight) dtype instead of the checkpoint's")
     p.add_argument("--no-bos", action="store_true", help="do not prepend bos to text and chat prompts")
     p.add_argument("--seed", type=int, default=0, help="seeds requests that do not give one")
-    p.add_argument("--no-warmup", action="store_true",
-                   help="skip compiling prefill/decode with a dummy request before accepting traffic")
+    p.add_argument("--warmup", choices=["none", "min", "full"], default="min",
+                   help="compile before accepting traffic: min = the smallest prefill bucket and decode "
+                        "window; full = every prompt-length bucket and every decode window up to "
+                        "--max-len (slow for big models, but no request then waits for a compile; "
+                        "prefills of several prompts at once may still compile on first use)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def warm_up(engine: "Engine", *, full: bool, token: int) -> None:
+    """Compile the engine's jitted functions with dummy requests, before the first user waits.
+
+    Each prompt-length bucket and attention window compiles once, on first use (seconds for
+    small models, minutes for big ones). `full` runs one prompt per length bucket plus one
+    that decodes to the end of the context; stop tokens are switched off meanwhile so no
+    dummy request ends early.
+    """
+    from nemojax.inference import Request, SamplingParams
+
+    greedy = dict(temperature=0.0)
+    if not full:
+        engine.generate_all([Request("warmup", [token], SamplingParams(max_tokens=2, **greedy))])
+        return
+    saved = engine.stop_token_ids
+    engine.stop_token_ids = frozenset()
+    try:
+        lengths = sorted({min(b, engine.max_len - 1) for b in engine.len_buckets})
+        for n in lengths:
+            engine.generate_all([Request(f"warmup-{n}", [token] * n, SamplingParams(max_tokens=1, **greedy))])
+        engine.generate_all([Request("warmup-decode", [token],
+                                     SamplingParams(max_tokens=engine.max_len - 1, **greedy))])
+    finally:
+        engine.stop_token_ids = saved
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     from nemojax.checkpoint import load_model
+    from nemojax.commands.train import enable_compile_cache
     from nemojax.data.tokenizer import TokenizerError, load_tokenizer
-    from nemojax.inference import Engine, Request, SamplingParams
+    from nemojax.inference import Engine
 
     log = logging.getLogger("nemojax")  # ours only: the root logger would echo JAX's chatter
     if not log.handlers:
@@ -69,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         log.addHandler(handler)
     log.setLevel(args.log_level.upper())
+    enable_compile_cache()  # a restarted server then warms up from disk, not from XLA
     ckpt = Path(args.checkpoint)
     tok_spec = args.tokenizer
     if tok_spec is None:
@@ -91,11 +126,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"nemojax serve: {e}", file=sys.stderr)
         return 2
-    if not args.no_warmup:  # compile the smallest prefill bucket and decode window up front
+    if args.warmup != "none":
         t0 = time.perf_counter()
-        engine.generate_all([Request("warmup", [cfg.bos_id],
-                                     SamplingParams(temperature=0, max_tokens=2))])
-        log.info("warm-up compile took %.1f s", time.perf_counter() - t0)
+        warm_up(engine, full=args.warmup == "full", token=cfg.bos_id)
+        log.info("warm-up (%s) took %.1f s", args.warmup, time.perf_counter() - t0)
     name = args.model_name or (ckpt.resolve().name or "nemojax")
     app = create_app(engine, tokenizer, model_name=name, bos=not args.no_bos)
     log.info("serving %r (context %d tokens, %d slots) on http://%s:%d", name, engine.max_len,

@@ -343,11 +343,14 @@ class _Server:
         def deliver(ev: Event) -> None:  # runs on the worker thread
             loop.call_soon_threadsafe(inbox.put_nowait, ev)
 
-        remaining = {r.id: r.params.n for r in job.requests}
+        remaining: dict[str, int] = {}
         try:
             for r in job.requests:
                 self.worker.submit(r, deliver, stream=job.stream)
+                remaining[r.id] = r.params.n
         except WorkerStopped as e:
+            for rid in remaining:
+                self.worker.cancel(rid)
             raise APIError(503, str(e), type="server_error") from None
         try:
             while remaining:
@@ -365,13 +368,19 @@ class _Server:
             for rid in remaining:
                 self.worker.cancel(rid)
 
-    def token_texts(self, ids: list[int]) -> list[str]:
-        """Each token's share of the decoded text (decode of a prefix minus the previous one)."""
-        out, prev = [], ""
+    def token_texts(self, ids: list[int], context: int = 8) -> list[str]:
+        """Each token's share of the decoded text.
+
+        SentencePiece drops a piece's leading space at the start of a decode and joins byte
+        pieces into characters, so a token's text is decode(window + token) minus
+        decode(window), over a few preceding tokens (linear time, unlike whole prefixes).
+        """
+        out = []
         for i in range(len(ids)):
-            cur = self.tokenizer.decode(ids[: i + 1])
+            start = max(0, i - context)
+            prev = self.tokenizer.decode(ids[start:i]) if i > start else ""
+            cur = self.tokenizer.decode(ids[start:i + 1])
             out.append(cur[len(prev):] if cur.startswith(prev) else cur)
-            prev = cur
         return out
 
     def final_text(self, job: _Job, c: Completion) -> str:
@@ -380,17 +389,16 @@ class _Server:
             text = text.removesuffix("\n")  # the template's newline before <extra_id_1>
         return text
 
-    def logprobs_body(self, job: _Job, c: Completion, ids: list[int] | None = None,
-                      logprobs: list[float] | None = None, offset: int = 0) -> Any:
+    def logprobs_body(self, job: _Job, c: Completion) -> Any:
+        """OpenAI's logprobs object for one choice (None unless the request asked for it)."""
         if not job.logprobs:
             return None
-        ids = c.output_ids if ids is None else ids
-        lps = (c.logprobs or []) if logprobs is None else logprobs
-        texts = self.token_texts(ids)
+        lps = c.logprobs or []
+        texts = self.token_texts(c.output_ids)
         if job.kind == "chat":
             return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
                                  "top_logprobs": []} for t, lp in zip(texts, lps)]}
-        offsets, pos = [], offset
+        offsets, pos = [], 0
         for t in texts:
             offsets.append(pos)
             pos += len(t)
