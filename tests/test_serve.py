@@ -390,3 +390,10 @@ def test_full_warm_up_compiles_every_window_and_restores_stop_tokens(engine):
     assert engine.stop_token_ids == before
     assert all(f"decode_w{w}" in engine.trace_counts for w in engine.len_buckets)
     assert any(k.startswith(f"prefill_1x{engine.len_buckets[-1]}") for k in engine.trace_counts)
+
+
+def test_serve_command_rejects_a_missing_checkpoint(tmp_path, capsys):
+    from nemojax.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -114,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"nemojax serve: {e}", file=sys.stderr)
         return 2
     dtype_kw = {} if args.dtype is None else {"param_dtype": args.dtype, "compute_dtype": args.dtype}
-    model = load_model(args.checkpoint, **dtype_kw)
+    try:
+        model = load_model(args.checkpoint, **dtype_kw)
+    except FileNotFoundError as e:  # the messages say what to pass instead
+        print(f"nemojax serve: {e}", file=sys.stderr)
+        return 2
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size:
         log.warning("tokenizer %s has %d pieces but the model only %d; pass the checkpoint's own --tokenizer",

@@ -71,8 +71,8 @@ class EngineWorker:
 
     stats (read from any thread, approximate while running): "steps" (engine steps run),
     "max_running" (most samples decoded together in one step, i.e. the batch size reached),
-    "requests" (requests accepted), "completion_tokens" (tokens generated).
-    """
+    "requests" (requests accepted), "completion_tokens" (tokens generated), "active_requests"
+    (requests accepted and not yet finished or cancelled)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
