@@ -215,6 +215,13 @@ class Trainer:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signal.Signals(signum).name
 
+    def _should_stop(self, step: int, ckpt: Checkpointer) -> bool:
+        """Stop after this step? One process: our own signal flag. Several: JAX's preemption
+        sync point, so every host stops (and joins the collective save) at the same step."""
+        if self.process_count > 1:
+            return bool(ckpt.manager.reached_preemption(step))
+        return self._stop_signal is not None
+
     def _install_signals(self) -> dict[int, Any]:
         old = {}
         try:
@@ -337,14 +344,14 @@ class Trainer:
                     return stop_nonfinite(bad)
                 save(step)
                 t_mark, tok_mark = time.perf_counter(), 0
-            if self._stop_signal is not None:
+            if self._should_stop(step, ckpt):
                 bad = check_finite(step)
                 if bad is not None:
                     return stop_nonfinite(bad)
                 if last_saved != step:
                     save(step)
                 ckpt.wait()
-                self.log(f"received {self._stop_signal}: saved checkpoint of step {step} in "
+                self.log(f"received {self._stop_signal or 'a preemption notice'}: saved checkpoint of step {step} in "
                          f"{ckpt.directory / str(step)}; exiting. Rerun the same command to resume.")
                 return TrainResult(EXIT_OK, step, "signal", last_metrics, self.run_dir)
         ckpt.wait()
