@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nemojax.checkpoint import load_model
 from nemojax.inference import Engine, Request, SamplingParams
-from nemojax.inference.decode import decode_one_token
+from nemojax.inference.decode import LAYOUTS, decode_one_token, split_weights
 from nemojax.model import KVCache, logical_axes
 
 MAX_LEN = 64
@@ -78,8 +78,9 @@ def test_greedy_equals_hf_generate_in_one_continuous_batch(models, engine):
         np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
 
 
-def test_decode_step_logits_equal_full_forward(models):
-    """decode_one_token over a cache holding stale garbage beyond the live rows."""
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_decode_step_logits_equal_full_forward(models, layout):
+    """decode_one_token (both weight layouts) over a cache with stale garbage past the live rows."""
     _, model = models
     cfg = model.cfg
     rng = np.random.default_rng(1)
@@ -93,13 +94,15 @@ def test_decode_step_logits_equal_full_forward(models):
         pre = KVCache.zeros(cfg, 1, n)
         _, pre = model.decode(jnp.asarray([seq[:n]]), jnp.arange(n)[None], pre)
         cache = KVCache(cache.k.at[:, s, :n].set(pre.k[:, 0]), cache.v.at[:, s, :n].set(pre.v[:, 0]))
-    step = jax.jit(lambda p, t, pos, k, v: decode_one_token(nnx.merge(nnx.graphdef(model), p), t, pos, k, v))
+    graphdef = nnx.graphdef(model)
+    weights = split_weights(model) if layout == "split" else None
+    step = jax.jit(lambda p, w, t, pos, k, v: decode_one_token(nnx.merge(graphdef, p), t, pos, k, v, w))
     ck, cv = cache
     fulls = [model(jnp.asarray([seq]))[0] for seq in seqs]  # causal: prefix logits = prefix rows
     for j in range(3):
         toks = jnp.asarray([seq[n + j] for seq, n in zip(seqs, lens)])
         pos = jnp.asarray([n + j for n in lens])
-        logits, ck, cv = step(nnx.state(model), toks, pos, ck, cv)
+        logits, ck, cv = step(nnx.state(model), weights, toks, pos, ck, cv)
         for s, (seq, n) in enumerate(zip(seqs, lens)):
             full = fulls[s][n + j]
             np.testing.assert_allclose(np.asarray(logits[s]), np.asarray(full), atol=1e-4)
@@ -112,6 +115,9 @@ def test_new_requests_join_free_slots_without_recompiling(engine):
     engine.generate_all(warm)
     before = dict(engine.trace_counts)
     assert all(v == 1 for v in before.values()), before  # each shape traced exactly once
+    compiled = engine.compile_counts()  # jit's executable cache: catches retrace-free recompiles
+    assert compiled == {"prefill": sum(k.startswith("prefill") for k in before),
+                        "decode": sum(k.startswith("decode") for k in before)}, (compiled, before)
     assert sum(k.startswith("decode") for k in before) <= len(engine.len_buckets)
     # A second wave with different lengths, sampling settings and finishing times.
     wave = [Request(f"x{i}", p, SamplingParams(temperature=0.5 + 0.1 * i, top_k=i, top_p=0.9,
@@ -121,6 +127,7 @@ def test_new_requests_join_free_slots_without_recompiling(engine):
     assert [len(o.output_ids) for o in outs if o.finish_reason == "length"] == \
         [m for o, m in zip(outs, reversed(MAX_TOKENS)) if o.finish_reason == "length"]
     assert dict(engine.trace_counts) == before
+    assert engine.compile_counts() == compiled
 
 
 def test_seed_reproduces_whatever_the_slot_and_batch(engine):
@@ -189,6 +196,9 @@ def test_tensor_parallel_engine_matches_unsharded(models, engine):
     mesh = Mesh(np.array(jax.devices()[:2]), ("tensor",))
     sharded = _shard_tensor_parallel(model, mesh)
     tp = Engine(sharded, max_slots=3, max_len=MAX_LEN, decode_steps=4, max_prefill_batch=2, min_bucket=32)
+    assert tp.decode_layout == "split"
+    q0 = tp.decode_weights["layers"][0]["q"]  # [heads, head_dim, embed]: heads stay sharded
+    assert q0.addressable_shards[0].data.shape[0] == model.cfg.num_heads // 2
     k = tp.state["k"]
     assert k.sharding.spec == P(None, None, None, "tensor", None)
     assert k.addressable_shards[0].data.shape[3] == model.cfg.num_kv_heads // 2
