@@ -203,6 +203,19 @@ def test_init_from_missing_path_is_a_clear_error(tmp_path):
         run_trainer(cfg)
 
 
+def test_resume_with_a_different_model_is_refused_not_treated_as_corrupt(trained, tmp_path):
+    from nemojax.train.checkpointing import IncompatibleCheckpoint
+
+    rd = tmp_path / "other"
+    shutil.copytree(trained.run_dir, rd)
+    cfg = tiny_cfg(rd, **{"model.ffn_hidden_size": 128})
+    with pytest.raises(IncompatibleCheckpoint, match="config changed"):
+        run_trainer(cfg)
+    assert sorted(int(p.name) for p in (rd / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20, 30]
+    assert not (rd / "checkpoints_corrupt").exists()
+    assert load_config(rd / "config.yaml") == trained.trainer.cfg  # the run's own config is kept
+
+
 def test_nonfinite_loss_stops_without_saving(trained, tmp_path):
     """Resume the good run with an absurd learning rate: step 31 blows the weights up, step 32's
     loss is non-finite; the run stops (exit 3) before the step-32 save, leaving 10/20/30 intact."""

@@ -38,9 +38,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     enable_compile_cache()
+    from nemojax.data.sources import DataError
+
     try:
         result = train(cfg)
     except CheckpointError as e:
         print(f"nemojax train: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"nemojax train: data error: {e}", file=sys.stderr)
         return 2
     return result.exit_code

@@ -161,6 +161,8 @@ class Trainer:
             shardings = self.st.state_shardings.params.to_pure_dict()
             try:
                 pure = load_init_weights(self.cfg.init_from, self.cfg.model, sharding=shardings)
+            except CheckpointError:
+                raise
             except (FileNotFoundError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"init_from={self.cfg.init_from!r}: {e}") from None
             params = jax.tree.map(lambda x: x, self.st.abstract_state.params)
@@ -213,6 +215,8 @@ class Trainer:
     # ------------------------------------------------------------------ signals
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final save
         self._stop_signal = signal.Signals(signum).name
 
     def _should_stop(self, step: int, ckpt: Checkpointer) -> bool:
@@ -236,14 +240,14 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.process_index == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
         ckpt = Checkpointer(self.run_dir, keep=cfg.keep_checkpoints)
         old_handlers = self._install_signals()
         writer = None
         try:
             state, meta = self._initial_state(ckpt)
             start = int(meta["step"]) if meta else 0
+            if self.process_index == 0:  # after the restore: a refused resume leaves the old copy
+                save_config(cfg, self.run_dir / "config.yaml")
             writer = MetricsWriter(self.run_dir, resume_step=start) if self.process_index == 0 else None
             return self._loop(state, start, meta, ckpt, writer)
         finally:
