@@ -300,7 +300,7 @@ class Trainer:
 
         step = start
         t_mark, tok_mark = None, 0  # throughput window; opened after the first (compiling) step
-        shape_seen: set[int] = set()
+        shape_seen: set[tuple[int, int]] = set()
         while step < total:
             bs = sched.batch_size(step)
             if bs != it_batch:  # ramp-up stage boundary: same stream, new batch size
@@ -311,12 +311,13 @@ class Trainer:
                 self.log(f"batch ramp-up: global batch {bs} from step {step + 1} "
                          f"({sched.tokens_before(step):,} tokens consumed)")
             accum = sched.accum_steps(step)
+            shape = (accum, sched.micro_batch(step))
             batch = self._device_batch(next(it), accum)
             state, metrics, first_bad = self.train_step(state, batch, first_bad)
             step += 1
             tok_mark += bs * cfg.data.seq_len
-            if accum not in shape_seen:  # exclude compilation from the throughput window
-                shape_seen.add(accum)
+            if shape not in shape_seen:  # exclude compilation from the throughput window
+                shape_seen.add(shape)
                 jax.block_until_ready(metrics["loss"])
                 t_mark, tok_mark = time.perf_counter(), 0
             do_log = step % max(cfg.log_every, 1) == 0 or step == total
