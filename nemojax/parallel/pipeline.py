@@ -38,6 +38,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
@@ -47,6 +48,7 @@ from nemojax.model.transformer import DTYPES, REMAT_POLICIES, block
 from nemojax.train.losses import token_log_probs
 
 PIPELINE_AXIS = "pipeline"
+_STAGE_WEIGHTS = "pipeline_stage_weights"
 _U = PS.UNCONSTRAINED
 
 
@@ -187,10 +189,29 @@ def pipelined_blocks(cfg: ModelConfig, stacked: dict[str, jax.Array], x: jax.Arr
 
         def body(c, p):
             return layer(c, (p, cos, sin, seg)), None
-        if cfg.remat_policy != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, w)
+        h, _ = jax.lax.scan(body, h, w)  # remat is applied per iteration, see run_stages
         return h
+
+    def stages_fn(staged_w: dict[str, jax.Array], rep: jax.Array, inp: jax.Array, pos: jax.Array,
+                  seg: jax.Array | None) -> jax.Array:
+        """Every stage's current chunk on its current microbatch (one pipeline iteration)."""
+        w = jax.vmap(lambda wr, r: jax.tree.map(lambda a: a[r], wr), in_axes=(1, 0),
+                     spmd_axis_name=spmd)(staged_w, rep)
+        w = jax.tree.map(lambda a: checkpoint_name(a, _STAGE_WEIGHTS), w)
+        # spmd_axis_name: sharding constraints inside the model (rules.constrain) keep the
+        # stage dim on `pipeline` instead of replicating it.
+        return jax.vmap(chunk, spmd_axis_name=spmd)(w, inp, pos, seg)
+
+    # Remat is applied to one pipeline iteration (a chunk of Lc layers per stage) with the
+    # model's policy, not per layer: the weights each iteration picks (staged[rep]) differ per
+    # iteration, so a per-layer checkpoint would make autodiff of the scan stash every chunk's
+    # weights for every one of the T iterations (~90 GB per device for 340B at P=8, V=12).
+    # At this level no policy saves them (they are neither dots nor named activations); with
+    # "none" everything but them is saved. "full" saves one chunk input per iteration and
+    # recomputes the chunk in backward (2 forwards + 1 backward, as per-layer full remat).
+    outer = policy if cfg.remat_policy != "none" else \
+        jax.checkpoint_policies.save_anything_except_these_names(_STAGE_WEIGHTS)
+    run_stages = jax.checkpoint(stages_fn, policy=outer, prevent_cse=False)
 
     def iteration(carry, t):
         state, buf = carry
@@ -200,13 +221,9 @@ def pipelined_blocks(cfg: ModelConfig, stacked: dict[str, jax.Array], x: jax.Arr
         first = jax.lax.dynamic_index_in_dim(buf, jnp.mod(t, M), 0, keepdims=False)
         inp = jnp.where((stage_ids == 0).reshape(P, *([1] * (x.ndim - 1))), first[None], state)
         inp = _constrain(inp, mesh, state_spec)
-        w = jax.vmap(lambda wr, r: jax.tree.map(lambda a: a[r], wr), in_axes=(1, 0),
-                     spmd_axis_name=spmd)(staged, rep)
         pos = positions[mb]
         seg = None if segment_ids is None else segment_ids[mb]
-        # spmd_axis_name: sharding constraints inside the model (rules.constrain) keep the
-        # stage dim on `pipeline` instead of replicating it.
-        out = jax.vmap(chunk, spmd_axis_name=spmd)(w, inp, pos, seg)
+        out = run_stages(staged, rep, inp, pos, seg)
         out = _constrain(out, mesh, state_spec)
         # Stage P-1's output for microbatch (t - P + 1) goes back to the buffer (for the next
         # repeat, or as the final result after repeat V-1); before t = P-1 it is bubble garbage.
