@@ -159,7 +159,6 @@ class Engine:
             st = {"k": cache.k, "v": cache.v}
             for name, dt in SLOT_FIELDS.items():
                 st[name] = jnp.zeros((S,), dt)
-            st["temperature"] = jnp.ones((S,), jnp.float32)
             st["top_p"] = jnp.ones((S,), jnp.float32)
             return st
 
