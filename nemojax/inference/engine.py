@@ -9,9 +9,11 @@ jitted function takes donated and returns updated, so the cache is updated in pl
   of two), so a new prompt length never triggers a compile once its bucket has been seen. Only
   the last prompt position goes through the LM head. The prompt's keys/values are scattered
   into the chosen slots' cache rows and the first token is sampled in the same call.
-- Decode: one jitted function runs `decode_steps` tokens for all slots per host round-trip
-  (a `lax.scan`), attending over a power-of-two *window* of the cache that covers every live
-  slot, so short sequences do not pay for `max_len`. It is compiled once per window.
+- Decode: one jitted function runs up to `decode_steps` tokens for all slots per host
+  round-trip (a `lax.while_loop` that exits early once some slot hits a stop token or its
+  token budget, so a finished slot is refilled at once), attending over a power-of-two
+  *window* of the cache that covers every live slot, so short sequences do not pay for
+  `max_len`. It is compiled once per window.
 - Continuous batching: after every decode chunk the host reads the new tokens, finishes samples
   (stop token, stop string, max_tokens, cache full) and immediately prefills waiting requests
   into the freed slots. Slots left idle keep computing harmless garbage (their cache rows are
@@ -49,7 +51,9 @@ SLOT_FIELDS: dict[str, Any] = {  # per-slot arrays of the device state, and thei
     "top_k": jnp.int32,
     "top_p": jnp.float32,
     "min_p": jnp.float32,
+    "remaining": jnp.int32,  # tokens this slot may still generate; 0 = finished / idle
 }
+MAX_STOP_IDS = 8  # stop token ids the device checks per slot (more only cost an early exit)
 SAMPLING_FIELDS = ("seed", "sample_index", "temperature", "top_k", "top_p", "min_p")
 
 
@@ -136,7 +140,7 @@ class Engine:
         if self.decode_layout == "split":
             self.decode_weights = jax.jit(lambda p: split_weights(nnx.merge(self.graphdef, p)))(self.params)
         self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
-        self._decode_jit = jax.jit(self._decode_chunk, donate_argnums=(2,), static_argnums=(3,))
+        self._decode_jit = jax.jit(self._decode_chunk, donate_argnums=(2,), static_argnums=(4,))
 
     # ------------------------------------------------------------------ device side
 
@@ -160,6 +164,7 @@ class Engine:
             for name, dt in SLOT_FIELDS.items():
                 st[name] = jnp.zeros((S,), dt)
             st["top_p"] = jnp.ones((S,), jnp.float32)
+            st["stop_ids"] = jnp.full((S, MAX_STOP_IDS), -1, jnp.int32)
             return st
 
         if self.mesh is None:
@@ -168,7 +173,7 @@ class Engine:
             device = next(iter(jax.tree.leaves(self.params)[0].devices()))
             return jax.jit(make, out_shardings=jax.sharding.SingleDeviceSharding(device))()
         shardings = {k: (self.cache_sharding if k in ("k", "v") else self.replicated)
-                     for k in ["k", "v", *SLOT_FIELDS]}
+                     for k in ["k", "v", "stop_ids", *SLOT_FIELDS]}
         return jax.jit(make, out_shardings=shardings)()
 
     def _constrain_cache(self, x: jax.Array) -> jax.Array:
@@ -178,6 +183,7 @@ class Engine:
 
     def _prefill(self, params: Any, state: dict[str, jax.Array], ids: jax.Array,
                  lengths: jax.Array, slots: jax.Array, sampling: dict[str, jax.Array],
+                 remaining: jax.Array, stop_ids: jax.Array,
                  ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
         """Prefill B padded prompts [B, Lb] into `slots` (index >= max_slots: a padding row)."""
         self.trace_counts[f"prefill_{ids.shape[0]}x{ids.shape[1]}"] += 1
@@ -191,15 +197,23 @@ class Engine:
         st = dict(state)
         st["k"] = self._constrain_cache(state["k"].at[:, slots, :lb].set(small.k, mode="drop"))
         st["v"] = self._constrain_cache(state["v"].at[:, slots, :lb].set(small.v, mode="drop"))
+        finished = jnp.any(tok[:, None] == stop_ids, axis=-1)
         updates = {"tokens": tok, "positions": lengths, "token_index": jnp.ones((b,), jnp.int32),
-                   **sampling}
+                   "remaining": jnp.where(finished, 0, remaining - 1), **sampling}
+        st["stop_ids"] = state["stop_ids"].at[slots].set(stop_ids, mode="drop")
         for name, value in updates.items():
             st[name] = state[name].at[slots].set(value.astype(state[name].dtype), mode="drop")
         return st, tok, lp
 
-    def _decode_chunk(self, params: Any, weights: Any, state: dict[str, jax.Array], window: int,
-                      ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
-        """`decode_steps` tokens for every slot, attending over cache rows [0, window)."""
+    def _decode_chunk(self, params: Any, weights: Any, state: dict[str, jax.Array], live: jax.Array,
+                      window: int) -> tuple[dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
+        """Up to `decode_steps` tokens for every slot, attending over cache rows [0, window).
+
+        Returns early, after the step where some live slot finished (stop token or its token
+        budget), so the host can refill that slot at once instead of idling it for the rest of
+        the chunk. `live` [S] marks the slots the host is running. Returns (state, tokens
+        [steps, S], log-probs [steps, S], number of valid steps).
+        """
         self.trace_counts[f"decode_w{window}"] += 1
         model = nnx.merge(self.graphdef, params)
         full = window >= self.max_len
@@ -207,23 +221,37 @@ class Engine:
             state["k"][:, :, :window], state["v"][:, :, :window])
         sampling = {k: state[k] for k in SAMPLING_FIELDS}
 
-        def step(carry: tuple[Any, ...], _: None) -> tuple[tuple[Any, ...], tuple[jax.Array, jax.Array]]:
-            ck, cv, tokens, positions, token_index = carry
+        K, S = self.decode_steps, self.max_slots
+        stop_ids = state["stop_ids"]
+
+        def cond(carry: tuple[Any, ...]) -> jax.Array:
+            return (carry[0] < K) & ~carry[-1]
+
+        def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+            i, ck, cv, tokens, positions, token_index, remaining, toks, lps, _ = carry
             logits, k, v = decode_one_token(model, tokens, positions, ck, cv, weights)
             tok, lp = sample(logits, token_index=token_index, **sampling)
             k, v = self._constrain_cache(k), self._constrain_cache(v)
-            return (k, v, tok, positions + 1, token_index + 1), (tok, lp)
+            running = live & (remaining > 0)
+            finished = running & ((remaining == 1) | jnp.any(tok[:, None] == stop_ids, axis=-1))
+            remaining = jnp.where(finished, 0, remaining - running.astype(jnp.int32))
+            toks, lps = toks.at[i].set(tok), lps.at[i].set(lp)
+            return (i + 1, k, v, tok, positions + 1, token_index + 1, remaining, toks, lps,
+                    jnp.any(finished))
 
-        carry = (cache.k, cache.v, state["tokens"], state["positions"], state["token_index"])
-        (ck, cv, tokens, positions, token_index), (toks, lps) = jax.lax.scan(
-            step, carry, None, length=self.decode_steps)
-        st = dict(state, tokens=tokens, positions=positions, token_index=token_index)
+        carry = (jnp.int32(0), cache.k, cache.v, state["tokens"], state["positions"],
+                 state["token_index"], state["remaining"], jnp.zeros((K, S), jnp.int32),
+                 jnp.zeros((K, S), jnp.float32), jnp.bool_(False))
+        (n, ck, cv, tokens, positions, token_index, remaining, toks, lps, _) = jax.lax.while_loop(
+            cond, step, carry)
+        st = dict(state, tokens=tokens, positions=positions, token_index=token_index,
+                  remaining=remaining)
         if full:
             st["k"], st["v"] = ck, cv
         else:
             st["k"] = self._constrain_cache(jax.lax.dynamic_update_slice_in_dim(state["k"], ck, 0, axis=2))
             st["v"] = self._constrain_cache(jax.lax.dynamic_update_slice_in_dim(state["v"], cv, 0, axis=2))
-        return st, toks, lps
+        return st, toks, lps, n
 
     def compile_counts(self) -> dict[str, int]:
         """Executables compiled so far per jitted function (jit's own cache, not our traces)."""
@@ -265,6 +293,8 @@ class Engine:
                 ids = np.zeros((bb, lb), np.int32)
                 lengths = np.ones((bb,), np.int32)
                 slots = np.full((bb,), self.max_slots, np.int32)  # padding rows are dropped
+                remaining = np.zeros((bb,), np.int32)
+                stop_ids = np.full((bb, MAX_STOP_IDS), -1, np.int32)
                 sampling = {"seed": np.zeros((bb,), np.uint32), "sample_index": np.zeros((bb,), np.int32),
                             "temperature": np.zeros((bb,), np.float32), "top_k": np.zeros((bb,), np.int32),
                             "top_p": np.ones((bb,), np.float32), "min_p": np.zeros((bb,), np.float32)}
@@ -275,8 +305,11 @@ class Engine:
                     sampling["seed"][r], sampling["sample_index"][r] = job.seed, job.sample_index
                     sampling["temperature"][r], sampling["top_k"][r] = p.temperature, p.top_k
                     sampling["top_p"][r], sampling["min_p"][r] = p.top_p, p.min_p
+                    remaining[r] = job.max_new
+                    ids_list = sorted(job.stop_ids)[:MAX_STOP_IDS]
+                    stop_ids[r, :len(ids_list)] = ids_list
                 self.state, tok, lp = self._prefill_jit(self.params, self.state, ids, lengths, slots,
-                                                        sampling)
+                                                        sampling, remaining, stop_ids)
                 tok, lp = np.asarray(tok), np.asarray(lp)
                 out += [(slot, job, int(tok[r]), float(lp[r])) for r, (slot, job) in enumerate(chunk)]
         return out
@@ -335,76 +368,16 @@ class Engine:
                           finish_reason=job.finish_reason or "length", text=text,
                           logprobs=list(job.logprobs) if job.request.params.logprobs else None)
 
-    def generate(self, requests: Iterable[Request],
-                 on_error: Callable[[Request, Exception], None] | None = None) -> Iterator[Completion]:
-        """Run requests through the slots, yielding each sample's Completion as it finishes.
-
-        Requests are pulled from the iterable lazily, as slots free up, so it may be a stream.
-        A request the engine cannot run (prompt too long, bad ids) raises ValueError, or is
-        passed to `on_error` and skipped when that is given.
-        """
-        source = iter(requests)
-        waiting: collections.deque[_Job] = collections.deque()
-        slots: list[_Job | None] = [None] * self.max_slots
-        exhausted = False
-        while True:
-            # Admit waiting jobs into free slots (admission can finish jobs at once: loop).
-            while True:
-                free = [i for i, j in enumerate(slots) if j is None]
-                while len(waiting) < len(free) and not exhausted:
-                    req = next(source, None)
-                    if req is None:
-                        exhausted = True
-                        break
-                    try:
-                        waiting.extend(self._new_jobs(req))
-                    except ValueError as e:
-                        if on_error is None:
-                            raise
-                        on_error(req, e)
-                batch = [(free[i], waiting.popleft()) for i in range(min(len(free), len(waiting)))]
-                if not batch:
-                    break
-                finished_any = False
-                for slot, job, tok, lp in self._admit(batch):
-                    slots[slot] = job
-                    if self._accept(job, [tok], [lp]):
-                        slots[slot] = None
-                        finished_any = True
-                        yield self._complete(job)
-                if not finished_any:
-                    break
-            running = [(i, j) for i, j in enumerate(slots) if j is not None]
-            if not running:
-                if exhausted and not waiting:
-                    return
-                continue
-            window = self._window([j for _, j in running])
-            self.state, toks, lps = self._decode_jit(self.params, self.decode_weights, self.state, window)
-            toks, lps = np.asarray(toks), np.asarray(lps)  # [steps, slots]: the one host sync
-            for i, job in running:
-                job.position += self.decode_steps
-                if self._accept(job, toks[:, i].tolist(), lps[:, i].tolist()):
-                    slots[i] = None
-                    yield self._complete(job)
-
-    def generate_all(self, requests: Iterable[Request]) -> list[Completion]:
-        """All completions, ordered by (request order, sample index)."""
-        reqs = list(requests)
-        index = {r.id: i for i, r in enumerate(reqs)}
-        done = list(self.generate(reqs))
-        return sorted(done, key=lambda c: (index[c.request_id], c.sample_index))
-
-    # ------------------------------------------------------------------ incremental API
-    # For callers that receive requests over time (the HTTP server's worker thread): queue
-    # requests with `submit`, call `step` while `has_work`, and read partial outputs with
-    # `in_flight`. It keeps its own slots, so do not interleave it with a running `generate`.
+    # ------------------------------------------------------------------ scheduling API
+    # `submit` queues requests, `step` admits waiting samples into free slots and decodes one
+    # chunk, `in_flight` shows partial outputs, `cancel` drops a request. The HTTP server's
+    # worker thread drives the engine this way; `generate` is the same loop over an iterable.
 
     def _sched(self) -> tuple[collections.deque[_Job], list[_Job | None]]:
-        if not hasattr(self, "_inc_waiting"):
-            self._inc_waiting: collections.deque[_Job] = collections.deque()
-            self._inc_slots: list[_Job | None] = [None] * self.max_slots
-        return self._inc_waiting, self._inc_slots
+        if not hasattr(self, "_waiting"):
+            self._waiting: collections.deque[_Job] = collections.deque()
+            self._slots: list[_Job | None] = [None] * self.max_slots
+        return self._waiting, self._slots
 
     def submit(self, request: Request) -> None:
         """Queue a request for `step`; raises ValueError now if the engine cannot run it."""
@@ -433,6 +406,11 @@ class Engine:
         waiting, slots = self._sched()
         return bool(waiting) or any(j is not None for j in slots)
 
+    def free_slots(self) -> int:
+        """Slots a waiting sample could be admitted to right now (minus samples already queued)."""
+        waiting, slots = self._sched()
+        return sum(j is None for j in slots) - len(waiting)
+
     def in_flight(self) -> list[tuple[Any, int, list[int]]]:
         """(request id, sample index, output ids so far) of every running sample."""
         _, slots = self._sched()
@@ -441,11 +419,12 @@ class Engine:
     def step(self) -> list[Completion]:
         """Admit waiting samples into free slots, then decode one chunk for the running ones.
 
-        Returns the samples that finished during this call (the same bookkeeping as `generate`).
+        Returns the samples that finished during this call. One host sync per chunk; the chunk
+        ends early when a slot finishes on device, so the next `step` refills it at once.
         """
         waiting, slots = self._sched()
         done: list[Completion] = []
-        while waiting:
+        while waiting:  # admission can finish samples at once (stop token / max_tokens 1): loop
             free = [i for i, j in enumerate(slots) if j is None]
             batch = [(free[i], waiting.popleft()) for i in range(min(len(free), len(waiting)))]
             if not batch:
@@ -462,11 +441,50 @@ class Engine:
         running = [(i, j) for i, j in enumerate(slots) if j is not None]
         if running:
             window = self._window([j for _, j in running])
-            self.state, toks, lps = self._decode_jit(self.params, self.decode_weights, self.state, window)
-            toks, lps = np.asarray(toks), np.asarray(lps)
+            live = np.zeros((self.max_slots,), bool)
+            live[[i for i, _ in running]] = True
+            self.state, toks, lps, n = self._decode_jit(self.params, self.decode_weights, self.state,
+                                                        live, window)
+            n = int(n)  # the one host sync per chunk
+            toks, lps = np.asarray(toks)[:n], np.asarray(lps)[:n]
             for i, job in running:
-                job.position += self.decode_steps
+                job.position += n
                 if self._accept(job, toks[:, i].tolist(), lps[:, i].tolist()):
                     slots[i] = None
                     done.append(self._complete(job))
         return done
+
+    def generate(self, requests: Iterable[Request],
+                 on_error: Callable[[Request, Exception], None] | None = None) -> Iterator[Completion]:
+        """Run requests through the slots, yielding each sample's Completion as it finishes.
+
+        Requests are pulled from the iterable lazily, as slots free up, so it may be a stream.
+        A request the engine cannot run (prompt too long, bad ids) raises ValueError, or is
+        passed to `on_error` and skipped when that is given. Uses the same slots as `submit`.
+        """
+        source = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and self.free_slots() > 0:
+                req = next(source, None)
+                if req is None:
+                    exhausted = True
+                    break
+                try:
+                    self.submit(req)
+                except ValueError as e:
+                    if on_error is None:
+                        raise
+                    on_error(req, e)
+            if not self.has_work:
+                if exhausted:
+                    return
+                continue
+            yield from self.step()
+
+    def generate_all(self, requests: Iterable[Request]) -> list[Completion]:
+        """All completions, ordered by (request order, sample index)."""
+        reqs = list(requests)
+        index = {r.id: i for i, r in enumerate(reqs)}
+        done = list(self.generate(reqs))
+        return sorted(done, key=lambda c: (index[c.request_id], c.sample_index))
