@@ -78,7 +78,7 @@ def test_greedy_equals_hf_generate_in_one_continuous_batch(models, engine):
         np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [*LAYOUTS, "split_fused"])
 def test_decode_step_logits_equal_full_forward(models, layout):
     """decode_one_token (both weight layouts) over a cache with stale garbage past the live rows."""
     _, model = models
@@ -95,7 +95,7 @@ def test_decode_step_logits_equal_full_forward(models, layout):
         _, pre = model.decode(jnp.asarray([seq[:n]]), jnp.arange(n)[None], pre)
         cache = KVCache(cache.k.at[:, s, :n].set(pre.k[:, 0]), cache.v.at[:, s, :n].set(pre.v[:, 0]))
     graphdef = nnx.graphdef(model)
-    weights = split_weights(model) if layout == "split" else None
+    weights = None if layout == "stacked" else split_weights(model, fuse_qkv=layout == "split_fused")
     step = jax.jit(lambda p, w, t, pos, k, v: decode_one_token(nnx.merge(graphdef, p), t, pos, k, v, w))
     ck, cv = cache
     fulls = [model(jnp.asarray([seq]))[0] for seq in seqs]  # causal: prefix logits = prefix rows

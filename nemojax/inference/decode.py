@@ -44,16 +44,22 @@ _SPECS = {
 _SPLIT_PERM = {"q": (1, 2, 0), "k": (1, 2, 0), "v": (1, 2, 0), "o": (2, 0, 1), "up": (1, 0), "down": (1, 0)}
 
 
-def split_weights(model: NemotronLM) -> dict[str, Any]:
+def split_weights(model: NemotronLM, fuse_qkv: bool = False) -> dict[str, Any]:
     """The "split" layout: {"layers": [per-layer dict], "embed", "final_norm_*", "lm_head" [V, D]}.
 
-    Run it under `jax.jit`: sharded inputs give sharded outputs (GSPMD follows the transposes).
+    fuse_qkv: concatenate q, k, v along heads into one [H + 2 KV, head_dim, D] matrix (one
+    matmul instead of three; only when heads are not sharded, since the concatenation would
+    not split evenly over a tensor-parallel axis). Run it under `jax.jit`: sharded inputs give
+    sharded outputs (GSPMD follows the transposes).
     """
     stacked = model.blocks.arrays()
     layers = []
     for i in range(model.cfg.num_layers):
-        layers.append({k: (jnp.transpose(v[i], _SPLIT_PERM[k]) if k in _SPLIT_PERM else v[i])
-                       for k, v in stacked.items()})
+        layer = {k: (jnp.transpose(v[i], _SPLIT_PERM[k]) if k in _SPLIT_PERM else v[i])
+                 for k, v in stacked.items()}
+        if fuse_qkv:
+            layer["qkv"] = jnp.concatenate([layer.pop("q"), layer.pop("k"), layer.pop("v")], axis=0)
+        layers.append(layer)
     return {"layers": layers, "embed": model.embed[...], "final_norm_scale": model.final_norm_scale[...],
             "final_norm_bias": model.final_norm_bias[...], "lm_head": model.lm_head[...].T}
 
@@ -66,9 +72,14 @@ def _layer(cfg: ModelConfig, spec: dict[str, str], raw: dict[str, jax.Array], i:
     G = cfg.num_heads // KV
     w = {k: v.astype(cdt) for k, v in raw.items()}
     h = layernorm1p(x, raw["attn_norm_scale"], raw["attn_norm_bias"], cfg.norm_eps)
-    q = jnp.einsum(spec["qkv"], h, w["q"])
-    k = jnp.einsum(spec["qkv"], h, w["k"])
-    v = jnp.einsum(spec["qkv"], h, w["v"])
+    if "qkv" in w:  # fused (split layout, unsharded heads)
+        qkv = jnp.einsum(spec["qkv"], h, w["qkv"])
+        H = cfg.num_heads
+        q, k, v = qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:]
+    else:
+        q = jnp.einsum(spec["qkv"], h, w["q"])
+        k = jnp.einsum(spec["qkv"], h, w["k"])
+        v = jnp.einsum(spec["qkv"], h, w["v"])
     q = apply_partial_rope(q[:, None], cos, sin)[:, 0]
     k = apply_partial_rope(k[:, None], cos, sin)[:, 0]
     rows = jnp.arange(S)

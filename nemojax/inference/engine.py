@@ -138,7 +138,9 @@ class Engine:
             raise ValueError(f"decode_layout must be one of {LAYOUTS}, got {decode_layout!r}")
         self.decode_weights = None
         if self.decode_layout == "split":
-            self.decode_weights = jax.jit(lambda p: split_weights(nnx.merge(self.graphdef, p)))(self.params)
+            fuse = self.mesh is None
+            self.decode_weights = jax.jit(lambda p: split_weights(nnx.merge(self.graphdef, p), fuse))(
+                self.params)
         self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
         self._decode_jit = jax.jit(self._decode_chunk, donate_argnums=(2,), static_argnums=(4,))
 
