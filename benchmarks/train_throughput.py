@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (includes compilation)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come before or after the overrides
 
     import jax
     import jax.numpy as jnp

@@ -269,3 +269,36 @@ def test_metrics_writer_drops_steps_past_the_resume_point(tmp_path):
     w.close()
     recs = read_metrics(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and recs[-1]["loss"] == "nan"
+
+
+def test_plot_metrics_script_writes_png(trained, tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "curve.png"
+    proc = subprocess.run([sys.executable, str(repo / "scripts/plot_metrics.py"), str(trained.run_dir),
+                           "-o", str(out), "--hline", "unigram=4.16"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_throughput_benchmark_prints_json(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(repo / ".jax_cache"))
+    proc = subprocess.run(
+        [sys.executable, str(repo / "benchmarks/train_throughput.py"), "configs/tiny.yaml", "--warmup", "1",
+         "--steps", "2", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.head_dim=16",
+         "model.ffn_hidden_size=128", "data.seq_len=64", "data.global_batch_size=4", "peak_tflops=1"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["tokens_per_sec"] > 0 and out["step_time_s"] > 0 and out["loss_finite"]
+    assert out["mfu"] == pytest.approx(out["tflops_per_device"] / 1.0, rel=0.01)
+    assert out["config"]["global_batch_size"] == 4 and out["config"]["seq_len"] == 64
+    assert out["device"]["platform"] == "cpu" and out["device"]["count"] == 1
