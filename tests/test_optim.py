@@ -104,7 +104,7 @@ def test_weight_decay_applies_to_matrices_not_norms(tiny_params):
                           grad_clip=1.0)
     tx = make_optimizer(cfg, 10)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params)):
         if "norm" in jax.tree_util.keystr(path):
             np.testing.assert_array_equal(np.asarray(u), 0.0)

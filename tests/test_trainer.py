@@ -290,7 +290,7 @@ def test_throughput_benchmark_prints_json(tmp_path):
 
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(repo / ".jax_cache"))
+               JAX_COMPILATION_CACHE_DIR=os.environ.get("NEMOJAX_TEST_CACHE", str(repo / ".jax_cache")))
     proc = subprocess.run(
         [sys.executable, str(repo / "benchmarks/train_throughput.py"), "configs/tiny.yaml", "--warmup", "1",
          "--steps", "2", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.head_dim=16",
