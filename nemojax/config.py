@@ -258,6 +258,26 @@ class DataConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Joining a multi-host job (see nemojax.parallel.distributed); unset values come from the
+    environment (NEMOJAX_* / JAX_* variables, SLURM, a Cloud TPU pod), else a single process."""
+
+    coordinator_address: str = ""  # host:port of process 0; "" = from the environment
+    num_processes: int = 0  # 0 = from the environment
+    process_id: int = -1  # -1 = from the environment
+
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.coordinator_address:
+            out["coordinator_address"] = self.coordinator_address
+        if self.num_processes > 0:
+            out["num_processes"] = self.num_processes
+        if self.process_id >= 0:
+            out["process_id"] = self.process_id
+        return out
+
+
+@dataclass
 class Config:
     """A whole run. `steps`, `seed`, `run_dir`, `checkpoint_every` are top-level by contract."""
 
@@ -265,6 +285,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/default"
     steps: int = 1000
     seed: int = 0

@@ -86,3 +86,16 @@ def test_info_flops_match_hand_count(capsys):
 def test_info_reports_config_errors_cleanly(capsys):
     assert cli_main(["info", "tiny", "model.num_kv_heads=3"]) == 2
     assert "num_kv_heads" in capsys.readouterr().err
+
+
+def test_distributed_section_feeds_jax_distributed_settings():
+    from nemojax.parallel.distributed import resolve_settings
+
+    cfg = load_config("tiny", ["distributed.coordinator_address=10.0.0.1:1234",
+                               "distributed.num_processes=4", "distributed.process_id=0"])
+    source, kwargs = resolve_settings(cfg.distributed.settings())
+    assert kwargs == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 0}
+    assert load_config("tiny").distributed.settings() == {}
+    with pytest.raises(ConfigError, match="num_processes"):
+        resolve_settings(load_config("tiny", ["distributed.process_id=1",
+                                              "distributed.coordinator_address=h:1"]).distributed.settings())

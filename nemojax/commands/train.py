@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from nemojax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    from nemojax.parallel.distributed import initialize
+
+    initialize(cfg.distributed.settings())  # before anything touches a device; no-op on one host
     enable_compile_cache()
     from nemojax.data.sources import DataError
 
