@@ -46,9 +46,11 @@ class Parsed:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--checkpoint", required=True,
                    help="nemojax checkpoint (dir, run dir or step dir) or Hugging Face Nemotron dir")
-    p.add_argument("--input", required=True, help="JSONL of prompts (see `nemojax generate --help`)")
+    p.add_argument("--input", required=True, help="JSONL of prompts (format above)")
     p.add_argument("--output", required=True, help="JSONL to append results to (resumable)")
     p.add_argument("--tokenizer", default=None,
                    help="'builtin', a SentencePiece .model, or a dir holding tokenizer.model "
