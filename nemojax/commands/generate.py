@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-slots", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-len", type=int, default=None,
                    help="prompt + completion tokens per request (default: the model's max_seq_len)")
-    p.add_argument("--decode-steps", type=int, default=8, help="tokens per slot per host round-trip")
+    p.add_argument("--decode-steps", type=int, default=16,
+                   help="tokens per slot per host round-trip at most (a chunk ends early when a slot finishes)")
     p.add_argument("--max-prefill-batch", type=int, default=8, help="prompts prefilled together")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute (and weight) dtype instead of the checkpoint's")
