@@ -169,6 +169,7 @@ def pipelined_blocks(cfg: ModelConfig, stacked: dict[str, jax.Array], x: jax.Arr
     L = next(iter(stacked.values())).shape[0]
     validate_pipeline(L, P, V, M)
     T = num_iterations(P, V, M)
+    Lc = L // (P * V)
     # Weights: [V, P, Lc, ...] with P over `pipeline`; other dims as the rules made them.
     staged = stage_weights(stacked, P, V, mesh, DTYPES[cfg.compute_dtype])
     q_index = jnp.broadcast_to(jnp.arange(x.shape[2]), x.shape[1:3])
@@ -183,35 +184,40 @@ def pipelined_blocks(cfg: ModelConfig, stacked: dict[str, jax.Array], x: jax.Arr
         y, _ = block(cfg, p, carry, cos=cos, sin=sin, q_index=q_index, segment_ids=seg)
         return y
 
-    def chunk(w: dict[str, jax.Array], h: jax.Array, pos: jax.Array, seg: jax.Array | None) -> jax.Array:
-        """One stage's Lc layers on one microbatch: a scan, remat per layer like run_blocks."""
+    # Remat per layer with the model's policy, but the checkpointed layer takes the whole
+    # loop-invariant `staged` weights plus (repeat, layer) indices and gathers its own slice
+    # inside. The alternative, gathering a chunk's weights per iteration outside the checkpoint,
+    # makes autodiff of the iteration scan stash that gathered copy for every one of the T
+    # iterations (measured: 107.55 GiB of temporaries for 340B at P=8, V=12). Loop-invariant
+    # residuals (`staged`) are kept once; per layer and iteration only what the policy saves
+    # (for "full": the layer input) is kept. With "none" everything but the weights is saved.
+    layer_policy = policy if cfg.remat_policy != "none" else \
+        jax.checkpoint_policies.save_anything_except_these_names(_STAGE_WEIGHTS)
+
+    def layer_at(h: jax.Array, staged_p: dict[str, jax.Array], r: jax.Array, l: jax.Array,
+                 cos: jax.Array, sin: jax.Array, seg: jax.Array | None) -> jax.Array:
+        w = jax.tree.map(lambda a: checkpoint_name(a[r, l], _STAGE_WEIGHTS), staged_p)
+        return layer(h, (w, cos, sin, seg))
+
+    layer_ckpt = jax.checkpoint(layer_at, policy=layer_policy, prevent_cse=False)
+
+    def chunk(staged_p: dict[str, jax.Array], r: jax.Array, h: jax.Array, pos: jax.Array,
+              seg: jax.Array | None) -> jax.Array:
+        """One stage's Lc layers (of repeat r) on one microbatch: a scan over layers."""
         cos, sin = rope_tables(pos, cfg.rotary_dim, cfg.rope_base)
 
-        def body(c, p):
-            return layer(c, (p, cos, sin, seg)), None
-        h, _ = jax.lax.scan(body, h, w)  # remat is applied per iteration, see run_stages
+        def body(c, l):
+            return layer_ckpt(c, staged_p, r, l, cos, sin, seg), None
+        h, _ = jax.lax.scan(body, h, jnp.arange(Lc))
         return h
 
-    def stages_fn(staged_w: dict[str, jax.Array], rep: jax.Array, inp: jax.Array, pos: jax.Array,
-                  seg: jax.Array | None) -> jax.Array:
-        """Every stage's current chunk on its current microbatch (one pipeline iteration)."""
-        w = jax.vmap(lambda wr, r: jax.tree.map(lambda a: a[r], wr), in_axes=(1, 0),
-                     spmd_axis_name=spmd)(staged_w, rep)
-        w = jax.tree.map(lambda a: checkpoint_name(a, _STAGE_WEIGHTS), w)
-        # spmd_axis_name: sharding constraints inside the model (rules.constrain) keep the
-        # stage dim on `pipeline` instead of replicating it.
-        return jax.vmap(chunk, spmd_axis_name=spmd)(w, inp, pos, seg)
+    def run_stages(staged_w: dict[str, jax.Array], rep: jax.Array, inp: jax.Array, pos: jax.Array,
+                   seg: jax.Array | None) -> jax.Array:
+        """Every stage's current chunk on its current microbatch (one pipeline iteration).
 
-    # Remat is applied to one pipeline iteration (a chunk of Lc layers per stage) with the
-    # model's policy, not per layer: the weights each iteration picks (staged[rep]) differ per
-    # iteration, so a per-layer checkpoint would make autodiff of the scan stash every chunk's
-    # weights for every one of the T iterations (~90 GB per device for 340B at P=8, V=12).
-    # At this level no policy saves them (they are neither dots nor named activations); with
-    # "none" everything but them is saved. "full" saves one chunk input per iteration and
-    # recomputes the chunk in backward (2 forwards + 1 backward, as per-layer full remat).
-    outer = policy if cfg.remat_policy != "none" else \
-        jax.checkpoint_policies.save_anything_except_these_names(_STAGE_WEIGHTS)
-    run_stages = jax.checkpoint(stages_fn, policy=outer, prevent_cse=False)
+        spmd_axis_name: sharding constraints inside the model (rules.constrain) keep the stage
+        dim on `pipeline` instead of replicating it."""
+        return jax.vmap(chunk, in_axes=(1, 0, 0, 0, 0), spmd_axis_name=spmd)(staged_w, rep, inp, pos, seg)
 
     def iteration(carry, t):
         state, buf = carry
