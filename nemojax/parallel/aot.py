@@ -209,14 +209,6 @@ def compile_train_step(cfg: Config, devices: list[Any]) -> dict[str, Any]:
         "seconds": {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2),
                     "compile": round(t3 - t2, 2), "total": round(t3 - t0, 2)},
     }
-    try:
-        cost = compiled.cost_analysis()
-        if isinstance(cost, list):
-            cost = cost[0] if cost else {}
-        if cost and "flops" in cost:
-            result["flops_per_device"] = float(cost["flops"])
-    except Exception:  # cost analysis is optional and backend-dependent
-        pass
     return result
 
 
