@@ -17,13 +17,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nemojax.commands.generate", "sample completions for a JSONL file of prompts"),
     "serve": ("nemojax.commands.serve", "OpenAI-compatible HTTP server over the sampling engine"),
     "compile": ("nemojax.commands.compile", "ahead-of-time compile the train step for a topology"),
-    "tokenizer": ("nemojax.commands.tokenizer", "train a SentencePiece tokenizer"),
+    "tokenizer": ("nemojax.commands.tokenizer", "train, inspect or apply a SentencePiece tokenizer"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="nemojax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="nemojax", description="Nemotron-4 training, conversion and sampling in JAX + Flax NNX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     name = argv[0] if argv and argv[0] in COMMANDS else None
     for cmd, (module, help_text) in COMMANDS.items():
