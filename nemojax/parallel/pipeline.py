@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as PS
 from nemojax.config import ConfigError, ModelConfig
 from nemojax.model.layers import layernorm1p, rope_tables
 from nemojax.model.transformer import DTYPES, REMAT_POLICIES, block
-from nemojax.train.losses import token_log_probs
+from nemojax.train.losses import lm_nll_sums
 
 PIPELINE_AXIS = "pipeline"
 _STAGE_WEIGHTS = "pipeline_stage_weights"
@@ -318,9 +318,7 @@ def make_pipeline_loss_sums(P: int, V: int, M: int, mesh: Mesh | None = None) ->
                              segment_ids=mb["segment_ids"], P=P, V=V, M=M, mesh=mesh)
         h = _spread_over_pipeline(h, mesh)
         logits = model.logits(h)
-        mask = mb["loss_mask"].astype(jnp.float32)
-        nll = -token_log_probs(logits, mb["targets"]) * mask
-        return jnp.sum(nll), jnp.sum(mask)
+        return lm_nll_sums(logits, mb["targets"], mb["loss_mask"])
 
     return loss_sums
 

@@ -14,9 +14,11 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return picked - lse
 
 
-def lm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token cross-entropy over positions where loss_mask is set; also returns the count."""
+def lm_nll_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token NLL over masked-in positions, their count).
+
+    Sums rather than a mean so that microbatches, pipeline stages and hosts can add them up and
+    divide once: the update is then the same however the batch was split.
+    """
     mask = loss_mask.astype(jnp.float32)
-    nll = -token_log_probs(logits, targets) * mask
-    count = jnp.sum(mask)
-    return jnp.sum(nll) / jnp.maximum(count, 1.0), count
+    return -jnp.sum(token_log_probs(logits, targets) * mask), jnp.sum(mask)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nemojax.train.losses import token_log_probs
+from nemojax.train.losses import lm_nll_sums
 
 
 class TrainState(NamedTuple):
@@ -33,9 +33,7 @@ def lm_loss_sums(graphdef: Any, params: Any, mb: dict[str, jax.Array]) -> tuple[
     """(sum of token NLL, token count) for one microbatch."""
     model = nnx.merge(graphdef, params)
     logits = model(mb["input_ids"], positions=mb["positions"], segment_ids=mb["segment_ids"])
-    mask = mb["loss_mask"].astype(jnp.float32)
-    nll = -token_log_probs(logits, mb["targets"]) * mask
-    return jnp.sum(nll), jnp.sum(mask)
+    return lm_nll_sums(logits, mb["targets"], mb["loss_mask"])
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation,
