@@ -17,14 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from nemojax.config import config_from_dict
-from nemojax.model.transformer import NemotronLM
 from nemojax.parallel.mesh import make_mesh
 from nemojax.parallel.sharded_train import build_sharded_training
-from nemojax.train.optim import make_optimizer
-from nemojax.train.step import create_train_state, make_train_step
+from reference_run import flat_params, single_device_run
 
 STEPS = 2
 SEQ, BATCH = 32, 8
@@ -65,32 +62,10 @@ def make_batch() -> dict[str, np.ndarray]:
                 segment_ids=np.broadcast_to(seg, (1, BATCH, SEQ)).copy(), loss_mask=mask)
 
 
-def flat_params(params: Any) -> dict[str, np.ndarray]:
-    return {"/".join(str(k) for k in path): np.asarray(jax.device_get(v))
-            for path, v in nnx.to_flat_state(params)}
-
-
-def _value(v: Any) -> Any:
-    return v.get_value() if hasattr(v, "get_value") else v
-
-
 @pytest.fixture(scope="module")
 def reference() -> tuple[list[float], dict[str, np.ndarray]]:
     """Losses and final params of the plain single-device run."""
-    cfg = make_cfg(dict(data=1))
-    dev = jax.devices()[0]
-    tx = make_optimizer(cfg.optimizer, cfg.steps)
-    model = NemotronLM(cfg.model, rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
-    graphdef, state = create_train_state(model, tx)
-    state = jax.device_put(state, dev)
-    step = jax.jit(make_train_step(graphdef, tx))
-    batch = jax.device_put(make_batch(), dev)
-    losses = []
-    for _ in range(STEPS):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-    assert losses[1] < losses[0], "reference run must learn"
-    return losses, {k: _value(v) for k, v in flat_params(state.params).items()}
+    return single_device_run(make_cfg(dict(data=1)), make_batch(), STEPS)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -23,8 +23,7 @@ from nemojax.parallel.mesh import make_mesh
 from nemojax.parallel.pipeline import (bubble_fraction, build_training, num_iterations,
                                        pipelined_hidden, schedule_summary, split_microbatches,
                                        merge_microbatches, to_stages, validate_pipeline)
-from nemojax.train.optim import make_optimizer
-from nemojax.train.step import create_train_state, make_train_step
+from reference_run import flat_params, single_device_run
 
 STEPS = 2
 SEQ, BATCH = 32, 8
@@ -54,14 +53,6 @@ def make_batch() -> dict[str, np.ndarray]:
     return dict(input_ids=ids[..., :-1].astype(np.int32), targets=ids[..., 1:].astype(np.int32),
                 positions=np.broadcast_to(pos, (1, BATCH, SEQ)).copy(),
                 segment_ids=np.broadcast_to(seg, (1, BATCH, SEQ)).copy(), loss_mask=mask)
-
-
-def flat_params(params: Any) -> dict[str, np.ndarray]:
-    out = {}
-    for path, v in nnx.to_flat_state(params):
-        v = v.get_value() if hasattr(v, "get_value") else v
-        out["/".join(str(k) for k in path)] = np.asarray(jax.device_get(v))
-    return out
 
 
 # --------------------------------------------------------------------------- schedule arithmetic
@@ -162,20 +153,7 @@ def test_pipelined_forward_and_grad_match_plain(pipeline: int, virtual: int, mic
 @pytest.fixture(scope="module")
 def reference() -> tuple[list[float], dict[str, np.ndarray]]:
     """Losses and final params of the plain single-device run (no nemojax.parallel)."""
-    cfg = make_cfg(dict(data=1))
-    dev = jax.devices()[0]
-    tx = make_optimizer(cfg.optimizer, cfg.steps)
-    model = NemotronLM(cfg.model, rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
-    graphdef, state = create_train_state(model, tx)
-    state = jax.device_put(state, dev)
-    step = jax.jit(make_train_step(graphdef, tx))
-    batch = jax.device_put(make_batch(), dev)
-    losses = []
-    for _ in range(STEPS):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-    assert losses[1] < losses[0], "reference run must learn"
-    return losses, flat_params(state.params)
+    return single_device_run(make_cfg(dict(data=1)), make_batch(), STEPS)
 
 
 LAYOUTS = [
