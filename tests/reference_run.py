@@ -23,6 +23,21 @@ def flat_params(params: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def packed_batch(vocab: int, batch: int, seq: int, *, seed: int, cut: int, masked_tail: int,
+                 ) -> dict[str, np.ndarray]:
+    """[accum=1, batch, seq]: two packed documents per row (split at `cut`, exercising segment
+    masking and position resets) and the last `masked_tail` positions out of the loss."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (1, batch, seq + 1))
+    seg = np.where(np.arange(seq) < cut, 1, 2).astype(np.int32)
+    pos = np.where(np.arange(seq) < cut, np.arange(seq), np.arange(seq) - cut).astype(np.int32)
+    mask = np.ones((1, batch, seq), np.float32)
+    mask[:, :, seq - masked_tail:] = 0.0
+    return dict(input_ids=ids[..., :-1].astype(np.int32), targets=ids[..., 1:].astype(np.int32),
+                positions=np.broadcast_to(pos, (1, batch, seq)).copy(),
+                segment_ids=np.broadcast_to(seg, (1, batch, seq)).copy(), loss_mask=mask)
+
+
 def single_device_run(cfg: Config, batch: dict[str, np.ndarray], steps: int,
                       ) -> tuple[list[float], dict[str, np.ndarray]]:
     """Losses and final params of `steps` plain jitted steps on device 0 (no nemojax.parallel)."""

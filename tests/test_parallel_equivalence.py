@@ -21,7 +21,7 @@ import pytest
 from nemojax.config import config_from_dict
 from nemojax.parallel.mesh import make_mesh
 from nemojax.parallel.sharded_train import build_sharded_training
-from reference_run import flat_params, single_device_run
+from reference_run import flat_params, packed_batch, single_device_run
 
 STEPS = 2
 SEQ, BATCH = 32, 8
@@ -49,17 +49,7 @@ def make_cfg(mesh: dict[str, Any]):
 
 
 def make_batch() -> dict[str, np.ndarray]:
-    """[accum=1, BATCH, SEQ], two packed documents per row (exercises segment masking)."""
-    rng = np.random.default_rng(1234)
-    ids = rng.integers(0, MODEL["vocab_size"], (1, BATCH, SEQ + 1))
-    cut = SEQ // 2 + 3
-    seg = np.where(np.arange(SEQ) < cut, 1, 2).astype(np.int32)
-    pos = np.where(np.arange(SEQ) < cut, np.arange(SEQ), np.arange(SEQ) - cut).astype(np.int32)
-    mask = np.ones((1, BATCH, SEQ), np.float32)
-    mask[:, :, -3:] = 0.0
-    return dict(input_ids=ids[..., :-1].astype(np.int32), targets=ids[..., 1:].astype(np.int32),
-                positions=np.broadcast_to(pos, (1, BATCH, SEQ)).copy(),
-                segment_ids=np.broadcast_to(seg, (1, BATCH, SEQ)).copy(), loss_mask=mask)
+    return packed_batch(MODEL["vocab_size"], BATCH, SEQ, seed=1234, cut=SEQ // 2 + 3, masked_tail=3)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from nemojax.parallel.mesh import make_mesh
 from nemojax.parallel.pipeline import (bubble_fraction, build_training, num_iterations,
                                        pipelined_hidden, schedule_summary, split_microbatches,
                                        merge_microbatches, to_stages, validate_pipeline)
-from reference_run import flat_params, single_device_run
+from reference_run import flat_params, packed_batch, single_device_run
 
 STEPS = 2
 SEQ, BATCH = 32, 8
@@ -42,17 +42,7 @@ def make_cfg(mesh: dict[str, Any], **model: Any):
 
 
 def make_batch() -> dict[str, np.ndarray]:
-    """[accum=1, BATCH, SEQ] with two packed documents per row and a partial loss mask."""
-    rng = np.random.default_rng(7)
-    ids = rng.integers(0, MODEL["vocab_size"], (1, BATCH, SEQ + 1))
-    cut = SEQ // 2 + 5
-    seg = np.where(np.arange(SEQ) < cut, 1, 2).astype(np.int32)
-    pos = np.where(np.arange(SEQ) < cut, np.arange(SEQ), np.arange(SEQ) - cut).astype(np.int32)
-    mask = np.ones((1, BATCH, SEQ), np.float32)
-    mask[:, :, -4:] = 0.0
-    return dict(input_ids=ids[..., :-1].astype(np.int32), targets=ids[..., 1:].astype(np.int32),
-                positions=np.broadcast_to(pos, (1, BATCH, SEQ)).copy(),
-                segment_ids=np.broadcast_to(seg, (1, BATCH, SEQ)).copy(), loss_mask=mask)
+    return packed_batch(MODEL["vocab_size"], BATCH, SEQ, seed=7, cut=SEQ // 2 + 5, masked_tail=4)
 
 
 # --------------------------------------------------------------------------- schedule arithmetic
