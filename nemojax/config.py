@@ -28,6 +28,19 @@ class ConfigError(ValueError):
     """A config value a user must fix; the message says which key and how."""
 
 
+# What each remat (activation checkpointing) policy keeps for the backward pass; the model maps
+# the names to jax.checkpoint policies (nemojax.model.transformer.REMAT_POLICIES).
+REMAT_POLICY_NAMES: dict[str, str] = {
+    "none": "keep every activation (fastest, most memory)",
+    "full": "recompute the whole block in backward (least memory)",
+    "dots": "keep matmul outputs",
+    "dots_no_batch": "keep matmul outputs without batch dims (weights-only dots)",
+    "save_qkv_proj": "keep the q/k/v projections",
+    "save_attn_mlp_out": "keep the attention and MLP block outputs",
+    "save_qkv_attn_out": "keep the q/k/v projections and the attention output",
+}
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -47,14 +60,20 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.0134  # normal init std; output projections use std / sqrt(2 * layers)
     max_seq_len: int = 4096
-    param_dtype: str = "float32"  # storage dtype of the weights: float32 | bfloat16
+    # Storage dtype of the weights. bfloat16 with compute_dtype bfloat16 is Megatron's mixed
+    # precision (the 15B and 340B presets): bf16 weights and compute, an fp32 master copy of the
+    # weights in the optimizer state, gradients accumulated, clipped and applied in fp32.
+    # float32: the weights are their own master copy (compute_dtype still picks the matmul dtype).
+    param_dtype: str = "float32"  # float32 | bfloat16
     compute_dtype: str = "float32"  # matmul/activation dtype: float32 | bfloat16
-    remat_policy: str = "none"  # see nemojax.model.transformer.REMAT_POLICIES
+    remat_policy: str = "none"  # one of REMAT_POLICY_NAMES (below)
     attention_backend: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention; cuDNN on GPU) | cudnn
     scan_layers: bool = True  # one compiled block scanned over stacked layer params
     bos_id: int = 2
     eos_id: int = 3
     pad_id: int = 0
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig())  # reward head, see RewardConfig
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())  # low-rank adapters, see LoraConfig
 
     @property
     def rotary_dim(self) -> int:
@@ -88,10 +107,9 @@ class ModelConfig:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ConfigError(f"{prefix}.{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
-        from nemojax.model.transformer import REMAT_POLICIES  # local: config must not import jax eagerly
-        if self.remat_policy not in REMAT_POLICIES:
+        if self.remat_policy not in REMAT_POLICY_NAMES:
             raise ConfigError(f"{prefix}.remat_policy={self.remat_policy!r} is unknown; choose one of "
-                              f"{sorted(REMAT_POLICIES)}")
+                              f"{sorted(REMAT_POLICY_NAMES)}")
         if self.attention_backend not in ("xla", "dot_product", "cudnn"):
             raise ConfigError(f"{prefix}.attention_backend={self.attention_backend!r} is unknown; choose "
                               f"xla, dot_product or cudnn")
@@ -99,16 +117,19 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.init_std must be positive, got {self.init_std}")
 
 
+MESH_AXIS_NAMES = ("data", "fsdp", "pipeline", "tensor")
+
+
 @dataclass
 class MeshConfig:
-    """How the devices are arranged and what is sharded over them (see nemojax.parallel).
+    """The shape of the device mesh (see nemojax.parallel.mesh): four named axes.
 
-    The mesh has four named axes, outermost first: data, pipeline, fsdp, tensor (tensor is
-    innermost so its per-layer all-reduces use the fastest links). Sizes are global (whole
-    job); their product must equal the device count, and one axis may be -1 to take the rest.
+    Sizes are global (whole job); their product must equal the device count, and one axis may
+    be -1 to take the rest. How arrays are laid onto the mesh is `sharding:`; how the layers
+    are scheduled over `pipeline` is `pipeline:`.
     """
 
-    data: int = -1  # data-parallel replicas (batch split; params replicated unless fsdp/zero1)
+    data: int = -1  # data-parallel replicas (batch split; params replicated unless fsdp / ZeRO-1)
     fsdp: int = 1  # fully sharded data parallel: batch split AND params/grads/opt state sharded
     pipeline: int = 1  # pipeline stages (layers split into consecutive stages)
     tensor: int = 1  # Megatron tensor parallel: heads, kv_heads, mlp and vocab split
@@ -119,9 +140,42 @@ class MeshConfig:
     dcn_fsdp: int = 1
     dcn_pipeline: int = 1
     dcn_tensor: int = 1
-    # Pipeline schedule: virtual stages per device (interleaving) and microbatches per step.
-    virtual_stages: int = 1
-    microbatches: int = 1
+
+    def validate(self, prefix: str = "mesh") -> None:
+        sizes = {a: getattr(self, a) for a in MESH_AXIS_NAMES}
+        if sum(1 for v in sizes.values() if v == -1) > 1:
+            raise ConfigError(f"{prefix}: at most one axis may be -1, got {sizes}")
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ConfigError(f"{prefix}.{k} must be a positive size or -1, got {v}")
+        for k, v in sizes.items():
+            dcn = getattr(self, f"dcn_{k}")
+            if dcn < 1:
+                raise ConfigError(f"{prefix}.dcn_{k} must be >= 1, got {dcn}")
+            if v != -1 and v % dcn:
+                raise ConfigError(f"{prefix}.dcn_{k}={dcn} does not divide {prefix}.{k}={v}; the DCN "
+                                  f"factor counts the slices/nodes the axis spans and must divide it")
+
+
+@dataclass
+class PipelineConfig:
+    """The schedule over the `pipeline` mesh axis (nemojax.parallel.pipeline); used when the
+    resolved mesh has more than one pipeline stage."""
+
+    virtual_stages: int = 1  # chunks of consecutive layers per stage (Megatron's interleaving)
+    microbatches: int = 1  # pipeline microbatches per gradient-accumulation slice
+
+    def validate(self, prefix: str = "pipeline") -> None:
+        for k in ("virtual_stages", "microbatches"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{prefix}.{k} must be >= 1, got {getattr(self, k)}")
+
+
+@dataclass
+class ShardingConfig:
+    """How parameters, optimizer state and activations are laid onto the mesh
+    (nemojax.parallel.rules maps logical axis names to mesh axes)."""
+
     # ZeRO-1 / distributed optimizer: optimizer state (and the fp32 master copy of bf16
     # params) additionally sharded over `data`; params stay replicated over `data`.
     # false = optimizer state sharded exactly like the params.
@@ -132,29 +186,14 @@ class MeshConfig:
     # nemojax.parallel.rules.DEFAULT_RULES per key, e.g. {kv_heads: null, embed: [fsdp, data]}.
     rules: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self, prefix: str = "mesh") -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "pipeline": self.pipeline, "tensor": self.tensor}
-        if sum(1 for v in sizes.values() if v == -1) > 1:
-            raise ConfigError(f"{prefix}: at most one axis may be -1, got {sizes}")
-        for k, v in sizes.items():
-            if v == 0 or v < -1:
-                raise ConfigError(f"{prefix}.{k} must be a positive size or -1, got {v}")
-        for k in ("virtual_stages", "microbatches", "dcn_data", "dcn_fsdp", "dcn_pipeline", "dcn_tensor"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{prefix}.{k} must be >= 1, got {getattr(self, k)}")
-        for k, v in sizes.items():
-            dcn = getattr(self, f"dcn_{k}")
-            if v != -1 and v % dcn:
-                raise ConfigError(f"{prefix}.dcn_{k}={dcn} does not divide {prefix}.{k}={v}; the DCN "
-                                  f"factor counts the slices/nodes the axis spans and must divide it")
-        axes = ("data", "fsdp", "pipeline", "tensor")
+    def validate(self, prefix: str = "sharding") -> None:
         if not isinstance(self.rules, dict):
             raise ConfigError(f"{prefix}.rules must be a mapping of logical axis -> mesh axis")
         for k, v in self.rules.items():
             vals = [v] if isinstance(v, str) else ([] if v is None else v)
-            if not isinstance(vals, list) or any(x not in axes for x in vals):
-                raise ConfigError(f"{prefix}.rules.{k}={v!r}: use a mesh axis name ({', '.join(axes)}), "
-                                  f"a list of them, or null")
+            if not isinstance(vals, list) or any(x not in MESH_AXIS_NAMES for x in vals):
+                raise ConfigError(f"{prefix}.rules.{k}={v!r}: use a mesh axis name "
+                                  f"({', '.join(MESH_AXIS_NAMES)}), a list of them, or null")
 
 
 @dataclass
@@ -227,9 +266,21 @@ class DataConfig:
     micro_batch_size: int = 0  # sequences per forward/backward; 0 = global batch (no accumulation)
     # Batch-size ramp-up: list of {batch_size, until_tokens}; empty = constant global_batch_size.
     rampup: list[dict[str, Any]] = field(default_factory=list)
-    # Seed of the document shuffle (per source, reshuffled each epoch); the trainer passes it
-    # to make_batch_iterator. Validation order is fixed and independent of it.
-    shuffle_seed: int = 0
+    # Seed of the document order (per source, reshuffled each epoch). null = the run's top-level
+    # `seed`, so `seed=N` changes both the initialisation and the data order; set a number here to
+    # pin the data order while varying the initialisation. The validation order is fixed and
+    # independent of both.
+    shuffle_seed: int | None = None
+    # What a new stage started with `init_from` (e.g. continued pretraining) does with the data
+    # stream of the training run it starts from:
+    #   continue:  every source that run also read (same path and format) picks up where that
+    #              run stopped, so no document is seen again before its epoch ends; sources new
+    #              to the blend start at their beginning. (Nothing to continue from a model
+    #              checkpoint or a Hugging Face directory: every source starts fresh.)
+    #   reshuffle: every source starts a fresh order drawn from this stage's shuffle seed, which
+    #              must differ from the previous run's for any source both read (else the stage
+    #              would replay the documents that run saw first): the run refuses to start.
+    stage_start: str = "continue"
     # concat: documents laid end to end, cut at row ends (no padding, Megatron style);
     # pad: a document that does not fit the rest of a row starts the next row (padding).
     pack_mode: str = "concat"
@@ -253,8 +304,13 @@ class DataConfig:
             raise ConfigError(f"{prefix}.validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.pack_mode not in ("concat", "pad"):
             raise ConfigError(f"{prefix}.pack_mode={self.pack_mode!r} is unknown; use concat or pad")
-        if not 0 <= self.shuffle_seed < 2**32:
-            raise ConfigError(f"{prefix}.shuffle_seed must be in [0, 2**32), got {self.shuffle_seed}")
+        if self.shuffle_seed is not None and (not isinstance(self.shuffle_seed, int)
+                                              or isinstance(self.shuffle_seed, bool)
+                                              or not 0 <= self.shuffle_seed < 2**32):
+            raise ConfigError(f"{prefix}.shuffle_seed must be null or an integer in [0, 2**32), "
+                              f"got {self.shuffle_seed!r}")
+        if self.stage_start not in ("continue", "reshuffle"):
+            raise ConfigError(f"{prefix}.stage_start={self.stage_start!r} is unknown; use continue or reshuffle")
 
 
 @dataclass
@@ -283,12 +339,14 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run_dir: str = "runs/default"
     steps: int = 1000
-    seed: int = 0
+    seed: int = 0  # parameter initialisation, and the data order unless data.shuffle_seed is set
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -300,12 +358,21 @@ class Config:
     def validate(self) -> None:
         self.model.validate("model")
         self.mesh.validate("mesh")
+        self.pipeline.validate("pipeline")
+        self.sharding.validate("sharding")
         self.data.validate("data")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the training data order: data.shuffle_seed, else the top-level seed."""
+        return self.seed if self.data.shuffle_seed is None else self.data.shuffle_seed
 
 
 # --------------------------------------------------------------------------- loading
@@ -405,12 +472,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys that moved to another section: a config still using the old name gets told the new one.
+MOVED_KEYS: dict[str, str] = {
+    "mesh.virtual_stages": "pipeline.virtual_stages",
+    "mesh.microbatches": "pipeline.microbatches",
+    "mesh.zero1": "sharding.zero1",
+    "mesh.sequence_parallel": "sharding.sequence_parallel",
+    "mesh.rules": "sharding.rules",
+}
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in raw.items():
         full = f"{prefix}.{k}" if prefix else k
+        if full in MOVED_KEYS:
+            raise ConfigError(f"config key {full!r} has moved: write {MOVED_KEYS[full]}={v!r} instead "
+                              f"(mesh: is the mesh shape only; pipeline: the schedule; sharding: the layout)")
         if k not in names:
             close = difflib.get_close_matches(k, names, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join((prefix + '.' if prefix else '') + c for c in close)}?" \
@@ -453,3 +533,88 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- post-training sections
+# Added for the reward model and LoRA (issue 9). Both live under `model:` because they change
+# which parameters a model has: a checkpoint's model section must describe all of them.
+# They validate on construction (at load time, like every other key), naming the key to fix.
+
+HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+# Nemotron-4-340B-Reward's published aggregation: reward = sum over attributes of weight * score.
+NEMOTRON4_340B_REWARD_WEIGHTS = {"helpfulness": 0.3, "correctness": 0.74, "coherence": 0.46,
+                                 "complexity": 0.47, "verbosity": -0.33}
+LORA_TARGETS = ("q", "k", "v", "o", "up", "down")
+
+
+@dataclass
+class RewardConfig:
+    """model.reward: a regression reward head instead of the LM head (nemojax.model.reward).
+
+    The head is a linear layer with bias on the final hidden state of the last token (the
+    `<extra_id_2>` that ends the scored response), one output per attribute.
+    """
+
+    enabled: bool = False  # true: the model is a reward model (no LM head); false: a language model
+    # Output names, in head order. NeMo's HelpSteer2 recipe uses 9: quality, toxicity, humor,
+    # creativity, helpfulness, correctness, coherence, complexity, verbosity.
+    attributes: list[str] = field(default_factory=lambda: list(HELPSTEER2_ATTRIBUTES))
+    # Scalar reward = sum of weight * attribute score; attributes not listed weigh 0, so the
+    # 9-output layout with these defaults gives Nemotron-4-340B-Reward's [0,0,0,0,.3,.74,.46,.47,-.33].
+    weights: dict[str, float] = field(default_factory=lambda: dict(NEMOTRON4_340B_REWARD_WEIGHTS))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "model.reward") -> None:
+        if not self.attributes or not all(isinstance(a, str) and a for a in self.attributes):
+            raise ConfigError(f"{prefix}.attributes must be a non-empty list of names, got {self.attributes!r}")
+        if len(set(self.attributes)) != len(self.attributes):
+            raise ConfigError(f"{prefix}.attributes repeats a name: {self.attributes}")
+        if not isinstance(self.weights, dict):
+            raise ConfigError(f"{prefix}.weights must map attribute name -> weight, got {self.weights!r}")
+        unknown = sorted(set(self.weights) - set(self.attributes))
+        if unknown:
+            raise ConfigError(f"{prefix}.weights names {unknown}, which are not in {prefix}.attributes "
+                              f"{self.attributes}; weigh only attributes the head predicts")
+        for k, v in self.weights.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{prefix}.weights.{k} must be a number, got {v!r}")
+
+    def weight_vector(self) -> list[float]:
+        """One weight per attribute, in head order (0 for attributes without a weight)."""
+        return [float(self.weights.get(a, 0.0)) for a in self.attributes]
+
+
+@dataclass
+class LoraConfig:
+    """model.lora: low-rank adapters on the block projections (nemojax.model.lora).
+
+    Each targeted weight W is used as W + (alpha / rank) * A @ B, with A [in, rank] (normal init)
+    and B [rank, out] (zeros, so a fresh adapter leaves the model unchanged). Only adapters
+    are trained when rank > 0; the base model is the model with adapters off.
+    """
+
+    rank: int = 0  # 0 = no adapters
+    alpha: float = 16.0  # scale numerator: the update is (alpha / rank) * A @ B
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # subset of q k v o up down
+    init_std: float = 0.02  # std of A's normal init (B starts at zero)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "model.lora") -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ConfigError(f"{prefix}.rank must be an integer >= 0 (0 = no adapters), got {self.rank!r}")
+        if self.rank and self.alpha <= 0:
+            raise ConfigError(f"{prefix}.alpha must be positive, got {self.alpha}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or (self.rank and not self.targets) or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"{prefix}.targets={self.targets!r}: give a non-repeating subset of "
+                              f"{list(LORA_TARGETS)}")
+        if self.init_std <= 0:
+            raise ConfigError(f"{prefix}.init_std must be positive, got {self.init_std}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
