@@ -12,6 +12,12 @@ Training runs use the same layout per step: `<run_dir>/config.yaml` and
 a step directory, a model checkpoint, or a Hugging Face Nemotron directory (converted in
 memory). Weights are restored straight into arrays of the abstract model's shapes and dtypes,
 so a checkpoint is never held twice in memory, and a dtype override casts during the read.
+
+The model section says which module the weights belong to: a reward model when
+`model.reward.enabled` (`nemojax.model.reward`), LoRA adapters when `model.lora.rank > 0`
+(`nemojax.model.lora`). `load_model` folds adapters into the weights unless asked not to, so
+what it returns is always a plain model; `load_base_params` starts a post-training stage from
+a checkpoint of a compatible base (an LM checkpoint for a reward model or an adapted model).
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 _CONFIG_SEARCH_DEPTH = 3  # step dir -> checkpoints/ -> run dir, plus one spare level
 
-__all__ = ["CheckpointError", "save_model", "load_model", "load_params", "resolve_checkpoint",
-           "read_model_config", "latest_step_dir"]
+__all__ = ["CheckpointError", "save_model", "load_model", "load_params", "load_base_params",
+           "resolve_checkpoint", "read_model_config", "latest_step_dir"]
 
 
 def _params_tree(model_or_params: Any) -> Any:
@@ -49,7 +55,7 @@ def save_model(model_or_params: Any, model_cfg: ModelConfig | Config, out_dir: s
                overwrite: bool = False) -> Path:
     """Write `out_dir/config.yaml` and `out_dir/params/` (orbax) and return `out_dir`.
 
-    model_or_params: a `NemotronLM`, its `nnx.State`, or the plain params dict.
+    model_or_params: a `NemotronLM` / `NemotronRewardModel`, its `nnx.State`, or the plain params dict.
     model_cfg: the `ModelConfig` (written as `{model: ...}`) or a whole `Config`.
     Refuses to replace an existing params/ unless overwrite=True, because silently mixing a
     new config with old weights is the failure this layout exists to prevent.
@@ -186,43 +192,81 @@ def load_params(params_dir: str | Path, cfg: ModelConfig, *, sharding: Any = Non
     cfg.param_dtype (casting if the checkpoint was saved in another dtype). Checkpoints of an
     `nnx.State` saved as is (leaves wrapped as {"value": array}) are read too.
     """
-    import jax
-    import orbax.checkpoint as ocp
+    params, _ = _restore(Path(params_dir).absolute(), cfg, sharding=sharding, optional=lambda keys: False,
+                         what="its config.yaml")
+    return params
+
+
+def _abstract_params(cfg: ModelConfig) -> dict[str, Any]:
     from flax import nnx
 
-    from nemojax.model.transformer import abstract_model
+    from nemojax.model.reward import make_abstract_model
 
-    params_dir = Path(params_dir).absolute()
-    abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
-    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    return nnx.to_pure_dict(nnx.state(make_abstract_model(cfg), nnx.Param))
+
+
+def _restore(params_dir: Path, cfg: ModelConfig, *, sharding: Any, optional: Any, what: str,
+             ) -> tuple[dict[str, Any], list[str]]:
+    """Read the params of `cfg`'s model from `params_dir`; (params, names of optional ones absent).
+
+    optional(keys) says whether a parameter may be absent from the checkpoint; a stored
+    parameter the model does not have is an error unless some parameter is optional (then the
+    read is partial, as when a reward model starts from a language model's checkpoint).
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    flat = jax.tree_util.tree_flatten_with_path(_abstract_params(cfg))[0]
     with ocp.StandardCheckpointer() as ckptr:
         try:
             stored = ckptr.metadata(params_dir)
         except (FileNotFoundError, ValueError) as e:
             raise FileNotFoundError(f"{params_dir} is not a readable orbax checkpoint ({e})") from None
-        stored_tree = getattr(getattr(stored, "item_metadata", stored), "tree", None)
-        stored_tree = stored_tree if stored_tree is not None else getattr(stored, "item_metadata", stored)
-        wrapped = _is_value_wrapped(stored_tree)
-        problems = []
-        target: dict[str, Any] = {}
-        for path, leaf in flat:
-            keys = tuple(k.key for k in path)
-            got = _lookup(stored_tree, keys + (("value",) if wrapped else ()))
-            if got is None:
-                problems.append(f"parameter {'.'.join(keys)} is missing")
-            elif tuple(got.shape) != tuple(leaf.shape):
-                problems.append(f"parameter {'.'.join(keys)} has shape {list(got.shape)}, the config says "
-                                f"{list(leaf.shape)}")
-            sds = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding_for(sharding, keys))
-            node = target
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = {"value": sds} if wrapped else sds
-        if problems:
-            raise CheckpointError(f"checkpoint {params_dir} does not match its config.yaml:\n  "
-                                  + "\n  ".join(problems))
-        restored = ckptr.restore(params_dir, target)
-    return _unwrap(restored) if wrapped else restored
+    stored_tree = getattr(getattr(stored, "item_metadata", stored), "tree", None)
+    stored_tree = stored_tree if stored_tree is not None else getattr(stored, "item_metadata", stored)
+    wrapped = _is_value_wrapped(stored_tree)
+    problems, absent = [], []
+    target: dict[str, Any] = {}
+    wanted = set()
+    for path, leaf in flat:
+        keys = tuple(k.key for k in path)
+        wanted.add(keys)
+        got = _lookup(stored_tree, keys + (("value",) if wrapped else ()))
+        if got is None:
+            if optional(keys):
+                absent.append(".".join(keys))
+                continue
+            problems.append(f"parameter {'.'.join(keys)} is missing")
+        elif tuple(got.shape) != tuple(leaf.shape):
+            problems.append(f"parameter {'.'.join(keys)} has shape {list(got.shape)}, the config says "
+                            f"{list(leaf.shape)}")
+        sds = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding_for(sharding, keys))
+        node = target
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = {"value": sds} if wrapped else sds
+    extra = sorted(".".join(k) for k in _leaf_keys(stored_tree, wrapped) if k not in wanted)
+    partial = bool(extra) and any(optional(k) for k in wanted)
+    if extra and not partial:
+        problems.append(f"the checkpoint holds parameter(s) the config does not describe: {', '.join(extra[:8])}"
+                        + (" ..." if len(extra) > 8 else "")
+                        + " (a reward or LoRA checkpoint read with a plain model config?)")
+    if problems:
+        raise CheckpointError(f"checkpoint {params_dir} does not match {what}:\n  " + "\n  ".join(problems))
+    if partial:
+        ckptr = ocp.PyTreeCheckpointer()
+        restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    else:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params_dir, target)
+    return (_unwrap(restored) if wrapped else restored), absent
+
+
+def _leaf_keys(tree: Any, wrapped: bool, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(tree, dict) and not (wrapped and set(tree) == {"value"}):
+        return [k for name, sub in tree.items() for k in _leaf_keys(sub, wrapped, prefix + (name,))]
+    return [prefix]
 
 
 def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
@@ -248,9 +292,12 @@ def _unwrap(tree: Any) -> Any:
 
 
 def load_model(path: str | Path, *, param_dtype: str | None = None, compute_dtype: str | None = None,
-               sharding: Any = None, progress: bool = True, **overrides: Any) -> Any:
-    """A `NemotronLM` from any checkpoint kind (see `resolve_checkpoint`).
+               sharding: Any = None, progress: bool = True, merge_lora: bool = True, **overrides: Any) -> Any:
+    """The model of any checkpoint kind (see `resolve_checkpoint`).
 
+    A `NemotronLM` (`model(ids)` -> logits), or a `NemotronRewardModel` (`model(ids)` ->
+    attribute scores) for a reward checkpoint. LoRA adapters are folded into the weights
+    (`merge_lora=False` keeps them, e.g. to continue training them).
     param_dtype / compute_dtype: "float32" or "bfloat16" instead of the checkpoint's own.
     sharding: one `jax.sharding.Sharding` for all weights, a params-shaped dict of them, or
     None (first device). Other keyword arguments override ModelConfig fields that do not change
@@ -258,7 +305,8 @@ def load_model(path: str | Path, *, param_dtype: str | None = None, compute_dtyp
     """
     from flax import nnx
 
-    from nemojax.model.transformer import abstract_model
+    from nemojax.model.lora import merge_lora as fold_adapters
+    from nemojax.model.reward import make_abstract_model
 
     kind, where, cfg_path = resolve_checkpoint(path)
     if kind == "hf":
@@ -269,6 +317,71 @@ def load_model(path: str | Path, *, param_dtype: str | None = None, compute_dtyp
     cfg = read_model_config(cfg_path)
     cfg = with_overrides(cfg, {"param_dtype": param_dtype, "compute_dtype": compute_dtype, **overrides})
     params = load_params(where, cfg, sharding=sharding)
-    graphdef, state = nnx.split(abstract_model(cfg))
+    graphdef, state = nnx.split(make_abstract_model(cfg))
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    return fold_adapters(model) if merge_lora else model
+
+
+def _is_new_in_post_training(keys: tuple[str, ...]) -> bool:
+    """Parameters a base checkpoint may lack: the reward head and LoRA adapters."""
+    from nemojax.model.lora import SUFFIX_A, SUFFIX_B
+
+    return keys[0] == "reward_head" or keys[-1].endswith((SUFFIX_A, SUFFIX_B))
+
+
+def load_base_params(path: str | Path, cfg: ModelConfig, *, sharding: Any = None,
+                     progress: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """Initial weights for a model shaped by `cfg`, read from a compatible base checkpoint.
+
+    How a post-training stage starts from `init_from=`: a reward model or an adapted model from
+    a language-model checkpoint (nemojax or Hugging Face), or any stage from a previous one.
+    Every parameter the source has is read into `cfg`'s shapes and dtypes (a source's own LoRA
+    adapters are folded in first, so the next round starts from the merged result); the
+    reward head and adapters may be absent. Returns (params, dotted names of the absent ones),
+    which the caller initialises (e.g. from `make_model(cfg)`). Shape mismatches and any other
+    absent parameter raise CheckpointError naming them.
+    """
+    kind, where, cfg_path = resolve_checkpoint(path)
+    if kind == "nemojax":
+        src_cfg = read_model_config(cfg_path)
+        if not src_cfg.lora.rank:
+            return _restore(where, cfg, sharding=sharding, optional=_is_new_in_post_training,
+                            what=f"the model being initialised from it ({path})")
+        source = _params_tree(load_model(path, merge_lora=True))
+    else:
+        from nemojax.convert.hf import hf_config_and_tied, iter_hf_params
+
+        src_cfg, tied = hf_config_and_tied(where)
+        source = {}
+        for keys, arr in iter_hf_params(where, src_cfg, tied=tied, progress=progress):
+            node = source
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = arr
+    return _pick(source, cfg, sharding, str(path))
+
+
+def _pick(source: dict[str, Any], cfg: ModelConfig, sharding: Any, where: str) -> tuple[dict[str, Any], list[str]]:
+    """The parameters of `cfg`'s model taken from an in-memory source tree, placed and cast."""
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(_abstract_params(cfg))[0]
+    out: dict[str, Any] = {}
+    absent, problems = [], []
+    for path, leaf in flat:
+        keys = tuple(k.key for k in path)
+        got = _lookup(source, keys)
+        if got is None:
+            (absent if _is_new_in_post_training(keys) else problems).append(".".join(keys))
+            continue
+        if tuple(got.shape) != tuple(leaf.shape):
+            problems.append(f"{'.'.join(keys)} has shape {list(got.shape)}, the model needs {list(leaf.shape)}")
+            continue
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = jax.device_put(jax.numpy.asarray(got, leaf.dtype), _sharding_for(sharding, keys))
+    if problems:
+        raise CheckpointError(f"{where} cannot initialise this model: " + "; ".join(problems[:8]))
+    return out, absent

@@ -571,6 +571,8 @@ class RewardConfig:
             raise ConfigError(f"{prefix}.attributes must be a non-empty list of names, got {self.attributes!r}")
         if len(set(self.attributes)) != len(self.attributes):
             raise ConfigError(f"{prefix}.attributes repeats a name: {self.attributes}")
+        if "reward" in self.attributes:
+            raise ConfigError(f"{prefix}.attributes may not include 'reward': it names the weighted sum")
         if not isinstance(self.weights, dict):
             raise ConfigError(f"{prefix}.weights must map attribute name -> weight, got {self.weights!r}")
         unknown = sorted(set(self.weights) - set(self.attributes))

@@ -19,7 +19,8 @@ from jax.ad_checkpoint import checkpoint_name
 from nemojax.config import ModelConfig
 from nemojax.model.attention import attend
 from nemojax.model.layers import apply_partial_rope, layernorm1p, rope_tables, squared_relu_mlp
-from nemojax.parallel.rules import constrain
+from nemojax.model.lora import adapter_params, merge_adapters
+from nemojax.model.axes import constrain
 
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,  # keep every activation (fastest, most memory)
@@ -92,9 +93,16 @@ class Blocks(nnx.Module):
         self.mlp_norm_bias = _const((L, D), BLOCK_AXES["mlp_norm_bias"], dt)
         self.up = _param(rngs, (L, D, F), std, BLOCK_AXES["up"], dt)
         self.down = _param(rngs, (L, F, D), out_std, BLOCK_AXES["down"], dt)
+        adapters = adapter_params(cfg, rngs, dt)  # LoRA (model.lora): {target}_lora_a/_b, or none
+        for name, param in adapters.items():
+            setattr(self, name, param)
+        self.adapter_names = tuple(adapters)
+        self.lora_enabled = bool(adapters)  # static; False runs the base model
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in BLOCK_AXES}
+        """The stacked weights, plus the LoRA adapters (merged per layer by `block`) when enabled."""
+        names = (*BLOCK_AXES, *(self.adapter_names if self.lora_enabled else ()))
+        return {name: getattr(self, name)[...] for name in names}
 
 
 def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.Array,
@@ -107,6 +115,7 @@ def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.A
     written at slots `q_index` and the queries attend over the whole cache.
     """
     cdt = DTYPES[cfg.compute_dtype]
+    p = merge_adapters(cfg, p)  # LoRA: W + (alpha/rank) A @ B for this layer only
     w = {k: v.astype(cdt) for k, v in p.items()}
     h = layernorm1p(x, p["attn_norm_scale"], p["attn_norm_bias"], cfg.norm_eps)
     q = jnp.einsum("bsd,dhk->bshk", h, w["q"])

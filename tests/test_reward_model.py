@@ -1,0 +1,159 @@
+"""The reward model (head on the last token, weights, checkpoints, init from a base) and RewardScorer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nemojax
+from nemojax.checkpoint import CheckpointError, load_base_params, save_model
+from nemojax.config import ConfigError, ModelConfig, RewardConfig, load_config
+from nemojax.data.chat import encode_reward_input
+from nemojax.data.chat_template import ChatFormatError
+from nemojax.data.tokenizer import load_tokenizer
+from nemojax.inference.reward import RewardScorer, length_buckets
+from nemojax.model.reward import NemotronRewardModel, make_model
+from nemojax.model.transformer import NemotronLM, logical_axes
+
+TOK = load_tokenizer("builtin")
+BASE = ModelConfig(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                   ffn_hidden_size=128, init_std=0.05, max_seq_len=128)
+RCFG = dataclasses.replace(BASE, reward=RewardConfig(enabled=True))
+CONVS = [
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there, how are you today?"},
+     {"role": "assistant", "content": "Fine, thanks for asking! " * 3}],
+    [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+]
+
+
+@pytest.fixture(scope="module")
+def reward_model() -> NemotronRewardModel:
+    model = make_model(RCFG, seed=3)
+    # A non-zero bias so tests see it is applied.
+    model.reward_head.bias[...] = jnp.arange(5, dtype=jnp.float32) * 0.1
+    return model
+
+
+def test_every_param_has_logical_axes_and_there_is_no_lm_head(reward_model) -> None:
+    axes = logical_axes(reward_model)
+    state = nnx.to_pure_dict(nnx.state(reward_model, nnx.Param))
+    assert "lm_head" not in state
+    assert axes["reward_head"]["kernel"] == ("embed", None) and axes["reward_head"]["bias"] == (None,)
+    assert state["reward_head"]["kernel"].shape == (64, 5)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        ax = axes
+        for k in path:
+            ax = ax[k.key]
+        assert len(ax) == leaf.ndim, path
+
+
+def test_scores_come_from_the_last_token_with_bias(reward_model) -> None:
+    ids = jnp.asarray([[2, 17, 99, 5, 6, 0, 0], [2, 40, 41, 42, 43, 44, 45]], jnp.int32)
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 0, 0], [1] * 7], jnp.int32)
+    scores = reward_model(ids, attention_mask=mask)
+    assert scores.shape == (2, 5) and scores.dtype == jnp.float32
+    h, _ = reward_model.hidden(ids, segment_ids=mask)
+    k, b = reward_model.reward_head.kernel[...], reward_model.reward_head.bias[...]
+    np.testing.assert_allclose(scores[0], h[0, 4] @ k + b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores[1], h[1, 6] @ k + b, rtol=1e-5, atol=1e-6)
+    # Padding after the last token changes nothing; the unpadded row alone gives the same scores.
+    other = ids.at[0, 5:].set(jnp.asarray([77, 78]))
+    np.testing.assert_allclose(reward_model(other, attention_mask=mask)[0], scores[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reward_model(ids[:1, :5])[0], scores[0], rtol=1e-5, atol=1e-6)
+
+
+def test_default_weights_are_nemotron4_340b_reward_and_nine_outputs_fit() -> None:
+    scores = jnp.asarray([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    model_cfg = RCFG
+    expected = 0.3 * 1 + 0.74 * 2 + 0.46 * 3 + 0.47 * 4 - 0.33 * 5
+    from nemojax.model.reward import aggregate
+
+    assert float(aggregate(scores, model_cfg)[0]) == pytest.approx(expected, rel=1e-6)
+    nine = RewardConfig(enabled=True, attributes=["quality", "toxicity", "humor", "creativity", "helpfulness",
+                                                  "correctness", "coherence", "complexity", "verbosity"])
+    assert nine.weight_vector() == [0, 0, 0, 0, 0.3, 0.74, 0.46, 0.47, -0.33]
+    cfg = load_config("configs/models/tiny.yaml", ["model.reward.enabled=true",
+                                                   "model.reward.attributes=[a, b]", "model.reward.weights={a: 2}"])
+    assert cfg.model.reward.weight_vector() == [2.0, 0.0]
+    with pytest.raises(ConfigError, match="model.reward.weights"):
+        load_config("configs/models/tiny.yaml", ["model.reward.attributes=[a, b]"])  # default weights name others
+
+
+def test_save_and_nemojax_load_round_trip(reward_model, tmp_path) -> None:
+    save_model(reward_model, RCFG, tmp_path / "rm")
+    loaded = nemojax.load(str(tmp_path / "rm"))
+    assert isinstance(loaded, NemotronRewardModel) and loaded.attributes == list(RCFG.reward.attributes)
+    ids = jnp.asarray([[2, 5, 6, 7]], jnp.int32)
+    np.testing.assert_array_equal(loaded(ids), reward_model(ids))
+    # A reward checkpoint read as a language model fails with a message naming the cause.
+    (tmp_path / "rm" / "config.yaml").write_text(
+        (tmp_path / "rm" / "config.yaml").read_text().replace("enabled: true", "enabled: false"))
+    with pytest.raises(CheckpointError, match="reward_head"):
+        nemojax.load(str(tmp_path / "rm"))
+
+
+def test_init_from_a_language_model_checkpoint_copies_the_trunk(tmp_path) -> None:
+    lm = make_model(BASE, seed=7)
+    save_model(lm, BASE, tmp_path / "lm")
+    params, missing = load_base_params(tmp_path / "lm", RCFG)
+    assert sorted(missing) == ["reward_head.bias", "reward_head.kernel"]
+    rm = make_model(RCFG, seed=0)
+    state = nnx.state(rm, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(rm, state)
+    ids = jnp.asarray([[2, 9, 10, 11, 12]], jnp.int32)
+    np.testing.assert_array_equal(rm.hidden(ids)[0], lm.hidden(ids)[0])
+    # Incompatible shapes are refused by name.
+    with pytest.raises(CheckpointError, match="embed"):
+        load_base_params(tmp_path / "lm", dataclasses.replace(RCFG, vocab_size=5000))
+
+
+def test_init_from_a_hugging_face_base(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from hf_tiny import save_tiny_hf
+
+    save_tiny_hf(tmp_path / "hf", seed=1)
+    lm = nemojax.load(str(tmp_path / "hf"), progress=False)
+    cfg = dataclasses.replace(lm.cfg, reward=RewardConfig(enabled=True, attributes=["a", "b", "c"], weights={"a": 1}))
+    params, missing = load_base_params(tmp_path / "hf", cfg, progress=False)
+    assert sorted(missing) == ["reward_head.bias", "reward_head.kernel"]
+    np.testing.assert_array_equal(params["blocks"]["q"], lm.blocks.q[...])
+    np.testing.assert_array_equal(params["embed"], lm.embed[...])
+
+
+def test_scorer_matches_the_model_keeps_order_and_compiles_once_per_bucket(reward_model) -> None:
+    scorer = RewardScorer(reward_model, TOK, batch_size=2, max_len=64)
+    assert scorer.buckets == [32, 64] and length_buckets(100) == [32, 64, 100]
+    out = scorer.score(CONVS)
+    assert [list(d) for d in out] == [scorer.attributes + ["reward"]] * 3
+    for conv, d in zip(CONVS, out):
+        ids = jnp.asarray([encode_reward_input(TOK, conv)], jnp.int32)
+        direct = np.asarray(reward_model(ids))[0]
+        np.testing.assert_allclose([d[a] for a in scorer.attributes], direct, rtol=2e-5, atol=2e-5)
+        assert d["reward"] == pytest.approx(float(np.dot(RCFG.reward.weight_vector(), direct)), abs=1e-4)
+    again = scorer.score(CONVS[::-1])  # new order, same results: batching does not leak between rows
+    for a, b in zip(again[::-1], out):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert all(v == 1 for v in scorer.compile_counts().values())
+    json.dumps(out)  # plain floats
+
+
+def test_scorer_truncates_from_the_left_and_rejects_bad_conversations(reward_model) -> None:
+    scorer = RewardScorer(reward_model, TOK, batch_size=2, max_len=32)
+    long_conv = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "short"}]
+    ids, cut = scorer.encode(long_conv)
+    full = encode_reward_input(TOK, long_conv)
+    assert cut and len(ids) == 32 and ids[0] == TOK.bos_id and ids[1:] == full[-31:]
+    scorer.score([long_conv])
+    assert scorer.stats["truncated"] == 1
+    with pytest.raises(ChatFormatError, match=r"conversations\[1\].*assistant"):
+        scorer.score([CONVS[0], [{"role": "user", "content": "no answer"}]])
+    with pytest.raises(ValueError, match="language model"):
+        RewardScorer(make_model(BASE), TOK)
