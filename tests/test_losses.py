@@ -20,3 +20,163 @@ def test_lm_nll_sums_skip_masked_positions():
     total, count = lm_nll_sums(logits, jnp.array([[1, 0, 1]]), jnp.array([[1.0, 1.0, 0.0]]))
     assert float(count) == 2.0
     assert float(total) == pytest.approx(-(math.log(0.75) + math.log(0.5)), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- post-training losses
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nemojax.train.losses import (PREFERENCE_KINDS, bernoulli_kl, implicit_reward_margin,  # noqa: E402
+                                  pairwise_accuracy, preference_accuracy, preference_loss,
+                                  preference_metric_sums, reward_metrics, reward_mse, reward_regression_sums,
+                                  reward_stat_sums, sequence_log_probs, sft_loss)
+
+# One pair: policy log-probs -3 (chosen) / -5 (rejected), reference -4 / -4.5, so
+# Delta = (-3 + 4) - (-5 + 4.5) = 1.5; rewards 2 / 1 with eta 1 give dr = 1.
+PAIR = dict(chosen_logps=jnp.array([-3.0]), rejected_logps=jnp.array([-5.0]),
+            ref_chosen_logps=jnp.array([-4.0]), ref_rejected_logps=jnp.array([-4.5]))
+REWARDS = dict(chosen_rewards=jnp.array([2.0]), rejected_rewards=jnp.array([1.0]))
+
+
+def _sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _kl(a: float, b: float) -> float:  # KL(Bern(sig(a)) || Bern(sig(b))), written out by hand
+    pa, pb = _sig(a), _sig(b)
+    return pa * math.log(pa / pb) + (1 - pa) * math.log((1 - pa) / (1 - pb))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_preference_losses_hand_values(beta: float) -> None:
+    z, dr = beta * 1.5, 1.0
+    expected = {
+        "dpo": math.log(1 + math.exp(-z)),
+        "ipo": (1.5 - 1 / (2 * beta)) ** 2,
+        "rpo_sq": (z - dr) ** 2,
+        "rpo_bwd_kl": _kl(dr, z),
+        "rpo_fwd_kl": _kl(z, dr),
+    }
+    for kind in PREFERENCE_KINDS:
+        got = preference_loss(kind, **PAIR, beta=beta, **REWARDS)
+        assert got.shape == (1,)
+        assert float(got[0]) == pytest.approx(expected[kind], rel=1e-5, abs=1e-7), kind
+
+
+def test_beta_is_applied_exactly_once() -> None:
+    """An implementation that scales Delta by beta twice (beta^2) fails every line here."""
+    beta = 0.5  # Delta = 1.5: once gives z = 0.75, twice would give 0.375
+    assert float(preference_loss("dpo", **PAIR, beta=beta)[0]) == pytest.approx(math.log(1 + math.exp(-0.75)), rel=1e-6)
+    assert float(preference_loss("rpo_sq", **PAIR, beta=beta, **REWARDS)[0]) == pytest.approx(0.0625, rel=1e-6)
+    assert float(implicit_reward_margin(**PAIR, beta=beta)[0]) == pytest.approx(0.75, rel=1e-6)
+    # RPO reaches zero exactly where beta * Delta equals the reward gap, and only there.
+    zero = preference_loss("rpo_bwd_kl", **PAIR, beta=1 / 1.5, **REWARDS)
+    assert float(zero[0]) == pytest.approx(0.0, abs=1e-7)
+    assert float(preference_loss("rpo_bwd_kl", **PAIR, beta=(1 / 1.5) ** 2, **REWARDS)[0]) > 1e-3
+
+
+def test_eta_scales_the_reward_gap() -> None:
+    got = preference_loss("rpo_sq", **PAIR, beta=1.0, eta=3.0, **REWARDS)
+    assert float(got[0]) == pytest.approx((1.5 - 3.0) ** 2, rel=1e-6)
+
+
+def test_preference_gradients_match_hand_derivations() -> None:
+    beta = 0.3
+    c = jnp.array([-3.0, -1.0, -7.0])
+    rest = dict(rejected_logps=jnp.array([-5.0, -2.0, -6.0]), ref_chosen_logps=jnp.array([-4.0, -1.5, -6.5]),
+                ref_rejected_logps=jnp.array([-4.5, -2.5, -5.0]))
+    rw = dict(chosen_rewards=jnp.array([2.0, 0.0, 1.0]), rejected_rewards=jnp.array([1.0, 0.5, 3.0]))
+    delta = (c - rest["ref_chosen_logps"]) - (rest["rejected_logps"] - rest["ref_rejected_logps"])
+    z, dr = beta * delta, rw["chosen_rewards"] - rw["rejected_rewards"]
+    hand = {  # d loss / d chosen_logps = d loss / d Delta (d Delta / d chosen_logps = 1)
+        "dpo": -beta * jax.nn.sigmoid(-z),
+        "ipo": 2 * (delta - 1 / (2 * beta)),
+        "rpo_sq": 2 * beta * (z - dr),
+        "rpo_bwd_kl": beta * (jax.nn.sigmoid(z) - jax.nn.sigmoid(dr)),
+    }
+    for kind in PREFERENCE_KINDS:
+        grad = jax.grad(lambda x: preference_loss(kind, x, **rest, beta=beta, **rw).sum())(c)
+        # Central finite differences of the loss itself as a second, independent check.
+        eps = 1e-3
+        fd = np.array([(float(preference_loss(kind, c.at[i].add(eps), **rest, beta=beta, **rw)[i])
+                        - float(preference_loss(kind, c.at[i].add(-eps), **rest, beta=beta, **rw)[i])) / (2 * eps)
+                       for i in range(3)])
+        np.testing.assert_allclose(grad, fd, rtol=2e-2, atol=2e-4, err_msg=kind)
+        if kind in hand:
+            np.testing.assert_allclose(grad, hand[kind], rtol=1e-5, atol=1e-6, err_msg=kind)
+        # Rejected log-probs move the loss the opposite way.
+        g_rej = jax.grad(lambda x: preference_loss(kind, c, x, rest["ref_chosen_logps"], rest["ref_rejected_logps"],
+                                                   beta=beta, **rw).sum())(rest["rejected_logps"])
+        np.testing.assert_allclose(g_rej, -grad, rtol=1e-5, atol=1e-6, err_msg=kind)
+
+
+def test_preference_loss_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="rpo_bwd_kl"):
+        preference_loss("rpo", **PAIR, beta=0.1)
+    with pytest.raises(ValueError, match="chosen_rewards"):
+        preference_loss("rpo_sq", **PAIR, beta=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        preference_loss("dpo", **PAIR, beta=0.0)
+
+
+def test_bernoulli_kl_is_stable_and_nonnegative() -> None:
+    a = jnp.array([-80.0, -3.0, 0.0, 2.0, 80.0])
+    b = jnp.array([80.0, 1.0, 0.0, -2.0, 79.0])
+    kl = bernoulli_kl(a, b)
+    assert bool(jnp.all(jnp.isfinite(kl))) and bool(jnp.all(kl >= -1e-7))
+    assert float(kl[2]) == pytest.approx(0.0, abs=1e-7)
+    assert float(kl[1]) == pytest.approx(_kl(-3.0, 1.0), rel=1e-5)
+
+
+def test_sequence_log_probs_sum_and_average_over_the_response() -> None:
+    logits = jnp.array([[[0.0, math.log(3.0)], [2.0, 2.0], [0.0, 0.0]],
+                        [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]])
+    targets = jnp.array([[1, 0, 1], [0, 0, 0]])
+    mask = jnp.array([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    total = sequence_log_probs(logits, targets, mask)
+    assert float(total[0]) == pytest.approx(2 * math.log(0.5), abs=1e-6)
+    assert float(total[1]) == 0.0
+    avg = sequence_log_probs(logits, targets, mask, average=True)
+    assert float(avg[0]) == pytest.approx(math.log(0.5), abs=1e-6) and float(avg[1]) == 0.0
+    assert float(sft_loss(total)[0]) == pytest.approx(-2 * math.log(0.5), abs=1e-6)
+
+
+def test_preference_metrics() -> None:
+    c, r = jnp.array([-1.0, -5.0, -2.0]), jnp.array([-2.0, -4.0, -2.0])
+    ref = jnp.zeros(3)
+    assert preference_accuracy(c, r, ref, ref).tolist() == [1.0, 0.0, 0.0]  # a tie is not a win
+    sums = preference_metric_sums(c, r, ref, ref, beta=0.5, example_mask=jnp.array([1.0, 1.0, 0.0]))
+    assert float(sums["pairs"]) == 2 and float(sums["accuracy"]) == 1
+    assert float(sums["margin"]) == pytest.approx(0.5 * (1.0 - 1.0))
+    assert float(sums["chosen_logps"]) == -6.0 and float(sums["rejected_logps"]) == -6.0
+
+
+def test_masked_reward_regression() -> None:
+    pred = jnp.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    labels = jnp.array([[2.0, 2.0, -100.0], [1.0, 3.0, 4.0]])
+    mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    total, count = reward_regression_sums(pred, labels, mask)
+    assert float(count) == 4 and float(total) == pytest.approx(1 + 0 + 1 + 16)
+    assert float(reward_mse(pred, labels, mask)) == pytest.approx(18 / 4)
+    grad = jax.grad(lambda p: reward_regression_sums(p, labels, mask)[0])(pred)
+    np.testing.assert_allclose(grad, 2 * (pred - labels) * mask)  # masked labels: exactly zero gradient
+
+
+def test_reward_metrics_match_numpy() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, size=(40, 2)).astype(np.float32)
+    p = y + rng.normal(0, 0.7, size=y.shape).astype(np.float32)
+    mask = np.ones_like(y)
+    mask[::4, 1] = 0  # a quarter of attribute 1's labels missing
+    halves = [reward_stat_sums(jnp.asarray(p[s]), jnp.asarray(y[s]), jnp.asarray(mask[s]))
+              for s in (slice(0, 17), slice(17, 40))]
+    sums = {k: halves[0][k] + halves[1][k] for k in halves[0]}  # sums add across batches / hosts
+    m = reward_metrics(sums, ["a", "b"])
+    keep = mask[:, 1] > 0
+    assert m["pearson/a"] == pytest.approx(np.corrcoef(p[:, 0], y[:, 0])[0, 1], rel=1e-5)
+    assert m["pearson/b"] == pytest.approx(np.corrcoef(p[keep, 1], y[keep, 1])[0, 1], rel=1e-5)
+    assert m["mse/b"] == pytest.approx(np.mean((p[keep, 1] - y[keep, 1]) ** 2), rel=1e-5)
+    assert math.isnan(reward_metrics(reward_stat_sums(jnp.ones((1, 1)), jnp.ones((1, 1)), jnp.ones((1, 1))),
+                                     ["a"])["pearson/a"])
+    assert float(pairwise_accuracy(jnp.array([2.0, 1.0, 3.0]), jnp.array([1.0, 1.0, 4.0]))) == pytest.approx(1 / 3)
