@@ -35,7 +35,8 @@ def make_engine(c: ClientConfig) -> tuple[Any, Any]:
         print(f"nemojax sdg: warning: tokenizer has {tok.vocab_size} pieces but the model only "
               f"{model.cfg.vocab_size}", file=sys.stderr)
     engine = Engine(model, max_slots=c.max_slots, max_len=min(c.max_len, model.cfg.max_seq_len),
-                    decode_steps=c.decode_steps, max_prefill_batch=c.max_prefill_batch, tokenizer=tok,
+                    decode_steps=c.decode_steps, max_prefill_batch=c.max_prefill_batch,
+                    min_bucket=c.min_bucket, tokenizer=tok,
                     stop_token_ids=sorted({model.cfg.eos_id, tok.eos_id}))
     return engine, tok
 
@@ -48,14 +49,15 @@ def build_clients(cfg: PipelineConfig) -> dict[str, LLM]:
     out: dict[str, LLM] = {}
     for name, c in cfg.clients.items():
         if c.type == "scripted":
-            out[name] = ScriptedLLM(rules=[(p, r) for p, r in c.rules], default=c.default, name=name)
+            out[name] = ScriptedLLM(rules=[(p, r) for p, r in c.rules], default=c.default, name=name,
+                                    delay_s=c.delay_s)
         elif c.type == "openai":
             out[name] = OpenAILLM(c.base_url, c.model, name=name, api_key_env=c.api_key_env or None,
                                   timeout_s=c.timeout_s, max_concurrency=c.max_concurrency,
                                   max_retries=c.max_retries, seed=cfg.seed)
         else:
             key = (str(Path(c.checkpoint).resolve()), c.tokenizer, c.max_slots, c.max_len, c.decode_steps,
-                   c.max_prefill_batch, c.dtype)
+                   c.max_prefill_batch, c.min_bucket, c.dtype)
             if key not in engines:
                 engines[key] = make_engine(c)
             engine, tok = engines[key]

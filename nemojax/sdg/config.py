@@ -41,6 +41,7 @@ class ClientConfig:
     max_len: int = 1024  # prompt + completion tokens per sample
     decode_steps: int = 16  # tokens per slot per host round-trip at most
     max_prefill_batch: int = 8
+    min_bucket: int = 16  # smallest prompt-length bucket / attention window (= max_len: fewest compiles)
     dtype: str = ""  # float32 | bfloat16 (default: the checkpoint's)
     # --- openai
     base_url: str = ""  # e.g. http://localhost:8000/v1 (nemojax serve), https://integrate.api.nvidia.com/v1
@@ -52,6 +53,7 @@ class ClientConfig:
     # --- scripted (deterministic replies; tests and dry runs)
     rules: list[list[str]] = field(default_factory=list)  # [[regex, reply], ...], first match wins
     default: str = ""  # reply when no rule matches
+    delay_s: float = 0.0  # scripted: seconds each reply takes (to exercise concurrency / interruption)
 
     def validate(self, key: str) -> None:
         if self.type not in ("engine", "openai", "scripted"):

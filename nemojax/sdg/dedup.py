@@ -64,7 +64,11 @@ class Deduplicator:
         if near:
             from datasketch import MinHashLSH
 
-            self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+            try:
+                self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+            except ValueError as e:
+                raise ValueError(f"near-duplicate threshold {threshold} with num_perm {num_perm}: {e}; "
+                                 f"raise num_perm or lower the threshold") from None
 
     def _minhash(self, words: list[str]) -> Any:
         from datasketch import MinHash

@@ -9,6 +9,7 @@ slots or parallel HTTP requests.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -76,8 +77,10 @@ class ScriptedLLM:
     """
 
     def __init__(self, reply: Callable[[GenRequest, int], str] | None = None, *,
-                 rules: list[tuple[str, str]] | None = None, default: str = "", name: str = "scripted") -> None:
+                 rules: list[tuple[str, str]] | None = None, default: str = "", name: str = "scripted",
+                 delay_s: float = 0.0) -> None:
         self.name = name
+        self.delay_s = delay_s
         self._reply = reply
         self._rules = [(re.compile(p, re.DOTALL), r) for p, r in (rules or [])]
         self._default = default
@@ -101,6 +104,8 @@ class ScriptedLLM:
 
     async def generate(self, request: GenRequest) -> GenResult:
         self.requests.append(request)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         texts = [self._answer(request, i) for i in range(request.n)]
         for i, t in enumerate(texts):
             cut = [t.find(s) for s in request.stop if s in t]

@@ -39,10 +39,13 @@ POLITENESS = [
 def strip_politeness(text: str, patterns: list[str] | None = None) -> str:
     """Remove polite sentences / openings anywhere they start a sentence; tidy whitespace."""
     out = text.strip().strip('"').strip()
-    for p in patterns or POLITENESS:
-        out = re.sub(r"(^|(?<=[.!?\n])\s*)" + p, " ", out, flags=re.IGNORECASE)
-    out = re.sub(r"[ \t]+", " ", out).strip()
-    return out.lstrip(",.;:!- ").strip()
+    previous = None
+    while out != previous:  # one removal can expose another polite opening
+        previous = out
+        for p in patterns or POLITENESS:
+            out = re.sub(r"(^|(?<=[.!?\n]))\s*" + p, " ", out, flags=re.IGNORECASE)
+            out = re.sub(r"[ \t]+", " ", out).strip().lstrip(",.;:!- ").strip()
+    return out
 
 
 def show(messages: list[dict[str, str]]) -> str:

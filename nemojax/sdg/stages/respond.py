@@ -50,8 +50,8 @@ class Respond(Stage):
             work.drop("no_prompt")
             return []
         responses = []
-        for client in self.spec.clients or [self.spec.client or None]:
-            name = work.ctx.llm(client).name
+        for client in self.spec.clients or [self.spec.client or next(iter(work.ctx.clients), "")]:
+            name = client
             try:
                 first = await work.generate(work.request(messages=start, n=self.spec.n), client)
             except LLMError as e:

@@ -1,0 +1,30 @@
+"""Helpers for the SDG tests: run a pipeline dict with given client objects, read a stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nemojax.sdg.config import build_pipeline
+from nemojax.sdg.runner import Runner
+
+
+def run_pipeline(tmp_path: Path, stages: dict[str, Any], clients: dict[str, Any], *, reward: Any = None,
+                 **top: Any) -> tuple[Path, dict[str, Any]]:
+    """Run `stages` with the given client objects (declared as scripted in the config)."""
+    tree = {"run_dir": str(tmp_path / "run"), "seed": 0, "progress": False,
+            "clients": {name: {"type": "scripted"} for name in clients}, "stages": stages, **top}
+    cfg = build_pipeline(tree)
+    import io
+
+    summaries = Runner(cfg, clients=clients, reward=reward, log=io.StringIO()).run()
+    return Path(cfg.run_dir), summaries
+
+
+def read(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+    return [json.loads(l) for l in (run_dir / f"{stage}.jsonl").read_text().splitlines()]
+
+
+def strip_ids(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "id"} for r in records]
