@@ -42,6 +42,7 @@ class ClientConfig:
     decode_steps: int = 16  # tokens per slot per host round-trip at most
     max_prefill_batch: int = 8
     min_bucket: int = 16  # smallest prompt-length bucket / attention window (= max_len: fewest compiles)
+    program_cache: bool = True  # reuse the engine's compiled programs from disk across runs
     dtype: str = ""  # float32 | bfloat16 (default: the checkpoint's)
     # --- openai
     base_url: str = ""  # e.g. http://localhost:8000/v1 (nemojax serve), https://integrate.api.nvidia.com/v1

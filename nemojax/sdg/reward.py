@@ -88,17 +88,14 @@ class InProcessReward:
         self._driver: asyncio.Task | None = None
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, tokenizer: Any, *, batch_size: int = 8, max_len: int = 1024,
-                        **kw: Any) -> "InProcessReward":
-        try:
-            from nemojax.inference.reward import RewardScorer
-        except ImportError as e:
-            raise LLMError(f"in-process reward scoring needs nemojax.inference.reward.RewardScorer ({e})",
-                           "reward_unavailable") from None
-        import nemojax
+    def from_checkpoint(cls, checkpoint: str, *, tokenizer: Any = None, batch_size: int = 8,
+                        max_len: int | None = 1024, **kw: Any) -> "InProcessReward":
+        """A reward checkpoint loaded through `RewardScorer.from_checkpoint` (its own tokenizer.model
+        if it has one, else the builtin one, unless `tokenizer` is given)."""
+        from nemojax.inference.reward import RewardScorer
 
-        model = nemojax.load(checkpoint)
-        return cls(RewardScorer(model, tokenizer, batch_size=batch_size, max_len=max_len), batch_size=batch_size, **kw)
+        scorer = RewardScorer.from_checkpoint(checkpoint, tokenizer=tokenizer, batch_size=batch_size, max_len=max_len)
+        return cls(scorer, batch_size=batch_size, **kw)
 
     async def score(self, messages: list[dict[str, str]]) -> dict[str, float]:
         fut = asyncio.get_running_loop().create_future()

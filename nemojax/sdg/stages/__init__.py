@@ -3,6 +3,7 @@
 | kind | reads | writes |
 |---|---|---|
 | read | a JSONL file (`path`) | its records |
+| merge | earlier stages (`inputs`) | their records, concatenated |
 | topics | (nothing; `user_topics` merged in) | {topic} |
 | subtopics | {topic} | {topic, macro_topic} |
 | open_qa, writing, math, python | {topic} | {prompt, task, ...} |
@@ -27,7 +28,7 @@ import functools
 def stage_kinds() -> dict[str, type]:
     from nemojax.sdg.stages import dedup, dialogue, genetic, instruct, io, judges, prompts, respond
 
-    classes = [io.Read, io.ExportSFT, io.ExportPreference, prompts.Topics, prompts.Subtopics, prompts.OpenQA,
+    classes = [io.Read, io.Merge, io.ExportSFT, io.ExportPreference, prompts.Topics, prompts.Subtopics, prompts.OpenQA,
                prompts.Writing, prompts.ClosedQA, prompts.Math, prompts.Python, instruct.InstructionPrompts,
                instruct.InstructionFilter, respond.Respond, dialogue.Dialogue, dialogue.TwoTurn,
                judges.RewardFilter, judges.Preference, genetic.GeneticInstruct, dedup.Dedup]

@@ -15,6 +15,19 @@ from nemojax.sdg.stages.base import Stage, StageSpec, Work
 from nemojax.sdg.store import read_jsonl
 
 
+def data_path(path: str) -> str:
+    """A data file as given, else relative to the repository root (so shipped examples such as
+    configs/sdg/seed_prompts.jsonl work from any directory)."""
+    from pathlib import Path
+
+    from nemojax.config import CONFIG_DIR
+
+    if Path(path).exists() or Path(path).is_absolute():
+        return path
+    alt = CONFIG_DIR.parent / path
+    return str(alt) if alt.exists() else path
+
+
 @dataclass
 class ReadSpec(StageSpec):
     path: str = ""  # JSONL file; each object becomes a record (its "id" kept, else the line number)
@@ -34,7 +47,7 @@ class Read(Stage):
 
     def source_items(self) -> list[dict[str, Any]]:
         out = []
-        for n, rec in enumerate(read_jsonl(self.spec.path), start=1):
+        for n, rec in enumerate(read_jsonl(data_path(self.spec.path)), start=1):
             rec.setdefault("id", n)
             out.append(rec)
         return out
@@ -43,6 +56,39 @@ class Read(Stage):
         rec = dict(item)
         rec["source_id"] = rec.pop("id")
         return [rec]
+
+
+@dataclass
+class MergeSpec(StageSpec):
+    inputs: list[str] = field(default_factory=list)  # earlier stages whose records are concatenated, in order
+
+    uses_client = False
+
+    def validate(self, key: str, cfg: Any) -> None:
+        super().validate(key, cfg)
+        missing = [i for i in self.inputs if i not in cfg.stages]
+        if not self.inputs or missing:
+            raise ConfigError(f"{key}.inputs: name earlier stages to merge ({missing or 'none given'} "
+                              f"not among {', '.join(cfg.stages)})")
+
+
+class Merge(Stage):
+    kind = "merge"
+    Spec = MergeSpec
+    needs_input = False
+
+    def source_items(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.spec.inputs:
+            done = self.ctx.work_dir / f"{name}.done.json"
+            if not done.exists():
+                raise ConfigError(f"merge: stage {name!r} has not finished")
+            for rec in read_jsonl(self.ctx.run_dir / f"{name}.jsonl"):
+                out.append({**rec, "id": f"{name}/{rec.get('id', len(out))}", "merged_from": name})
+        return out
+
+    async def process(self, item: dict[str, Any], work: Work) -> list[dict[str, Any]]:
+        return [{k: v for k, v in item.items() if k != "id"}]
 
 
 def conversations(item: dict[str, Any]) -> list[list[dict[str, str]]]:

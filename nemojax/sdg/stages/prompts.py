@@ -149,7 +149,9 @@ class ClosedQA(Stage):
     needs_input = False
 
     def source_items(self) -> list[dict[str, Any]]:
-        docs = read_jsonl(self.spec.documents)
+        from nemojax.sdg.stages.io import data_path
+
+        docs = read_jsonl(data_path(self.spec.documents))
         out = []
         for n, d in enumerate(docs, start=1):
             text = d.get(self.spec.text_field)
