@@ -28,3 +28,15 @@ def read(run_dir: Path, stage: str) -> list[dict[str, Any]]:
 
 def strip_ids(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "id"} for r in records]
+
+
+def save_random_lm(path: Path, max_seq_len: int = 512) -> Path:
+    """A random tiny language model checkpoint (builtin tokenizer's vocabulary)."""
+    from nemojax.checkpoint import save_model
+    from nemojax.config import ModelConfig
+    from nemojax.model.transformer import init_model
+
+    cfg = ModelConfig(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                      ffn_hidden_size=128, init_std=0.2, max_seq_len=max_seq_len)
+    save_model(init_model(cfg, seed=0), cfg, path)
+    return path
