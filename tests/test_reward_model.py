@@ -23,7 +23,7 @@ from nemojax.model.transformer import NemotronLM, logical_axes
 
 TOK = load_tokenizer("builtin")
 BASE = ModelConfig(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                   ffn_hidden_size=128, init_std=0.05, max_seq_len=128)
+                   ffn_hidden_size=128, init_std=0.05, max_seq_len=128, scan_layers=False)
 RCFG = dataclasses.replace(BASE, reward=RewardConfig(enabled=True))
 CONVS = [
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
@@ -133,11 +133,15 @@ def test_scorer_matches_the_model_keeps_order_and_compiles_once_per_bucket(rewar
     assert scorer.buckets == [32, 64] and length_buckets(100) == [32, 64, 100]
     out = scorer.score(CONVS)
     assert [list(d) for d in out] == [scorer.attributes + ["reward"]] * 3
-    for conv, d in zip(CONVS, out):
-        ids = jnp.asarray([encode_reward_input(TOK, conv)], jnp.int32)
-        direct = np.asarray(reward_model(ids))[0]
-        np.testing.assert_allclose([d[a] for a in scorer.attributes], direct, rtol=2e-5, atol=2e-5)
-        assert d["reward"] == pytest.approx(float(np.dot(RCFG.reward.weight_vector(), direct)), abs=1e-4)
+    # The model's own call on one right-padded batch is the reference.
+    seqs = [encode_reward_input(TOK, conv) for conv in CONVS]
+    ids, mask = np.zeros((3, 64), np.int32), np.zeros((3, 64), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    direct = np.asarray(reward_model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    for d, want in zip(out, direct):
+        np.testing.assert_allclose([d[a] for a in scorer.attributes], want, rtol=2e-5, atol=2e-5)
+        assert d["reward"] == pytest.approx(float(np.dot(RCFG.reward.weight_vector(), want)), abs=1e-4)
     again = scorer.score(CONVS[::-1])  # new order, same results: batching does not leak between rows
     for a, b in zip(again[::-1], out):
         assert a == pytest.approx(b, abs=1e-5)
