@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("nemojax.commands.serve", "OpenAI-compatible HTTP server over the sampling engine"),
     "compile": ("nemojax.commands.compile", "ahead-of-time compile the train step for a topology"),
     "tokenizer": ("nemojax.commands.tokenizer", "train, inspect or apply a SentencePiece tokenizer"),
+    "reward": ("nemojax.commands.reward", "score JSONL responses with a reward checkpoint (reward score)"),
     "sdg": ("nemojax.commands.sdg", "synthetic data generation pipelines (run, kinds, ifeval)"),
 }
 
