@@ -614,6 +614,9 @@ def convert_to_hf(ckpt: str | Path, hf_dir: str | Path, *, dtype: str | None = N
 
     from nemojax.checkpoint import load_model
 
-    model = load_model(ckpt)
+    model = load_model(ckpt)  # LoRA adapters come merged into the weights
+    if model.cfg.reward.enabled:
+        raise CheckpointError(f"{ckpt} is a reward model; Hugging Face's Nemotron classes have no reward head, "
+                              f"so it has no HF form (score with `nemojax reward score` instead)")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return save_hf(params, model.cfg, hf_dir, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
