@@ -1,5 +1,9 @@
 """nemojax: Nemotron-4 style training, alignment and sampling in JAX + Flax NNX."""
 
+from nemojax.platform import skip_absent_tpu
+
+skip_absent_tpu()  # before JAX starts: no libtpu probe (and its errors) on hosts without TPUs
+
 from nemojax.config import Config, ConfigError, ModelConfig, load_config
 
 __version__ = "0.1.0"

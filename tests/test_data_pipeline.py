@@ -15,6 +15,7 @@ from nemojax.data.sources import ArrayRecordFile, DataError, write_array_record
 from nemojax.data.tokenizer import load_tokenizer
 
 EOS = 3
+BOS = 2
 KEYS = ("input_ids", "targets", "positions", "segment_ids", "loss_mask")
 
 
@@ -86,6 +87,8 @@ def _check_rows(batch: dict[str, np.ndarray]) -> None:
     # Never supervise eos -> next document, and never padding.
     assert np.all(mask[ids == EOS] == 0)
     assert np.all(mask[seg == 0] == 0)
+    # Documents open with bos (as generate/serve prompts do); bos predicts the first token.
+    assert np.all(mask[ids == BOS] == 1) and np.all(pos[ids == BOS] == 0)
     # Positions restart at 0 at every new segment and count up inside it.
     starts = np.concatenate([np.ones((seg.shape[0], 1), bool), ~same_next], axis=1)
     assert np.all(pos[starts] == 0)
@@ -184,7 +187,7 @@ def test_blend_holds_its_proportions(tmp_path: Path) -> None:
     it = make_batch_iterator(cfg, batch_size=20, seq_len=32, seed=0)
     rows = _collect_rows(it, 100)
     ids, seg = rows["input_ids"], rows["segment_ids"]
-    real = (seg > 0) & (ids != EOS)
+    real = (seg > 0) & (ids != EOS) & (ids != BOS)
     counts = np.array([np.sum(real & (ids >= 100) & (ids < 1000)),
                        np.sum(real & (ids >= 1000) & (ids < 2000)),
                        np.sum(real & (ids >= 2000))])
@@ -192,7 +195,7 @@ def test_blend_holds_its_proportions(tmp_path: Path) -> None:
     np.testing.assert_allclose(share, [0.70, 0.15, 0.15], atol=0.01)
     # Every row comes from exactly one source.
     first = ids[:, 0]
-    assert all(len({int(v) // 1000 for v in r[(r != EOS)]}) == 1 for r, f in zip(ids, first))
+    assert all(len({int(v) // 1000 for v in r[(r != EOS) & (r != BOS)]}) == 1 for r, f in zip(ids, first))
     # ...and any prefix of the stream holds the weights to within one row.
     picks = np.array(it.source_of_rows(200))
     for n in (10, 37, 200):
@@ -200,23 +203,60 @@ def test_blend_holds_its_proportions(tmp_path: Path) -> None:
         assert np.all(np.abs(frac - n * np.array([0.7, 0.15, 0.15])) <= 1.0 + 1e-9)
 
 
-def test_host_sharding_is_disjoint_and_covering(tmp_path: Path) -> None:
+def test_any_row_subset_is_exactly_those_rows_of_the_global_batch(tmp_path: Path) -> None:
+    """A process asks for the rows its devices hold: halves (data parallel across hosts), all rows
+    (tensor/pipeline parallel across hosts: replicas load the same rows), or a strided set. Each
+    gets exactly those rows of the single-process global batch, and the stream state (which any
+    process may save) is the same whatever rows were asked for."""
     rng = np.random.default_rng(1)
-    docs = _marked_docs(101, 10, rng)
-    write_array_record(tmp_path / "d.arrayrecord", docs)
-    cfg = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "d.arrayrecord"))], validation_fraction=0.0)
-    total_tokens = sum(len(d) + 1 for d in docs)
-    seen = []
-    for host in range(2):
-        it = make_batch_iterator(cfg, batch_size=8, seq_len=16, seed=5, process_index=host, process_count=2)
-        rows = _collect_rows(it, total_tokens // (16 * 4) + 4)  # more than one epoch of this host's share
-        assert rows["input_ids"].shape[0] % 4 == 0 and next(it)["input_ids"].shape == (4, 16)
-        ids = rows["input_ids"]
-        seen.append(set(np.unique(ids[ids != EOS]).tolist()))
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(range(10, 111))
-    with pytest.raises(ConfigError, match="not divisible"):
-        make_batch_iterator(cfg, batch_size=7, seq_len=16, seed=0, process_count=2)
+    write_array_record(tmp_path / "d.arrayrecord", _marked_docs(101, 10, rng))
+    write_array_record(tmp_path / "e.arrayrecord", _marked_docs(57, 500, rng))
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "d.arrayrecord"), weight=0.6),
+                              DataSourceConfig(path=str(tmp_path / "e.arrayrecord"), weight=0.4)],
+                     validation_fraction=0.0)
+    full = make_batch_iterator(cfg, batch_size=8, seq_len=16, seed=5)
+    want = [next(full) for _ in range(12)]  # more than an epoch of the smaller source
+    for rows in ([0, 1, 2, 3], [4, 5, 6, 7], list(range(8)), [1, 3, 5, 7], [6, 2]):
+        it = make_batch_iterator(cfg, batch_size=8, seq_len=16, seed=5, rows=rows)
+        for w in want:
+            got = next(it)
+            for k in KEYS:
+                np.testing.assert_array_equal(got[k], w[k][rows], err_msg=f"rows {rows}: {k}")
+        assert it.get_state() == full.get_state()
+    with pytest.raises(ConfigError, match="not all in the global batch"):
+        make_batch_iterator(cfg, batch_size=8, seq_len=16, seed=5, rows=[7, 8])
+
+
+def test_documents_are_framed_with_bos_like_generate_prompts(tmp_path: Path) -> None:
+    """One tokenization convention: a pretraining document is exactly what `generate` / `serve`
+    feed the model for that text (tok.encode(text, bos=True)), followed by eos."""
+    tok = load_tokenizer("builtin")
+    text = "The quick brown fox jumps over the lazy dog."
+    p = tmp_path / "one.jsonl"
+    p.write_text(json.dumps({"text": text}) + "\n")
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(p))], validation_fraction=0.0)
+    b = next(make_batch_iterator(cfg, batch_size=1, seq_len=64, seed=0))
+    prompt = tok.encode(text, bos=True)
+    n = len(prompt)
+    assert prompt[0] == tok.bos_id == BOS
+    np.testing.assert_array_equal(b["input_ids"][0, :n + 1], prompt + [EOS])
+    np.testing.assert_array_equal(b["targets"][0, :n], prompt[1:] + [EOS])  # bos predicts the first token
+    np.testing.assert_array_equal(b["loss_mask"][0, :n + 1], [1.0] * n + [0.0])
+    np.testing.assert_array_equal(b["input_ids"][0, n + 1], BOS)  # the next document (the same, next epoch)
+    np.testing.assert_array_equal(b["segment_ids"][0, :n + 2], [1] * (n + 1) + [2])
+
+
+def test_packing_with_bos_hand_example() -> None:
+    docs = [np.array([10, 11, 12], np.int32), np.array([20], np.int32)]
+    out = empty_rows(2, 6)
+    cur = pack_row(lambda k: docs[k % 2], Cursor(), out, 0, eos_id=EOS, bos_id=BOS)
+    cur = pack_row(lambda k: docs[k % 2], cur, out, 1, eos_id=EOS, bos_id=BOS)
+    np.testing.assert_array_equal(out["input_ids"], [[BOS, 10, 11, 12, EOS, BOS], [20, EOS, BOS, 10, 11, 12]])
+    np.testing.assert_array_equal(out["targets"], [[10, 11, 12, EOS, 0, 20], [EOS, 0, 10, 11, 12, EOS]])
+    np.testing.assert_array_equal(out["loss_mask"], [[1, 1, 1, 1, 0, 1], [1, 0, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 1, 1, 2], [1, 1, 2, 2, 2, 2]])
+    np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 3, 4, 0], [0, 1, 0, 1, 2, 3]])
+    assert cur == Cursor(doc=2, offset=4)  # document 2 (= docs[0]) continues with its eos
 
 
 def test_array_record_helper_round_trip(tmp_path: Path) -> None:

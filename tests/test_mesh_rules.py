@@ -15,21 +15,27 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nemojax.cli import main as cli_main
-from nemojax.config import ConfigError, MeshConfig, config_from_dict, load_config
+from nemojax.config import ConfigError, MeshConfig, ShardingConfig, config_from_dict, load_config
 from nemojax.model.transformer import ACT_AXES, abstract_model, logical_axes
 from nemojax.parallel.distributed import resolve_settings
-from nemojax.parallel.memory import training_state_bytes
 from nemojax.parallel.mesh import MESH_AXES, axis_sizes, make_abstract_mesh, make_mesh
 from nemojax.parallel.rules import (add_axis_to_largest_dim, check_divisible, constrain,
                                     logical_to_spec, resolve_rules, tree_shardings, use_rules)
-from nemojax.parallel.sharded_train import build_sharded_training, with_fp32_master
+from nemojax.train.build import build_training, training_state_bytes
+from nemojax.train.optim import with_fp32_master
 
 MODEL = dict(vocab_size=128, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=8,
              ffn_hidden_size=256, max_seq_len=32)
 
 
+SHARDING_KEYS = ("zero1", "sequence_parallel", "rules")
+
+
 def cfg_for(mesh: dict, **model) -> object:
-    return config_from_dict({"model": {**MODEL, **model}, "mesh": mesh, "steps": 2,
+    """A config from a mesh dict that may also hold the `sharding:` keys (zero1, ...)."""
+    sharding = {k: v for k, v in mesh.items() if k in SHARDING_KEYS}
+    mesh = {k: v for k, v in mesh.items() if k not in SHARDING_KEYS}
+    return config_from_dict({"model": {**MODEL, **model}, "mesh": mesh, "sharding": sharding, "steps": 2,
                              "data": dict(seq_len=32, global_batch_size=8)})
 
 
@@ -70,7 +76,7 @@ def test_hybrid_mesh_keeps_dcn_outermost_within_axis() -> None:
 
 
 def test_logical_to_spec_never_reuses_a_mesh_axis_and_drops_size_one() -> None:
-    rules = resolve_rules(MeshConfig())
+    rules = resolve_rules(ShardingConfig())
     mesh = make_abstract_mesh(MeshConfig(data=2, fsdp=2, tensor=2), 8)
     assert logical_to_spec(("batch", "length", "embed"), rules, mesh) == P(("data", "fsdp"))
     assert logical_to_spec(("layers", "embed", "mlp"), rules, mesh) == P(None, "fsdp", "tensor")
@@ -83,19 +89,24 @@ def test_logical_to_spec_never_reuses_a_mesh_axis_and_drops_size_one() -> None:
 
 
 def test_rules_from_config_overrides_and_sequence_parallel() -> None:
-    cfg = load_config(None, ["mesh.rules.kv_heads=null", "mesh.rules.embed=[fsdp, data]",
-                             "mesh.sequence_parallel=true"])
-    rules = resolve_rules(cfg.mesh)
+    cfg = load_config(None, ["sharding.rules.kv_heads=null", "sharding.rules.embed=[fsdp, data]",
+                             "sharding.sequence_parallel=true"])
+    rules = resolve_rules(cfg.sharding)
     assert rules["kv_heads"] == () and rules["embed"] == ("fsdp", "data")
     assert rules["length"] == ("tensor",) and rules["heads"] == ("tensor",)
-    assert resolve_rules(MeshConfig())["length"] == ()
-    with pytest.raises(ConfigError, match=r"mesh.rules.heads='tensr'"):
-        load_config(None, ["mesh.rules.heads=tensr"])
+    assert resolve_rules(ShardingConfig())["length"] == ()
+    with pytest.raises(ConfigError, match=r"sharding.rules.heads='tensr'"):
+        load_config(None, ["sharding.rules.heads=tensr"])
+    # the keys that moved out of mesh: say where they went
+    with pytest.raises(ConfigError, match=r"'mesh.zero1' has moved: write sharding.zero1=False"):
+        load_config(None, ["mesh.zero1=false"])
+    with pytest.raises(ConfigError, match=r"'mesh.microbatches' has moved: write pipeline.microbatches=4"):
+        load_config(None, ["mesh.microbatches=4"])
 
 
 def test_divisibility_error_names_field_axis_and_sizes() -> None:
     model = abstract_model(cfg_for({}, num_kv_heads=2).model)
-    rules = resolve_rules(MeshConfig())
+    rules = resolve_rules(ShardingConfig())
     mesh = make_abstract_mesh(MeshConfig(data=2, tensor=4), 8)
     with pytest.raises(ConfigError) as e:
         check_divisible(nnx.state(model, nnx.Param), logical_axes(model), rules, mesh,
@@ -104,8 +115,8 @@ def test_divisibility_error_names_field_axis_and_sizes() -> None:
                                    "(logical axis kv_heads -> tensor")
     # replicating kv heads (Megatron's choice when tensor > kv heads) is the documented way out
     check_divisible(nnx.state(model, nnx.Param), logical_axes(model), {**rules, "kv_heads": ()}, mesh)
-    with pytest.raises(ConfigError, match=r"data.global_batch_size=6 is not divisible by 4"):
-        build_sharded_training(config_from_dict({"model": MODEL, "mesh": dict(data=2, fsdp=2, tensor=2),
+    with pytest.raises(ConfigError, match=r"data.global_batch_size.*micro batch 6 is not divisible by 4"):
+        build_training(config_from_dict({"model": MODEL, "mesh": dict(data=2, fsdp=2, tensor=2),
                                                  "data": dict(seq_len=32, global_batch_size=6)}),
                                make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
 
@@ -124,7 +135,7 @@ def test_constrain_is_identity_without_rules_and_shards_with_them() -> None:
     x = jnp.ones((8, 4, 16))
     assert constrain(x, ACT_AXES) is x
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    rules = resolve_rules(MeshConfig(sequence_parallel=True))
+    rules = resolve_rules(ShardingConfig(sequence_parallel=True))
     with use_rules(mesh, rules):
         y = jax.jit(lambda a: constrain(a * 2, ACT_AXES))(x)
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor")), 3)
@@ -180,7 +191,7 @@ def _param_name(path) -> str:
 def mixed_state():
     cfg = cfg_for(MIXED)
     mesh = make_mesh(cfg.mesh)
-    st = build_sharded_training(cfg, mesh)
+    st = build_training(cfg, mesh)
     return cfg, mesh, st, st.init_state(0)
 
 
@@ -210,9 +221,9 @@ def test_every_param_and_opt_leaf_sharded_as_rules_say(mixed_state) -> None:
     # the step keeps every sharding (out_shardings = in_shardings, state donated)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 128, (1, 8, 32)).astype(np.int32)
-    batch = st.global_batch(dict(input_ids=ids, targets=ids, loss_mask=np.ones((1, 8, 32), np.float32),
-                                 positions=np.broadcast_to(np.arange(32, dtype=np.int32), (1, 8, 32)).copy(),
-                                 segment_ids=np.ones((1, 8, 32), np.int32)))
+    batch = st.global_batch(dict(input_ids=ids[0], targets=ids[0], loss_mask=np.ones((8, 32), np.float32),
+                                 positions=np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32)).copy(),
+                                 segment_ids=np.ones((8, 32), np.int32)), 1, 8)
     assert batch["input_ids"].sharding.is_equivalent_to(NamedSharding(mesh, P(None, ("data", "fsdp"))), 3)
     new_state, metrics = st.step(jax.tree.map(lambda a: a.copy(), state), batch)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(new_state)[0], jax.tree.leaves(state)):
@@ -225,7 +236,7 @@ def test_init_never_materialises_the_whole_state_on_one_device() -> None:
     and its scratch memory stays far below the full state (no device builds it all)."""
     cfg = cfg_for(dict(data=1, fsdp=4, tensor=2), vocab_size=8192, hidden_size=512, num_heads=8,
                   num_kv_heads=8, head_dim=64, ffn_hidden_size=2048)
-    st = build_sharded_training(cfg, make_mesh(cfg.mesh))
+    st = build_training(cfg, make_mesh(cfg.mesh))
     full = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st.abstract_state))
     mem = st.init_jit.lower(jnp.asarray(0, jnp.uint32)).compile().memory_analysis()
     assert mem.output_size_in_bytes <= full / 8 * 1.01
@@ -235,7 +246,7 @@ def test_init_never_materialises_the_whole_state_on_one_device() -> None:
 def test_tree_shardings_from_model_logical_axes(mixed_state) -> None:
     _, mesh, _, state = mixed_state
     model = abstract_model(cfg_for(MIXED).model)
-    shardings = tree_shardings(logical_axes(model), resolve_rules(MeshConfig()), mesh)
+    shardings = tree_shardings(logical_axes(model), resolve_rules(ShardingConfig()), mesh)
     flat = {"/".join(str(getattr(k, "key", k)) for k in p): s for p, s in
             jax.tree_util.tree_flatten_with_path(shardings)[0]}
     assert set(flat) == set(EXPECTED_PARAMS)
@@ -245,7 +256,7 @@ def test_tree_shardings_from_model_logical_axes(mixed_state) -> None:
 
 def test_zero1_off_shards_optimizer_state_like_params() -> None:
     cfg = cfg_for({**MIXED, "zero1": False})
-    st = build_sharded_training(cfg, make_mesh(cfg.mesh))
+    st = build_training(cfg, make_mesh(cfg.mesh))
     for path, spec in jax.tree_util.tree_flatten_with_path(
             st.state_specs.opt_state, is_leaf=lambda x: isinstance(x, P))[0]:
         short = _param_name(path)
@@ -272,7 +283,7 @@ def test_memory_estimate_equals_measured_shards(mixed_state) -> None:
 
 def test_bf16_params_get_zero1_sharded_fp32_master() -> None:
     cfg = cfg_for(MIXED, param_dtype="bfloat16")
-    st = build_sharded_training(cfg, make_mesh(cfg.mesh))
+    st = build_training(cfg, make_mesh(cfg.mesh))
     master = st.abstract_state.opt_state.master
     spec = st.state_specs.opt_state.master
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(master))
@@ -310,7 +321,7 @@ def _info(*argv: str) -> tuple[int, str, str]:
 
 def test_info_reports_per_device_bytes_without_devices() -> None:
     # 64 devices on a machine with 8: the mesh is abstract
-    rc, out, _ = _info("tiny", "--mesh-devices", "64", "mesh.tensor=2", "mesh.fsdp=4", "mesh.zero1=false")
+    rc, out, _ = _info("tiny", "--mesh-devices", "64", "mesh.tensor=2", "mesh.fsdp=4", "sharding.zero1=false")
     assert rc == 0
     mem = json.loads(out)["memory"]
     assert mem["mesh"] == {"data": 8, "pipeline": 1, "fsdp": 4, "tensor": 2}

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
 # data spans the two processes as DCN (hybrid mesh, a process per "node"); otherwise the same
 # layout as an equivalence case, so the in-process reference reuses its compiled step.
-MESH = dict(data=2, dcn_data=2, fsdp=2, tensor=2, zero1=True, sequence_parallel=True)
+MESH = dict(data=2, dcn_data=2, fsdp=2, tensor=2)
+SHARDING = dict(zero1=True, sequence_parallel=True)
 TIMEOUT_S = 420
 
 
@@ -29,7 +30,7 @@ def _cfg():
     sys.path.insert(0, str(ROOT / "tests"))
     from test_parallel_equivalence import make_cfg  # same tiny model / optimizer
 
-    return make_cfg(MESH)
+    return make_cfg(MESH, SHARDING)
 
 
 def _batch():
@@ -43,15 +44,16 @@ def train(log_rows: bool = False) -> list[float]:
     import jax
 
     from nemojax.parallel.mesh import make_mesh
-    from nemojax.parallel.sharded_train import build_sharded_training
+    from nemojax.train.build import build_training
 
     cfg = _cfg()
-    st = build_sharded_training(cfg, make_mesh(cfg.mesh))
+    st = build_training(cfg, make_mesh(cfg.mesh))
     full = _batch()
-    rows = st.process_rows(full["input_ids"].shape[1])
+    micro = full["input_ids"].shape[1]
+    rows = st.rows(1, micro)
     if log_rows:
-        print(f"process {jax.process_index()} feeds rows {rows.start}:{rows.stop}", file=sys.stderr)
-    batch = st.global_batch({k: v[:, rows] for k, v in full.items()})
+        print(f"process {jax.process_index()} feeds rows {rows.min()}:{rows.max() + 1}", file=sys.stderr)
+    batch = st.global_batch({k: v[0][rows] for k, v in full.items()}, 1, micro)
     state = st.init_state(cfg.seed)
     losses = []
     for _ in range(STEPS):

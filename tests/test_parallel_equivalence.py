@@ -20,7 +20,7 @@ import pytest
 
 from nemojax.config import config_from_dict
 from nemojax.parallel.mesh import make_mesh
-from nemojax.parallel.sharded_train import build_sharded_training
+from nemojax.train.build import build_training
 from reference_run import flat_params, packed_batch, single_device_run
 
 STEPS = 2
@@ -35,17 +35,17 @@ OPT = dict(learning_rate=3e-3, warmup_steps=0, schedule="constant", eps=1e-4, we
            grad_clip=1.0)
 
 CASES: dict[str, dict[str, Any]] = {
-    "data8_zero1": {"mesh": dict(data=8, zero1=True)},
+    "data8_zero1": {"mesh": dict(data=8), "sharding": dict(zero1=True)},
     "fsdp8": {"mesh": dict(data=1, fsdp=8)},
-    "tensor4_data2_no_zero1": {"mesh": dict(data=2, tensor=4, zero1=False)},
-    "data2_fsdp2_tensor2_seqpar_zero1": {"mesh": dict(data=2, fsdp=2, tensor=2, zero1=True,
-                                                      sequence_parallel=True)},
+    "tensor4_data2_no_zero1": {"mesh": dict(data=2, tensor=4), "sharding": dict(zero1=False)},
+    "data2_fsdp2_tensor2_seqpar_zero1": {"mesh": dict(data=2, fsdp=2, tensor=2),
+                                         "sharding": dict(zero1=True, sequence_parallel=True)},
 }
 
 
-def make_cfg(mesh: dict[str, Any]):
-    return config_from_dict({"model": MODEL, "optimizer": OPT, "mesh": mesh, "steps": STEPS,
-                             "data": dict(seq_len=SEQ, global_batch_size=BATCH)})
+def make_cfg(mesh: dict[str, Any], sharding: dict[str, Any] | None = None):
+    return config_from_dict({"model": MODEL, "optimizer": OPT, "mesh": mesh, "sharding": sharding or {},
+                             "steps": STEPS, "data": dict(seq_len=SEQ, global_batch_size=BATCH)})
 
 
 def make_batch() -> dict[str, np.ndarray]:
@@ -61,11 +61,11 @@ def reference() -> tuple[list[float], dict[str, np.ndarray]]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_layout_matches_single_device(name: str, reference) -> None:
     case = CASES[name]
-    cfg = make_cfg(case["mesh"])
+    cfg = make_cfg(case["mesh"], case.get("sharding"))
     mesh = make_mesh(cfg.mesh)
-    st = case.get("build", build_sharded_training)(cfg, mesh)
+    st = build_training(cfg, mesh)
     state = st.init_state(cfg.seed)
-    batch = st.global_batch(make_batch())
+    batch = st.global_batch({k: v[0] for k, v in make_batch().items()}, 1, BATCH)
     losses = []
     for _ in range(STEPS):
         state, metrics = st.step(state, batch)

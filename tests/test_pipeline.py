@@ -20,9 +20,9 @@ from flax import nnx
 from nemojax.config import ConfigError, ModelConfig, config_from_dict
 from nemojax.model.transformer import NemotronLM
 from nemojax.parallel.mesh import make_mesh
-from nemojax.parallel.pipeline import (bubble_fraction, build_training, num_iterations,
-                                       pipelined_hidden, schedule_summary, split_microbatches,
-                                       merge_microbatches, to_stages, validate_pipeline)
+from nemojax.parallel.pipeline import (bubble_fraction, num_iterations, pipelined_hidden, schedule_summary,
+                                       split_microbatches, merge_microbatches, to_stages, validate_pipeline)
+from nemojax.train.build import build_training
 from reference_run import flat_params, packed_batch, single_device_run
 
 STEPS = 2
@@ -37,7 +37,10 @@ OPT = dict(learning_rate=3e-3, warmup_steps=0, schedule="constant", eps=1e-4, we
 
 
 def make_cfg(mesh: dict[str, Any], **model: Any):
-    return config_from_dict({"model": {**MODEL, **model}, "optimizer": OPT, "mesh": mesh,
+    """`mesh` may also hold the pipeline schedule keys (virtual_stages, microbatches)."""
+    pipe = {k: mesh[k] for k in ("virtual_stages", "microbatches") if k in mesh}
+    mesh = {k: v for k, v in mesh.items() if k not in pipe}
+    return config_from_dict({"model": {**MODEL, **model}, "optimizer": OPT, "mesh": mesh, "pipeline": pipe,
                              "steps": STEPS, "data": dict(seq_len=SEQ, global_batch_size=BATCH)})
 
 
@@ -84,7 +87,7 @@ def test_validate_pipeline_messages() -> None:
         validate_pipeline(8, 4, 3, 4)
     with pytest.raises(ConfigError, match="microbatches >= 4"):
         validate_pipeline(8, 4, 2, 2)
-    with pytest.raises(ConfigError, match="not divisible by mesh.microbatches"):
+    with pytest.raises(ConfigError, match="not divisible by pipeline.microbatches"):
         validate_pipeline(8, 2, 1, 3, batch=8)
     validate_pipeline(8, 2, 1, 1, batch=8)  # V == 1 needs no M >= P
 
@@ -163,8 +166,9 @@ def test_pipelined_training_matches_single_device(layout: dict[str, Any], refere
     name = str(layout)
     mesh = make_mesh(cfg.mesh)
     st = build_training(cfg, mesh)
+    assert st.schedule is not None and st.schedule.P == cfg.mesh.pipeline
     state = st.init_state(cfg.seed)
-    batch = st.global_batch(make_batch())
+    batch = st.global_batch({k: v[0] for k, v in make_batch().items()}, 1, BATCH)
     losses = []
     for _ in range(STEPS):
         state, metrics = st.step(state, batch)

@@ -42,19 +42,22 @@ def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(Path(os.environ.get("NEMOJAX_TEST_CACHE", REPO / ".jax_cache"))),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONUNBUFFERED="1")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.update(extra)
     return env
 
 
-def _cmd(run_dir: Path, *over: str) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), "configs/tiny.yaml", f"run_dir={run_dir}", "steps=12",
-            *TINY, *over]
+def _cmd(run_dir: Path, *over: str, kill_after: int = 0) -> list[str]:
+    launcher = [str(REPO / "tests" / "kill_after_save.py"), str(kill_after)] if kill_after \
+        else [str(REPO / "train.py")]
+    return [sys.executable, *launcher, "configs/tiny.yaml", f"run_dir={run_dir}", "steps=12", *TINY, *over]
 
 
-def train(run_dir: Path, *over: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(run_dir, *over), cwd=REPO, env=_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
+def train(run_dir: Path, *over: str, timeout: float = 240, kill_after: int = 0,
+          **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(run_dir, *over, kill_after=kill_after), cwd=REPO, env=_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
@@ -83,7 +86,7 @@ def straight(tmp_path_factory) -> Path:
 
 def test_exact_resume_after_sigkill(straight, tmp_path):
     rd = tmp_path / "killed"
-    proc = train(rd, NEMOJAX_TEST_KILL_AFTER_SAVE="6")
+    proc = train(rd, kill_after=6)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert ckpt_steps(rd) == [2, 4, 6] and sorted(losses(rd)) == list(range(1, 7))
     proc = train(rd)

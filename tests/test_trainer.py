@@ -30,13 +30,14 @@ VOCAB, SEQ = 64, 16
 
 
 class SyntheticStream:
-    """make_batch_iterator stand-in: row r is (r*7 + i) mod VOCAB, i = 0..seq; state = rows emitted."""
+    """make_batch_iterator stand-in: global row r is (r*7 + i) mod VOCAB, i = 0..seq; state = rows emitted."""
 
     calls: list[tuple[str, int]] = []
 
     def __init__(self, data_cfg: Any, *, split: str, batch_size: int, seq_len: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
-        self.split, self.batch, self.seq = split, batch_size // process_count, seq_len
+                 rows: Any = None):
+        self.split, self.batch, self.seq = split, batch_size, seq_len
+        self.want = np.arange(batch_size) if rows is None else np.asarray(rows)
         self.rows = 0 if split == "train" else 10_000
         SyntheticStream.calls.append((split, batch_size))
 
@@ -44,13 +45,14 @@ class SyntheticStream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        r = np.arange(self.rows, self.rows + self.batch)[:, None]
+        r = (self.rows + self.want)[:, None]
         toks = ((r * 7 + np.arange(self.seq + 1)[None]) % VOCAB).astype(np.int32)
         self.rows += self.batch
-        pos = np.broadcast_to(np.arange(self.seq, dtype=np.int32), (self.batch, self.seq))
+        n = len(self.want)
+        pos = np.broadcast_to(np.arange(self.seq, dtype=np.int32), (n, self.seq))
         return {"input_ids": toks[:, :-1], "targets": toks[:, 1:], "positions": pos.copy(),
-                "segment_ids": np.ones((self.batch, self.seq), np.int32),
-                "loss_mask": np.ones((self.batch, self.seq), np.float32)}
+                "segment_ids": np.ones((n, self.seq), np.int32),
+                "loss_mask": np.ones((n, self.seq), np.float32)}
 
     def get_state(self) -> dict:
         return {"rows": self.rows}
@@ -164,7 +166,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     s1, m1 = step(state, one)
     s2, m2 = step(state, two)
     assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
-    assert float(m1["tokens"]) == float(m2["tokens"]) == 4 * SEQ - 5
+    assert float(m1["loss_denominator"]) == float(m2["loss_denominator"]) == 4 * SEQ - 5
     for a, c in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
 

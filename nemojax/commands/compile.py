@@ -1,15 +1,18 @@
 """`nemojax compile CONFIG --topology NAME [key=value ...]`: AOT-compile the train step, print JSON.
 
-Compiles forward, backward and the optimizer update exactly as `nemojax train` would run them
-on the target TPU topology (from this host, via libtpu's compile-only devices) and prints the
-per-device memory analysis, whether it fits the chip's HBM, the pipeline bubble and the
-compile time. See `nemojax.parallel.aot` for the accepted topology names.
+Compiles the train step that `nemojax train` runs (the same `nemojax.train.build.build_training`
+call: forward, backward, fp32 gradient accumulation, clipping, optimizer update) for the target
+TPU topology (from this host, via libtpu's compile-only devices) and prints the per-device
+memory analysis, whether it fits the chip's HBM, the pipeline bubble and the compile time.
+The step is lowered for the config's largest batch (the final ramp-up stage), with its
+gradient-accumulation slices. See `nemojax.parallel.aot` for the
+accepted topology names.
 
 Examples:
   nemojax compile nemotron4-15b --topology v5p-32 mesh.tensor=4 mesh.data=-1 data.seq_len=4096 \
       data.global_batch_size=16
   nemojax compile nemotron4-340b --topology v5p-1024 mesh.tensor=8 mesh.pipeline=8 \
-      mesh.virtual_stages=12 mesh.microbatches=8 mesh.data=-1 ...
+      pipeline.virtual_stages=12 pipeline.microbatches=8 mesh.data=-1 ...
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 
 class _TopologyThenOverrides(argparse.Action):
@@ -42,24 +47,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "overrides may follow it")
     p.add_argument("--num-slices", type=int, default=1, help="multislice: number of slices (DCN)")
     p.add_argument("--microbatches", type=int, default=0,
-                   help="shortcut for mesh.microbatches=N (pipeline microbatches per step)")
-    p.add_argument("--virtual-stages", type=int, default=0, help="shortcut for mesh.virtual_stages=N")
+                   help="shortcut for pipeline.microbatches=N (pipeline microbatches per step)")
+    p.add_argument("--virtual-stages", type=int, default=0, help="shortcut for pipeline.virtual_stages=N")
     p.add_argument("--output", default="", help="also write the JSON to this file")
+
+
+def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, Any]:
+    """Everything `nemojax compile` prints: target, mesh, schedule, memory, fit, times."""
+    import jax
+
+    from nemojax.parallel.aot import compile_report, state_bytes, topology_devices
+    from nemojax.parallel.mesh import make_mesh, mesh_shape
+    from nemojax.parallel.pipeline import schedule_summary
+    from nemojax.train.build import build_training
+    from nemojax.train.rampup import BatchSchedule
+
+    devices, target = topology_devices(topology, num_slices)
+    t0 = time.perf_counter()
+    mesh = make_mesh(cfg.mesh, devices)
+    training = build_training(cfg, mesh)
+    sched = BatchSchedule(cfg.data)
+    accum, micro = max(sched.distinct_shapes(), key=lambda s: s[0] * s[1])
+    t1 = time.perf_counter()
+    lowered = training.lower(accum, micro)
+    t2 = time.perf_counter()
+    out: dict[str, Any] = {"target": target, "mesh": mesh_shape(mesh)}
+    if training.schedule is not None:
+        s = training.schedule
+        out["pipeline"] = schedule_summary(s.P, s.V, s.M, cfg.model.num_layers)
+    out["state_bytes_per_device"] = state_bytes(training.abstract_sharded_state())
+    out.update({"remat_policy": cfg.model.remat_policy, "compute_dtype": cfg.model.compute_dtype,
+                "param_dtype": cfg.model.param_dtype, "fp32_master_weights": cfg.model.param_dtype != "float32",
+                "zero1": cfg.sharding.zero1, "seq_len": cfg.data.seq_len,
+                "global_batch_size": cfg.data.global_batch_size, "micro_batch_size": micro,
+                "accumulation_steps": accum})
+    report = compile_report(lowered, target.get("hbm_gib"))
+    out.update(report)
+    out["seconds"] = {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2),
+                      "compile": report.get("compile_s", report.get("compile_until_oom_s"))}
+    out["jax_version"] = jax.__version__
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     from nemojax.config import load_config
-    from nemojax.parallel.aot import aot_compile
 
     overrides = list(args.overrides) + list(getattr(args, "trailing_overrides", []))
     if args.microbatches:
-        overrides.append(f"mesh.microbatches={args.microbatches}")
+        overrides.append(f"pipeline.microbatches={args.microbatches}")
     if args.virtual_stages:
-        overrides.append(f"mesh.virtual_stages={args.virtual_stages}")
+        overrides.append(f"pipeline.virtual_stages={args.virtual_stages}")
     cfg = load_config(args.config, overrides)
     print(f"nemojax compile: {args.config} for {args.topology} ...", file=sys.stderr, flush=True)
-    result = {"config": str(args.config), "overrides": overrides, **aot_compile(cfg, args.topology,
-                                                                                args.num_slices)}
+    result = {"config": str(args.config), "overrides": overrides,
+              **compile_training(cfg, args.topology, args.num_slices)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     out = info(cfg.model, args.seq_len or cfg.model.max_seq_len)
     if devices:
-        from nemojax.parallel.memory import training_state_bytes
+        from nemojax.train.build import training_state_bytes
 
         out["memory"] = training_state_bytes(cfg, devices)
     print(json.dumps(out, indent=2))

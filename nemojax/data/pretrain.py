@@ -1,19 +1,30 @@
-"""The pretraining input pipeline: read -> split -> shard -> shuffle -> tokenize -> pack -> blend.
+"""The pretraining input pipeline: read -> split -> shuffle -> tokenize -> frame -> pack -> blend.
 
-Per source, grain does the document-level work by index arithmetic (no data is touched
-until needed): `MapDataset.source(document indices of this split)`, sliced to this host's
-share (`[process_index::process_count]`, disjoint and covering), shuffled from the seed
-(a fresh permutation each epoch, repeated forever: nemojax.data.shuffle), then read and
-tokenized in blocks (`batch` with a tokenizing batch_fn).
-Each source is packed into rows separately (nemojax.data.packing) and the rows are
-blended by weight: row k goes to the source furthest behind its share (as Megatron's
-BlendableDataset does), so the proportions hold to within one row at every point.
+One global stream. The rows of every global batch are a pure function of the config, the seed
+and the stream position -- never of the number of processes or the mesh -- so a run on one host
+and the same run on 64 hosts train on exactly the same batches, and a checkpoint resumes with
+any process count. Each process asks for the rows its devices hold (`rows=`, from
+`nemojax.parallel.batching`): it walks the whole stream's *plan* (which document pieces make up
+each row, known from document lengths) and reads and fills only its own rows.
 
-State. The whole position of the stream is, per source, (document index, token offset,
-rows emitted): a few integers. `get_state()` returns them as a JSON-ready dict; a fresh
-iterator given that state via `set_state()` continues with exactly the next row, whatever
-its batch size, so batch ramp-up and resume after preemption need nothing else. The state
-is per host (each host packs its own shard); save each process's state.
+Per source, grain does the document-level work by index arithmetic: `MapDataset.source(document
+indices of this split)`, shuffled from the seed (a fresh permutation each epoch, repeated forever:
+nemojax.data.shuffle); documents are read and tokenized in blocks of READ_BLOCK. Lengths come for
+free where the source knows them (the built-in corpus cache); otherwise the document is read
+(pre-tokenized ArrayRecord) or tokenized (JSONL / Parquet) to learn it, so a process that owns a
+small share of a text batch still tokenizes the whole batch: pre-tokenize big text corpora
+(`nemojax tokenizer encode`). Each document is framed `[bos] + tokens + [eos]` (the bos the
+model sees before every prompt in `generate` / `serve`) and each source is packed into rows
+separately (nemojax.data.packing); rows are blended by weight: row k goes to the source
+furthest behind its share (as Megatron's BlendableDataset does), so the proportions hold to
+within one row at every point.
+
+State. The whole position of the stream is, per source, (document index, token offset, rows
+emitted, the seed of its order): a few integers, identical on every process. `get_state()`
+returns them as a JSON-ready dict; a fresh iterator given that state via `set_state()`
+continues with exactly the next row, whatever its batch size or row selection, so batch
+ramp-up, resume after preemption and resume with a different process count need nothing else.
+`continue_from()` starts a new stage (continued pretraining) where another run's stream stopped.
 
 Validation iterators cycle over the validation documents in a fixed order (independent of
 the training seed), so "the first N batches" are the same evaluation set in every run.
@@ -24,20 +35,20 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grain
 import numpy as np
 
 from nemojax.config import ConfigError, DataConfig, DataSourceConfig
-from nemojax.data.packing import Cursor, empty_rows, pack_row
+from nemojax.data.packing import Cursor, empty_rows, fill_row, plan_row
 from nemojax.data.shuffle import EpochShuffle
 from nemojax.data.sources import DataError, TokenArraySource, infer_format, open_files
 from nemojax.data.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: one global stream, bos-framed documents, per-source order seeds
 # Documents read (and tokenized) together; big enough to amortise tokenizer calls, small
 # enough that a resume reads little it will not use.
 READ_BLOCK = 64
@@ -79,29 +90,66 @@ def split_indices(num_docs: int, split: str, fraction: float) -> np.ndarray:
 # ---------------------------------------------------------------------------- per-source streams
 
 
+def source_key(src: DataSourceConfig) -> list[str]:
+    """What identifies a source across runs and stages: path, format and text field."""
+    return [src.path, src.format, src.text_field]
+
+
+def _derive_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "little")
+
+
+def _order_seed(seed: int, group: str, src: DataSourceConfig) -> int:
+    """Seed of one source's document order: from the data seed and the source's identity (not its
+    position in the blend, so reordering or extending a blend keeps every source's order)."""
+    return _derive_seed(seed, group, *source_key(src))
+
+
 @dataclass
 class _Stream:
-    """One source's documents, in this host's order, as token arrays: doc k -> ids."""
+    """One source's documents in stream order (k = 0, 1, ... over epochs), as token arrays."""
 
     label: str
+    key: list[str]
     weight: float
-    blocks: grain.MapDataset  # element b = token arrays of documents b*READ_BLOCK ...
-    docs_per_epoch: int
+    indices: np.ndarray  # document ids of this split
+    fetch: Callable[[Sequence[int]], list[np.ndarray]]  # document ids -> token arrays
+    lengths: np.ndarray | None  # token count per document id, when the source knows it cheaply
+    seed: int
+    order: EpochShuffle = field(init=False)
     _cached: tuple[int, list[np.ndarray]] | None = None
+
+    def __post_init__(self) -> None:
+        self.reseed(self.seed)
+
+    def reseed(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.order = EpochShuffle(grain.MapDataset.source(self.indices), seed=self.seed)  # infinite
+        self._cached = None
+
+    @property
+    def docs_per_epoch(self) -> int:
+        return len(self.indices)
 
     def get_doc(self, k: int) -> np.ndarray:
         b, j = divmod(k, READ_BLOCK)
         if self._cached is None or self._cached[0] != b:
-            self._cached = (b, self.blocks[b])
+            self._cached = (b, self.fetch([int(self.order[b * READ_BLOCK + i]) for i in range(READ_BLOCK)]))
         return self._cached[1][j]
+
+    def doc_len(self, k: int) -> int:
+        if self.lengths is not None:
+            return int(self.lengths[int(self.order[k])])
+        return len(self.get_doc(k))
 
 
 def _source_label(i: int, src: DataSourceConfig, group: str) -> str:
     return f"data.{group}[{i}] ({src.path})"
 
 
-def _open_source(src: DataSourceConfig, label: str, tok: Tokenizer) -> tuple[Any, Callable[[Sequence[int]], list]]:
-    """(indexable documents, fetch(indices) -> token arrays) for one source config."""
+def _open_source(src: DataSourceConfig, label: str, tok: Tokenizer
+                 ) -> tuple[Any, Callable[[Sequence[int]], list], np.ndarray | None]:
+    """(indexable documents, fetch(indices) -> token arrays, lengths or None) for one source."""
     fmt = infer_format(src.path) if src.format == "auto" else src.format
     if fmt == "builtin":
         from nemojax.data.token_cache import builtin_tokens
@@ -113,6 +161,7 @@ def _open_source(src: DataSourceConfig, label: str, tok: Tokenizer) -> tuple[Any
             raise DataError(f"{label}: {e}") from None
     else:
         docs = open_files(src.path, fmt, src.text_field, label)
+    lengths = docs.lengths() if isinstance(docs, TokenArraySource) else None
     if isinstance(docs, TokenArraySource) or fmt == "arrayrecord":
         vocab = tok.vocab_size
 
@@ -127,49 +176,45 @@ def _open_source(src: DataSourceConfig, label: str, tok: Tokenizer) -> tuple[Any
         def fetch(idx: Sequence[int]) -> list[np.ndarray]:
             ids = tok.encode_batch([docs[int(i)] for i in idx])
             return [np.asarray(x, dtype=np.int32) for x in ids]
-    return docs, fetch
-
-
-def _derive_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "little")
+    return docs, fetch, lengths
 
 
 def _build_stream(i: int, src: DataSourceConfig, group: str, *, split: str, holdout: float, seed: int,
-                  process_index: int, process_count: int, tok: Tokenizer) -> _Stream | None:
+                  tok: Tokenizer) -> _Stream | None:
     label = _source_label(i, src, group)
-    docs, fetch = _open_source(src, label, tok)
+    docs, fetch, lengths = _open_source(src, label, tok)
     n = len(docs)
     if n == 0:
         raise DataError(f"{label}: the source holds no documents")
     indices = split_indices(n, split, holdout) if holdout > 0 else np.arange(n, dtype=np.int64)
     if len(indices) == 0:
         return None  # e.g. a one-document source has nothing to give validation
-    if len(indices) < process_count:
-        raise DataError(f"{label}: {len(indices)} {split} documents cannot be shared among {process_count} "
-                        f"hosts; every host needs at least one (add data or lower validation_fraction)")
-    ds = grain.MapDataset.source(indices)[process_index::process_count]
-    per_epoch = len(ds)
-    ds = EpochShuffle(ds, seed=_derive_seed(seed, group, i))  # infinite, reshuffled each epoch
-    ds = ds.batch(READ_BLOCK, batch_fn=fetch)
-    return _Stream(label=label, weight=float(src.weight), blocks=ds, docs_per_epoch=per_epoch)
+    return _Stream(label=label, key=source_key(src), weight=float(src.weight), indices=indices, fetch=fetch,
+                   lengths=lengths, seed=_order_seed(seed, group, src))
 
 
 # ---------------------------------------------------------------------------- the iterator
 
 
 class BatchIterator:
-    """Yields dicts of [local_batch, seq_len] numpy arrays; resumable via get/set_state.
+    """Yields this process' rows of each global batch as dicts of `[len(rows), seq_len]` arrays.
 
-    Keys: input_ids, targets, positions, segment_ids (int32) and loss_mask (float32).
-    `local_batch = batch_size // process_count`: this host's share of the global batch.
+    Keys: input_ids, targets, positions, segment_ids (int32) and loss_mask (float32). `rows` are
+    indices into the global batch of `batch_size` rows (default: all of them), any subset in
+    any order; the arrays hold them in that order. Resumable via get_state / set_state.
     """
 
-    def __init__(self, streams: list[_Stream], *, local_batch: int, seq_len: int, eos_id: int,
-                 pack_mode: str, spec: dict[str, Any]) -> None:
+    def __init__(self, streams: list[_Stream], *, batch_size: int, rows: Sequence[int] | None, seq_len: int,
+                 eos_id: int, bos_id: int | None, pack_mode: str, spec: dict[str, Any]) -> None:
         self.streams = streams
-        self.local_batch = local_batch
+        self.batch_size = batch_size
+        self.rows_wanted = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
+        if self.rows_wanted.size and (self.rows_wanted.min() < 0 or self.rows_wanted.max() >= batch_size):
+            raise ConfigError(f"rows {self.rows_wanted.tolist()} are not all in the global batch of {batch_size}")
+        self._slot = {int(r): j for j, r in enumerate(self.rows_wanted)}
         self.seq_len = seq_len
         self.eos_id = eos_id
+        self.bos_id = bos_id
         self.pack_mode = pack_mode
         self.spec = spec
         total = sum(s.weight for s in streams)
@@ -187,14 +232,18 @@ class BatchIterator:
         return int(np.argmax(deficit))
 
     def __next__(self) -> dict[str, np.ndarray]:
-        out = empty_rows(self.local_batch, self.seq_len)
+        out = empty_rows(len(self.rows_wanted), self.seq_len)
         saved = (list(self.cursors), self.rows_per_source.copy(), self.rows)
+        bos = self.bos_id is not None
         try:
-            for r in range(self.local_batch):
+            for r in range(self.batch_size):
                 i = self._next_source()
                 s = self.streams[i]
-                self.cursors[i] = pack_row(s.get_doc, self.cursors[i], out, r, eos_id=self.eos_id,
-                                           mode=self.pack_mode, max_empty=s.docs_per_epoch)
+                pieces, self.cursors[i] = plan_row(s.doc_len, self.cursors[i], self.seq_len, bos=bos,
+                                                   mode=self.pack_mode, max_empty=s.docs_per_epoch)
+                slot = self._slot.get(r)
+                if slot is not None:
+                    fill_row(s.get_doc, pieces, out, slot, eos_id=self.eos_id, bos_id=self.bos_id)
                 self.rows_per_source[i] += 1
                 self.rows += 1
         except BaseException:
@@ -204,7 +253,7 @@ class BatchIterator:
         return out
 
     def source_of_rows(self, n: int) -> list[int]:
-        """Which source each of the next `n` rows will come from (does not advance)."""
+        """Which source each of the next `n` rows of the stream will come from (does not advance)."""
         saved = (self.rows, self.rows_per_source.copy())
         picks = []
         for _ in range(n):
@@ -217,7 +266,7 @@ class BatchIterator:
 
     @property
     def tokens_consumed(self) -> int:
-        """Row slots produced so far by this host (rows * seq_len)."""
+        """Row slots of the global stream produced so far (rows * seq_len)."""
         return self.rows * self.seq_len
 
     def get_state(self) -> dict[str, Any]:
@@ -225,58 +274,101 @@ class BatchIterator:
         return {
             "version": STATE_VERSION,
             "rows": int(self.rows),
-            "sources": [{"doc": int(c.doc), "offset": int(c.offset), "rows": int(r)}
-                        for c, r in zip(self.cursors, self.rows_per_source)],
+            "sources": [{"source": s.key, "weight": s.weight, "seed": s.seed, "doc": int(c.doc),
+                         "offset": int(c.offset), "rows": int(r)}
+                        for s, c, r in zip(self.streams, self.cursors, self.rows_per_source)],
             "spec": self.spec,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from a `get_state()` snapshot (the batch size may differ)."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise DataError(f"data iterator state has version {state.get('version') if isinstance(state, dict) else None}, "
-                            f"expected {STATE_VERSION}: it was saved by an incompatible nemojax")
+        """Continue from a `get_state()` snapshot (the batch size and row selection may differ)."""
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != STATE_VERSION:
+            raise DataError(f"the saved data-stream position has version {version}, this nemojax reads "
+                            f"{STATE_VERSION} (one global stream, bos-framed documents): it was saved by an "
+                            f"older nemojax. Start a new run from those weights with init_from=<that run_dir>")
         old = state.get("spec", {})
         changed = sorted(k for k in set(old) | set(self.spec) if old.get(k) != self.spec.get(k))
+        saved_src = [[x["source"], x["weight"]] for x in state["sources"]]
+        mine = [[s.key, s.weight] for s in self.streams]
+        if saved_src != mine:
+            changed.append(f"sources: saved {saved_src!r}, now {mine!r}")
         if changed:
-            detail = "; ".join(f"{k}: saved {old.get(k)!r}, now {self.spec.get(k)!r}" for k in changed)
+            detail = "; ".join(c if c.startswith("sources:") else f"{c}: saved {old.get(c)!r}, now {self.spec.get(c)!r}"
+                               for c in changed)
             raise DataError(f"cannot resume the data pipeline: its configuration changed ({detail}). "
-                            f"Restore the old data settings, or start the data stream afresh")
-        srcs = state["sources"]
-        self.cursors = [Cursor(int(s["doc"]), int(s["offset"])) for s in srcs]
-        self.rows_per_source = np.array([int(s["rows"]) for s in srcs], np.int64)
+                            f"Restore the old data settings, or start a new stage from this run with "
+                            f"init_from=<run_dir> (data.stage_start decides whether its stream continues)")
+        for s, x in zip(self.streams, state["sources"]):
+            if int(x["seed"]) != s.seed:
+                s.reseed(int(x["seed"]))
+        self.cursors = [Cursor(int(x["doc"]), int(x["offset"])) for x in state["sources"]]
+        self.rows_per_source = np.array([int(x["rows"]) for x in state["sources"]], np.int64)
         self.rows = int(state["rows"])
+
+    def continue_from(self, previous: dict[str, Any], mode: str = "continue") -> list[str]:
+        """Start a new stage relative to another run's stream state (`data.stage_start`).
+
+        continue: each of this blend's sources that the previous run also read (same path,
+        format and text field, same tokenizer, split and hold-out) adopts that run's order and
+        position; blend counters start afresh. reshuffle: keep this stage's own orders, but
+        refuse (ConfigError) any source whose order equals the previous run's. Returns a line
+        per source saying what happened, for the log.
+        """
+        if not isinstance(previous, dict) or previous.get("version") != STATE_VERSION:
+            return [f"{s.label}: starts at its beginning (the previous run's data position is from an "
+                    f"older nemojax)" for s in self.streams]
+        old_spec = previous.get("spec", {})
+        same_docs = all(old_spec.get(k) == self.spec.get(k) for k in ("split", "holdout", "tokenizer", "bos"))
+        prev = {json.dumps(x["source"]): x for x in previous.get("sources", [])}
+        notes = []
+        for i, s in enumerate(self.streams):
+            x = prev.get(json.dumps(s.key))
+            if x is None:
+                notes.append(f"{s.label}: new to the blend, starts at its beginning")
+            elif mode == "reshuffle":
+                if int(x["seed"]) == s.seed:
+                    raise ConfigError(
+                        f"data.stage_start=reshuffle: {s.label} would be read in the same order as the run "
+                        f"this stage starts from (same shuffle seed), replaying the documents it saw first; "
+                        f"set data.shuffle_seed (or seed) to a different value, or use data.stage_start=continue")
+                notes.append(f"{s.label}: reshuffled with this stage's seed")
+            elif not same_docs:
+                notes.append(f"{s.label}: starts at its beginning (the previous run used another tokenizer or "
+                             f"validation split, so its position does not apply)")
+            else:
+                s.reseed(int(x["seed"]))
+                self.cursors[i] = Cursor(int(x["doc"]), int(x["offset"]))
+                epoch, k = divmod(int(x["doc"]), s.docs_per_epoch)
+                notes.append(f"{s.label}: continues where the previous run stopped (epoch {epoch}, document "
+                             f"{k} of {s.docs_per_epoch})")
+        return notes
 
 
 def _spec(data_cfg: DataConfig, sources: Sequence[DataSourceConfig], *, split: str, seq_len: int, seed: int,
-          holdout: float, process_index: int, process_count: int, tok: Tokenizer) -> dict[str, Any]:
-    """What must not change between saving and restoring a state (batch size may)."""
+          holdout: float, tok: Tokenizer, bos: bool) -> dict[str, Any]:
+    """What must not change between saving and restoring a state (batch size and rows may)."""
     return {
-        "split": split, "seq_len": seq_len, "seed": seed, "holdout": holdout,
-        "process_index": process_index, "process_count": process_count,
+        "split": split, "seq_len": seq_len, "seed": seed, "holdout": holdout, "bos": bos,
         "pack_mode": data_cfg.pack_mode, "tokenizer": tok.fingerprint,
-        "sources": [[s.path, s.format, s.weight, s.text_field] for s in sources],
     }
 
 
 def make_batch_iterator(data_cfg: DataConfig, *, split: str = "train", batch_size: int, seq_len: int,
-                        seed: int, process_index: int = 0, process_count: int = 1) -> BatchIterator:
-    """The packed, blended, sharded batch stream for one host.
+                        seed: int, rows: Sequence[int] | None = None) -> BatchIterator:
+    """The packed, blended batch stream, yielding the given `rows` of each global batch.
 
-    batch_size is the global batch; this host gets `batch_size // process_count` rows per
-    batch. `split="train"` reads data_cfg.sources (minus the held-out documents when
-    data_cfg.validation is empty); `split="validation"` reads data_cfg.validation, or the
-    held-out documents, and ignores `seed` so every run evaluates on the same rows.
+    batch_size is the global batch; `rows` (default: all) are the row indices this process
+    supplies (nemojax.train.build.Training.rows). `split="train"` reads data_cfg.sources (minus
+    the held-out documents when data_cfg.validation is empty); `split="validation"` reads
+    data_cfg.validation, or the held-out documents, and ignores `seed` so every run evaluates
+    on the same rows.
     """
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is unknown; use 'train' or 'validation'")
     data_cfg.validate("data")
     if batch_size < 1 or seq_len < 2:
         raise ConfigError(f"batch_size ({batch_size}) must be >= 1 and seq_len ({seq_len}) >= 2")
-    if not 0 <= process_index < process_count:
-        raise ConfigError(f"process_index={process_index} must be in [0, process_count={process_count})")
-    if batch_size % process_count:
-        raise ConfigError(f"global batch size {batch_size} is not divisible by the {process_count} hosts; "
-                          f"make data.global_batch_size (and every data.rampup batch_size) a multiple of it")
     tok = load_tokenizer(data_cfg.tokenizer)
     separate_validation = bool(data_cfg.validation)
     if split == "validation" and separate_validation:
@@ -293,14 +385,12 @@ def make_batch_iterator(data_cfg: DataConfig, *, split: str = "train", batch_siz
     for i, src in enumerate(sources):
         if src.weight <= 0:
             continue
-        st = _build_stream(i, src, group, split=split, holdout=holdout, seed=seed, process_index=process_index,
-                           process_count=process_count, tok=tok)
+        st = _build_stream(i, src, group, split=split, holdout=holdout, seed=seed, tok=tok)
         if st is not None:
             streams.append(st)
     if not streams:
         raise DataError(f"the {split} split has no documents: every source of data.{group} is empty or too "
                         f"small to hold out validation documents")
-    spec = _spec(data_cfg, sources, split=split, seq_len=seq_len, seed=seed, holdout=holdout,
-                 process_index=process_index, process_count=process_count, tok=tok)
-    return BatchIterator(streams, local_batch=batch_size // process_count, seq_len=seq_len, eos_id=tok.eos_id,
-                         pack_mode=data_cfg.pack_mode, spec=spec)
+    spec = _spec(data_cfg, sources, split=split, seq_len=seq_len, seed=seed, holdout=holdout, tok=tok, bos=True)
+    return BatchIterator(streams, batch_size=batch_size, rows=rows, seq_len=seq_len, eos_id=tok.eos_id,
+                         bos_id=tok.bos_id, pack_mode=data_cfg.pack_mode, spec=spec)

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import grain
+import grain.experimental
 import numpy as np
 
 MAX_MATERIALIZED = 1 << 22  # 4M documents: a 32 MiB int64 permutation per cached epoch
@@ -40,10 +41,8 @@ class EpochShuffle(grain.MapDataset):
     def _index(self, index: int) -> int:
         epoch, j = divmod(int(index), self._n)
         if self._n > MAX_MATERIALIZED:
-            from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
-
-            return int(index_shuffle_module.index_shuffle(j, max_index=self._n - 1,
-                                                          seed=(self._seed + epoch) % 2**32, rounds=4))
+            return int(grain.experimental.index_shuffle(j, max_index=self._n - 1,
+                                                        seed=(self._seed + epoch) % 2**32, rounds=4))
         perm = self._perms.get(epoch)
         if perm is None:
             perm = np.random.default_rng([self._seed, epoch]).permutation(self._n)

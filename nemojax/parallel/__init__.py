@@ -1,9 +1,12 @@
-"""Parallelism: the device mesh, logical-axis sharding rules, sharded training and multi-host.
+"""Parallelism: the device mesh, logical-axis sharding rules, pipelining and multi-host plumbing.
 
-`mesh.py` builds the 4-axis mesh from `MeshConfig`; `rules.py` maps the model's logical axis
-names to mesh axes; `sharded_train.py` turns a config + mesh into an initial sharded
-TrainState and a jitted step; `distributed.py` joins a multi-host job; `memory.py` estimates
-per-device bytes from shardings without devices.
+`mesh.py` builds the 4-axis mesh from the `mesh:` config; `rules.py` maps the model's logical
+axis names to mesh axes (from `sharding:`); `state_sharding.py` derives parameter and
+optimizer-state (ZeRO-1) PartitionSpecs; `batching.py` says which batch rows each process
+loads and assembles global batches; `pipeline.py` is the interleaved pipeline schedule;
+`distributed.py` joins a multi-host job; `memory.py` counts per-device bytes from specs;
+`aot.py` compiles for TPU topologies from a CPU host. Nothing here imports `nemojax.train`:
+the train step is built on top of this package in `nemojax.train.build`.
 """
 
 from nemojax.parallel.mesh import MESH_AXES, axis_sizes, make_abstract_mesh, make_mesh

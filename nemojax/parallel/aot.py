@@ -13,6 +13,10 @@ Topology names (`--topology`):
     `v5e-16` / `v5litepod-16`, `v6e-64` (N = chips), translated to the libtpu form below;
   * `cpu`: this host's CPU devices (labelled as such: not a TPU memory estimate).
 `--num-slices K` compiles a K-slice multislice job (DCN between slices).
+
+This module knows topologies and how to read a compiled program's memory; what is compiled is
+the caller's: `nemojax compile` lowers the train step from `nemojax.train.build.build_training`,
+the same function the trainer runs.
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
-from nemojax.config import Config, ConfigError
+from nemojax.config import ConfigError
 
 # HBM per chip in GiB (public spec sheets); used only to say whether a compiled step fits.
 HBM_GIB: dict[str, float] = {"v4": 32.0, "v5p": 95.0, "v5e": 16.0, "v6e": 32.0}
@@ -111,23 +114,6 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[list[Any], dict[st
                   "hbm_gib": HBM_GIB.get(fam)}
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def abstract_batch(cfg: Config, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one step's batch: [accum, micro_batch, seq] per field."""
-    micro = cfg.data.micro_batch_size or cfg.data.global_batch_size
-    if cfg.data.global_batch_size % micro:
-        raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
-                          f"data.micro_batch_size={micro}")
-    shape = (cfg.data.global_batch_size // micro, micro, cfg.data.seq_len)
-    out = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-           for k in ("input_ids", "targets", "positions", "segment_ids")}
-    out["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-    return out
-
-
 def _memory(compiled: Any) -> dict[str, Any]:
     ma = compiled.memory_analysis()
     if ma is None:
@@ -144,16 +130,9 @@ def _memory(compiled: Any) -> dict[str, Any]:
     return out
 
 
-def _run_info(cfg: Config) -> dict[str, Any]:
-    return {"remat_policy": cfg.model.remat_policy, "compute_dtype": cfg.model.compute_dtype,
-            "param_dtype": cfg.model.param_dtype, "zero1": cfg.mesh.zero1, "seq_len": cfg.data.seq_len,
-            "global_batch_size": cfg.data.global_batch_size,
-            "micro_batch_size": cfg.data.micro_batch_size or cfg.data.global_batch_size}
-
-
-def _state_bytes(state: Any) -> dict[str, int]:
-    """Per-device bytes of the train state from its shardings (no compile needed): the floor
-    that arguments can never go below, reported even when compilation runs out of HBM."""
+def state_bytes(state: Any) -> dict[str, int]:
+    """Per-device bytes of a TrainState of sharded ShapeDtypeStructs (no compile needed): the
+    floor that arguments can never go below, reported even when compilation runs out of HBM."""
     def nbytes(tree: Any) -> int:
         total = 0
         for leaf in jax.tree.leaves(tree):
@@ -163,32 +142,16 @@ def _state_bytes(state: Any) -> dict[str, int]:
     return {"params": nbytes(state.params), "opt_state": nbytes(state.opt_state)}
 
 
-def compile_train_step(cfg: Config, devices: list[Any]) -> dict[str, Any]:
-    """Lower and compile the sharded train step (forward, backward, optimizer) for `devices`.
+def compile_report(lowered: Any, hbm_gib: float | None) -> dict[str, Any]:
+    """Compile `lowered` and report per-device memory and whether it fits `hbm_gib`.
 
-    Returns timings and the per-device memory analysis. Nothing is allocated: parameters,
-    optimizer state and batch are ShapeDtypeStructs carrying their shardings.
+    When the TPU compiler refuses a program that cannot fit, that refusal is the measurement:
+    `fits: false` and `compile_error` with the required and available bytes it reported.
     """
-    from nemojax.parallel.mesh import make_mesh, mesh_shape
-    from nemojax.parallel.pipeline import PIPELINE_AXIS, build_training, pipeline_layout, schedule_summary
-
     t0 = time.perf_counter()
-    mesh = make_mesh(cfg.mesh, devices)
-    st = build_training(cfg, mesh)
-    state = _abstract(st.abstract_state, st.state_shardings)
-    batch = abstract_batch(cfg, st.batch_sharding)
-    t1 = time.perf_counter()
-    lowered = st.step.lower(state, batch)
-    t2 = time.perf_counter()
-    sizes = mesh_shape(mesh)
-    base: dict[str, Any] = {"mesh": sizes, "state_bytes_per_device": _state_bytes(state)}
-    if sizes.get(PIPELINE_AXIS, 1) > 1:
-        P, V, M = pipeline_layout(cfg, mesh)
-        base["pipeline"] = schedule_summary(P, V, M, cfg.model.num_layers)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
-        # The TPU compiler refuses a program that cannot fit; that answer is the measurement.
         msg = str(e)
         if "RESOURCE_EXHAUSTED" not in msg:
             raise
@@ -198,32 +161,13 @@ def compile_train_step(cfg: Config, devices: list[Any]) -> dict[str, Any]:
         if m:
             oom["temporaries_required_gib"] = float(m.group(1)) * unit[m.group(2)]
             oom["hbm_available_gib"] = float(m.group(3)) * unit[m.group(4)]
-        return {**base, **_run_info(cfg), "fits": False, "compile_error": oom,
-                "seconds": {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2),
-                            "compile_until_oom": round(time.perf_counter() - t2, 2)}}
-    t3 = time.perf_counter()
-    result: dict[str, Any] = {
-        **base,
-        **_run_info(cfg),
-        "memory_per_device": _memory(compiled),
-        "seconds": {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2),
-                    "compile": round(t3 - t2, 2), "total": round(t3 - t0, 2)},
-    }
-    return result
-
-
-def aot_compile(cfg: Config, topology: str, num_slices: int = 1) -> dict[str, Any]:
-    """Everything `nemojax compile` prints: target, schedule, memory, fit, times."""
-    devices, target = topology_devices(topology, num_slices)
-    out = {"target": target, **compile_train_step(cfg, devices)}
-    hbm = target.get("hbm_gib")
-    mem = out.get("memory_per_device", {})
-    if hbm and mem.get("total_bytes") is not None:
-        out["fits"] = bool(mem["total_bytes"] <= hbm * 2**30)
-        out["headroom_gib"] = round(hbm - mem["total_bytes"] / 2**30, 3)
-    out["jax_version"] = jax.__version__
+        return {"fits": False, "compile_error": oom, "compile_until_oom_s": round(time.perf_counter() - t0, 2)}
+    out: dict[str, Any] = {"memory_per_device": _memory(compiled), "compile_s": round(time.perf_counter() - t0, 2)}
+    total = out["memory_per_device"].get("total_bytes")
+    if hbm_gib and total is not None:
+        out["fits"] = bool(total <= hbm_gib * 2**30)
+        out["headroom_gib"] = round(hbm_gib - total / 2**30, 3)
     return out
 
 
-__all__ = ["HBM_GIB", "abstract_batch", "aot_compile", "compile_train_step", "libtpu_topology_name",
-           "topology_devices"]
+__all__ = ["HBM_GIB", "compile_report", "libtpu_topology_name", "state_bytes", "topology_devices"]

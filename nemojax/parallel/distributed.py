@@ -12,9 +12,9 @@ Where the settings come from, first match wins:
    `NEMOJAX_LOCAL_DEVICE_IDS` (comma-separated);
 3. JAX's own `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`;
 4. a cluster JAX detects by itself: SLURM (`srun`, reads SLURM_* variables), Cloud TPU
-   pods / GKE (TPU metadata), Open MPI (`mpirun`); our own environment checks come first,
-   then JAX's registered detectors. `jax.distributed.initialize()` is then called with no
-   arguments and finds the coordinator on its own;
+   pods / GKE (TPU environment variables, or TPU chips on this host), Open MPI (`mpirun`).
+   `jax.distributed.initialize()` is then called with no arguments and finds the coordinator
+   on its own;
 5. none of the above: a single-process run, nothing to do.
 `NEMOJAX_DISTRIBUTED=off` skips initialization altogether.
 """
@@ -76,23 +76,12 @@ def detect_cluster(env: Mapping[str, str]) -> str | None:
 
 
 def jax_detected_cluster() -> str | None:
-    """Ask JAX's own TPU cluster detectors (Cloud TPU VM metadata, GKE TPU) whether this
-    process runs in a multi-host TPU environment. Uses a private JAX registry, so any failure
-    means "not detected" rather than an error."""
-    try:
-        from jax._src.clusters import ClusterEnv
+    """"tpu" on a Cloud TPU VM (TPU chips on this host's PCI bus): there
+    `jax.distributed.initialize()` finds the pod's workers itself (one or many), so it is called
+    without arguments. None elsewhere."""
+    from nemojax.platform import tpu_chips
 
-        for env in ClusterEnv._cluster_types:
-            name = str(getattr(env, "name", ""))
-            # only TPU detection is taken from JAX: SLURM / MPI are judged by detect_cluster (a
-            # 1-task job is single-process) and a generic Kubernetes pod is not a job by itself
-            if "tpu" not in name or getattr(env, "opt_in_only_method", False):
-                continue
-            if env.is_env_present():
-                return name or env.__name__
-    except Exception:  # noqa: BLE001 - detection is best effort
-        return None
-    return None
+    return "tpu" if tpu_chips() > 0 else None
 
 
 def resolve_settings(explicit: Mapping[str, Any] | None = None,

@@ -22,6 +22,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh
 
 from nemojax.config import ConfigError, MeshConfig
+from nemojax.model.axes import mesh_shape
 
 MESH_AXES: tuple[str, ...] = ("data", "pipeline", "fsdp", "tensor")
 
@@ -109,7 +110,4 @@ def make_abstract_mesh(mesh_cfg: MeshConfig, num_devices: int) -> AbstractMesh:
     return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
-def mesh_shape(mesh: Mesh | AbstractMesh) -> dict[str, int]:
-    """{axis name: size} for a concrete or abstract mesh."""
-    return dict(zip(mesh.axis_names, mesh.axis_sizes)) if isinstance(mesh, AbstractMesh) \
-        else dict(mesh.shape)
+__all__ = ["MESH_AXES", "axis_sizes", "dcn_sizes", "make_abstract_mesh", "make_mesh", "mesh_shape"]

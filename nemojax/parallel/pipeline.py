@@ -1,7 +1,7 @@
 """Interleaved (circular) pipeline parallelism over the mesh axis `pipeline`, in one jitted step.
 
 Layout. The model's `L` stacked layers are cut into `P * V` chunks of `Lc = L / (P * V)`
-consecutive layers (`P` = size of the `pipeline` mesh axis, `V` = `mesh.virtual_stages`).
+consecutive layers (`P` = size of the `pipeline` mesh axis, `V` = `pipeline.virtual_stages`).
 Chunk `c` runs on pipeline stage `c % P` as that stage's virtual stage (repeat) `c // P`, as in
 Megatron's interleaved schedule. For the computation the block weights are viewed as
 `[V, P, Lc, ...]` (a reshape of the `[L, ...]` stack) with the `P` dim sharded over `pipeline`.
@@ -29,11 +29,19 @@ Recirculation needs `M >= P` when `V > 1` (stage P-1's output of microbatch m mu
 buffer before stage 0 needs it again, `P - 1` iterations later and `M` iterations after it
 first used it). Other mesh axes (data, fsdp, tensor) are not touched here: the sharding
 constraints name only `pipeline` and leave the other dims UNCONSTRAINED for the rules to set.
+
+Use. A training objective asks for hidden states with `hidden_states(lm, input_ids, ...)`
+instead of `lm.hidden(...)`; while a step is traced under `use_pipeline(P, V, M, mesh)` (the
+train-step builder enters it whenever the resolved mesh has `pipeline > 1`) that runs the
+blocks through this schedule, otherwise it is exactly `lm.hidden`. So any objective built on a
+NemotronLM (language modelling, a reward head, preference losses) is pipelined without knowing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import threading
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +50,10 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from nemojax.config import ConfigError, ModelConfig
+from nemojax.config import Config, ConfigError, ModelConfig
+from nemojax.model.axes import active_rules, logical_to_spec, mesh_shape, spec_axes
 from nemojax.model.layers import layernorm1p, rope_tables
 from nemojax.model.transformer import DTYPES, REMAT_POLICIES, block
-from nemojax.train.losses import lm_nll_sums
 
 PIPELINE_AXIS = "pipeline"
 _STAGE_WEIGHTS = "pipeline_stage_weights"
@@ -69,18 +77,18 @@ def validate_pipeline(num_layers: int, P: int, V: int, M: int, batch: int | None
     if num_layers % (P * V):
         divs = [v for v in range(1, num_layers + 1) if num_layers % (P * v) == 0]
         raise ConfigError(
-            f"model.num_layers={num_layers} is not divisible by mesh.pipeline * mesh.virtual_stages = "
+            f"model.num_layers={num_layers} is not divisible by mesh.pipeline * pipeline.virtual_stages = "
             f"{P} * {V} = {P * V}: every virtual stage needs the same number of layers; with "
-            f"pipeline={P} valid virtual_stages are {divs or 'none (change mesh.pipeline)'}")
+            f"pipeline={P} valid pipeline.virtual_stages are {divs or 'none (change mesh.pipeline)'}")
     if V > 1 and M < P:
         raise ConfigError(
-            f"mesh.microbatches={M} < mesh.pipeline={P} with mesh.virtual_stages={V}: the interleaved "
+            f"pipeline.microbatches={M} < mesh.pipeline={P} with pipeline.virtual_stages={V}: the interleaved "
             f"schedule recirculates microbatches, so it needs at least as many microbatches as "
-            f"stages; set mesh.microbatches >= {P}")
+            f"stages; set pipeline.microbatches >= {P}")
     if batch is not None and batch % M:
         raise ConfigError(
-            f"the per-step micro batch of {batch} sequences is not divisible by mesh.microbatches={M}; "
-            f"choose a batch size that is a multiple of mesh.microbatches")
+            f"the per-step micro batch of {batch} sequences is not divisible by pipeline.microbatches={M}; "
+            f"choose a batch size that is a multiple of pipeline.microbatches")
 
 
 def to_stages(stacked: dict[str, jax.Array], P: int, V: int) -> dict[str, jax.Array]:
@@ -253,7 +261,7 @@ def split_microbatches(a: jax.Array, M: int) -> jax.Array:
     """
     B = a.shape[0]
     if B % M:
-        raise ConfigError(f"batch of {B} sequences is not divisible by mesh.microbatches={M}")
+        raise ConfigError(f"batch of {B} sequences is not divisible by pipeline.microbatches={M}")
     return a.reshape(B // M, M, *a.shape[1:]).swapaxes(0, 1)
 
 
@@ -289,8 +297,6 @@ def _spread_over_pipeline(h: jax.Array, mesh: Mesh | None) -> jax.Array:
     not divide; the batch's data-parallel axes come from the active rules."""
     if mesh is None or mesh.shape.get(PIPELINE_AXIS, 1) == 1:
         return h
-    from nemojax.parallel.rules import active_rules, logical_to_spec, spec_axes
-
     active = active_rules()
     batch_axes: tuple[str, ...] = ()
     if active is not None:
@@ -305,22 +311,48 @@ def _spread_over_pipeline(h: jax.Array, mesh: Mesh | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(h, NamedSharding(mesh, PS(batch_axes, *([_U] * (h.ndim - 1)))))
 
 
-def make_pipeline_loss_sums(P: int, V: int, M: int, mesh: Mesh | None = None) -> Callable:
-    """A drop-in `loss_sums(graphdef, params, mb)` for `make_train_step` that pipelines the blocks.
+class Schedule(NamedTuple):
+    """An active pipeline schedule: P stages, V virtual stages each, M microbatches, on `mesh`."""
 
-    The step's micro batch (one gradient-accumulation slice, [B, S]) is cut into M pipeline
-    microbatches. The LM head and loss then run on the whole [B, S] batch outside the pipeline.
+    P: int
+    V: int
+    M: int
+    mesh: Mesh | None
+
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def use_pipeline(schedule: Schedule | None) -> Iterator[None]:
+    """Make `hidden_states` pipeline the blocks while tracing under this context (thread-local)."""
+    prev = getattr(_ACTIVE, "value", None)
+    _ACTIVE.value = schedule if schedule is not None and schedule.P > 1 else None
+    try:
+        yield
+    finally:
+        _ACTIVE.value = prev
+
+
+def active_schedule() -> Schedule | None:
+    return getattr(_ACTIVE, "value", None)
+
+
+def hidden_states(model: nnx.Module, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None) -> jax.Array:
+    """Final-normed hidden states [B, S, D] of a NemotronLM, through the active pipeline schedule
+    if there is one (`use_pipeline`), else `model.hidden`. Objectives call this, not model.hidden.
+
+    With a schedule, the batch is cut into its M microbatches (B must divide by M) and the
+    result is re-sharded over `pipeline` as well as the data axes, so whatever follows (LM head,
+    a reward head, the loss) is computed once, split P ways, not redundantly on every stage.
     """
-
-    def loss_sums(graphdef: Any, params: Any, mb: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        model = nnx.merge(graphdef, params)
-        h = pipelined_hidden(model, mb["input_ids"], positions=mb["positions"],
-                             segment_ids=mb["segment_ids"], P=P, V=V, M=M, mesh=mesh)
-        h = _spread_over_pipeline(h, mesh)
-        logits = model.logits(h)
-        return lm_nll_sums(logits, mb["targets"], mb["loss_mask"])
-
-    return loss_sums
+    sched = active_schedule()
+    if sched is None:
+        return model.hidden(input_ids, positions=positions, segment_ids=segment_ids)[0]
+    h = pipelined_hidden(model, input_ids, positions=positions, segment_ids=segment_ids,
+                         P=sched.P, V=sched.V, M=sched.M, mesh=sched.mesh)
+    return _spread_over_pipeline(h, sched.mesh)
 
 
 def schedule_summary(P: int, V: int, M: int, num_layers: int) -> dict[str, Any]:
@@ -334,24 +366,15 @@ def schedule_summary(P: int, V: int, M: int, num_layers: int) -> dict[str, Any]:
     }
 
 
-def pipeline_layout(cfg: Any, mesh: Mesh) -> tuple[int, int, int]:
-    """(P, V, M) for a Config on a mesh, validated against the model and batch."""
-    P = mesh.shape.get(PIPELINE_AXIS, 1)
-    V, M = cfg.mesh.virtual_stages, cfg.mesh.microbatches
-    micro = cfg.data.micro_batch_size or cfg.data.global_batch_size
-    validate_pipeline(cfg.model.num_layers, P, V, M, micro)
-    return P, V, M
-
-
-def build_training(cfg: Any, mesh: Mesh, **kwargs: Any) -> Any:
-    """`build_sharded_training` with the pipelined loss when the mesh has a pipeline axis > 1.
-
-    With pipeline == 1 this is exactly `build_sharded_training(cfg, mesh)` (the plain scan).
-    """
-    from nemojax.parallel.sharded_train import build_sharded_training
-
-    P = mesh.shape.get(PIPELINE_AXIS, 1)
-    if P > 1 and "loss_sums" not in kwargs:
-        P, V, M = pipeline_layout(cfg, mesh)
-        kwargs["loss_sums"] = make_pipeline_loss_sums(P, V, M, mesh)
-    return build_sharded_training(cfg, mesh, **kwargs)
+def pipeline_schedule(cfg: Config, mesh: Mesh | Any, micro_batches: Iterable[int] = ()) -> Schedule | None:
+    """The schedule for `cfg` on `mesh`, with P from the RESOLVED mesh (so `mesh.pipeline=-1`
+    counts), validated against the model and each of the step's `micro_batches` sizes; None when
+    the mesh has a single pipeline stage."""
+    P = mesh_shape(mesh).get(PIPELINE_AXIS, 1)
+    if P == 1:
+        return None
+    V, M = cfg.pipeline.virtual_stages, cfg.pipeline.microbatches
+    validate_pipeline(cfg.model.num_layers, P, V, M)
+    for micro in micro_batches:
+        validate_pipeline(cfg.model.num_layers, P, V, M, micro)
+    return Schedule(P, V, M, mesh if isinstance(mesh, Mesh) else None)

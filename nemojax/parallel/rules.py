@@ -1,9 +1,9 @@
-"""Logical axis names -> mesh axes: the single place where parallelism is decided.
+"""Logical axis names -> mesh axes: the rules table, built from the `sharding:` config.
 
 The model names every parameter dimension logically ("embed", "heads", ...; see
 `nemojax.model.transformer.BLOCK_AXES`) and a rules table maps each logical name to zero, one
 or several mesh axes. Changing the parallelism is therefore a config change
-(`mesh.rules.<logical>=<mesh axis>`), never a model change. With the default table:
+(`sharding.rules.<logical>=<mesh axis>`), never a model change. With the default table:
 
 * tensor parallelism is Megatron's: q/k/v column-parallel over heads, the attention output
   projection row-parallel over heads, MLP up column- and down row-parallel over `mlp`, and
@@ -11,29 +11,24 @@ or several mesh axes. Changing the parallelism is therefore a config change
 * FSDP shards every weight's `embed` dim over `fsdp` (all-gathered per layer in forward and
   backward, gradients reduce-scattered back);
 * the batch is split over `data` and `fsdp`; layers over `pipeline` (each stage holds its own);
-* `length` is replicated unless `mesh.sequence_parallel` maps it to `tensor` for activations
-  between blocks.
+* `length` is replicated unless `sharding.sequence_parallel` maps it to `tensor` for
+  activations between blocks.
 
-A mesh axis is never used twice in one PartitionSpec: when two dims of an array map to the
-same mesh axis, the first (leftmost) dim keeps it. That is what lets activations reuse the
-parameter names: `[batch, length, activation_embed]` never fights `batch` for `fsdp`.
-
-`constrain(x, axes)` is the model's only contact with sharding: a `with_sharding_constraint`
-when a mesh and rules are active (`use_rules`), otherwise the identity, so the model runs
-unchanged on one device, under plain `jit`, and inside the pipeline helper's shard_map.
+The mechanics shared with the model (a spec from logical names, the `use_rules` / `constrain`
+activation hook) live in the leaf module `nemojax.model.axes` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from nemojax.config import ConfigError, MeshConfig, ModelConfig
-from nemojax.parallel.mesh import MESH_AXES, mesh_shape
+from nemojax.config import ConfigError, ModelConfig, ShardingConfig
+from nemojax.model.axes import (active_rules, constrain, logical_to_spec, mesh_shape, shards_per_dim,
+                                spec_axes, use_rules)
+from nemojax.parallel.mesh import MESH_AXES
 
 Rules = dict[str, tuple[str, ...]]
 
@@ -50,7 +45,7 @@ DEFAULT_RULES: Rules = {
     "norm": (),
     # activations / data
     "batch": ("data", "fsdp"),
-    "length": (),  # ("tensor",) with mesh.sequence_parallel
+    "length": (),  # ("tensor",) with sharding.sequence_parallel
     "activation_embed": (),
 }
 
@@ -77,60 +72,18 @@ def _as_axes(value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def resolve_rules(mesh_cfg: MeshConfig) -> Rules:
-    """The defaults, adjusted for sequence parallelism, overridden by `mesh.rules`.
+def resolve_rules(sharding: ShardingConfig) -> Rules:
+    """The defaults, adjusted for sequence parallelism, overridden by `sharding.rules`.
 
     Unknown logical names are allowed (a future layer may introduce one) but their values
     are validated like any other.
     """
     rules = dict(DEFAULT_RULES)
-    if mesh_cfg.sequence_parallel:
+    if sharding.sequence_parallel:
         rules["length"] = ("tensor",)
-    for k, v in (mesh_cfg.rules or {}).items():
-        rules[str(k)] = _as_axes(v, f"mesh.rules.{k}")
+    for k, v in (sharding.rules or {}).items():
+        rules[str(k)] = _as_axes(v, f"sharding.rules.{k}")
     return rules
-
-
-def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Sequence[str]],
-                    mesh: Mesh | AbstractMesh | None = None) -> PartitionSpec:
-    """PartitionSpec for an array whose dims are named `axes`.
-
-    Mesh axes of size 1 are dropped when a mesh is given (they shard nothing), and a mesh
-    axis already taken by an earlier dim is skipped, so no spec ever uses an axis twice.
-    A logical name missing from the rules is replicated.
-    """
-    sizes = mesh_shape(mesh) if mesh is not None else None
-    used: set[str] = set()
-    out: list[Any] = []
-    for name in axes:
-        picked = []
-        for m in (rules.get(name, ()) if name is not None else ()):
-            if m in used or (sizes is not None and sizes.get(m, 1) == 1):
-                continue
-            picked.append(m)
-            used.add(m)
-        out.append(None if not picked else picked[0] if len(picked) == 1 else tuple(picked))
-    while out and out[-1] is None:
-        out.pop()
-    return PartitionSpec(*out)
-
-
-def spec_axes(entry: Any) -> tuple[str, ...]:
-    """The mesh axes of one PartitionSpec entry as a tuple."""
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def shards_per_dim(spec: PartitionSpec, ndim: int, sizes: Mapping[str, int]) -> list[int]:
-    """How many pieces each of `ndim` dims is cut into by `spec`."""
-    out = []
-    for i in range(ndim):
-        n = 1
-        for a in spec_axes(spec[i] if i < len(spec) else None):
-            n *= sizes[a]
-        out.append(n)
-    return out
 
 
 def _is_axes(x: Any) -> bool:
@@ -167,7 +120,7 @@ def check_divisible(shapes: Any, axes_tree: Any, rules: Mapping[str, Sequence[st
     for (path, leaf), axes in zip(flat_shapes, flat_axes):
         shape = tuple(leaf.shape)
         if len(axes) != len(shape):
-            raise ValueError(f"parameter {_path_str(path)} has shape {shape} but logical axes {axes}")
+            raise ValueError(f"parameter {path_str(path)} has shape {shape} but logical axes {axes}")
         spec = logical_to_spec(axes, rules, mesh)
         for dim, (size, name, n) in enumerate(zip(shape, axes, shards_per_dim(spec, len(shape), sizes))):
             if size % n == 0:
@@ -180,11 +133,11 @@ def check_divisible(shapes: Any, axes_tree: Any, rules: Mapping[str, Sequence[st
                 and getattr(model_cfg, field, None) == size else f"dim {dim} (size {size})"
             raise ConfigError(
                 f"{what} is not divisible by {mesh_desc} (logical axis {name} -> "
-                f"{'+'.join(mesh_axes)}, parameter {_path_str(path)} of shape {shape}); change the "
-                f"model size, the mesh, or the rule with mesh.rules.{name}=null")
+                f"{'+'.join(mesh_axes)}, parameter {path_str(path)} of shape {shape}); change the "
+                f"model size, the mesh, or the rule with sharding.rules.{name}=null")
 
 
-def _path_str(path: Sequence[Any]) -> str:
+def path_str(path: Sequence[Any]) -> str:
     parts = []
     for k in path:
         key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
@@ -216,37 +169,6 @@ def add_axis_to_largest_dim(spec: PartitionSpec, shape: Sequence[int], sizes: Ma
     return spec
 
 
-# --------------------------------------------------------------------------- activations
-
-_ACTIVE = threading.local()
-
-
-@contextlib.contextmanager
-def use_rules(mesh: Mesh | None, rules: Mapping[str, Sequence[str]] | None) -> Iterator[None]:
-    """Make `constrain` active while tracing code under this context (thread-local)."""
-    prev = getattr(_ACTIVE, "value", None)
-    _ACTIVE.value = None if mesh is None or rules is None else (mesh, rules)
-    try:
-        yield
-    finally:
-        _ACTIVE.value = prev
-
-
-def active_rules() -> tuple[Mesh, Mapping[str, Sequence[str]]] | None:
-    return getattr(_ACTIVE, "value", None)
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """with_sharding_constraint by logical axes, or the identity when no rules are active."""
-    active = active_rules()
-    if active is None:
-        return x
-    mesh, rules = active
-    if len(axes) != x.ndim:
-        raise ValueError(f"constrain: array of rank {x.ndim} given logical axes {tuple(axes)}")
-    spec = logical_to_spec(axes, rules, mesh)
-    cuts = shards_per_dim(spec, x.ndim, mesh_shape(mesh))
-    # A dim its axes do not divide (a batch of 1 in a generation call, an odd length) is left
-    # replicated rather than failing: activation constraints are a performance hint.
-    entries = [spec[i] if i < len(spec) and x.shape[i] % cuts[i] == 0 else None for i in range(x.ndim)]
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*entries)))
+__all__ = ["DEFAULT_RULES", "LOGICAL_DIM_FIELDS", "Rules", "active_rules", "add_axis_to_largest_dim",
+           "check_divisible", "constrain", "logical_to_spec", "mesh_shape", "path_str", "resolve_rules",
+           "shards_per_dim", "spec_axes", "tree_shardings", "tree_specs", "use_rules"]

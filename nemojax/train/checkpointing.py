@@ -11,24 +11,37 @@ Layout (one directory per step, written by `orbax.checkpoint.CheckpointManager`)
 Orbax writes each step into a temporary directory and renames it when complete, so a killed
 save never looks like a checkpoint. Orbax does not, however, notice a file that was damaged
 later (a bit flip reads back silently), so each save records a wrap-around uint32 sum of the
-bits of every array; a restore that does not reproduce them, or that fails to read, is treated
-as corrupt: the step directory is moved to `<run_dir>/checkpoints_corrupt/` with a warning and
-the previous checkpoint is tried. Nothing good is ever deleted except by `max_to_keep`.
+bits of every array.
+
+Restore falls back only on real corruption: a checksum mismatch, or a missing, truncated or
+unparsable file (`is_corruption`). Then the step directory is moved to
+`<run_dir>/checkpoints_corrupt/` with a warning and the previous checkpoint is tried. Any other
+failure (out of memory, permission denied, an I/O error, anything not recognised as corruption)
+stops the run with that error and leaves every checkpoint where it is. On several hosts the
+decision is collective: each host reports how its own read went, all hosts take the same
+decision (any failure -> stop; else any corruption -> set aside; else resume), and only after
+that does process 0 move anything. Checkpoints that exist but none of which can be restored
+stop the run (`NoRestorableCheckpoint`) instead of silently training from step 0.
+
+The data stream's position (nemojax.data.pretrain) is global -- the same on every process --
+so it is saved once, in the `train` JSON, and restores on every host and with any process count.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from nemojax.train.step import TrainState
 
@@ -84,6 +97,65 @@ class IncompatibleCheckpoint(CheckpointError):
     """The run dir's checkpoints were written by a different model/optimizer configuration."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint's contents do not match what was saved (checksums)."""
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint could not be read for a reason other than corruption; nothing was moved."""
+
+
+class NoRestorableCheckpoint(CheckpointError):
+    """Checkpoints exist (or were set aside) but none can be restored."""
+
+
+# Words of orbax / tensorstore / OS errors that mean "the files are damaged or incomplete".
+_CORRUPTION_MARKERS = ("DATA_LOSS", "OUT_OF_RANGE", "Truncated", "truncated", "NOT_FOUND", "does not exist",
+                       "was not found in the checkpoint", "checksum", "corrupt")
+# ...and that mean "the files may be fine, this attempt failed": these win over the above.
+_FATAL_MARKERS = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "Permission denied", "out of memory",
+                  "Out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Input/output error")
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    while e is not None and id(e) not in seen:
+        out.append(e)
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def is_corruption(e: BaseException) -> bool:
+    """True only for a damaged or incomplete checkpoint: a checksum mismatch, a missing, truncated
+    or unparsable file. Out-of-memory, permission and other I/O errors are not corruption."""
+    chain = _chain(e)
+    text = " ".join(str(x) for x in chain)
+    if any(isinstance(x, (MemoryError, PermissionError)) for x in chain) or any(m in text for m in _FATAL_MARKERS):
+        return False
+    if any(isinstance(x, (CorruptCheckpoint, FileNotFoundError, json.JSONDecodeError)) for x in chain):
+        return True
+    return any(m in text for m in _CORRUPTION_MARKERS)
+
+
+OK, CORRUPT, FAILED = 0, 1, 2  # per-host outcome of reading a checkpoint; the worst one wins
+
+
+def agree(code: int, gather: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[int, list[int]]:
+    """(the decision every host takes, the processes that reported it), from each host's `code`.
+
+    One host: its own code. Several: every host's code is gathered (a collective all hosts join),
+    so all of them act the same way; a failure anywhere stops all, else corruption anywhere
+    sets the checkpoint aside everywhere.
+    """
+    if gather is None:
+        gather = (lambda x: np.asarray(multihost_utils.process_allgather(x))) if jax.process_count() > 1 \
+            else (lambda x: x[None])
+    codes = np.asarray(gather(np.asarray(code, np.int32))).reshape(-1)
+    decision = int(codes.max())
+    return decision, [int(i) for i in np.flatnonzero(codes == decision)]
+
+
 class Checkpointer:
     """Saves and restores trainer checkpoints under `<run_dir>/checkpoints`."""
 
@@ -132,31 +204,41 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def _restore_step(self, step: int, template: TrainState) -> tuple[TrainState, dict]:
-        pure_t = params_to_pure(template.params)
+    def _check_signature(self, step: int, template: TrainState) -> None:
         head = self.manager.restore(step, args=ocp.args.Composite(train=ocp.args.JsonRestore()))
         saved_sig = head["train"].get("signature")
-        if saved_sig is not None:
-            want = state_signature(template)
-            for part in ("params", "opt_state"):
-                if saved_sig[part] != want[part]:
-                    diff = next((f"{a} vs {b}" for a, b in zip(saved_sig[part], want[part]) if a != b),
-                                f"{len(saved_sig[part])} arrays saved vs {len(want[part])} expected")
-                    raise IncompatibleCheckpoint(
-                        f"{self.directory / str(step)} holds a {part} structure this config does not "
-                        f"produce (first difference, saved vs now: {diff}). The model or optimizer "
-                        f"config changed since it was written: restore the old config, use a new "
-                        f"run_dir, or start from its weights with init_from={self.run_dir}")
-        out = self.manager.restore(step, args=ocp.args.Composite(
+        if saved_sig is None:
+            return
+        want = state_signature(template)
+        for part in ("params", "opt_state"):
+            if saved_sig[part] != want[part]:
+                diff = next((f"{a} vs {b}" for a, b in zip(saved_sig[part], want[part]) if a != b),
+                            f"{len(saved_sig[part])} arrays saved vs {len(want[part])} expected")
+                raise IncompatibleCheckpoint(
+                    f"{self.directory / str(step)} holds a {part} structure this config does not "
+                    f"produce (first difference, saved vs now: {diff}). The model or optimizer "
+                    f"config changed since it was written: restore the old config, use a new "
+                    f"run_dir, or start from its weights with init_from={self.run_dir}")
+
+    def _read_step(self, step: int, template: TrainState) -> dict[str, Any]:
+        """This host's part of reading a checkpoint (no cross-host collectives)."""
+        pure_t = params_to_pure(template.params)
+        self._check_signature(step, template)
+        return self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(pure_t)),
             opt_state=ocp.args.StandardRestore(_abstract(template.opt_state)),
             train=ocp.args.JsonRestore(),
         ))
+
+    def _verify(self, out: dict[str, Any]) -> None:
+        """Recompute the checksums (a collective over all hosts' shards) and compare."""
+        sums = out["train"].get("checksums") or {}
+        for name in ("params", "opt_state"):
+            if name in sums and tree_checksums(out[name]) != list(sums[name]):
+                raise CorruptCheckpoint(f"{name} do not match the checksums recorded when saving")
+
+    def _to_state(self, out: dict[str, Any], template: TrainState) -> tuple[TrainState, dict]:
         meta = dict(out["train"])
-        sums = meta.get("checksums") or {}
-        for name, tree in (("params", out["params"]), ("opt_state", out["opt_state"])):
-            if name in sums and tree_checksums(tree) != list(sums[name]):
-                raise CheckpointError(f"{name} do not match the checksums recorded when saving")
         params = template.params
         if isinstance(params, nnx.State):
             params = jax.tree.map(lambda x: x, params)  # a copy whose leaves we replace
@@ -171,30 +253,104 @@ class Checkpointer:
                            params, opt_state)
         return state, meta
 
-    def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
-        """The newest checkpoint that reads back intact, or None when there is none.
+    def _restore_step(self, step: int, template: TrainState) -> tuple[TrainState, dict]:
+        """Read and verify one step on this host alone (tests, tools); see restore_latest."""
+        out = self._read_step(step, template)
+        self._verify(out)
+        return self._to_state(out, template)
 
-        An unreadable or checksum-failing step is moved aside with a warning on stderr (so a
-        later save of the same step number does not collide with it) and the one before it
-        is tried.
+    @property
+    def corrupt_dir(self) -> Path:
+        return self.run_dir / "checkpoints_corrupt"
+
+    def _set_aside(self, step: int, why: str) -> None:
+        dest = self.corrupt_dir / f"{step}-{int(time.time())}"
+        print(f"WARNING: checkpoint {self.directory / str(step)} is corrupt or incomplete ({why}); "
+              f"moving it to {dest} and trying the previous one", file=sys.stderr, flush=True)
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(dest))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"nemojax_set_aside_{step}")
+        self.manager.close()
+        self._open()
+
+    def restore_latest(self, template: TrainState,
+                       gather: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[TrainState, dict] | None:
+        """The newest checkpoint that reads back intact; None only when the run has never saved one.
+
+        See the module docstring for what counts as corruption and how hosts agree. Raises
+        IncompatibleCheckpoint (another config wrote them), CheckpointReadError (a non-corruption
+        failure; nothing moved) or NoRestorableCheckpoint (checkpoints exist, none restorable).
+        `gather` replaces the cross-host exchange (tests).
         """
-        for step in reversed(self.all_steps()):
+        steps = self.all_steps()
+        for step in reversed(steps):
+            code, err, out = OK, None, None
             try:
-                return self._restore_step(step, template)
+                out = self._read_step(step, template)
             except IncompatibleCheckpoint:
                 raise
-            except Exception as e:  # noqa: BLE001 - any failure to read means "corrupt"
-                msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-                dest = self.run_dir / "checkpoints_corrupt" / f"{step}-{int(time.time())}"
-                print(f"WARNING: checkpoint {self.directory / str(step)} is corrupt or incomplete "
-                      f"({type(e).__name__}: {msg}); moving it to {dest} and trying the previous one",
-                      file=sys.stderr, flush=True)
-                if jax.process_index() == 0:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(self.directory / str(step)), str(dest))
-                self.manager.close()
-                self._open()
+            except Exception as e:  # noqa: BLE001 - classified below
+                code, err = (CORRUPT if is_corruption(e) else FAILED), e
+            decision, who = agree(code, gather)
+            if decision == OK:
+                try:
+                    self._verify(out)  # collective: every host computes the same global sums
+                except CorruptCheckpoint as e:
+                    decision, err, who = CORRUPT, e, list(range(jax.process_count()))
+            if decision == FAILED:
+                where = self.directory / str(step)
+                if err is not None and code == FAILED:
+                    raise CheckpointReadError(
+                        f"could not read checkpoint {where} ({type(err).__name__}: {_first_line(err)}). This "
+                        f"is not corruption (it may be memory, permissions or storage), so the checkpoint "
+                        f"was left in place; fix the cause and rerun to resume") from err
+                raise CheckpointReadError(
+                    f"process(es) {who} could not read checkpoint {where} for a reason other than corruption "
+                    f"(see their log); the checkpoint was left in place. Fix the cause and rerun to resume")
+            if decision == CORRUPT:
+                why = f"{type(err).__name__}: {_first_line(err)}" if err is not None \
+                    else f"reported by process(es) {who}"
+                self._set_aside(step, why)
+                continue
+            return self._to_state(out, template)
+        set_aside = sorted(p.name for p in self.corrupt_dir.iterdir()) if self.corrupt_dir.is_dir() else []
+        if steps or set_aside:
+            raise NoRestorableCheckpoint(
+                f"{self.run_dir} has checkpoints but none can be restored: {len(set_aside)} were set aside as "
+                f"corrupt in {self.corrupt_dir} ({', '.join(set_aside)}). Refusing to train from step 0 over "
+                f"them; to start afresh, move that directory away (or use a new run_dir)")
         return None
+
+
+def _first_line(e: BaseException) -> str:
+    # The innermost cause usually says what happened (orbax wraps tensorstore's message).
+    for x in reversed(_chain(e)):
+        text = str(x).strip()
+        if text:
+            return text.splitlines()[0][:300]
+    return type(e).__name__
+
+
+def read_data_state(path: str | Path) -> dict | None:
+    """The data-stream position saved with a training checkpoint (a run dir or a step dir), or
+    None for anything else (a model checkpoint, a Hugging Face directory, no checkpoint)."""
+    from nemojax.checkpoint import resolve_checkpoint
+
+    try:
+        kind, params_dir, _ = resolve_checkpoint(path)
+    except FileNotFoundError:
+        return None
+    step_dir = params_dir.parent
+    if kind != "nemojax" or not step_dir.name.isdigit() or not (step_dir / "train").is_dir():
+        return None
+    mngr = ocp.CheckpointManager(step_dir.parent, item_names=("train",))
+    try:
+        head = mngr.restore(int(step_dir.name), args=ocp.args.Composite(train=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    return head["train"].get("data_state")
 
 
 # --------------------------------------------------------------------------- weights only

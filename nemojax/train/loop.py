@@ -1,4 +1,4 @@
-"""The pretraining loop: data -> jitted step -> metrics, evaluation, checkpoints, resume.
+"""The training loop: data -> jitted step -> metrics, evaluation, checkpoints, resume.
 
 One `Trainer` runs one config in one run directory:
 
@@ -6,6 +6,16 @@ One `Trainer` runs one config in one run directory:
     <run_dir>/metrics.jsonl       one JSON object per logged step (step, loss, lr, tokens/s, MFU...)
     <run_dir>/tensorboard/        the same scalars as TensorBoard event files
     <run_dir>/checkpoints/<step>/ orbax checkpoints (see nemojax.train.checkpointing)
+
+The step comes from `nemojax.train.build.build_training` (the same function `nemojax compile`
+and the throughput benchmark use); the objective, model and batch fields from a `TrainTask`
+(pretraining by default), the data from a `batch_factory` (nemojax.data.pretrain's by default).
+
+Multi-host: every process runs this loop. Each asks its batch factory for exactly the rows of
+the global batch its devices hold (`Training.rows`, read off the batch sharding: replicas of a
+data shard load the same rows), so the global batch is the single-process one for any layout.
+The data-stream position is global, saved once with each checkpoint, and restores on every
+host, with any process count.
 
 Restarting with the same run_dir resumes from the newest intact checkpoint, bit for bit:
 the state, the data stream position and the (step-determined) batch ramp-up are restored, so
@@ -23,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -35,19 +44,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.config import Config, ConfigError, save_config
-from nemojax.train.checkpointing import CheckpointError, Checkpointer, load_init_weights
+from nemojax.train.build import PRETRAIN, TrainTask, Training, build_training
+from nemojax.train.checkpointing import CheckpointError, Checkpointer, read_data_state
 from nemojax.train.metrics import MetricsWriter, ThroughputMeter, format_progress, peak_flops_per_device
-from nemojax.train.optim import learning_rate_schedule
 from nemojax.train.rampup import BatchSchedule
-from nemojax.train.step import TrainState, lm_loss_sums, make_train_step
+from nemojax.train.step import TrainState
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
 
-# Test hook: SIGKILL this process right after the checkpoint of this step is complete on disk,
-# to simulate a preemption with no chance to clean up (tests/test_resume.py).
-KILL_AFTER_SAVE_ENV = "NEMOJAX_TEST_KILL_AFTER_SAVE"
-
+# A batch factory is called like nemojax.data.pretrain.make_batch_iterator:
+#   factory(data_cfg, split=, batch_size=, seq_len=, seed=, rows=) -> iterator of dicts of
+#   [len(rows), ...] numpy arrays (this process' rows of each global batch, in `rows` order)
+# with get_state() / set_state(state) for resume (JSON-ready dicts) and, optionally,
+# continue_from(state, mode) for a new stage (data.stage_start).
 BatchFactory = Callable[..., Iterator[dict[str, np.ndarray]]]
 
 
@@ -68,23 +78,31 @@ def _default_batch_factory() -> BatchFactory:
     return make_batch_iterator
 
 
+@jax.jit
+def _track_nonfinite(first_bad: jax.Array, finite: jax.Array, step: jax.Array) -> jax.Array:
+    """The first step whose loss or gradient norm was non-finite (-1: none), kept on device."""
+    return jnp.where((first_bad < 0) & ~finite, step, first_bad)
+
+
 class Trainer:
     """Builds everything for `cfg` and runs `cfg.steps` steps (see the module docstring).
 
-    batch_factory: a `make_batch_iterator`-compatible callable (tests inject synthetic data).
+    task: what is trained (model, objective, batch fields, trainable params; default pretraining).
+    batch_factory: the data (default: the pretraining pipeline; tests inject synthetic data).
     devices: the devices of the mesh (default: all), e.g. one device for a quick local run.
     log: where console lines go (stdout by default; only process 0 prints).
     """
 
-    def __init__(self, cfg: Config, *, batch_factory: BatchFactory | None = None,
+    def __init__(self, cfg: Config, *, task: TrainTask = PRETRAIN, batch_factory: BatchFactory | None = None,
                  log: Callable[[str], None] | None = None, devices: Sequence[Any] | None = None):
         self.cfg = cfg
+        self.task = task
         self.devices = devices
         self.run_dir = Path(cfg.run_dir).absolute()
         self.batch_factory = batch_factory or _default_batch_factory()
         self._print = log or (lambda s: print(s, flush=True))
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
-        self.schedule = BatchSchedule(cfg.data, process_count=self.process_count)
+        self.schedule = BatchSchedule(cfg.data)
         self._stop_signal: str | None = None
         self._build()
 
@@ -97,57 +115,26 @@ class Trainer:
     def _build(self) -> None:
         from jax.sharding import NamedSharding, PartitionSpec
 
+        from nemojax.parallel.batching import shard_readers
         from nemojax.parallel.mesh import make_mesh
-        from nemojax.parallel.rules import use_rules
-        from nemojax.parallel.sharded_train import build_sharded_training
 
         cfg = self.cfg
         self.mesh = make_mesh(cfg.mesh, self.devices)
-        loss_sums = lm_loss_sums
-        if cfg.mesh.pipeline > 1:
-            from nemojax.parallel.pipeline import make_pipeline_loss_sums
-
-            loss_sums = make_pipeline_loss_sums(cfg.mesh.pipeline, cfg.mesh.virtual_stages,
-                                                cfg.mesh.microbatches, self.mesh)
-        self.st = build_sharded_training(cfg, self.mesh, loss_sums=loss_sums, total_steps=cfg.steps)
-        self.lr_schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
-        divisor = self.st.batch_divisor * self.process_count
-        for acc, micro in self.schedule.distinct_shapes():
-            if micro % divisor:
-                raise ConfigError(f"micro batch {micro} (data.micro_batch_size, or a ramp-up batch size when "
-                                  f"it is 0) is not divisible by {divisor}, the devices the batch is split over")
-        inner = make_train_step(self.st.graphdef, self.st.tx, loss_sums)
-        mesh, rules, lr_fn = self.mesh, self.st.rules, self.lr_schedule
-        replicated = NamedSharding(mesh, PartitionSpec())
-
-        def train_step(state: TrainState, batch: dict, first_bad: jax.Array):
-            lr = lr_fn(state.step)
-            with use_rules(mesh, rules):
-                new_state, m = inner(state, batch)
-            ok = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
-            first_bad = jnp.where((first_bad < 0) & ~ok, new_state.step, first_bad)
-            return new_state, dict(m, learning_rate=lr), first_bad
-
-        self.train_step = jax.jit(
-            train_step, in_shardings=(self.st.state_shardings, self.st.batch_sharding, replicated),
-            out_shardings=(self.st.state_shardings, replicated, replicated), donate_argnums=0)
-
-        graphdef = self.st.graphdef
-
-        def eval_step(params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-            with use_rules(mesh, rules):
-                sums = jax.lax.map(lambda mb: loss_sums(graphdef, params, mb), batch)
-            return jnp.sum(sums[0]), jnp.sum(sums[1])
-
-        self.eval_step = jax.jit(eval_step, in_shardings=(self.st.state_shardings.params, self.st.batch_sharding),
-                                 out_shardings=replicated)
-        self._replicated = replicated
+        self.training: Training = build_training(cfg, self.mesh, task=self.task, total_steps=cfg.steps)
+        self.train_step = self.training.step
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.meter = ThroughputMeter(cfg.model, cfg.data.seq_len, num_devices=self.mesh.devices.size,
                                      peak_flops=peak_flops_per_device(self.mesh.devices.flat[0], cfg.peak_tflops))
+        if self.process_count > 1:
+            micro = self.schedule.micro_batch(0)
+            readers = shard_readers(self.training.batch_sharding, micro)
+            mine = self.training.rows(1, micro)
+            print(f"process {self.process_index}/{self.process_count}: loads rows {_ranges(mine)} of each "
+                  f"micro batch of {micro} ({len(readers)} data shard(s), each read by "
+                  f"{sorted({len(p) for p in readers.values()})} process(es))", file=sys.stderr, flush=True)
 
     def _abstract_state(self) -> TrainState:
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.st.abstract_state, self.st.state_shardings)
+        return self.training.abstract_sharded_state()
 
     def _initial_state(self, ckpt: Checkpointer) -> tuple[TrainState, dict | None]:
         """Resume (latest intact checkpoint) > init_from (weights only) > fresh init."""
@@ -158,35 +145,40 @@ class Trainer:
                      f"{meta.get('tokens', 0):,} tokens consumed)")
             return state, meta
         if self.cfg.init_from:
-            shardings = self.st.state_shardings.params.to_pure_dict()
+            shardings = self.training.state_shardings.params.to_pure_dict()
             try:
-                pure = load_init_weights(self.cfg.init_from, self.cfg.model, sharding=shardings)
+                pure = self.task.load_weights(self.cfg.init_from, self.cfg, shardings)
             except CheckpointError:
                 raise
             except (FileNotFoundError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"init_from={self.cfg.init_from!r}: {e}") from None
-            params = jax.tree.map(lambda x: x, self.st.abstract_state.params)
+            params = jax.tree.map(lambda x: x, self.training.abstract_state.params)
             params.replace_by_pure_dict(pure)
-            opt_state = jax.jit(self.st.tx.init, out_shardings=self.st.state_shardings.opt_state)(params)
-            step = jax.device_put(jnp.zeros((), jnp.int32), self.st.state_shardings.step)
+            opt_state = self.training.fresh_opt_state(params)
+            step = jax.device_put(jnp.zeros((), jnp.int32), self.training.state_shardings.step)
             self.log(f"initialised weights from {self.cfg.init_from} (fresh optimizer state, step 0)")
             return TrainState(step, params, opt_state), None
-        return self.st.init_state(self.cfg.seed), None
+        return self.training.init_state(self.cfg.seed), None
 
     # ------------------------------------------------------------------ data
 
     def _train_iterator(self, step: int, data_state: dict | None):
-        it = self.batch_factory(self.cfg.data, split="train", batch_size=self.schedule.batch_size(step),
-                                seq_len=self.cfg.data.seq_len, seed=self.cfg.data.shuffle_seed,
-                                process_index=self.process_index, process_count=self.process_count)
+        bs, accum, micro = self.schedule.batch_size(step), self.schedule.accum_steps(step), \
+            self.schedule.micro_batch(step)
+        it = self.batch_factory(self.cfg.data, split="train", batch_size=bs, seq_len=self.cfg.data.seq_len,
+                                seed=self.cfg.data_seed, rows=self.training.rows(accum, micro))
         if data_state is not None:
             it.set_state(data_state)
+        elif step == 0 and self.cfg.init_from and hasattr(it, "continue_from"):
+            previous = read_data_state(self.cfg.init_from)
+            if previous is not None:
+                for line in it.continue_from(previous, self.cfg.data.stage_start):
+                    self.log(f"data ({self.cfg.data.stage_start}): {line}")
         return it
 
-    def _device_batch(self, host: dict[str, np.ndarray], accum: int) -> dict[str, jax.Array]:
-        """[local_batch, seq] numpy -> [accum, micro/processes, seq] global arrays."""
-        local = {k: np.asarray(v).reshape(accum, -1, *np.shape(v)[1:]) for k, v in host.items()}
-        return self.st.global_batch(local)
+    def _device_batch(self, host: dict[str, np.ndarray], accum: int, micro: int) -> dict[str, jax.Array]:
+        """This process' rows (flat numpy, `Training.rows` order) -> global [accum, micro, ...] arrays."""
+        return self.training.global_batch(host, accum, micro)
 
     def _eval_batches(self) -> list[dict[str, jax.Array]]:
         """The validation set: the first eval_batches batches of the validation stream, kept
@@ -196,21 +188,21 @@ class Trainer:
         bs = self.cfg.data.micro_batch_size or self.cfg.data.global_batch_size
         try:
             it = self.batch_factory(self.cfg.data, split="validation", batch_size=bs,
-                                    seq_len=self.cfg.data.seq_len, seed=self.cfg.data.shuffle_seed,
-                                    process_index=self.process_index, process_count=self.process_count)
+                                    seq_len=self.cfg.data.seq_len, seed=self.cfg.data_seed,
+                                    rows=self.training.rows(1, bs))
         except ConfigError as e:
             self.log(f"no validation: {e}")
             return []
-        return [self._device_batch(next(it), 1) for _ in range(self.cfg.eval_batches)]
+        return [self._device_batch(next(it), 1, bs) for _ in range(self.cfg.eval_batches)]
 
     def evaluate(self, params: Any, batches: list[dict[str, jax.Array]]) -> float | None:
         if not batches:
             return None
-        nll = cnt = 0.0
+        num = den = 0.0
         for b in batches:
-            s, c = jax.device_get(self.eval_step(params, b))
-            nll, cnt = nll + float(s), cnt + float(c)
-        return nll / max(cnt, 1.0)
+            s, c = jax.device_get(self.training.eval_sums(params, b))
+            num, den = num + float(s), den + float(c)
+        return num / max(den, 1.0)
 
     # ------------------------------------------------------------------ signals
 
@@ -266,9 +258,8 @@ class Trainer:
         it_batch = sched.batch_size(start)
         first_bad = jax.device_put(jnp.asarray(-1, jnp.int32), self._replicated)
         last_saved = start if meta else -1
-        kill_after = int(os.environ.get(KILL_AFTER_SAVE_ENV, "0") or 0)
         last_metrics: dict[str, Any] = {}
-        n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.st.abstract_state.params))
+        n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.training.abstract_state.params))
         self.log(f"training {n_params / 1e6:.2f}M parameters on {self.mesh.devices.size} "
                  f"{self.mesh.devices.flat[0].device_kind} device(s), steps {start}->{total}, "
                  f"batch {sched.batch_size(start)} x {cfg.data.seq_len} tokens, run_dir {self.run_dir}")
@@ -283,10 +274,6 @@ class Trainer:
                     "batch_size": sched.batch_size(max(step - 1, 0))}
             ckpt.save(state, info)
             last_saved = step
-            if kill_after and step == kill_after:
-                ckpt.wait()
-                self.log(f"test hook: SIGKILL after the checkpoint of step {step}")
-                os.kill(os.getpid(), signal.SIGKILL)
 
         def stop_nonfinite(bad: int) -> TrainResult:
             good = max(ckpt.all_steps(), default=None)
@@ -310,11 +297,12 @@ class Trainer:
                 it_batch = bs
                 self.log(f"batch ramp-up: global batch {bs} from step {step + 1} "
                          f"({sched.tokens_before(step):,} tokens consumed)")
-            accum = sched.accum_steps(step)
-            shape = (accum, sched.micro_batch(step))
-            batch = self._device_batch(next(it), accum)
-            state, metrics, first_bad = self.train_step(state, batch, first_bad)
+            accum, micro = sched.accum_steps(step), sched.micro_batch(step)
+            shape = (accum, micro)
+            batch = self._device_batch(next(it), accum, micro)
+            state, metrics = self.train_step(state, batch)
             step += 1
+            first_bad = _track_nonfinite(first_bad, metrics["finite"], step)
             tok_mark += bs * cfg.data.seq_len
             if shape not in shape_seen:  # exclude compilation from the throughput window
                 shape_seen.add(shape)
@@ -324,11 +312,13 @@ class Trainer:
             do_eval = bool(eval_batches) and (step % max(cfg.eval_every, 1) == 0 or step == total)
             do_save = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == total
             if do_log or do_eval:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
                 now = time.perf_counter()
-                rec: dict[str, Any] = {"loss": host["loss"], "grad_norm": host["grad_norm"],
-                                       "learning_rate": host["learning_rate"], "batch_size": bs,
+                rec: dict[str, Any] = {"loss": host.pop("loss"), "grad_norm": host.pop("grad_norm"),
+                                       "learning_rate": host.pop("learning_rate"), "batch_size": bs,
                                        "tokens": sched.tokens_before(step)}
+                host.pop("loss_denominator", None)
+                rec.update(host)  # a task's extra metrics
                 if t_mark is not None and tok_mark > 0:
                     rec.update(self.meter(tok_mark, now - t_mark))
                 else:
@@ -370,3 +360,15 @@ class Trainer:
 def train(cfg: Config, **kwargs: Any) -> TrainResult:
     """Run `cfg` (see Trainer); returns how it ended."""
     return Trainer(cfg, **kwargs).run()
+
+
+def _ranges(rows: np.ndarray) -> str:
+    """[0 1 2 3 6 7] -> "0:4,6:8"."""
+    out, start = [], None
+    for i, r in enumerate(rows):
+        if start is None:
+            start = r
+        if i + 1 == len(rows) or rows[i + 1] != r + 1:
+            out.append(f"{start}:{r + 1}")
+            start = None
+    return ",".join(out)

@@ -1,8 +1,21 @@
-"""AdamW with decay masks, clipping and learning-rate schedules, built from OptimizerConfig."""
+"""AdamW with decay masks, clipping and learning-rate schedules, built from OptimizerConfig, and
+the fp32 master copy that makes low-precision weights train like Megatron's mixed precision.
+
+Mixed precision (Megatron / NeMo): with `model.param_dtype: bfloat16` the weights are stored
+and used in bf16, the train step accumulates the gradients in fp32 (nemojax.train.step), and
+`with_fp32_master` keeps an fp32 master copy of the weights in the optimizer state: clipping,
+Adam's moments and the update all work in fp32 on the master copy, and the stored bf16 weights
+are the master rounded once per step (rounding never accumulates). Living in the optimizer
+state, the master copy is sharded with it (ZeRO-1 shards it over `data`, like Megatron's
+distributed optimizer).
+"""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from nemojax.config import ConfigError, OptimizerConfig
@@ -45,3 +58,38 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     parts.append(optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+class MasterState(NamedTuple):
+    master: Any  # fp32 copy of the (trainable) params
+    inner: Any  # the wrapped optimizer's state
+
+
+def with_fp32_master(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run `inner` (clipping, AdamW, ...) in fp32 on an fp32 master copy of low-precision params.
+
+    `update(grads, state, params)` takes fp32 gradients (lower precision is upcast), updates the
+    master copy with `inner`, and returns the update that moves the stored params to the new
+    master rounded to their dtype.
+    """
+
+    def init(params):
+        master = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+        return MasterState(master, inner.init(master))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("with_fp32_master needs params in update()")
+        g32 = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads)
+        upd, inner_state = inner.update(g32, state.inner, state.master)
+        master = optax.apply_updates(state.master, upd)
+        # p (low precision) + (master - p) in fp32, cast back by apply_updates = round(master).
+        delta = jax.tree.map(lambda m, p: m - jnp.asarray(p, jnp.float32), master, params)
+        return delta, MasterState(master, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def needs_fp32_master(params: Any) -> bool:
+    """True when any parameter is stored below fp32 (then the optimizer keeps an fp32 master)."""
+    return any(jnp.dtype(getattr(p, "dtype", jnp.float32)) != jnp.float32 for p in jax.tree.leaves(params))

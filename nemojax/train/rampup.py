@@ -31,7 +31,7 @@ class Stage:
 class BatchSchedule:
     """Global batch size, micro-batch split and consumed tokens as functions of the step."""
 
-    def __init__(self, data: DataConfig, *, process_count: int = 1):
+    def __init__(self, data: DataConfig):
         self.seq_len = data.seq_len
         stages: list[Stage] = []
         last_until = 0
@@ -63,9 +63,6 @@ class BatchSchedule:
             if self.fixed_micro and st.batch_size % self.fixed_micro:
                 raise ConfigError(f"{key}={st.batch_size} is not a multiple of data.micro_batch_size="
                                   f"{self.fixed_micro}; gradient accumulation needs whole micro-batches")
-            if st.batch_size % process_count:
-                raise ConfigError(f"{key}={st.batch_size} is not divisible by the {process_count} "
-                                  f"processes; each process loads an equal share")
         # First step of each stage, so lookups are O(stages) closed form, not a replay.
         self._start_steps: list[int] = []
         self._start_tokens: list[int] = []

@@ -1,9 +1,21 @@
-"""The pretraining step as a pure function: (state, batch) -> (state, metrics).
+"""The train step as a pure function: (state, batch) -> (state, metrics), for any objective.
 
-A batch is a dict of int32 arrays [accum, micro_batch, seq]: `input_ids`, `targets`,
-`positions`, `segment_ids`, and float `loss_mask`. The leading `accum` axis is scanned for
-gradient accumulation; the loss is normalised by the total token count of the whole step, so
-accumulated and unaccumulated steps give the same update.
+A batch is a dict of arrays `[accum, micro_batch, ...]`; the leading `accum` axis is scanned for
+gradient accumulation. An objective is a per-microbatch *loss-sums* function
+
+    loss_sums(graphdef, params, microbatch) -> (numerator_sum, denominator, extra_metric_sums)
+
+returning sums, not means (e.g. the summed token NLL and the token count): microbatches,
+pipeline stages and hosts add them up and the step divides once, so the update is the same
+however the batch is split. `extra_metric_sums` (may be empty) are summed the same way and
+reported divided by the step's denominator.
+
+Precision (Megatron): each microbatch's gradient is added into an fp32 accumulator; the fp32
+average goes to the optimizer as is (clipping and AdamW run in fp32; with bf16 weights on an
+fp32 master copy, nemojax.train.optim.with_fp32_master). `grad_norm` is the norm before clipping.
+
+Trainable subset (e.g. LoRA adapters): with a `trainable` nnx filter only those parameters get
+gradients and optimizer state; the rest are carried in `state.params` unchanged.
 """
 
 from __future__ import annotations
@@ -15,50 +27,108 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nemojax.parallel.pipeline import hidden_states
 from nemojax.train.losses import lm_nll_sums
+
+LossSums = Callable[[Any, Any, dict], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
 class TrainState(NamedTuple):
     step: jax.Array
-    params: Any  # nnx.State of the model's Params
-    opt_state: Any
+    params: Any  # nnx.State of the model's Params (all of them, trainable or not)
+    opt_state: Any  # the optimizer's state over the trainable params
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
-
-def lm_loss_sums(graphdef: Any, params: Any, mb: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(sum of token NLL, token count) for one microbatch."""
+def lm_loss_sums(graphdef: Any, params: Any, mb: dict[str, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Pretraining objective: (sum of next-token NLL, token count, {}) for one microbatch."""
     model = nnx.merge(graphdef, params)
-    logits = model(mb["input_ids"], positions=mb["positions"], segment_ids=mb["segment_ids"])
-    return lm_nll_sums(logits, mb["targets"], mb["loss_mask"])
+    h = hidden_states(model, mb["input_ids"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+    nll, count = lm_nll_sums(model.logits(h), mb["targets"], mb["loss_mask"])
+    return nll, count, {}
 
 
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation,
-                    loss_sums: Callable = lm_loss_sums) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Build the pure step; the caller jits it (with shardings and donated state)."""
+def split_trainable(params: Any, trainable: Any = None) -> tuple[Any, Any]:
+    """(trainable params, frozen params); with `trainable=None` everything is trainable."""
+    if trainable is None:
+        return params, None
+    return params.split(trainable, ...)
+
+
+def join_trainable(trainable: Any, frozen: Any) -> Any:
+    return trainable if frozen is None else nnx.merge_state(trainable, frozen)
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
+                       trainable: Any = None) -> tuple[Any, TrainState]:
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(split_trainable(params, trainable)[0]))
+
+
+def accumulate_gradients(graphdef: Any, loss_sums: LossSums, params: Any, batch: dict[str, jax.Array],
+                         trainable: Any = None) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(fp32 mean gradient of the trainable params, numerator sum, denominator, extra sums).
+
+    The gradient is d(sum of numerators)/d(params) / sum of denominators over all microbatches,
+    i.e. the gradient of the step's mean loss, accumulated in fp32 before any division.
+    """
+    train_p, frozen = split_trainable(params, trainable)
+
+    def one(carry, mb):
+        g_acc, num_acc, den_acc, ex_acc = carry
+
+        def objective(p):
+            num, den, extras = loss_sums(graphdef, join_trainable(p, frozen), mb)
+            return num, (num, den, extras)
+
+        g, (num, den, extras) = jax.grad(objective, has_aux=True)(train_p)
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        ex_acc = {k: ex_acc[k] + jnp.asarray(v, jnp.float32) for k, v in extras.items()}
+        return (g_acc, num_acc + num, den_acc + den, ex_acc), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_p)
+    first = jax.tree.map(lambda a: a[0], batch)
+    extra_keys = jax.eval_shape(lambda p: loss_sums(graphdef, p, first)[2], params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+            {k: jnp.zeros((), jnp.float32) for k in extra_keys})
+    (g_sum, num, den, extras), _ = jax.lax.scan(one, init, batch)
+    denom = jnp.maximum(den, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, g_sum)
+    return grads, num, den, extras
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_sums: LossSums = lm_loss_sums, *,
+                    trainable: Any = None, lr_schedule: optax.Schedule | None = None,
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure step; the caller jits it (nemojax.train.build does, with shardings and donation).
+
+    Metrics: loss (numerator / denominator), loss_denominator, grad_norm (before clipping),
+    learning_rate (when `lr_schedule` is given), finite (loss and grad_norm are finite), and each
+    extra metric divided by the denominator.
+    """
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-        def body(carry, mb):
-            g_acc, nll_acc, cnt_acc = carry
-            g, (nll, cnt) = _grads(state.params, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, cnt_acc + cnt), None
-
-        def _grads(params, mb):
-            (_, aux), g = jax.value_and_grad(
-                lambda p: (lambda s: (s[0], s))(loss_sums(graphdef, p, mb)), has_aux=True)(params)
-            return g, aux
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (g_sum, nll_sum, count), _ = jax.lax.scan(body, init, batch)
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": nll_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        grads, num, den, extras = accumulate_gradients(graphdef, loss_sums, state.params, batch, trainable)
+        train_p, frozen = split_trainable(state.params, trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, train_p)
+        params = join_trainable(optax.apply_updates(train_p, updates), frozen)
+        denom = jnp.maximum(den, 1.0)
+        loss, gnorm = num / denom, optax.tree.norm(grads)
+        metrics = {"loss": loss, "loss_denominator": den, "grad_norm": gnorm,
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(gnorm),
+                   **{k: v / denom for k, v in extras.items()}}
+        if lr_schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step
+
+
+def make_eval_sums(graphdef: Any, loss_sums: LossSums) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+    """(numerator sum, denominator) of an `[accum, micro, ...]` batch without gradients."""
+
+    def eval_sums(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        sums = jax.lax.map(lambda mb: loss_sums(graphdef, params, mb)[:2], batch)
+        return jnp.sum(sums[0]), jnp.sum(sums[1])
+
+    return eval_sums
