@@ -93,3 +93,23 @@ def test_builders():
     rev = revision("Q?", "A, with a comma.", ins, templates={"revision": "Fix it: {instructions}"})
     assert [m["role"] for m in rev["messages"]] == ["user", "assistant", "user"]
     assert rev["messages"][2]["content"].startswith("Fix it: Do not use a single comma")
+
+
+def test_cli_ifeval_and_kinds(tmp_path, capsys):
+    import json
+
+    from nemojax.cli import main
+
+    path = tmp_path / "r.jsonl"
+    rows = [{"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "response": "no commas"},
+            {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "response": "a, b"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["sdg", "ifeval", "--input", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_level_strict"] == 0.5 and out["instructions"] == 2
+    path.write_text('{"instruction_id_list": ["nope"], "kwargs": [{}], "response": "x"}\n')
+    assert main(["sdg", "ifeval", "--input", str(path)]) == 2
+    assert "unknown instruction id 'nope'" in capsys.readouterr().err
+    assert main(["sdg", "kinds"]) == 0
+    kinds = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert {k["kind"] for k in kinds} >= {"topics", "preference", "genetic_instruct", "dedup", "export_sft"}
