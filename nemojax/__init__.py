@@ -12,7 +12,10 @@ __version__ = "0.1.0"
 def load(path: str, **kwargs):
     """Load a model from a nemojax checkpoint directory or a Hugging Face Nemotron directory.
 
-    Returns a `NemotronLM`; `model(input_ids, attention_mask=...)` gives fp32 logits.
+    Returns a `NemotronLM`; `model(input_ids, attention_mask=...)` gives fp32 logits. A reward
+    checkpoint gives a `NemotronRewardModel`, whose call gives attribute scores [batch, N]
+    (`model.reward(scores)` the weighted reward). LoRA adapters come merged into the weights
+    (`merge_lora=False` keeps them).
     """
     from nemojax.checkpoint import load_model
 
