@@ -180,3 +180,20 @@ def test_reward_metrics_match_numpy() -> None:
     assert math.isnan(reward_metrics(reward_stat_sums(jnp.ones((1, 1)), jnp.ones((1, 1)), jnp.ones((1, 1))),
                                      ["a"])["pearson/a"])
     assert float(pairwise_accuracy(jnp.array([2.0, 1.0, 3.0]), jnp.array([1.0, 1.0, 4.0]))) == pytest.approx(1 / 3)
+
+
+def test_loss_sums_for_the_train_step() -> None:
+    from nemojax.train.losses import preference_loss_sums, reward_loss_sums
+
+    c, r = jnp.array([-3.0, -1.0, -9.0]), jnp.array([-5.0, -2.0, 0.0])
+    ref = dict(ref_chosen_logps=jnp.array([-4.0, -1.0, 0.0]), ref_rejected_logps=jnp.array([-4.5, -2.0, 0.0]))
+    mask = jnp.array([1.0, 1.0, 0.0])  # the third pair is padding
+    num, den, extras = preference_loss_sums("dpo", c, r, **ref, beta=0.5, example_mask=mask, sft_weight=0.1)
+    pref = preference_loss("dpo", c, r, **ref, beta=0.5)
+    assert float(den) == 2.0
+    assert float(num) == pytest.approx(float(pref[0] + pref[1] + 0.1 * (3.0 + 1.0)), rel=1e-6)
+    assert float(extras["sft_loss"]) == pytest.approx(4.0) and float(extras["pairs"]) == 2.0
+    assert float(extras["preference_loss"]) == pytest.approx(float(pref[0] + pref[1]), rel=1e-6)
+    scores, labels = jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([[0.0, 2.0], [0.0, 0.0]])
+    total, count, stats = reward_loss_sums(scores, labels, jnp.ones((2, 2)), example_mask=jnp.array([1.0, 0.0]))
+    assert float(total) == 1.0 and float(count) == 2.0 and stats["n"].tolist() == [1.0, 1.0]

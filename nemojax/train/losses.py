@@ -191,3 +191,45 @@ def pairwise_accuracy(chosen_scores: jax.Array, rejected_scores: jax.Array,
     hit = (jnp.asarray(chosen_scores) > jnp.asarray(rejected_scores)).astype(jnp.float32)
     m = jnp.ones_like(hit) if example_mask is None else example_mask.astype(jnp.float32)
     return jnp.sum(hit * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+# --------------------------------------------------------------------------- per-microbatch sums
+# The train step adds (numerator, denominator, extra sums) over microbatches, processes and
+# pipeline stages and divides once, so these return sums, never means.
+
+
+def preference_loss_sums(kind: str, chosen_logps: jax.Array, rejected_logps: jax.Array,
+                         ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array, *, beta: float,
+                         example_mask: jax.Array, chosen_rewards: jax.Array | None = None,
+                         rejected_rewards: jax.Array | None = None, eta: float = 1.0,
+                         preference_weight: float = 1.0, sft_weight: float = 0.0,
+                         ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(sum over real pairs of w_pref * pref + w_sft * sft, number of real pairs, metric sums).
+
+    The per-pair objective is NeMo-Aligner's `w_pref * preference_loss + w_sft * sft_loss`;
+    padding pairs (example_mask 0) contribute nothing. Metric sums: those of
+    `preference_metric_sums` plus "preference_loss" and "sft_loss" (sums over pairs).
+    """
+    m = example_mask.astype(jnp.float32)
+    pref = preference_loss(kind, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
+                           chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, eta=eta)
+    sft = sft_loss(chosen_logps)
+    extras = preference_metric_sums(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                    beta=beta, example_mask=m)
+    extras["preference_loss"] = jnp.sum(pref * m)
+    extras["sft_loss"] = jnp.sum(sft * m)
+    return jnp.sum((preference_weight * pref + sft_weight * sft) * m), jnp.sum(m), extras
+
+
+def reward_loss_sums(scores: jax.Array, labels: jax.Array, label_mask: jax.Array,
+                     example_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(sum of squared errors over present labels, their count, per-attribute stat sums).
+
+    The masked MSE of the reward stage; `reward_metrics(extras, attributes)` turns the summed
+    extras into per-attribute MSE and Pearson r.
+    """
+    mask = label_mask.astype(jnp.float32)
+    if example_mask is not None:
+        mask = mask * example_mask.astype(jnp.float32)[:, None]
+    total, count = reward_regression_sums(scores, labels, mask)
+    return total, count, reward_stat_sums(scores, labels, mask)
