@@ -1,19 +1,27 @@
 """`nemojax generate`: sample completions for a JSONL file of prompts with the in-process engine.
 
 Input lines (JSON objects) hold exactly one of
-  "prompt": "text"                                  continued as is
-  "messages": [{"role": ..., "content": ...}, ...]  rendered with the Nemotron chat template;
+  "prompt": "text"                                  continued as is (bos first unless --no-bos)
+  "messages": [{"role": ..., "content": ...}, ...]  bos + the Nemotron chat template, exactly as
+                                                    training builds it (nemojax.data.chat); text in
+                                                    a message is never read as a control token;
                                                     generation also stops at <extra_id_1>
   "prompt_ids": [2, 415, ...]                        token ids, used as given
 plus an optional "id" (default: the 1-based line number) and optional per-line sampling fields
-(temperature, top_p, top_k, min_p, max_tokens, stop, stop_token_ids, seed, n, logprobs) that
-override the command-line defaults. Each output line is the input object plus "id", "text",
-"output_ids", "finish_reason" ("stop" | "length"), "prompt_tokens", "completion_tokens" (and
-"logprobs" when asked). With n > 1 the per-sample fields are lists of n values.
+(temperature, top_p, top_k, min_p, max_tokens, stop, stop_token_ids, seed, n, logprobs,
+top_logprobs, prompt_logprobs) that override the command-line defaults. Each output line is the
+input object plus "id", "text", "output_ids", "finish_reason" ("stop" | "length"),
+"prompt_tokens", "completion_tokens" (and "logprobs" / "top_logprobs" / "prompt_logprobs" when
+asked). With n > 1 the per-sample fields are lists of n values. The n samples of a prompt share
+one prefill; prompts that start alike share the prefix's keys/values (--prefix-cache-tokens).
 
 Outputs are appended and flushed as each request finishes, so an interrupted run loses at
 most the requests in flight: rerunning the same command skips every id already in OUT.
 A line without a "seed" gets one derived from (--seed, id), so reruns sample the same tokens.
+
+Compiled programs persist (--compile-cache), so a second run starts in seconds. The last line on
+stderr is a JSON summary: requests written, tokens, seconds (start-up and generation), compiled
+and loaded programs and the seconds they took, prefix-cache reuse.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import json
 import sys
 import time
 import zlib
+
+PROCESS_START = time.perf_counter()
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +40,7 @@ from typing import Any, Iterator
 from nemojax.inference.sampling import SamplingError, SamplingParams
 
 SOURCE_FIELDS = ("prompt", "messages", "prompt_ids")
+AUTO_MIN_LEN = 128  # the smallest cache length --max-len's default picks
 
 
 class BadLine(ValueError):
@@ -46,8 +57,10 @@ class Parsed:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nemojax.inference.setup import HelpFormatter, add_engine_arguments
+
     p.description = __doc__
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.formatter_class = HelpFormatter
     p.add_argument("--checkpoint", required=True,
                    help="nemojax checkpoint (dir, run dir or step dir) or Hugging Face Nemotron dir")
     p.add_argument("--input", required=True, help="JSONL of prompts (format above)")
@@ -55,15 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="'builtin', a SentencePiece .model, or a dir holding tokenizer.model "
                         "(default: the checkpoint's tokenizer.model if it has one, else builtin)")
-    p.add_argument("--batch-slots", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="prompt + completion tokens per request (default: the model's max_seq_len)")
-    p.add_argument("--decode-steps", type=int, default=16,
-                   help="tokens per slot per host round-trip at most (a chunk ends early when a slot finishes)")
-    p.add_argument("--max-prefill-batch", type=int, default=8, help="prompts prefilled together")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="compute (and weight) dtype instead of the checkpoint's")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend bos to text prompts")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend bos to text and chat prompts")
+    add_engine_arguments(p, slots=32, decode_steps=16,
+                         max_len_help="prompt + completion tokens per sample (default: the longest pending "
+                                      "line's prompt + max_tokens, rounded up to a power of two >= 128, at "
+                                      "most the model's max_seq_len)")
     g = p.add_argument_group("sampling defaults (each input line may override them)")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -75,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--stop-token-ids", type=int, nargs="*", default=[])
     g.add_argument("--logprobs", action="store_true", help="add the log-prob of each output token")
+    g.add_argument("--top-logprobs", type=int, default=0, help="also the N most likely tokens per position (<= 20)")
     p.add_argument("--on-bad-line", choices=["skip", "fail"], default="skip",
                    help="skip: report bad input lines and go on; fail: report them and stop "
                         "before generating anything")
@@ -89,7 +99,7 @@ def _default_params(args: argparse.Namespace) -> SamplingParams:
         return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               min_p=args.min_p, max_tokens=args.max_tokens, stop=list(args.stop),
                               stop_token_ids=list(args.stop_token_ids), n=args.n,
-                              logprobs=args.logprobs).validate()
+                              logprobs=args.logprobs, top_logprobs=args.top_logprobs).validate()
     except SamplingError as e:
         raise SystemExit(f"nemojax generate: bad sampling option: {e}") from None
 
@@ -102,7 +112,8 @@ def derived_seed(base: int, key: str) -> int:
 def parse_line(text: str, line_no: int, *, tokenizer: Any, defaults: SamplingParams, base_seed: int,
                max_len: int, vocab_size: int, bos: bool, turn_id: int | None) -> Parsed:
     """One input line -> a Parsed request, or BadLine naming the problem."""
-    from nemojax.data.chat_template import ChatFormatError, format_chat
+    from nemojax.data.chat import prompt_ids
+    from nemojax.data.chat_template import ChatFormatError
 
     try:
         record = json.loads(text)
@@ -133,22 +144,20 @@ def parse_line(text: str, line_no: int, *, tokenizer: Any, defaults: SamplingPar
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise BadLine(f"prompt_ids {bad[:5]} outside the model's vocabulary [0, {vocab_size})")
+    elif src == "prompt":
+        if not isinstance(record["prompt"], str):
+            raise BadLine("prompt must be a string")
+        ids = prompt_ids(tokenizer, record["prompt"], bos=bos)
     else:
-        if src == "prompt":
-            if not isinstance(record["prompt"], str):
-                raise BadLine("prompt must be a string")
-            text_in = record["prompt"]
-        else:
-            msgs = record["messages"]
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-                raise BadLine("messages must be a list of {role, content} objects")
-            try:
-                text_in = format_chat(msgs, add_generation_prompt=True)
-            except ChatFormatError as e:
-                raise BadLine(str(e)) from None
-            if turn_id is not None and turn_id not in params.stop_token_ids:
-                params.stop_token_ids.append(turn_id)
-        ids = tokenizer.encode(text_in, bos=bos)
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise BadLine("messages must be a list of {role, content} objects")
+        try:
+            ids = prompt_ids(tokenizer, msgs, bos=bos)
+        except ChatFormatError as e:
+            raise BadLine(str(e)) from None
+        if turn_id is not None and turn_id not in params.stop_token_ids:
+            params.stop_token_ids.append(turn_id)
     if not ids:
         raise BadLine("empty prompt")
     if len(ids) >= max_len:
@@ -191,6 +200,10 @@ def result_record(parsed: Parsed, completions: list[Any]) -> dict[str, Any]:
     }
     if parsed.params.logprobs:
         per["logprobs"] = [c.logprobs for c in completions]
+    if parsed.params.top_logprobs:
+        per["top_logprobs"] = [[[list(t) for t in pos] for pos in c.top_logprobs] for c in completions]
+    if parsed.params.prompt_logprobs:
+        per["prompt_logprobs"] = [c.prompt_logprobs for c in completions]
     out = dict(parsed.record)
     out["prompt_tokens"] = len(parsed.prompt_ids)
     for k, v in per.items():
@@ -201,32 +214,31 @@ def result_record(parsed: Parsed, completions: list[Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- run
 
 
-def run(args: argparse.Namespace) -> int:
-    from nemojax.checkpoint import load_model
-    from nemojax.data.tokenizer import TokenizerError, load_tokenizer
-    from nemojax.inference import Engine, Request
+def _fail(message: str, code: int = 2) -> int:
+    print(f"nemojax generate: {message}", file=sys.stderr)
+    return code
 
+
+def run(args: argparse.Namespace) -> int:
     inp, out_path = Path(args.input), Path(args.output)
     if not inp.is_file():
-        print(f"nemojax generate: input file not found: {inp}", file=sys.stderr)
-        return 2
+        return _fail(f"input file not found: {inp}")
     defaults = _default_params(args)
-    tok_spec = args.tokenizer
-    if tok_spec is None:
-        ckpt = Path(args.checkpoint)
-        tok_spec = str(ckpt / "tokenizer.model") if (ckpt / "tokenizer.model").is_file() else "builtin"
+    from nemojax.inference.setup import SetupError, enable_compile_cache, engine_from_args, load_for_sampling
+
+    enable_compile_cache(args.compile_cache)
     try:
-        tokenizer = load_tokenizer(tok_spec)
-    except TokenizerError as e:
-        print(f"nemojax generate: {e}", file=sys.stderr)
-        return 2
-    dtype_kw = {} if args.dtype is None else {"param_dtype": args.dtype, "compute_dtype": args.dtype}
-    model = load_model(args.checkpoint, **dtype_kw)
+        model, tokenizer = load_for_sampling(args.checkpoint, args.tokenizer, args.dtype)
+    except SetupError as e:
+        return _fail(str(e))
+    from nemojax.data.tokenizer import TokenizerError
+    from nemojax.inference import Request
+
     cfg = model.cfg
     max_len = args.max_len or cfg.max_seq_len
     if tokenizer.vocab_size > cfg.vocab_size:
-        print(f"nemojax generate: warning: tokenizer {tok_spec} has {tokenizer.vocab_size} pieces but the "
-              f"model only {cfg.vocab_size}; pass the checkpoint's own --tokenizer", file=sys.stderr)
+        print(f"nemojax generate: warning: the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+              f"{cfg.vocab_size}; pass the checkpoint's own --tokenizer", file=sys.stderr)
     turn_id = None
     try:
         turn_id = tokenizer.special_id("<extra_id_1>")
@@ -240,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     seen: set[str] = set()
     bad = 0
     todo = 0
+    longest = 1  # prompt + max_tokens of the longest pending request
     with inp.open(encoding="utf-8") as f:
         for line_no, text in enumerate(f, start=1):
             if not text.strip():
@@ -253,11 +266,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{inp}:{line_no}: {e}", file=sys.stderr)
                 continue
             seen.add(parsed.key)
-            todo += parsed.key not in done
+            if parsed.key not in done:
+                todo += 1
+                longest = max(longest, len(parsed.prompt_ids) + parsed.params.max_tokens)
     if bad and args.on_bad_line == "fail":
-        print(f"nemojax generate: {bad} bad input line(s); fix them or pass --on-bad-line skip",
-              file=sys.stderr)
-        return 1
+        return _fail(f"{bad} bad input line(s); fix them or pass --on-bad-line skip", code=1)
     skipped_done = len(seen & done)
 
     # Pass 2: stream the pending requests through the engine, writing each as it finishes.
@@ -279,9 +292,13 @@ def run(args: argparse.Namespace) -> int:
                 pending[parsed.key] = (parsed, [])
                 yield Request(parsed.key, parsed.prompt_ids, parsed.params)
 
-    engine = Engine(model, max_slots=args.batch_slots, max_len=max_len, decode_steps=args.decode_steps,
-                    max_prefill_batch=args.max_prefill_batch, tokenizer=tokenizer,
-                    stop_token_ids=[cfg.eos_id, tokenizer.eos_id], seed=args.seed)
+    if not args.max_len:  # a cache sized for this input (power of two: few distinct programs)
+        max_len = min(max_len, max(AUTO_MIN_LEN, 1 << (longest - 1).bit_length()))
+    try:
+        engine = engine_from_args(model, tokenizer, args, max_len=max_len, seed=args.seed)
+    except SetupError as e:
+        return _fail(str(e))
+    del model  # the engine holds the weights it needs
     from tqdm import tqdm
 
     written = tokens = 0
@@ -302,7 +319,13 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
     bar.close()
+    compiles = engine.compile_stats()
+    end = time.perf_counter()
     print(json.dumps({"written": written, "skipped_already_done": skipped_done, "bad_lines": bad,
-                      "completion_tokens": tokens,
-                      "seconds": round(time.perf_counter() - start, 3)}), file=sys.stderr)
+                      "completion_tokens": tokens, "seconds": round(end - start, 3),
+                      "startup_seconds": round(start - PROCESS_START, 3),
+                      "programs": {"compiled": compiles["compiled"], "loaded": compiles["loaded"],
+                                   "seconds": round(compiles["seconds"], 3)},
+                      "prompt_tokens": engine.stats["prompt_tokens"],
+                      "cached_prompt_tokens": engine.stats["cached_tokens"]}), file=sys.stderr)
     return 0

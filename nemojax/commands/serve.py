@@ -57,30 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def warm_up(engine: "Engine", *, full: bool, token: int) -> None:
-    """Compile the engine's jitted functions with dummy requests, before the first user waits.
+def warm_up(engine: "Engine", *, full: bool, token: int = 2) -> None:
+    """Compile (or load from the program cache) the engine's programs before the first user waits.
 
-    Each prompt-length bucket and attention window compiles once, on first use (seconds for
-    small models, minutes for big ones). `full` runs one prompt per length bucket plus one
-    that decodes to the end of the context; stop tokens are switched off meanwhile so no
-    dummy request ends early.
+    `full` covers every prompt-chunk shape and attention window (slow for big models the first
+    time, then loaded from disk); otherwise the smallest shapes only. `token` is unused (kept for
+    callers of the earlier signature).
     """
-    from nemojax.inference import Request, SamplingParams
-
-    greedy = dict(temperature=0.0)
-    if not full:
-        engine.generate_all([Request("warmup", [token], SamplingParams(max_tokens=2, **greedy))])
-        return
-    saved = engine.stop_token_ids
-    engine.stop_token_ids = frozenset()
-    try:
-        lengths = sorted({min(b, engine.max_len - 1) for b in engine.len_buckets})
-        for n in lengths:
-            engine.generate_all([Request(f"warmup-{n}", [token] * n, SamplingParams(max_tokens=1, **greedy))])
-        engine.generate_all([Request("warmup-decode", [token],
-                                     SamplingParams(max_tokens=engine.max_len - 1, **greedy))])
-    finally:
-        engine.stop_token_ids = saved
+    engine.warm_up(full=full)
 
 
 def run(args: argparse.Namespace) -> int:

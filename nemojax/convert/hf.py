@@ -231,8 +231,21 @@ TENSOR_MAPS: tuple[TensorMap, ...] = (
 )
 
 
+_SHAPES: dict[str, dict[tuple[str, ...], tuple[int, ...]]] = {}
+
+
 def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Shape of every nemojax parameter (layered ones include the leading layers axis)."""
+    """Shape of every nemojax parameter (layered ones include the leading layers axis).
+
+    Memoized per config: building the abstract model traces its initializer (a noticeable part
+    of a small model's load time), and one load asks several times."""
+    key = repr(cfg)
+    if key not in _SHAPES:
+        _SHAPES[key] = _param_shapes(cfg)
+    return dict(_SHAPES[key])
+
+
+def _param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     from nemojax.model.transformer import abstract_model
 
     import jax

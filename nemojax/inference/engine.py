@@ -1,60 +1,66 @@
-"""In-process sampling engine: preallocated KV cache, bucketed prefill, continuous batching.
+"""In-process sampling engine: preallocated KV cache, chunked prefill, prefix sharing, continuous
+batching.
 
-The engine owns a fixed number of *slots*. Each slot holds one running sample: its rows in
-the preallocated KV cache [layers, slots, max_len, kv_heads, head_dim] and its sampling
-parameters (per-slot arrays, see sampling.py). The device-side state is one pytree that every
-jitted function takes donated and returns updated, so the cache is updated in place.
+The engine owns a fixed number of *slots*. Each slot holds one running sample: its rows in the
+preallocated KV cache [layers, slots, rows, kv_heads, head_dim]. The device state is only that
+cache (and the prefix-cache pool); everything else about a slot (next token, position,
+sampling knobs, token budget, stop ids) lives on the host and goes to the device with each
+decode call, so admitting or dropping a sample costs no device work.
 
-- Prefill: prompts are padded to a few static lengths (powers of two) and batch sizes (powers
-  of two), so a new prompt length never triggers a compile once its bucket has been seen. Only
-  the last prompt position goes through the LM head. The prompt's keys/values are scattered
-  into the chosen slots' cache rows and the first token is sampled in the same call.
-- Decode: one jitted function runs up to `decode_steps` tokens for all slots per host
-  round-trip (a `lax.while_loop` that exits early once some slot hits a stop token or its
-  token budget, so a finished slot is refilled at once), attending over a power-of-two
-  *window* of the cache that covers every live slot, so short sequences do not pay for
-  `max_len`. It is compiled once per window.
-- Continuous batching: after every decode chunk the host reads the new tokens, finishes samples
-  (stop token, stop string, max_tokens, cache full) and immediately prefills waiting requests
-  into the freed slots. Slots left idle keep computing harmless garbage (their cache rows are
-  overwritten by the next prefill before anything attends to them).
+A sample's life:
+1. *Admission* into a free slot. Its prompt's leading full blocks that the prefix cache holds
+   are copied into the slot's rows (their keys/values are not computed again). Samples 2..n
+   of a request admitted together with sample 1 become its *forks*: they wait for sample 1's
+   prefill and then get its rows copied, so a prompt is prefilled once for all its samples.
+2. *Chunked prefill* of the prompt's remaining tokens except the last: each engine step runs
+   one prefill call of at most `max_prefill_tokens` tokens (B rows x C tokens), so a long
+   prompt is spread over several steps and never stalls the samples already decoding for
+   longer than one such call (when nothing is decoding, prefill runs until the slots are full).
+   When its prefill completes, the prompt's new full blocks are copied into the prefix cache.
+3. *Decode*: the last prompt token is fed by the decode program like any generated token; one
+   decode call runs up to `decode_steps` tokens for every slot per host round-trip and exits
+   early when a slot finishes on device (stop token, budget), so the host refills it at once.
+   Attention covers a power-of-two *window* of rows covering every live slot.
+4. The host reads the tokens, matches stop strings incrementally (detokenize.py), finishes
+   samples and frees their slots; streaming requests get per-token deltas (`take_deltas`).
+
+Programs and compilation (programs.py): prompt chunks are padded to power-of-two lengths (from
+`min_bucket` up to `prefill_chunk`) and batch sizes (up to `max_prefill_batch`), attention
+windows to powers of two up to `max_len`, so the set of distinct programs is bounded and a new
+prompt length never compiles once its bucket has been seen. With a program directory, compiled
+programs are kept on disk and later processes load them instead of compiling.
 
 Tensor parallelism: when the model's parameters are `NamedSharding`-sharded, the cache is
-created sharded over the same mesh axis as the key projection's kv_heads dim, and all state
-lives on that mesh; GSPMD partitions prefill and decode.
+created sharded over the same mesh axis as the key projection's kv_heads dim; GSPMD partitions
+the programs.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
+import os
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nemojax.inference.decode import LAYOUTS, decode_one_token, split_weights
-from nemojax.inference.requests import Completion, Request
-from nemojax.inference.sampling import SamplingParams, sample
-from nemojax.model.transformer import KVCache, NemotronLM
+from nemojax.inference import programs
+from nemojax.inference.detokenize import IncrementalText, StopMatcher
+from nemojax.inference.forward import LAYOUTS, layout_weights, model_arrays
+from nemojax.inference.prefix_cache import PrefixCache
+from nemojax.inference.requests import Completion, Request, TokenDelta, TopLogprobs
+from nemojax.model.transformer import DTYPES, NemotronLM
 
-SLOT_FIELDS: dict[str, Any] = {  # per-slot arrays of the device state, and their dtypes
-    "tokens": jnp.int32,  # the token to feed next
-    "positions": jnp.int32,  # its position (= cache row it is written to)
-    "token_index": jnp.int32,  # index of the token being sampled next (PRNG fold-in)
-    "seed": jnp.uint32,
-    "sample_index": jnp.int32,
-    "temperature": jnp.float32,
-    "top_k": jnp.int32,
-    "top_p": jnp.float32,
-    "min_p": jnp.float32,
-    "remaining": jnp.int32,  # tokens this slot may still generate; 0 = finished / idle
-}
 MAX_STOP_IDS = 8  # stop token ids the device checks per slot (more only cost an early exit)
-SAMPLING_FIELDS = ("seed", "sample_index", "temperature", "top_k", "top_p", "min_p")
+COPY_BATCH = 64  # KV block moves per copy call
+PROGRAM_SUBDIR = "nemojax-engine"
 
 
 class Tokenizer(Protocol):
@@ -77,20 +83,49 @@ def _bucket(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def default_program_dir() -> Path | None:
+    """Where compiled engine programs persist: beside JAX's persistent compilation cache when
+    one is configured (`jax_compilation_cache_dir`), else nowhere (memory only)."""
+    root = jax.config.jax_compilation_cache_dir
+    return Path(root) / PROGRAM_SUBDIR if root else None
+
+
 @dataclass
 class _Job:
-    """One sample of one request, while it waits or runs in a slot (host-side bookkeeping)."""
+    """One sample of one request, from the queue to its completion (host-side bookkeeping)."""
 
     request: Request
     sample_index: int
     seed: int
     max_new: int
     stop_ids: frozenset[int]
+    order: int  # admission order: prefill is first come, first served
+    phase: str = "waiting"  # waiting -> prefill | fork -> running -> (done)
+    slot: int = -1
+    prefilled: int = 0  # prompt rows (of prompt[:-1]) in the slot's cache
+    cached: int = 0  # of which copied (prefix cache / parent) instead of computed
+    parent: "_Job | None" = None
+    generated: int = 0  # tokens sampled on device (stop token included)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    text: str = ""  # decoded output so far (only kept when there are stop strings)
+    top: list[TopLogprobs] = field(default_factory=list)
+    prompt_lps: list[float | None] | None = None
+    prompt_top: list[TopLogprobs | None] | None = None
+    detok: IncrementalText | None = None
+    stops: StopMatcher | None = None
+    ends: list[int] = field(default_factory=list)  # text length once output token k is decoded
+    released: int = 0  # tokens handed out as deltas
     finish_reason: str | None = None
-    position: int = 0  # host mirror of the slot's next position
+    final_text: str | None = None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def target(self) -> int:
+        """Prompt rows prefill must fill: all but the last token (decode feeds that one)."""
+        return len(self.request.prompt_ids) - 1
 
 
 class Engine:
@@ -100,55 +135,98 @@ class Engine:
       model: the model; its params may be sharded over a mesh (see module docstring).
       max_slots: samples decoded together.
       max_len: cache rows per slot: prompt + completion tokens at most (default cfg.max_seq_len).
-      decode_steps: tokens generated per slot per host round-trip.
+      decode_steps: tokens generated per slot per host round-trip at most.
       max_prefill_batch: prompts prefilled together at most (padded to a power of two).
-      min_bucket: the smallest prompt-length / attention-window bucket.
+      min_bucket: the smallest prompt-chunk bucket.
+      min_window: the smallest attention window of a decode call. Attending to a few more rows
+        than needed costs little next to the weight reads of a decode step, and fewer windows
+        mean fewer programs to compile or load.
       tokenizer: needed for `text` and stop strings; anything with `decode(ids) -> str`.
       stop_token_ids: tokens that end every request (default: the model's eos).
       seed: draws seeds for requests that do not give one.
-      decode_layout: "split" or "stacked" weights for the decode step (see decode.py);
-        default "split" on CPU (one extra weight copy, ~2x faster there), else "stacked".
+      decode_layout: "split" or "stacked" weights (see forward.py); default "split" on CPU
+        (one extra weight copy, ~2x faster there), else "stacked".
+      prefill_chunk: prompt tokens per row of one prefill call at most (longer prompts are
+        prefilled over several steps).
+      max_prefill_tokens: padded tokens (rows x chunk) of one prefill call at most, which bounds
+        how long one engine step can delay running samples (default max(prefill_chunk, 512)).
+      prefix_cache_tokens: capacity of the prefix cache in tokens (0 = off; default 2 x max_len).
+      block_size: the prefix cache's block length in tokens.
+      share_prefixes: reuse keys/values across samples (forks) and requests (prefix cache);
+        False computes every prompt in full (an attribute: may be switched at any time).
+      program_dir: where compiled programs are kept across processes; default
+        `default_program_dir()`; False = memory only. Unused for sharded (multi-device) models.
     """
 
     def __init__(self, model: NemotronLM, *, max_slots: int = 8, max_len: int | None = None,
                  decode_steps: int = 8, max_prefill_batch: int = 8, min_bucket: int = 16,
                  tokenizer: Tokenizer | None = None, stop_token_ids: Iterable[int] | None = None,
-                 seed: int = 0, decode_layout: str | None = None):
+                 seed: int = 0, decode_layout: str | None = None, prefill_chunk: int = 256,
+                 max_prefill_tokens: int | None = None, prefix_cache_tokens: int | None = None,
+                 block_size: int = 16, min_window: int = 128, share_prefixes: bool = True,
+                 program_dir: str | Path | bool | None = None):
         cfg = model.cfg
         self.cfg = cfg
         self.max_slots = int(max_slots)
         self.max_len = int(max_len or cfg.max_seq_len)
-        if self.max_slots < 1 or self.max_len < 2 or decode_steps < 1:
-            raise ValueError(f"need max_slots >= 1, max_len >= 2, decode_steps >= 1; got "
-                             f"{max_slots}, {max_len}, {decode_steps}")
+        if self.max_slots < 1 or self.max_len < 2 or decode_steps < 1 or prefill_chunk < 1 or block_size < 1:
+            raise ValueError(f"need max_slots >= 1, max_len >= 2, decode_steps >= 1, prefill_chunk >= 1, "
+                             f"block_size >= 1; got {max_slots}, {max_len}, {decode_steps}, {prefill_chunk}, "
+                             f"{block_size}")
         self.decode_steps = int(decode_steps)
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset([cfg.eos_id] if stop_token_ids is None else stop_token_ids)
         self._rng = np.random.default_rng(seed)
-        self.len_buckets = power_of_two_buckets(min(min_bucket, self.max_len), self.max_len)
+        lo = min(min_bucket, self.max_len)
+        self.len_buckets = power_of_two_buckets(lo, self.max_len)
+        self.window_buckets = power_of_two_buckets(max(lo, min(min_window, self.max_len)), self.max_len)
+        self.chunk_buckets = [b for b in power_of_two_buckets(lo, max(lo, min(prefill_chunk, self.max_len)))]
+        self.prefill_chunk = self.chunk_buckets[-1]
         self.batch_buckets = [b for b in power_of_two_buckets(1, max(1, max_prefill_batch))
                               if b <= max(1, max_prefill_batch)]
-        self.graphdef, self.params = nnx.split(model)
-        self.trace_counts: collections.Counter[str] = collections.Counter()
+        self.max_prefill_tokens = int(max_prefill_tokens or max(self.prefill_chunk, 512))
+        self.block_size = int(block_size)
+        # Cache rows per slot: max_len rounded up to whole blocks (block copies stay aligned).
+        self.rows = -(-self.max_len // self.block_size) * self.block_size
+        pool_tokens = 2 * self.max_len if prefix_cache_tokens is None else int(prefix_cache_tokens)
+        self.prefix_cache = PrefixCache(max(0, pool_tokens) // self.block_size, self.block_size)
+        self.share_prefixes = share_prefixes
         self._setup_sharding(model)
-        self.state = self._init_state()
-        platform = jax.tree.leaves(self.params)[0].devices().pop().platform
+        platform = next(iter(model.embed[...].devices())).platform
         self.decode_layout = decode_layout or ("split" if platform == "cpu" else "stacked")
         if self.decode_layout not in LAYOUTS:
             raise ValueError(f"decode_layout must be one of {LAYOUTS}, got {decode_layout!r}")
-        self.decode_weights = None
-        if self.decode_layout == "split":
-            fuse = self.mesh is None
-            self.decode_weights = jax.jit(lambda p: split_weights(nnx.merge(self.graphdef, p), fuse))(
-                self.params)
-        self._prefill_jit = jax.jit(self._prefill, donate_argnums=(1,))
-        self._decode_jit = jax.jit(self._decode_chunk, donate_argnums=(2,), static_argnums=(4,))
+        directory = None
+        if program_dir is not False and self.mesh is None:
+            directory = default_program_dir() if program_dir in (None, True) else program_dir
+        self.programs = programs.Programs(directory, self._program_context(platform),
+                                          None if self.mesh is not None else self._device)
+        self._constrain = self._constrain_cache if self.mesh is not None else programs._identity
+        fuse = self.mesh is None
+        self.weights = self.programs("weights", (self.decode_layout, fuse),
+                                     lambda: partial(layout_weights, cfg, layout=self.decode_layout, fuse_qkv=fuse),
+                                     (model_arrays(model),), donate=())
+        self.cache = self._init_cache()
+        S = self.max_slots
+        self._slot: dict[str, np.ndarray] = {
+            "tokens": np.zeros(S, np.int32), "positions": np.zeros(S, np.int32),
+            "token_index": np.zeros(S, np.int32), "remaining": np.zeros(S, np.int32),
+            "live": np.zeros(S, bool), "top_n": np.zeros(S, np.int32), "seed": np.zeros(S, np.uint32),
+            "sample_index": np.zeros(S, np.int32), "temperature": np.zeros(S, np.float32),
+            "top_k": np.zeros(S, np.int32), "top_p": np.ones(S, np.float32), "min_p": np.zeros(S, np.float32),
+            "stop_ids": np.full((S, MAX_STOP_IDS), -1, np.int32)}
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._slots: list[_Job | None] = [None] * S
+        self._deltas: list[TokenDelta] = []
+        self._order = itertools.count()
+        self.stats: dict[str, int] = {"prompt_tokens": 0, "prefill_tokens": 0, "cached_tokens": 0,
+                                      "generated_tokens": 0, "decode_calls": 0, "prefill_calls": 0}
 
     # ------------------------------------------------------------------ device side
 
     def _setup_sharding(self, model: NemotronLM) -> None:
         sharding = getattr(model.blocks.k[...], "sharding", None)
-        if isinstance(sharding, NamedSharding):
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
             spec = tuple(sharding.spec) + (None,) * 4
             kv_axis = spec[2]  # k: [layers, embed, kv_heads, head_dim]
             self.mesh = sharding.mesh
@@ -156,110 +234,98 @@ class Engine:
             self.replicated: Any = NamedSharding(self.mesh, P())
         else:
             self.mesh, self.cache_sharding, self.replicated = None, None, None
+            self._device = next(iter(model.embed[...].devices()))
 
-    def _init_state(self) -> dict[str, jax.Array]:
-        cfg, S, T = self.cfg, self.max_slots, self.max_len
+    def _program_context(self, platform: str) -> str:
+        import jaxlib
 
-        def make() -> dict[str, jax.Array]:
-            cache = KVCache.zeros(cfg, S, T)
-            st = {"k": cache.k, "v": cache.v}
-            for name, dt in SLOT_FIELDS.items():
-                st[name] = jnp.zeros((S,), dt)
-            st["top_p"] = jnp.ones((S,), jnp.float32)
-            st["stop_ids"] = jnp.full((S, MAX_STOP_IDS), -1, jnp.int32)
-            return st
+        device = jax.devices()[0]
+        return "\n".join([repr(self.cfg), platform, getattr(device, "device_kind", ""), jax.__version__,
+                          jaxlib.__version__, os.environ.get("XLA_FLAGS", ""), str(jax.config.jax_enable_x64),
+                          str(jax.config.jax_default_matmul_precision), programs.source_fingerprint()])
 
-        if self.mesh is None:
-            # Commit the state to the params' device: uncommitted inputs would make the first
-            # call after a donated (committed) output compile a second executable.
-            device = next(iter(jax.tree.leaves(self.params)[0].devices()))
-            return jax.jit(make, out_shardings=jax.sharding.SingleDeviceSharding(device))()
-        shardings = {k: (self.cache_sharding if k in ("k", "v") else self.replicated)
-                     for k in ["k", "v", "stop_ids", *SLOT_FIELDS]}
-        return jax.jit(make, out_shardings=shardings)()
+    def _init_cache(self) -> programs.Cache:
+        cfg = self.cfg
+        dt = DTYPES[cfg.compute_dtype]
+        kv = (cfg.num_kv_heads, cfg.head_dim)
+        shapes = {"k": (cfg.num_layers, self.max_slots, self.rows, *kv),
+                  "pool_k": (cfg.num_layers, max(1, self.prefix_cache.num_blocks), self.block_size, *kv)}
+        shapes["v"], shapes["pool_v"] = shapes["k"], shapes["pool_k"]
+        # Host zeros placed with device_put: no program to compile.
+        target = self.cache_sharding if self.mesh is not None else self._device
+        return {name: jax.device_put(np.zeros(shape, dt), target) for name, shape in shapes.items()}
 
     def _constrain_cache(self, x: jax.Array) -> jax.Array:
-        if self.cache_sharding is None:
-            return x
         return jax.lax.with_sharding_constraint(x, self.cache_sharding)
 
-    def _prefill(self, params: Any, state: dict[str, jax.Array], ids: jax.Array,
-                 lengths: jax.Array, slots: jax.Array, sampling: dict[str, jax.Array],
-                 remaining: jax.Array, stop_ids: jax.Array,
-                 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
-        """Prefill B padded prompts [B, Lb] into `slots` (index >= max_slots: a padding row)."""
-        self.trace_counts[f"prefill_{ids.shape[0]}x{ids.shape[1]}"] += 1
-        model = nnx.merge(self.graphdef, params)
-        b, lb = ids.shape
-        positions = jnp.broadcast_to(jnp.arange(lb, dtype=jnp.int32), (b, lb))
-        h, small = model.hidden(ids, positions=positions, cache=KVCache.zeros(self.cfg, b, lb))
-        last = h[jnp.arange(b), lengths - 1][:, None, :]
-        logits = model.logits(last)[:, 0]
-        tok, lp = sample(logits, token_index=jnp.zeros((b,), jnp.int32), **sampling)
-        st = dict(state)
-        st["k"] = self._constrain_cache(state["k"].at[:, slots, :lb].set(small.k, mode="drop"))
-        st["v"] = self._constrain_cache(state["v"].at[:, slots, :lb].set(small.v, mode="drop"))
-        finished = jnp.any(tok[:, None] == stop_ids, axis=-1)
-        updates = {"tokens": tok, "positions": lengths, "token_index": jnp.ones((b,), jnp.int32),
-                   "remaining": jnp.where(finished, 0, remaining - 1), **sampling}
-        st["stop_ids"] = state["stop_ids"].at[slots].set(stop_ids, mode="drop")
-        for name, value in updates.items():
-            st[name] = state[name].at[slots].set(value.astype(state[name].dtype), mode="drop")
-        return st, tok, lp
-
-    def _decode_chunk(self, params: Any, weights: Any, state: dict[str, jax.Array], live: jax.Array,
-                      window: int) -> tuple[dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
-        """Up to `decode_steps` tokens for every slot, attending over cache rows [0, window).
-
-        Returns early, after the step where some live slot finished (stop token or its token
-        budget), so the host can refill that slot at once instead of idling it for the rest of
-        the chunk. `live` [S] marks the slots the host is running. Returns (state, tokens
-        [steps, S], log-probs [steps, S], number of valid steps).
-        """
-        self.trace_counts[f"decode_w{window}"] += 1
-        model = nnx.merge(self.graphdef, params)
-        full = window >= self.max_len
-        cache = KVCache(state["k"], state["v"]) if full else KVCache(
-            state["k"][:, :, :window], state["v"][:, :, :window])
-        sampling = {k: state[k] for k in SAMPLING_FIELDS}
-
-        K, S = self.decode_steps, self.max_slots
-        stop_ids = state["stop_ids"]
-
-        def cond(carry: tuple[Any, ...]) -> jax.Array:
-            return (carry[0] < K) & ~carry[-1]
-
-        def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
-            i, ck, cv, tokens, positions, token_index, remaining, toks, lps, _ = carry
-            logits, k, v = decode_one_token(model, tokens, positions, ck, cv, weights)
-            tok, lp = sample(logits, token_index=token_index, **sampling)
-            k, v = self._constrain_cache(k), self._constrain_cache(v)
-            running = live & (remaining > 0)
-            finished = running & ((remaining == 1) | jnp.any(tok[:, None] == stop_ids, axis=-1))
-            remaining = jnp.where(finished, 0, remaining - running.astype(jnp.int32))
-            toks, lps = toks.at[i].set(tok), lps.at[i].set(lp)
-            return (i + 1, k, v, tok, positions + 1, token_index + 1, remaining, toks, lps,
-                    jnp.any(finished))
-
-        carry = (jnp.int32(0), cache.k, cache.v, state["tokens"], state["positions"],
-                 state["token_index"], state["remaining"], jnp.zeros((K, S), jnp.int32),
-                 jnp.zeros((K, S), jnp.float32), jnp.bool_(False))
-        (n, ck, cv, tokens, positions, token_index, remaining, toks, lps, _) = jax.lax.while_loop(
-            cond, step, carry)
-        st = dict(state, tokens=tokens, positions=positions, token_index=token_index,
-                  remaining=remaining)
-        if full:
-            st["k"], st["v"] = ck, cv
-        else:
-            st["k"] = self._constrain_cache(jax.lax.dynamic_update_slice_in_dim(state["k"], ck, 0, axis=2))
-            st["v"] = self._constrain_cache(jax.lax.dynamic_update_slice_in_dim(state["v"], cv, 0, axis=2))
-        return st, toks, lps, n
-
     def compile_counts(self) -> dict[str, int]:
-        """Executables compiled so far per jitted function (jit's own cache, not our traces)."""
-        return {"prefill": self._prefill_jit._cache_size(), "decode": self._decode_jit._cache_size()}
+        """Distinct executables obtained so far (compiled or loaded from disk) per program."""
+        return {name: self.programs.count(name) for name in ("prefill", "decode", "copy")}
 
-    # ------------------------------------------------------------------ host side
+    def compile_stats(self) -> dict[str, Any]:
+        """{"compiled", "loaded" (from disk), "seconds" (spent obtaining programs), "by_name"}."""
+        return dict(self.programs.stats)
+
+    def warm_up(self, full: bool = False) -> dict[str, Any]:
+        """Compile (or load) programs ahead of traffic; returns `compile_stats()`.
+
+        Minimal: one decode window, the smallest prefill shape and the block copy. full: every
+        decode window, every (batch, chunk) prefill shape of a first chunk, and the largest
+        chunk at every window (later chunks of long prompts). Prompt log-prob prefills still
+        compile on first use. Nothing runs, so no state changes.
+        """
+        shapes = [(1, self.chunk_buckets[0], self.chunk_buckets[0])]
+        windows = self.window_buckets[:1]
+        if full:
+            shapes = [(b, c, c) for b in self.batch_buckets for c in self.chunk_buckets]
+            shapes += [(1, self.prefill_chunk, w) for w in self.len_buckets if w > self.prefill_chunk]
+            windows = self.window_buckets
+        for B, C, W in shapes:
+            zeros = np.zeros(B, np.int32)
+            build = lambda W=W: partial(_prefill_entry, self.cfg, self._constrain, W)  # noqa: E731
+            self.programs.prepare("prefill", (B, C, W, False), build,
+                                  (self.weights, self.cache, np.zeros((B, C), np.int32), zeros, zeros, zeros, None),
+                                  donate=(1,))
+        for W in windows:
+            W = self.rows if W >= self.max_len else W
+            build = lambda W=W: partial(_decode_entry, self.cfg, self._constrain, self.decode_steps, W)  # noqa: E731
+            self.programs.prepare("decode", (self.decode_steps, W), build, (self.weights, self.cache, self._slot),
+                                  donate=(1,))
+        size = COPY_BATCH
+        self.programs.prepare("copy", (size,), lambda: partial(programs.copy, self._constrain, self.block_size),
+                              (self.cache, np.zeros(size, bool), np.zeros(size, np.int32), np.zeros(size, bool),
+                               np.zeros(size, np.int32)), donate=(0,))
+        return self.compile_stats()
+
+    def _run_prefill(self, ids: np.ndarray, slots: np.ndarray, starts: np.ndarray, valid: np.ndarray,
+                     targets: np.ndarray | None, window: int) -> Any:
+        B, C = ids.shape
+        build = lambda: partial(_prefill_entry, self.cfg, self._constrain, window)  # noqa: E731
+        self.cache, lps = self.programs("prefill", (B, C, window, targets is not None), build,
+                                        (self.weights, self.cache, ids, slots, starts, valid, targets),
+                                        donate=(1,))
+        return lps
+
+    def _run_copy(self, moves: list[tuple[bool, int, bool, int]]) -> None:
+        """Block moves (src is pool, src index, dst is pool, dst index), in fixed-size batches."""
+        size = COPY_BATCH
+        for i in range(0, len(moves), size):
+            part = moves[i:i + size]
+            src_pool, dst_pool = np.zeros(size, bool), np.zeros(size, bool)
+            src, dst = np.zeros(size, np.int32), np.full(size, np.iinfo(np.int32).max, np.int32)  # padding: dropped
+            for m, (sp, si, dp, di) in enumerate(part):
+                src_pool[m], src[m], dst_pool[m], dst[m] = sp, si, dp, di
+            build = lambda: partial(programs.copy, self._constrain, self.block_size)  # noqa: E731
+            self.cache = self.programs("copy", (size,), build, (self.cache, src_pool, src, dst_pool, dst),
+                                       donate=(0,))
+
+    def _run_decode(self, window: int) -> dict[str, np.ndarray]:
+        build = lambda: partial(_decode_entry, self.cfg, self._constrain, self.decode_steps, window)  # noqa: E731
+        self.cache, out = self.programs("decode", (self.decode_steps, window), build,
+                                        (self.weights, self.cache, self._slot), donate=(1,))
+        return out
+
+    # ------------------------------------------------------------------ requests
 
     def _new_jobs(self, request: Request) -> list[_Job]:
         p = request.params
@@ -269,191 +335,337 @@ class Engine:
         if n_prompt >= self.max_len:
             raise ValueError(f"request {request.id!r}: prompt has {n_prompt} tokens, the engine's "
                              f"max_len is {self.max_len}; shorten it or raise max_len")
-        bad = [t for t in request.prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        bad = [t for t in request.prompt_ids if not (isinstance(t, (int, np.integer))
+                                                     and 0 <= t < self.cfg.vocab_size)]
         if bad:
             raise ValueError(f"request {request.id!r}: token ids {bad[:5]} outside the vocabulary "
                              f"[0, {self.cfg.vocab_size})")
         if p.stop and self.tokenizer is None:
             raise ValueError(f"request {request.id!r}: stop strings need an engine with a tokenizer")
+        if request.stream and self.tokenizer is None:
+            raise ValueError(f"request {request.id!r}: streaming needs an engine with a tokenizer")
         seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2**32))
         stop_ids = self.stop_token_ids | frozenset(p.stop_token_ids)
         max_new = min(p.max_tokens, self.max_len - n_prompt)
-        return [_Job(request, i, seed & 0xFFFFFFFF, max_new, stop_ids, position=n_prompt)
-                for i in range(p.n)]
+        jobs = []
+        for i in range(p.n):
+            job = _Job(request, i, seed & 0xFFFFFFFF, max_new, stop_ids, order=next(self._order))
+            if self.tokenizer is not None and (p.stop or request.stream):
+                job.detok = IncrementalText(self.tokenizer)
+                job.stops = StopMatcher(p.stop)
+            jobs.append(job)
+        return jobs
 
-    def _admit(self, jobs: list[tuple[int, _Job]]) -> list[tuple[int, _Job, int, float]]:
-        """Prefill (slot, job) pairs, grouped by length bucket; returns first tokens."""
-        out = []
-        by_len: dict[int, list[tuple[int, _Job]]] = collections.defaultdict(list)
-        for slot, job in jobs:
-            by_len[_bucket(len(job.request.prompt_ids), self.len_buckets)].append((slot, job))
-        for lb, group in sorted(by_len.items()):
-            while group:
-                take = min(len(group), self.batch_buckets[-1])
-                bb = _bucket(take, self.batch_buckets)
-                chunk, group = group[:take], group[take:]
-                ids = np.zeros((bb, lb), np.int32)
-                lengths = np.ones((bb,), np.int32)
-                slots = np.full((bb,), self.max_slots, np.int32)  # padding rows are dropped
-                remaining = np.zeros((bb,), np.int32)
-                stop_ids = np.full((bb, MAX_STOP_IDS), -1, np.int32)
-                sampling = {"seed": np.zeros((bb,), np.uint32), "sample_index": np.zeros((bb,), np.int32),
-                            "temperature": np.zeros((bb,), np.float32), "top_k": np.zeros((bb,), np.int32),
-                            "top_p": np.ones((bb,), np.float32), "min_p": np.zeros((bb,), np.float32)}
-                for r, (slot, job) in enumerate(chunk):
-                    prompt, p = job.request.prompt_ids, job.request.params
-                    ids[r, :len(prompt)] = prompt
-                    lengths[r], slots[r] = len(prompt), slot
-                    sampling["seed"][r], sampling["sample_index"][r] = job.seed, job.sample_index
-                    sampling["temperature"][r], sampling["top_k"][r] = p.temperature, p.top_k
-                    sampling["top_p"][r], sampling["min_p"][r] = p.top_p, p.min_p
-                    remaining[r] = job.max_new
-                    ids_list = sorted(job.stop_ids)[:MAX_STOP_IDS]
-                    stop_ids[r, :len(ids_list)] = ids_list
-                self.state, tok, lp = self._prefill_jit(self.params, self.state, ids, lengths, slots,
-                                                        sampling, remaining, stop_ids)
-                tok, lp = np.asarray(tok), np.asarray(lp)
-                out += [(slot, job, int(tok[r]), float(lp[r])) for r, (slot, job) in enumerate(chunk)]
-        return out
-
-    def _window(self, running: list[_Job]) -> int:
-        need = max(j.position for j in running) + self.decode_steps
-        return _bucket(min(need, self.max_len), self.len_buckets)
-
-    def _accept(self, job: _Job, tokens: Iterable[int], logprobs: Iterable[float]) -> bool:
-        """Append newly generated tokens to a running job; True when it has finished."""
-        start = len(job.output_ids)
-        for t, lp in zip(tokens, logprobs):
-            if t in job.stop_ids:
-                job.finish_reason = "stop"
-                break
-            job.output_ids.append(t)
-            job.logprobs.append(lp)
-            if len(job.output_ids) >= job.max_new:
-                job.finish_reason = "length"
-                break
-        if job.request.params.stop and len(job.output_ids) > start:
-            self._check_stop_strings(job, start)
-        return job.finish_reason is not None
-
-    def _check_stop_strings(self, job: _Job, start: int) -> None:
-        stops = job.request.params.stop
-        text = self.tokenizer.decode(job.output_ids)
-        lookback = max(len(s) for s in stops)
-        begin = max(0, len(job.text) - lookback)
-        job.text = text
-        hits = [i for i in (text.find(s, begin) for s in stops) if i >= 0]
-        if not hits:
-            return
-        cut = min(hits)
-        # Keep the tokens whose text lies before the stop string (at least those before the
-        # token that completed it), drop the rest.
-        m = len(job.output_ids)
-        for m in range(start + 1, len(job.output_ids) + 1):
-            if any(s in self.tokenizer.decode(job.output_ids[:m]) for s in stops):
-                break
-        keep = m - 1
-        while keep > 0 and len(self.tokenizer.decode(job.output_ids[:keep])) > cut:
-            keep -= 1
-        del job.output_ids[keep:]
-        del job.logprobs[keep:]
-        job.text = text[:cut]
-        job.finish_reason = "stop"
+    def _finish(self, job: _Job, reason: str) -> None:
+        job.finish_reason = reason
+        if job.detok is not None and job.final_text is None:
+            job.detok.flush()
+            self._sync_ends(job)
+            job.final_text = job.detok.text
+        if job.slot >= 0:
+            self._slot["live"][job.slot] = False
+            if self._slots[job.slot] is job:
+                self._slots[job.slot] = None
+        job.phase = "done"
 
     def _complete(self, job: _Job) -> Completion:
         text = None
         if self.tokenizer is not None:
-            text = job.text if job.request.params.stop and job.finish_reason == "stop" \
-                else self.tokenizer.decode(job.output_ids)
+            text = job.final_text if job.final_text is not None else self.tokenizer.decode(job.output_ids)
+        p = job.request.params
+        if job.request.stream:
+            self._release(job, final=True)
         return Completion(request_id=job.request.id, sample_index=job.sample_index,
-                          prompt_tokens=len(job.request.prompt_ids), output_ids=list(job.output_ids),
+                          prompt_tokens=len(job.prompt), output_ids=list(job.output_ids),
                           finish_reason=job.finish_reason or "length", text=text,
-                          logprobs=list(job.logprobs) if job.request.params.logprobs else None)
+                          logprobs=list(job.logprobs) if p.logprobs else None,
+                          top_logprobs=list(job.top) if p.top_logprobs else None,
+                          prompt_logprobs=job.prompt_lps, prompt_top_logprobs=job.prompt_top,
+                          cached_tokens=job.cached)
+
+    # ------------------------------------------------------------------ tokens
+
+    @staticmethod
+    def _sync_ends(job: _Job) -> None:
+        """Record the text length for output tokens that just became decoded text."""
+        job.ends += [len(job.detok.text)] * (job.detok.decoded - len(job.ends))
+
+    def _accept(self, job: _Job, tok: int, lp: float, top: TopLogprobs | None) -> bool:
+        """One token sampled for a running job; True when the job has finished."""
+        job.generated += 1
+        if tok in job.stop_ids:
+            self._finish(job, "stop")
+            return True
+        job.output_ids.append(tok)
+        job.logprobs.append(lp)
+        if top is not None:
+            job.top.append(top)
+        if job.detok is not None:
+            before = len(job.detok.text)
+            job.detok.add(tok)
+            self._sync_ends(job)
+            cut = job.stops.search(job.detok.text, before)
+            if cut >= 0:  # keep the tokens whose text lies before the stop string
+                keep = bisect.bisect_right(job.ends, cut)
+                del job.output_ids[keep:], job.logprobs[keep:], job.ends[keep:], job.top[keep:]
+                job.final_text = job.detok.text[:cut]
+                self._finish(job, "stop")
+                return True
+        if len(job.output_ids) >= job.max_new:
+            self._finish(job, "length")
+            return True
+        return False
+
+    def _release(self, job: _Job, final: bool = False) -> None:
+        """Queue deltas for a streaming job's tokens whose text is certain (every kept token
+        once the job has finished)."""
+        text = job.final_text if final else job.detok.text
+        count = len(job.output_ids) if final else bisect.bisect_right(job.ends, job.stops.safe_length(text))
+        top = job.request.params.top_logprobs
+        while job.released < count:
+            k = job.released
+            start, end = (job.ends[k - 1] if k else 0), min(job.ends[k], len(text))
+            self._deltas.append(TokenDelta(job.request.id, job.sample_index, job.output_ids[k], job.logprobs[k],
+                                           job.top[k] if top else None, text[start:end] if end > start else ""))
+            job.released += 1
+
+    def take_deltas(self) -> list[TokenDelta]:
+        """Per-token increments of streaming requests since the last call (see TokenDelta).
+
+        A sample's deltas always come before its Completion is returned by `step`."""
+        out, self._deltas = self._deltas, []
+        return out
+
+    @staticmethod
+    def _top(ids: np.ndarray, lps: np.ndarray, n: int) -> TopLogprobs:
+        return [(int(i), float(v)) for i, v in zip(ids[:n], lps[:n])]
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _admit(self) -> None:
+        """Put waiting samples into free slots; copy cached prefixes in; wire up forks."""
+        moves: list[tuple[bool, int, bool, int]] = []
+        nb = self.rows // self.block_size
+        for slot in range(self.max_slots):
+            if not self._waiting:
+                break
+            if self._slots[slot] is not None:
+                continue
+            job = self._waiting.popleft()
+            job.slot = slot
+            self._slots[slot] = job
+            parent = None
+            if self.share_prefixes:
+                parent = next((j for j in self._slots if j is not None and j is not job and j.phase == "prefill"
+                               and j.request is job.request), None)
+            self.stats["prompt_tokens"] += len(job.prompt)
+            if parent is not None:  # a sibling is prefilling this prompt: share its rows
+                job.phase, job.parent = "fork", parent
+                continue
+            hit = 0
+            if self.share_prefixes and not job.request.params.prompt_logprobs:
+                blocks = self.prefix_cache.match(job.prompt[:job.target])
+                moves += [(True, b, False, slot * nb + i) for i, b in enumerate(blocks)]
+                hit = len(blocks) * self.block_size
+            job.prefilled = job.cached = hit
+            job.phase = "prefill"
+        if moves:
+            self._run_copy(moves)
+
+    def _prefill_batch(self, jobs: list[_Job]) -> list[_Job]:
+        """One prefill call for (a bounded batch of) `jobs`; returns those whose prefill completed."""
+        want_lp = jobs[0].request.params.prompt_logprobs
+        rows: list[_Job] = []
+        C = 0
+        for job in jobs:
+            if job.request.params.prompt_logprobs != want_lp or len(rows) == self.batch_buckets[-1]:
+                continue
+            c = _bucket(min(job.target - job.prefilled, self.prefill_chunk), self.chunk_buckets)
+            if rows and _bucket(len(rows) + 1, self.batch_buckets) * max(C, c) > self.max_prefill_tokens:
+                break
+            rows.append(job)
+            C = max(C, c)
+        B = _bucket(len(rows), self.batch_buckets)
+        ids = np.zeros((B, C), np.int32)
+        targets = np.zeros((B, C), np.int32) if want_lp else None
+        slots = np.full(B, self.max_slots, np.int32)  # padding rows write nowhere
+        starts = np.zeros(B, np.int32)
+        valid = np.zeros(B, np.int32)
+        for r, job in enumerate(rows):
+            n = min(job.target - job.prefilled, C)
+            ids[r, :n] = job.prompt[job.prefilled:job.prefilled + n]
+            if targets is not None:
+                targets[r, :n] = job.prompt[job.prefilled + 1:job.prefilled + n + 1]
+            slots[r], starts[r], valid[r] = job.slot, job.prefilled, n
+        window = _bucket(int((starts + valid).max()), self.len_buckets)
+        lps = self._run_prefill(ids, slots, starts, valid, targets, self.rows if window >= self.max_len else window)
+        self.stats["prefill_calls"] += 1
+        if lps is not None:
+            chosen, top_ids, top_lps = (np.asarray(x) for x in lps)
+        done = []
+        for r, job in enumerate(rows):
+            n = int(valid[r])
+            if lps is not None:
+                k = job.request.params.top_logprobs
+                if job.prompt_lps is None:
+                    job.prompt_lps, job.prompt_top = [None], [None]
+                job.prompt_lps += [float(x) for x in chosen[r, :n]]
+                job.prompt_top += [self._top(top_ids[r, c], top_lps[r, c], k) if k else None for c in range(n)]
+            job.prefilled += n
+            self.stats["prefill_tokens"] += n
+            if job.prefilled >= job.target:
+                done.append(job)
+        return done
+
+    def _prefill(self) -> list[Completion]:
+        """Prefill prompt chunks: one call while samples are decoding (bounded stall), else until
+        every admitted prompt is ready (nothing waits on a decode meanwhile)."""
+        streams = any(j is not None and j.phase == "running" for j in self._slots)
+        finished: list[Completion] = []
+        while True:
+            prefilling = sorted((j for j in self._slots if j is not None and j.phase == "prefill"),
+                                key=lambda j: j.order)
+            if not prefilling:
+                return finished
+            ready = [j for j in prefilling if j.prefilled >= j.target]
+            todo = [j for j in prefilling if j.prefilled < j.target]
+            if todo:
+                ready += self._prefill_batch(todo)
+            finished += self._activate(ready)
+            if streams:
+                return finished
+
+    def _activate(self, jobs: list[_Job]) -> list[Completion]:
+        """Prefill done: cache the prompt's blocks, give forks their rows, start decoding."""
+        moves: list[tuple[bool, int, bool, int]] = []
+        nb = self.rows // self.block_size
+        finished: list[Completion] = []
+        started: list[_Job] = []
+        for job in jobs:
+            started.append(job)
+            if self.share_prefixes:
+                for index, block in self.prefix_cache.insert(job.prompt[:job.target]):
+                    moves.append((False, job.slot * nb + index, True, block))
+            for child in [j for j in self._slots if j is not None and j.phase == "fork" and j.parent is job]:
+                for index in range(-(-job.target // self.block_size)):
+                    moves.append((False, job.slot * nb + index, False, child.slot * nb + index))
+                child.prefilled = child.cached = job.target
+                child.prompt_lps, child.prompt_top = job.prompt_lps, job.prompt_top
+                child.parent = None
+                started.append(child)
+        if moves:
+            self._run_copy(moves)
+        s = self._slot
+        for job in started:
+            p = job.request.params
+            if job.max_new == 0:  # scoring only (prompt log-probs)
+                self._finish(job, "length")
+                finished.append(self._complete(job))
+                continue
+            i = job.slot
+            job.phase = "running"
+            s["tokens"][i], s["positions"][i], s["token_index"][i] = job.prompt[-1], job.target, 0
+            s["remaining"][i], s["live"][i], s["top_n"][i] = job.max_new, True, p.top_logprobs
+            s["seed"][i], s["sample_index"][i] = job.seed, job.sample_index
+            s["temperature"][i], s["top_k"][i], s["top_p"][i], s["min_p"][i] = (p.temperature, p.top_k,
+                                                                                 p.top_p, p.min_p)
+            ids = sorted(job.stop_ids)[:MAX_STOP_IDS]
+            s["stop_ids"][i] = -1
+            s["stop_ids"][i, :len(ids)] = ids
+            self.stats["cached_tokens"] += job.cached
+        return finished
+
+    def _decode(self) -> list[Completion]:
+        running = [j for j in self._slots if j is not None and j.phase == "running"]
+        if not running:
+            return []
+        need = max(int(self._slot["positions"][j.slot]) for j in running) + self.decode_steps
+        window = _bucket(min(need, self.max_len), self.window_buckets)
+        out = self._run_decode(self.rows if window >= self.max_len else window)
+        self.stats["decode_calls"] += 1
+        n = int(out["n"])  # the one host sync per chunk
+        toks, lps = np.asarray(out["tokens"])[:n], np.asarray(out["logprobs"])[:n]
+        if any(j.request.params.top_logprobs for j in running):
+            top_ids, top_lps = np.asarray(out["top_ids"])[:n], np.asarray(out["top_logprobs"])[:n]
+        done: list[Completion] = []
+        s = self._slot
+        for job in running:
+            i, k = job.slot, job.request.params.top_logprobs
+            before = job.generated
+            finished = False
+            for t in range(n):
+                top = self._top(top_ids[t, i], top_lps[t, i], k) if k else None
+                if self._accept(job, int(toks[t, i]), float(lps[t, i]), top):
+                    finished = True
+                    break
+            self.stats["generated_tokens"] += job.generated - before
+            if finished:
+                done.append(self._complete(job))
+                continue
+            s["tokens"][i] = toks[n - 1, i]
+            s["positions"][i] += n
+            s["token_index"][i] += n
+            s["remaining"][i] = job.max_new - job.generated
+            if job.request.stream:
+                self._release(job)
+        return done
 
     # ------------------------------------------------------------------ scheduling API
-    # `submit` queues requests, `step` admits waiting samples into free slots and decodes one
-    # chunk, `in_flight` shows partial outputs, `cancel` drops a request. The HTTP server's
-    # worker thread drives the engine this way; `generate` is the same loop over an iterable.
-
-    def _sched(self) -> tuple[collections.deque[_Job], list[_Job | None]]:
-        if not hasattr(self, "_waiting"):
-            self._waiting: collections.deque[_Job] = collections.deque()
-            self._slots: list[_Job | None] = [None] * self.max_slots
-        return self._waiting, self._slots
+    # `submit` queues requests, `step` admits waiting samples into free slots, prefills and
+    # decodes one chunk, `take_deltas` gives streaming increments, `in_flight` shows partial
+    # outputs, `cancel` drops a request. The HTTP server's worker thread drives the engine this
+    # way; `generate` is the same loop over an iterable.
 
     def submit(self, request: Request) -> None:
         """Queue a request for `step`; raises ValueError now if the engine cannot run it."""
-        waiting, _ = self._sched()
-        waiting.extend(self._new_jobs(request))
+        self._waiting.extend(self._new_jobs(request))
 
     def cancel(self, request_id: Any) -> int:
         """Drop every waiting or running sample of `request_id`; returns how many were dropped.
 
-        A freed slot's cache rows are simply overwritten by the next prefill into it.
+        A freed slot's cache rows are simply overwritten by the next sample placed in it.
         """
-        waiting, slots = self._sched()
-        kept = [j for j in waiting if j.request.id != request_id]
-        dropped = len(waiting) - len(kept)
-        waiting.clear()
-        waiting.extend(kept)
-        for i, job in enumerate(slots):
+        kept = [j for j in self._waiting if j.request.id != request_id]
+        dropped = len(self._waiting) - len(kept)
+        self._waiting.clear()
+        self._waiting.extend(kept)
+        for job in list(self._slots):
             if job is not None and job.request.id == request_id:
-                slots[i] = None
+                self._finish(job, "cancelled")
                 dropped += 1
+        self._deltas = [d for d in self._deltas if d.request_id != request_id]
         return dropped
 
     @property
     def has_work(self) -> bool:
         """True while submitted samples are waiting or running."""
-        waiting, slots = self._sched()
-        return bool(waiting) or any(j is not None for j in slots)
+        return bool(self._waiting) or any(j is not None for j in self._slots)
 
     def free_slots(self) -> int:
         """Slots a waiting sample could be admitted to right now (minus samples already queued)."""
-        waiting, slots = self._sched()
-        return sum(j is None for j in slots) - len(waiting)
+        return sum(j is None for j in self._slots) - len(self._waiting)
+
+    def queued(self) -> int:
+        """Samples waiting for a slot."""
+        return len(self._waiting)
+
+    def running(self) -> int:
+        """Samples holding a slot (prefilling or decoding)."""
+        return sum(j is not None for j in self._slots)
 
     def in_flight(self) -> list[tuple[Any, int, list[int]]]:
-        """(request id, sample index, output ids so far) of every running sample."""
-        _, slots = self._sched()
-        return [(j.request.id, j.sample_index, list(j.output_ids)) for j in slots if j is not None]
+        """(request id, sample index, output ids so far) of every sample holding a slot."""
+        return [(j.request.id, j.sample_index, list(j.output_ids)) for j in self._slots if j is not None]
 
     def step(self) -> list[Completion]:
-        """Admit waiting samples into free slots, then decode one chunk for the running ones.
+        """Admit waiting samples into free slots, prefill, then decode one chunk.
 
-        Returns the samples that finished during this call. One host sync per chunk; the chunk
-        ends early when a slot finishes on device, so the next `step` refills it at once.
+        Returns the samples that finished during this call. One host sync per decode chunk;
+        the chunk ends early when a slot finishes on device, so the next `step` refills it.
         """
-        waiting, slots = self._sched()
-        done: list[Completion] = []
-        while waiting:  # admission can finish samples at once (stop token / max_tokens 1): loop
-            free = [i for i, j in enumerate(slots) if j is None]
-            batch = [(free[i], waiting.popleft()) for i in range(min(len(free), len(waiting)))]
-            if not batch:
-                break
-            finished_any = False
-            for slot, job, tok, lp in self._admit(batch):
-                slots[slot] = job
-                if self._accept(job, [tok], [lp]):
-                    slots[slot] = None
-                    finished_any = True
-                    done.append(self._complete(job))
-            if not finished_any:
-                break
-        running = [(i, j) for i, j in enumerate(slots) if j is not None]
-        if running:
-            window = self._window([j for _, j in running])
-            live = np.zeros((self.max_slots,), bool)
-            live[[i for i, _ in running]] = True
-            self.state, toks, lps, n = self._decode_jit(self.params, self.decode_weights, self.state,
-                                                        live, window)
-            n = int(n)  # the one host sync per chunk
-            toks, lps = np.asarray(toks)[:n], np.asarray(lps)[:n]
-            for i, job in running:
-                job.position += n
-                if self._accept(job, toks[:, i].tolist(), lps[:, i].tolist()):
-                    slots[i] = None
-                    done.append(self._complete(job))
+        self._admit()
+        done = self._prefill()
+        done += self._decode()
         return done
 
     def generate(self, requests: Iterable[Request],
@@ -490,3 +702,17 @@ class Engine:
         index = {r.id: i for i, r in enumerate(reqs)}
         done = list(self.generate(reqs))
         return sorted(done, key=lambda c: (index[c.request_id], c.sample_index))
+
+
+# --------------------------------------------------------------------------- program entry points
+# Module-level (not closures over the engine), so compiled programs depend only on their
+# arguments and the static values bound with functools.partial.
+
+
+def _prefill_entry(cfg: Any, constrain: Any, window: int, weights: Any, cache: Any, ids: Any, slots: Any,
+                   starts: Any, valid: Any, targets: Any) -> Any:
+    return programs.prefill(cfg, constrain, weights, cache, ids, slots, starts, valid, targets, window=window)
+
+
+def _decode_entry(cfg: Any, constrain: Any, steps: int, window: int, weights: Any, cache: Any, slot: Any) -> Any:
+    return programs.decode(cfg, constrain, steps, weights, cache, slot, window=window)

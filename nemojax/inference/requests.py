@@ -1,4 +1,5 @@
-"""What goes into the engine (a `Request`) and what comes out (one `Completion` per sample)."""
+"""What goes into the engine (a `Request`), what comes out (one `Completion` per sample), and the
+per-token increments a streaming request gets while it runs (`TokenDelta`)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ from typing import Any
 
 from nemojax.inference.sampling import SamplingParams
 
+TopLogprobs = list[tuple[int, float]]  # (token id, log-prob), most likely first
+
 
 @dataclass
 class Request:
-    """A tokenized prompt and how to sample it. `id` is the caller's, passed through untouched."""
+    """A tokenized prompt and how to sample it. `id` is the caller's, passed through untouched.
+
+    stream: keep per-token increments for `Engine.take_deltas` while the request runs (servers
+    streaming tokens to a client); off, the request only produces its `Completion`s.
+    """
 
     id: Any
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
 
 
 @dataclass
@@ -25,7 +33,11 @@ class Completion:
     string. text: their decoded text with any stop string and what follows removed (None when
     the engine has no tokenizer). finish_reason: "stop" (stop token / stop string) or "length"
     (max_tokens reached or the cache is full). logprobs: model log-prob of each output token,
-    when the request asked for them.
+    when the request asked for them; top_logprobs: per output token, the request's
+    `top_logprobs` most likely (token, log-prob) pairs. prompt_logprobs: per prompt token, its
+    log-prob given the tokens before it (None for the first), when asked; prompt_top_logprobs
+    likewise. cached_tokens: prompt tokens whose keys/values were reused (prefix cache or a
+    sibling sample) instead of computed.
     """
 
     request_id: Any
@@ -35,7 +47,31 @@ class Completion:
     finish_reason: str
     text: str | None = None
     logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None
+    cached_tokens: int = 0
 
     @property
     def completion_tokens(self) -> int:
         return len(self.output_ids)
+
+
+@dataclass
+class TokenDelta:
+    """One token a running sample of a streaming request generated (`Engine.take_deltas`).
+
+    text: the output text that became final with this token. A token is released only once
+    its text is certain: not an incomplete UTF-8 character, and not possibly the start of a
+    stop string (those tokens are released later, or dropped with the stop string). So the
+    deltas of a sample are always a prefix of its final `Completion` (which follows them), and
+    their texts concatenate to a prefix of `Completion.text`; `text` may be "" (e.g. the first
+    bytes of a multi-byte character, whose text comes with its last byte).
+    """
+
+    request_id: Any
+    sample_index: int
+    token_id: int
+    logprob: float
+    top_logprobs: TopLogprobs | None
+    text: str

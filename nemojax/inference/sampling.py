@@ -14,6 +14,7 @@ the raw logits, before temperature or filtering), which is what reward/DPO code 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token at most (OpenAI's limit)
 
 
 class SamplingError(ValueError):
@@ -35,12 +37,15 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]; 1 = off
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     min_p: float = 0.0  # drop tokens whose prob < min_p * max prob; 0 = off
-    max_tokens: int = 256  # generated tokens at most (finish_reason "length" when reached)
+    max_tokens: int = 256  # generated tokens at most (finish_reason "length" when reached); 0 only
+    # with prompt_logprobs (score a prompt without generating)
     stop: list[str] = field(default_factory=list)  # stop strings, matched on decoded text
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens (eos is implicit)
     seed: int | None = None  # None: the engine draws one
     n: int = 1  # independent samples of this prompt
     logprobs: bool = False  # report the log-prob of every chosen token
+    top_logprobs: int = 0  # also report this many (<= 20) most likely tokens at each position
+    prompt_logprobs: bool = False  # report the log-prob of every prompt token after the first
 
     def validate(self) -> "SamplingParams":
         def bad(name: str, why: str) -> SamplingError:
@@ -54,8 +59,11 @@ class SamplingParams:
             raise bad("top_k", "must be an integer >= 0 (0 = off)")
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.prompt_logprobs, bool):
+            raise bad("prompt_logprobs", "must be true or false")
+        lowest = 0 if self.prompt_logprobs else 1
+        if not _is_int(self.max_tokens) or self.max_tokens < lowest:
+            raise bad("max_tokens", "must be an integer >= 1 (0 only with prompt_logprobs)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -69,6 +77,11 @@ class SamplingParams:
             raise bad("n", "must be an integer >= 1")
         if not isinstance(self.logprobs, bool):
             raise bad("logprobs", "must be true or false")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        for name in ("temperature", "top_p", "min_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be a finite number")
         self.temperature, self.top_p, self.min_p = (float(self.temperature), float(self.top_p),
                                                     float(self.min_p))
         return self
@@ -214,3 +227,20 @@ def sample(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
     tokens = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+def top_logprobs(logits: jax.Array, wanted: jax.Array, k: int = MAX_TOP_LOGPROBS,
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The k most likely tokens of each row and their model log-probs ([..., k] ids, values).
+
+    Computed only when some row asks for them (`wanted` > 0 anywhere); zeros otherwise, so a
+    batch that wants none pays no vocabulary sort.
+    """
+    shape = logits.shape[:-1] + (k,)
+
+    def compute(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        values, ids = jax.lax.top_k(jax.nn.log_softmax(x.astype(jnp.float32), axis=-1), k)
+        return ids.astype(jnp.int32), values
+
+    return jax.lax.cond(jnp.any(wanted > 0), compute,
+                        lambda x: (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)), logits)

@@ -1,0 +1,237 @@
+"""The engine's device programs, and the cache that compiles each shape once (ever, with a disk).
+
+Three pure functions of (weights, cache, host-built inputs), each compiled per static shape:
+
+- `prefill`: B rows x C prompt tokens; each row writes its tokens' keys/values into its slot's
+  cache rows and attends to that slot's rows [0, window). With `logprobs`, also the log-prob
+  of each next prompt token and the top alternatives (for echo / prompt scoring).
+- `decode`: up to `steps` tokens for every slot in a `lax.while_loop` that exits after the step
+  in which some live slot finished (stop token or token budget), so the host refills it at
+  once. Attends over the first `window` cache rows. All per-slot inputs (next token, position,
+  sampling knobs, budget, stop ids) come from the host with each call: the device state is only
+  the KV cache.
+- `copy`: moves of `block_size`-row KV blocks between slots and the prefix-cache pool (prefix
+  hits into a slot, a finished prefill into the pool, a prompt's rows to its sibling samples).
+
+`Programs` holds the compiled executables. A miss compiles with `jax.jit(...).lower().compile()`;
+when a program directory is given (single-device engines), the executable is also serialized
+there under a key of everything that affects it (program, shapes, model config, weights' shapes
+and dtypes, device kind, jax version, XLA flags and this package's traced source), and a later
+process loads it instead of tracing, lowering and compiling again. Every program the engine
+runs goes through it, so `stats` counts compiles, loads and the seconds they took.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from nemojax.config import ModelConfig
+from nemojax.inference.forward import cached_forward, lm_logits
+from nemojax.inference.sampling import MAX_TOP_LOGPROBS, sample, top_logprobs
+
+Cache = dict[str, jax.Array]  # {"k", "v": [layers, slots, rows, kv, hd], "pool_k", "pool_v": [layers, blocks, bs, kv, hd]}
+Constrain = Callable[[jax.Array], jax.Array]
+SAMPLING_FIELDS = ("seed", "sample_index", "temperature", "top_k", "top_p", "min_p")
+# Source files whose code is traced into the programs: part of every on-disk key.
+_TRACED_SOURCES = ("inference/forward.py", "inference/programs.py", "inference/sampling.py",
+                   "model/layers.py", "model/transformer.py", "config.py")
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+def prefill(cfg: ModelConfig, constrain: Constrain, weights: dict[str, Any], cache: Cache, ids: jax.Array,
+            slots: jax.Array, starts: jax.Array, valid: jax.Array, targets: jax.Array | None, *,
+            window: int) -> tuple[Cache, Any]:
+    """Write rows [starts, starts + valid) of `slots` from `ids` [B, C]; a padding row has slot >=
+    the slot count. With `targets` [B, C] (the token after each position), also returns their
+    log-probs [B, C] and the top alternatives ([B, C, K] ids, log-probs)."""
+    C = ids.shape[1]
+    rows = cache["k"].shape[2]
+    positions = starts[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]
+    write_pos = jnp.where(jnp.arange(C)[None, :] < valid[:, None], positions, rows)
+    h, k, v = cached_forward(cfg, weights, ids, positions, cache["k"], cache["v"], slots=slots,
+                             write_pos=write_pos, window=window)
+    out = dict(cache, k=constrain(k), v=constrain(v))
+    if targets is None:
+        return out, None
+    logp = jax.nn.log_softmax(lm_logits(weights, h), axis=-1)
+    chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(logp, MAX_TOP_LOGPROBS)
+    return out, (chosen, top_ids.astype(jnp.int32), top_lp)
+
+
+def decode(cfg: ModelConfig, constrain: Constrain, steps: int, weights: dict[str, Any], cache: Cache,
+           slot: dict[str, jax.Array], *, window: int) -> tuple[Cache, dict[str, jax.Array]]:
+    """Up to `steps` tokens per slot over cache rows [0, window).
+
+    slot: per-slot arrays [S]: tokens (to feed next), positions, token_index (PRNG fold-in),
+    remaining (token budget), live (the host runs this slot), top_n (alternatives wanted), the
+    sampling knobs, and stop_ids [S, MAX_STOP]. Returns the cache and {"tokens", "logprobs"
+    [steps, S], "top_ids", "top_logprobs" [steps, S, K], "n" (valid steps)}.
+    """
+    S = slot["tokens"].shape[0]
+    full = window >= cache["k"].shape[2]
+    ck, cv = (cache["k"], cache["v"]) if full else (cache["k"][:, :, :window], cache["v"][:, :, :window])
+    sampling = {k: slot[k] for k in SAMPLING_FIELDS}
+    stop_ids, live, top_n = slot["stop_ids"], slot["live"], slot["top_n"]
+    K = MAX_TOP_LOGPROBS
+
+    def cond(carry: tuple[Any, ...]) -> jax.Array:
+        return (carry[0] < steps) & ~carry[-1]
+
+    def step(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        i, ck, cv, tokens, positions, token_index, remaining, out, _ = carry
+        running = live & (remaining > 0)
+        write = jnp.where(running, positions, window)  # idle / finished slots write nothing
+        h, ck, cv = cached_forward(cfg, weights, tokens[:, None], positions[:, None], ck, cv,
+                                   write_pos=write[:, None])
+        logits = lm_logits(weights, h[:, 0])
+        tok, lp = sample(logits, token_index=token_index, **sampling)
+        top_ids, top_lp = top_logprobs(logits, jnp.where(running, top_n, 0), K)
+        ck, cv = constrain(ck), constrain(cv)
+        finished = running & ((remaining == 1) | jnp.any(tok[:, None] == stop_ids, axis=-1))
+        remaining = jnp.where(finished, 0, remaining - running.astype(jnp.int32))
+        out = {"tokens": out["tokens"].at[i].set(tok), "logprobs": out["logprobs"].at[i].set(lp),
+               "top_ids": out["top_ids"].at[i].set(top_ids), "top_logprobs": out["top_logprobs"].at[i].set(top_lp)}
+        return (i + 1, ck, cv, tok, positions + 1, token_index + 1, remaining, out, jnp.any(finished))
+
+    out = {"tokens": jnp.zeros((steps, S), jnp.int32), "logprobs": jnp.zeros((steps, S), jnp.float32),
+           "top_ids": jnp.zeros((steps, S, K), jnp.int32), "top_logprobs": jnp.zeros((steps, S, K), jnp.float32)}
+    carry = (jnp.int32(0), ck, cv, slot["tokens"], slot["positions"], slot["token_index"], slot["remaining"],
+             out, jnp.bool_(False))
+    n, ck, cv, *_, out, _ = jax.lax.while_loop(cond, step, carry)
+    if full:
+        k, v = ck, cv
+    else:
+        k = constrain(jax.lax.dynamic_update_slice_in_dim(cache["k"], ck, 0, axis=2))
+        v = constrain(jax.lax.dynamic_update_slice_in_dim(cache["v"], cv, 0, axis=2))
+    return dict(cache, k=k, v=v), dict(out, n=n)
+
+
+def copy(constrain: Constrain, block_size: int, cache: Cache, src_pool: jax.Array, src: jax.Array,
+         dst_pool: jax.Array, dst: jax.Array) -> Cache:
+    """Copy KV blocks: move m takes block `src[m]` of the pool (src_pool) or of the slots' rows
+    (slot-major block index: slot * blocks_per_slot + block) to `dst[m]` likewise. A destination
+    index past the end (padding) is dropped."""
+    L, S, T = cache["k"].shape[:3]
+    nb = T // block_size
+    P = cache["pool_k"].shape[1]
+    out = dict(cache)
+    for name in ("k", "v"):
+        slots = cache[name].reshape(L, S * nb, block_size, *cache[name].shape[3:])
+        pool = cache["pool_" + name]
+        data = jnp.where(src_pool[None, :, None, None, None],
+                         pool[:, jnp.clip(src, 0, P - 1)], slots[:, jnp.clip(src, 0, S * nb - 1)])
+        slots = slots.at[:, jnp.where(dst_pool, S * nb, dst)].set(data, mode="drop")
+        out[name] = constrain(slots.reshape(cache[name].shape))
+        out["pool_" + name] = constrain(pool.at[:, jnp.where(dst_pool, dst, P)].set(data, mode="drop"))
+    return out
+
+
+# --------------------------------------------------------------------------- compiled programs
+
+
+def source_fingerprint() -> str:
+    """Hash of the package source traced into the programs (changes invalidate disk entries)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in _TRACED_SOURCES:
+        path = root / rel
+        h.update(rel.encode())
+        h.update(path.read_bytes() if path.is_file() else b"-")
+    return h.hexdigest()
+
+
+def _avals(tree: Any) -> str:
+    leaves, treedef = jax.tree.flatten(tree)
+    return repr(treedef) + repr([(tuple(x.shape), str(x.dtype)) for x in leaves])
+
+
+class Programs:
+    """Compiled programs by (name, static key); see the module docstring.
+
+    directory: where serialized executables live (None: memory only). context: a string of
+    everything outside the arguments that changes the compiled code (model config, device ...).
+    """
+
+    def __init__(self, directory: str | Path | None, context: str, device: Any = None) -> None:
+        self.directory = Path(directory) if directory else None
+        self._context = context
+        self._device = device  # the one device a loaded program runs on
+        self._programs: dict[tuple[str, tuple[Any, ...]], Any] = {}
+        self.stats: dict[str, Any] = {"compiled": 0, "loaded": 0, "seconds": 0.0, "by_name": {}}
+
+    def __call__(self, name: str, static: tuple[Any, ...], build: Callable[[], Callable[..., Any]],
+                 args: tuple[Any, ...], donate: tuple[int, ...]) -> Any:
+        """Run program `name` specialised by `static` on `args` (compiling or loading it once)."""
+        return self.prepare(name, static, build, args, donate)(*args)
+
+    def prepare(self, name: str, static: tuple[Any, ...], build: Callable[[], Callable[..., Any]],
+                args: tuple[Any, ...], donate: tuple[int, ...]) -> Any:
+        """The executable of program `name` for `static` and args shaped like `args` (not run)."""
+        exe = self._programs.get((name, static))
+        if exe is None:
+            exe = self._obtain(name, static, build, args, donate)
+            self._programs[(name, static)] = exe
+        return exe
+
+    def _obtain(self, name: str, static: tuple[Any, ...], build: Callable[[], Callable[..., Any]],
+                args: tuple[Any, ...], donate: tuple[int, ...]) -> Any:
+        start = time.perf_counter()
+        path = None
+        exe = None
+        if self.directory is not None:
+            key = hashlib.sha256("\n".join([self._context, name, repr(static), _avals(args)]).encode())
+            path = self.directory / f"{name}-{key.hexdigest()[:40]}.bin"
+            exe = self._load(path)
+        if exe is not None:
+            self.stats["loaded"] += 1
+        else:
+            exe = jax.jit(build(), donate_argnums=donate).lower(*args).compile()
+            self.stats["compiled"] += 1
+            if path is not None:
+                self._save(path, exe)
+        seconds = time.perf_counter() - start
+        self.stats["seconds"] += seconds
+        self.stats["by_name"][name] = self.stats["by_name"].get(name, 0) + 1
+        return exe
+
+    def _load(self, path: Path) -> Any:
+        if not path.is_file():
+            return None
+        try:
+            from jax.experimental.serialize_executable import deserialize_and_load
+
+            blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+            devices = None if self._device is None else [self._device]
+            return deserialize_and_load(blob, in_tree, out_tree, backend=getattr(self._device, "client", None),
+                                        execution_devices=devices)
+        except Exception:  # a stale or torn entry: compile instead (and overwrite it)
+            return None
+
+    @staticmethod
+    def _save(path: Path, exe: Any) -> None:
+        try:
+            from jax.experimental.serialize_executable import serialize
+
+            data = pickle.dumps(serialize(exe))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # atomic: concurrent processes never read a torn file
+        except Exception:  # not serializable here (e.g. this backend): memory-only
+            pass
+
+    def count(self, name: str) -> int:
+        """Distinct executables of program `name` obtained so far."""
+        return sum(1 for (n, _) in self._programs if n == name)
