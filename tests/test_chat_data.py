@@ -348,3 +348,30 @@ def test_eval_batches_are_fixed_order_and_padded() -> None:
     assert len(batches) == 3 and all(b["input_ids"].shape == (2, 64) for b in batches)
     assert [b["example_mask"].tolist() for b in batches] == [[1, 1], [1, 1], [1, 0]]
     assert batches[2]["labels"][:, 0].tolist() == [4.0, 0.0]
+
+
+def test_blend_replays_a_fraction_of_another_dataset_and_held_out_splits(tmp_path) -> None:
+    from nemojax.data.chat_rows import BlendedRows
+
+    general = load_dataset("sft", _jsonl(tmp_path / "g.jsonl", _sft_records(30)), TOK, max_len=48, seed=1)
+    code_recs = [{"messages": [{"role": "user", "content": f"code {i}"},
+                               {"role": "assistant", "content": f"def f{i}(): pass"}]} for i in range(10)]
+    code = load_dataset("sft", _jsonl(tmp_path / "c.jsonl", code_recs), TOK, max_len=48, seed=1)
+    blend = BlendedRows([general, code], [0.9, 0.1])
+    src = blend.sources_of(range(200))
+    assert int(src.sum()) == 20 and all(abs(src[:g].sum() - 0.1 * g) <= 1 for g in range(1, 200))
+    rows = blend.rows(0, 40)
+    code_rows = np.flatnonzero(src[:40] == 1)
+    np.testing.assert_array_equal(rows["input_ids"][code_rows], code.rows(0, len(code_rows))["input_ids"])
+    gen_rows = np.flatnonzero(src[:40] == 0)
+    np.testing.assert_array_equal(rows["input_ids"][gen_rows], general.rows(0, len(gen_rows))["input_ids"])
+    it = RowIterator(blend, global_batch=8)
+    next(it)
+    again = RowIterator(BlendedRows([general, code], [0.9, 0.1]), global_batch=8)
+    again.set_state(it.get_state())
+    np.testing.assert_array_equal(next(again)["input_ids"], rows["input_ids"][8:16])
+    # A hash-chosen, seed-independent validation hold-out.
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(40)])
+    train = load_dataset("preference", path, TOK, max_len=32, split="train", validation_fraction=0.25)
+    val = load_dataset("preference", path, TOK, max_len=32, split="validation", validation_fraction=0.25, seed=9)
+    assert train.num_examples + val.num_examples == 40 and 4 <= val.num_examples <= 16

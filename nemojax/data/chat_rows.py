@@ -18,6 +18,8 @@ exactly those rows of the global stream, `eval_batches(n)` = fixed-order padded 
 * `RewardDataset`: one response per row: input_ids, positions, segment_ids [max_len] ending
   with `<extra_id_2>` at `last_index`; `labels`, `label_mask` [N attributes]; `example_mask`,
   `example_index`.
+* `BlendedRows`: rows of several datasets interleaved by weight (general SFT replaying a
+  fraction of the code SFT data).
 
 The stream: epoch e visits the examples in a permutation drawn from (seed, e) (identity order
 with shuffle=False); rows are numbered globally across epochs, so a trainer asks for row ranges
@@ -608,3 +610,80 @@ def load_dataset(kind: str, path: str | Path, tokenizer: Any, *, max_len: int, s
     if kind == "preference":
         return PreferenceDataset(examples, tokenizer, max_len=max_len, require_rewards=require_rewards, **common)
     return RewardDataset(examples, tokenizer, max_len=max_len, attributes=attributes, **common)
+
+
+# --------------------------------------------------------------------------- blends
+
+
+class BlendedRows:
+    """Rows of several row datasets interleaved by weight, e.g. general SFT with 2% code replay.
+
+    Row g comes from the source furthest below its share after g rows (Megatron's
+    BlendableDataset rule, which pretraining blends use too): the proportions hold within one
+    row at every point, and each source's rows are taken in its own stream order. The blend is
+    row-addressable and resumable like its parts (`RowIterator` works on it).
+    """
+
+    kind = "blend"
+
+    def __init__(self, datasets: Sequence[ChatRowDataset], weights: Sequence[float]) -> None:
+        if not datasets or len(datasets) != len(weights):
+            raise ValueError("give one weight per dataset")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"blend weights must be >= 0 and not all 0, got {list(weights)}")
+        fields = datasets[0].fields
+        for d in datasets[1:]:
+            if d.fields != fields:
+                raise ValueError(f"cannot blend {d.kind} rows shaped {d.fields} with {datasets[0].kind} rows "
+                                 f"shaped {fields}: give them the same kind and sequence length")
+        self.datasets = list(datasets)
+        self.weights = np.asarray(weights, np.float64) / float(sum(weights))
+        self._source = np.zeros(0, np.int32)  # source of each global row computed so far
+        self._local = np.zeros(0, np.int64)  # that source's row number
+        self._counts = np.zeros(len(datasets), np.int64)
+
+    @property
+    def fields(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return self.datasets[0].fields
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "weights": self.weights.round(12).tolist(),
+                "parts": [d.spec for d in self.datasets]}
+
+    def _extend(self, upto: int) -> None:
+        n = len(self._source)
+        if upto <= n:
+            return
+        new = max(upto, 2 * n, 1024)
+        src, loc = np.empty(new - n, np.int32), np.empty(new - n, np.int64)
+        counts = self._counts
+        for j, g in enumerate(range(n, new)):
+            i = int(np.argmax(self.weights * (g + 1) - counts))
+            src[j], loc[j] = i, counts[i]
+            counts[i] += 1
+        self._source = np.concatenate([self._source, src])
+        self._local = np.concatenate([self._local, loc])
+
+    def sources_of(self, rows: Sequence[int]) -> np.ndarray:
+        """Which dataset each global row comes from."""
+        rows = np.asarray(rows, np.int64)
+        self._extend(int(rows.max()) + 1 if rows.size else 0)
+        return self._source[rows]
+
+    def take(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        rows = np.asarray(list(rows), np.int64)
+        out = self.datasets[0].empty(len(rows))
+        if not rows.size:
+            return out
+        self._extend(int(rows.max()) + 1)
+        for i, d in enumerate(self.datasets):
+            where = np.flatnonzero(self._source[rows] == i)
+            if where.size:
+                part = d.take(self._local[rows[where]].tolist())
+                for k in out:
+                    out[k][where] = part[k]
+        return out
+
+    def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return self.take(range(start, stop))
