@@ -31,6 +31,7 @@ response alone does not fit is dropped), "drop" drops every over-length example.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -132,7 +133,7 @@ class ChatRowDataset:
         self._perms: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ identity
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """A hash of the tokenized examples and settings: caches keyed on it can never go stale."""
         h = hashlib.sha256(json.dumps([self.kind, self.settings], sort_keys=True).encode())
