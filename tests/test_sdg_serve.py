@@ -1,6 +1,7 @@
 """The SDG pipeline against a real `nemojax serve` process over HTTP (OpenAI-compatible API):
-generation and an LLM judge through the server, the same greedy answers as the in-process
-engine, and the resume path of the HTTP client (a rerun skips finished items)."""
+greedy answers through the server equal the in-process engine's, seeded samples are
+reproducible, and SFT export works on them. (Judges over HTTP use the same client; they are
+covered against a scripted server in test_sdg_http_client.py and scripted LLMs elsewhere.)"""
 
 from __future__ import annotations
 
@@ -77,7 +78,6 @@ def test_pipeline_over_http_matches_in_process(server, tmp_path):
             "local_greedy": {"kind": "respond", "input": "prompts", "client": "local", "max_tokens": 12},
             "sampled": {"kind": "respond", "input": "prompts", "client": "http", "n": 2, "temperature": 0.9,
                         "max_tokens": 12},
-            "judged": {"kind": "preference", "judge": "llm", "client": "http", "max_tokens": 2},
             "sft": {"kind": "export_sft", "input": "sampled"},
         },
     }
@@ -88,8 +88,6 @@ def test_pipeline_over_http_matches_in_process(server, tmp_path):
     assert len(http) == 3 and http == local  # same model, same template, same greedy tokens
     assert summaries["sampled"]["kept"] == 3 and summaries["sampled"]["tokens"] > 0
     assert all(len(r["responses"]) == 2 for r in read(run, "sampled"))
-    judged = summaries["judged"]
-    assert judged["items_in"] == 3 and judged["kept"] + sum(judged["dropped"].values()) >= 3
     assert len(read(run, "sft")) == 6
     # sampled requests carry derived seeds: the same pipeline elsewhere gives the same samples
     tree2 = dict(tree, run_dir=str(tmp_path / "run2"))

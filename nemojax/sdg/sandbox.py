@@ -27,16 +27,18 @@ class RunResult:
     stderr: str
 
 
-def _limits(memory_mb: int, cpu_s: int) -> None:  # runs in the child before exec
-    import resource
-
-    os.setsid()
-    mem = memory_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (10 * 1024 * 1024, 10 * 1024 * 1024))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+# The child sets its own limits before running the code (no preexec_fn: forking a multithreaded
+# process such as a JAX one and running Python in the child can deadlock).
+_LAUNCHER = """
+import resource, runpy, sys
+mem, cpu, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+for limit, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu),
+                     (resource.RLIMIT_FSIZE, 10 * 1024 * 1024), (resource.RLIMIT_NOFILE, 64),
+                     (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (value, value))
+sys.argv = [path]
+runpy.run_path(path, run_name="__main__")
+"""
 
 
 async def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> RunResult:
@@ -48,9 +50,9 @@ async def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512)
         with open(path, "w", encoding="utf-8") as f:
             f.write(code)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", path, cwd=tmp, env={"PATH": "/usr/bin:/bin"},
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            preexec_fn=lambda: _limits(memory_mb, max(1, int(timeout_s) + 1)))
+            sys.executable, "-I", "-c", _LAUNCHER, str(memory_mb * 1024 * 1024), str(max(1, int(timeout_s) + 1)),
+            path, cwd=tmp, env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:
             _, err = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)
         except asyncio.TimeoutError:

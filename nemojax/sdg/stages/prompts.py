@@ -32,6 +32,15 @@ class ListSpec(StageSpec):
             raise ConfigError(f"{key}.n must be >= 1")
 
 
+def topic_of(item: dict[str, Any], work: Work) -> str | None:
+    """The record's topic, or None (counted as no_topic) when it has none."""
+    topic = item.get("topic")
+    if not isinstance(topic, str) or not topic.strip():
+        work.drop("no_topic")
+        return None
+    return topic
+
+
 async def ask_list(work: Work, spec: ListSpec, text: str) -> list[str]:
     """Ask for a list; return the guarded items (drops counted on `work`)."""
     answer = await work.ask(text)
@@ -76,8 +85,10 @@ class Subtopics(Stage):
     Spec = ListSpec
 
     async def process(self, item: dict[str, Any], work: Work) -> list[dict[str, Any]]:
-        items = await ask_list(work, self.spec, work.template("subtopics", n=self.spec.n, topic=item["topic"]))
-        return [{"topic": t, "macro_topic": item["topic"]} for t in items]
+        if (topic := topic_of(item, work)) is None:
+            return []
+        items = await ask_list(work, self.spec, work.template("subtopics", n=self.spec.n, topic=topic))
+        return [{"topic": t, "macro_topic": topic} for t in items]
 
 
 @dataclass
@@ -104,8 +115,10 @@ class OpenQA(Stage):
     Spec = QuestionSpec
 
     async def process(self, item: dict[str, Any], work: Work) -> list[dict[str, Any]]:
-        qs = await ask_list(work, self.spec, work.template("open_qa", n=self.spec.n, topic=item["topic"]))
-        return await with_revisions(work, self.spec, qs, {"task": "open_qa", "topic": item["topic"]})
+        if (topic := topic_of(item, work)) is None:
+            return []
+        qs = await ask_list(work, self.spec, work.template("open_qa", n=self.spec.n, topic=topic))
+        return await with_revisions(work, self.spec, qs, {"task": "open_qa", "topic": topic})
 
 
 @dataclass
@@ -120,6 +133,8 @@ class Writing(Stage):
     Spec = WritingSpec
 
     async def process(self, item: dict[str, Any], work: Work) -> list[dict[str, Any]]:
+        if topic_of(item, work) is None:
+            return []
         out = []
         k = min(self.spec.materials_per_topic, len(self.spec.materials))
         for material in work.rng.sample(self.spec.materials, k):
@@ -178,6 +193,8 @@ class _Leveled(Stage):
     default_levels: tuple[str, ...] = ()
 
     async def process(self, item: dict[str, Any], work: Work) -> list[dict[str, Any]]:
+        if topic_of(item, work) is None:
+            return []
         levels = list(self.spec.levels or self.default_levels)
         out = []
         for level in work.rng.sample(levels, min(self.spec.levels_per_topic, len(levels))):
