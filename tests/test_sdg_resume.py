@@ -126,3 +126,8 @@ def test_changed_stage_config_is_refused_and_config_errors_name_the_key(tmp_path
         load_pipeline(path, ["stages.pairs.judge=vibes"])
     with pytest.raises(ConfigError, match="'c' is not declared"):
         load_pipeline(path, ["stages.answers.clients=[a, c]"])
+    from nemojax.cli import main
+
+    assert main(["sdg", "run", str(path), f"run_dir={tmp_path / 'other'}", "clients.b.type=engine",
+                 "clients.b.checkpoint=/nonexistent", "--no-progress"]) == 2
+    assert main(["sdg", "run", str(path), "--only", "nope", "--no-progress"]) == 2

@@ -35,14 +35,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from nemojax.checkpoint import CheckpointError
+    from nemojax.data.tokenizer import TokenizerError
     from nemojax.sdg.config import load_pipeline
     from nemojax.sdg.llm import LLMError
     from nemojax.sdg.runner import Runner
     from nemojax.sdg.store import StoreError
 
     cfg = load_pipeline(args.pipeline, args.overrides)  # ConfigError -> exit 2 in cli.py
+    unknown = [s for s in args.only or [] if s not in cfg.stages]
+    if unknown:
+        print(f"nemojax sdg: --only {unknown}: no such stage; stages: {', '.join(cfg.stages)}", file=sys.stderr)
+        return 2
     try:
         Runner(cfg, progress=not args.no_progress and cfg.progress).run(args.only)
+    except (FileNotFoundError, CheckpointError, TokenizerError) as e:  # a client's model or tokenizer
+        print(f"nemojax sdg: {e}", file=sys.stderr)
+        return 2
     except (StoreError, LLMError) as e:
         print(f"nemojax sdg: {e}", file=sys.stderr)
         return 1
