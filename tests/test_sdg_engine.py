@@ -139,3 +139,32 @@ def test_example_pipeline_end_to_end_on_the_tiny_engine(ckpts, tmp_path, capsys)
     before = {p.name: p.read_bytes() for p in run_dir.glob("*.jsonl")}
     assert main(["sdg", "run", "configs/sdg/tiny.yaml", *overrides, "--no-progress"]) == 0
     assert {p.name: p.read_bytes() for p in run_dir.glob("*.jsonl")} == before
+
+
+def test_engine_stage_output_does_not_depend_on_concurrency(ckpts, tok, tmp_path):
+    """Seeds derive from (seed, stage, item, call): one item at a time or eight at once (other
+    batch neighbours, other slots) sample the same tokens. One engine serves both runs."""
+    import io
+
+    from nemojax.checkpoint import load_model
+    from nemojax.sdg.config import build_pipeline
+    from nemojax.sdg.runner import Runner
+
+    engine = Engine(load_model(str(ckpts[0])), max_slots=4, max_len=128, decode_steps=4, max_prefill_batch=4,
+                    min_bucket=128, tokenizer=tok, stop_token_ids=[3], program_dir=False)
+    llm = EngineLLM(engine, tok)
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(6)))
+    outs = []
+    for in_flight in (1, 8):
+        tree = {"run_dir": str(tmp_path / f"run{in_flight}"), "seed": 5, "progress": False,
+                "max_in_flight": in_flight,
+                "clients": {"gen": {"type": "engine", "checkpoint": str(ckpts[0]), "max_len": 128,
+                                    "min_bucket": 128, "max_slots": 4, "program_cache": False}},
+                "stages": {"prompts": {"kind": "read", "path": str(prompts)},
+                           "answers": {"kind": "respond", "n": 2, "temperature": 1.0, "max_tokens": 10}}}
+        Runner(build_pipeline(tree), clients={"gen": llm}, log=io.StringIO()).run()
+        outs.append((tmp_path / f"run{in_flight}" / "answers.jsonl").read_text())
+    assert outs[0] == outs[1]
+    assert len({r["responses"][0]["messages"][-1]["content"] for r in map(json.loads, outs[0].splitlines())}) > 1
