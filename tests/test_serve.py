@@ -94,7 +94,8 @@ def test_completion_shape_usage_logprobs_and_greedy_determinism(client, engine, 
     lp = choice["logprobs"]
     n_out = out["usage"]["completion_tokens"]
     assert out["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": n_out,
-                            "total_tokens": len(prompt_ids) + n_out}
+                            "total_tokens": len(prompt_ids) + n_out,
+                            "prompt_tokens_details": {"cached_tokens": out["usage"]["prompt_tokens_details"]["cached_tokens"]}}
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == n_out
     assert "".join(lp["tokens"]) == choice["text"] and all(x <= 0 for x in lp["token_logprobs"])
     assert lp["text_offset"][0] == 0 and lp["top_logprobs"] is None
@@ -207,7 +208,9 @@ def test_chat_uses_the_nemotron_template(client, tok):
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert streamed == content
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == out["usage"]
+    no_cache = lambda u: {k: v for k, v in u.items() if k != "prompt_tokens_details"}  # noqa: E731
+    assert chunks[-1]["choices"] == [] and no_cache(chunks[-1]["usage"]) == no_cache(out["usage"])
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the same prompt again
     assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
 
 
@@ -251,7 +254,10 @@ def test_streamed_completion_equals_the_plain_one(client):
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
         assert "".join(c["text"] for c in mine) == want["text"]
         assert [c["finish_reason"] for c in mine][-1] == want["finish_reason"]
-        assert mine[-1]["logprobs"]["token_logprobs"] == want["logprobs"]["token_logprobs"]
+        # one chunk per token, each with its own log-prob; the last one only finishes
+        assert [lp for c in mine[:-1] for lp in c["logprobs"]["token_logprobs"]] == \
+            want["logprobs"]["token_logprobs"]
+        assert all(len(c["logprobs"]["tokens"]) == 1 for c in mine[:-1]) and mine[-1]["logprobs"] is None
     assert all("usage" not in c for c in chunks)  # only with stream_options.include_usage
 
 
@@ -269,8 +275,13 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 9}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_LEN}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", '{"prompt": "x", "temperature": 1e999}', 400, "temperature"),
+    ("/v1/completions", '{"prompt": "x", "top_p": NaN}', 400, None),
+    ("/v1/completions", '{"prompt": "x", "min_p": -Infinity}', 400, None),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "max_tokenz": 5}, 400, "max_tokenz"),
     ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
@@ -300,7 +311,10 @@ BAD = [
 
 @pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{b[3]}-{i}" for i, b in enumerate(BAD)])
 def test_bad_requests_get_openai_errors_naming_the_field(client, path, body, status, param):
-    r = client.post(path, json=body)
+    if isinstance(body, str):  # raw JSON text (NaN / Infinity / overflow cannot be built as dicts)
+        r = client.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
+    else:
+        r = client.post(path, json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
@@ -395,4 +409,5 @@ def test_serve_command_rejects_a_missing_checkpoint(tmp_path, capsys):
     from nemojax.cli import main
 
     assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not found" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

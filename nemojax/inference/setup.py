@@ -20,8 +20,17 @@ class SetupError(Exception):
     """A checkpoint, tokenizer or option problem; the message says what to fix."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's layout and shows every option's default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows each option's default value (unless the
+    help text already explains it, or there is none: a required option, an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if ("default" in text or action.required or d is None or d is False or d == [] or d == argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def cache_root() -> Path:

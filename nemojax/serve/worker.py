@@ -5,8 +5,9 @@ thread-safe, while HTTP requests arrive on the server's event loop at any time. 
 background thread owns the engine: handlers only put messages into its inbox (submit / cancel)
 and get events back through a callback, which the thread calls for
 
-- `Progress`: a running sample's output ids so far (only for requests submitted with
-  `stream=True`, after every decode chunk in which they grew),
+- `Progress`: the tokens a running sample generated since its last Progress, one
+  `TokenDelta` each (for requests the engine streams, `Request.stream`; always before that
+  sample's Completion),
 - `Completion` (the engine's record): a sample finished,
 - `Failure`: the request could not run (`client_error=True`: the engine rejected it, e.g. a
   prompt too long) or the engine itself failed (`client_error=False`; the worker then stops
@@ -20,6 +21,7 @@ Callbacks run on this thread and must be quick (the app's only hops onto its eve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -27,18 +29,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Union
 
 from nemojax.inference.engine import Engine
-from nemojax.inference.requests import Completion, Request
+from nemojax.inference.requests import Completion, Request, TokenDelta
 
 log = logging.getLogger("nemojax.serve")
 
 
 @dataclass
 class Progress:
-    """Output ids generated so far by one running sample (streaming requests only)."""
+    """New tokens of one running sample: `deltas` (one TokenDelta per token, in order) and
+    `output_ids`, all its output ids so far."""
 
     request_id: Any
     sample_index: int
     output_ids: list[int]
+    deltas: list[TokenDelta] = field(default_factory=list)
 
 
 @dataclass
@@ -59,7 +63,7 @@ class _Subscription:
     callback: Callback
     stream: bool
     remaining: int  # samples not finished yet
-    sent_lengths: dict[int, int] = field(default_factory=dict)  # streaming: ids already reported
+    ids: dict[int, list[int]] = field(default_factory=dict)  # streaming: ids reported per sample
 
 
 class WorkerStopped(RuntimeError):
@@ -121,6 +125,8 @@ class EngineWorker:
         """
         if not self.alive:
             raise WorkerStopped(self.why_unavailable())
+        if stream and not request.stream:  # the engine keeps per-token deltas only when asked
+            request = dataclasses.replace(request, stream=True)
         self._inbox.put(("submit", request, callback, stream))
 
     def cancel(self, request_id: Any) -> None:
@@ -234,10 +240,22 @@ class EngineWorker:
     def _step(self) -> None:
         engine = self.engine
         done = engine.step()
-        in_flight = engine.in_flight()
+        take = getattr(engine, "take_deltas", None)
+        deltas = take() if take is not None else []
         self.stats["steps"] += 1
+        running = engine.running() if hasattr(engine, "running") else len(engine.in_flight())
         # Samples that shared this step: those still running plus those that just finished.
-        self.stats["max_running"] = max(self.stats["max_running"], len(in_flight) + len(done))
+        self.stats["max_running"] = max(self.stats["max_running"], running + len(done))
+        grouped: dict[tuple[Any, int], list[TokenDelta]] = {}
+        for d in deltas:
+            grouped.setdefault((d.request_id, d.sample_index), []).append(d)
+        for (rid, index), items in grouped.items():
+            sub = self._subs.get(rid)
+            if sub is None or not sub.stream:
+                continue
+            ids = sub.ids.setdefault(index, [])
+            ids += [d.token_id for d in items]
+            self._emit(sub, Progress(rid, index, list(ids), items))
         for c in done:
             self.stats["completion_tokens"] += c.completion_tokens
             sub = self._subs.get(c.request_id)
@@ -247,12 +265,6 @@ class EngineWorker:
             if sub.remaining <= 0:
                 del self._subs[c.request_id]
             self._emit(sub, c)
-        if any(s.stream for s in self._subs.values()):
-            for rid, index, ids in in_flight:
-                sub = self._subs.get(rid)
-                if sub is not None and sub.stream and len(ids) > sub.sent_lengths.get(index, 0):
-                    sub.sent_lengths[index] = len(ids)
-                    self._emit(sub, Progress(rid, index, ids))
 
     def _fail_all(self, message: str) -> None:
         subs, self._subs = self._subs, {}
