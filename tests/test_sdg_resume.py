@@ -126,6 +126,9 @@ def test_changed_stage_config_is_refused_and_config_errors_name_the_key(tmp_path
         load_pipeline(path, ["stages.pairs.judge=vibes"])
     with pytest.raises(ConfigError, match="'c' is not declared"):
         load_pipeline(path, ["stages.answers.clients=[a, c]"])
+    served = load_pipeline("configs/sdg/served.yaml")
+    assert served.clients["gen"].type == "openai" and list(served.stages) == list(load_pipeline(
+        "configs/sdg/tiny.yaml").stages)
     from nemojax.cli import main
 
     assert main(["sdg", "run", str(path), f"run_dir={tmp_path / 'other'}", "clients.b.type=engine",
