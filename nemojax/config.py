@@ -344,6 +344,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    stage: StageConfig = field(default_factory=lambda: StageConfig())  # post-training stage, see StageConfig
     run_dir: str = "runs/default"
     steps: int = 1000
     seed: int = 0  # parameter initialisation, and the data order unless data.shuffle_seed is set
@@ -361,6 +362,7 @@ class Config:
         self.pipeline.validate("pipeline")
         self.sharding.validate("sharding")
         self.data.validate("data")
+        check_stage(self)
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.steps < 0:
@@ -620,3 +622,148 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank if self.rank else 0.0
+
+
+# --------------------------------------------------------------------------- post-training stages
+# `stage:` says what a run trains: pretraining (the default: `data.sources`, next-token loss) or
+# one post-training stage on chat records (nemojax.train.stages runs them; docs/DATA.md has the
+# record schemas, docs/ALIGNMENT.md the recipes). The Nemotron-4 Instruct recipe is
+#   sft (code)  ->  sft (general, replaying 2% code)  ->  dpo  ->  rpo_bwd_kl x 3 rounds
+# with a `reward` model as the judge. A stage reuses everything else in the config unchanged:
+# model (plus model.reward / model.lora), mesh, sharding, optimizer, steps, checkpoints.
+# Sequence length is `data.seq_len` (SFT: packed row length; preference and reward: tokens per
+# prompt + response); `data.global_batch_size` counts rows (SFT rows, pairs, scored responses);
+# the tokenizer is `data.tokenizer`; `data.shuffle_seed` / `seed` order the examples.
+
+PREFERENCE_STAGE_KINDS = ("dpo", "ipo", "rpo_bwd_kl", "rpo_fwd_kl", "rpo_sq")
+STAGE_KINDS = ("pretrain", "sft", "reward", *PREFERENCE_STAGE_KINDS)
+
+
+@dataclass
+class StageConfig:
+    """stage: the training stage and its post-training data and loss settings."""
+
+    # pretrain | sft | reward | dpo | ipo | rpo_bwd_kl (the Nemotron-4 report's RPO) | rpo_fwd_kl | rpo_sq.
+    # sft trains next-token loss on assistant turns; reward regresses model.reward.attributes
+    # (needs model.reward.enabled: true); the others are preference losses
+    # (nemojax.train.losses.preference_loss) on (prompt, chosen, rejected) pairs.
+    kind: str = "pretrain"
+    # Training records of the stage's kind: a JSONL / Parquet file, a directory or a glob
+    # (Hugging Face `datasets` exports load directly). sft: conversations; reward: HelpSteer2
+    # columns; preference kinds: pairs. Relative paths are taken from the working directory.
+    train: str = ""
+    # Held-out records of the same kind. "" = hold out `validation_fraction` of `train` (chosen
+    # by a hash of the record's position, so the split never changes).
+    validation: str = ""
+    validation_fraction: float = 0.05
+    # Over-length examples (longer than data.seq_len): truncate = cut the prompt from the left
+    # (bos kept, the response never cut); drop = leave them out. Counts are logged at start.
+    overlength: str = "truncate"
+    # Malformed records: fail = stop before training with every bad file:line listed; skip = leave them out.
+    on_bad: str = "fail"
+    # > 0: train this many passes over `train` (steps = ceil(epochs * rows / data.global_batch_size),
+    # replacing `steps`); 0 = train `steps` steps (the stream wraps to a new shuffled epoch).
+    epochs: float = 0.0
+
+    # ---- sft
+    # Records replayed from an earlier stage (the general SFT stage replays the code SFT data);
+    # "" = none. `replay_fraction` of the training rows come from it, within one row at every point.
+    replay: str = ""
+    replay_fraction: float = 0.02
+
+    # ---- preference kinds (NeMo-Aligner conventions, see nemojax.train.losses)
+    beta: float = 0.1  # KL penalty: multiplies Delta (policy-vs-reference log-ratio gap) exactly once
+    eta: float = 1.0  # RPO reward scale: target gap = eta * (chosen_reward - rejected_reward)
+    preference_weight: float = 1.0  # weight of the preference loss in the total
+    sft_weight: float = 0.0  # weight of the SFT term, -log pi(chosen), in the total (paper: 1e-5..1e-3)
+    average_log_probs: bool = False  # false: per-response log-probs summed over tokens; true: averaged
+    # The reference policy: "" = the weights training starts from (init_from, else the fresh
+    # init; with LoRA the base with adapters off), or a checkpoint path. Its per-pair log-probs
+    # are computed once, before training, and cached (no second model resident while training).
+    reference: str = ""
+    # Where the cached reference log-probs go: "" = <run_dir>/reference/. A cache is reused only
+    # for exactly the same tokenized data, settings and reference weights.
+    reference_cache: str = ""
+    # RPO's rewards: "" = the records' chosen_reward / rejected_reward fields (every pair must
+    # have them); a reward checkpoint = score both responses of every pair with it first (the
+    # scored records are written under <run_dir>/rewards/ and reused on resume).
+    reward_model: str = ""
+    reward_batch_size: int = 8  # sequences per reward-scoring batch
+    # Several RPO rounds in one config: round r runs in <run_dir>/round_<r>, initialised from and
+    # referenced to round r-1's final weights (round 1: init_from). 1 = a single run in run_dir.
+    rounds: int = 1
+    # Training records per round (one entry per round, e.g. pairs generated with the previous
+    # round's policy); [] = `train` for every round.
+    round_train: list[str] = field(default_factory=list)
+
+    # ---- validation extras
+    # Preference pairs for extra held-out metrics: reward stage = pairwise accuracy (chosen scored
+    # above rejected); sft stage = the policy's preference accuracy (log p(chosen) > log p(rejected)).
+    preference_validation: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def is_preference(self) -> bool:
+        return self.kind in PREFERENCE_STAGE_KINDS
+
+    @property
+    def needs_rewards(self) -> bool:
+        return self.kind.startswith("rpo")
+
+    def validate(self, prefix: str = "stage") -> None:
+        if self.kind not in STAGE_KINDS:
+            close = difflib.get_close_matches(str(self.kind), STAGE_KINDS, n=1)
+            raise ConfigError(f"{prefix}.kind={self.kind!r} is unknown" + (f" (did you mean {close[0]!r}?)" if close
+                                                                            else "") + f"; choose one of {', '.join(STAGE_KINDS)}")
+        if self.overlength not in ("truncate", "drop"):
+            raise ConfigError(f"{prefix}.overlength={self.overlength!r}: use truncate (cut the prompt from the left) "
+                              f"or drop")
+        if self.on_bad not in ("fail", "skip"):
+            raise ConfigError(f"{prefix}.on_bad={self.on_bad!r}: use fail or skip")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"{prefix}.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ConfigError(f"{prefix}.replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.epochs < 0:
+            raise ConfigError(f"{prefix}.epochs must be >= 0 (0 = use steps), got {self.epochs}")
+        for k in ("beta", "eta"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{prefix}.{k} must be positive, got {getattr(self, k)}")
+        for k in ("preference_weight", "sft_weight"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{prefix}.{k} must be >= 0, got {getattr(self, k)}")
+        if self.reward_batch_size < 1:
+            raise ConfigError(f"{prefix}.reward_batch_size must be >= 1, got {self.reward_batch_size}")
+        if self.rounds < 1:
+            raise ConfigError(f"{prefix}.rounds must be >= 1, got {self.rounds}")
+        if self.round_train and len(self.round_train) != self.rounds:
+            raise ConfigError(f"{prefix}.round_train lists {len(self.round_train)} file(s) for {prefix}.rounds="
+                              f"{self.rounds}; give one per round or none")
+        if self.kind == "pretrain":
+            return
+        if not self.train and not self.round_train:
+            raise ConfigError(f"{prefix}.train is empty: stage {self.kind!r} needs training records "
+                              f"(a JSONL / Parquet file, directory or glob)")
+        if self.rounds > 1 and not self.is_preference:
+            raise ConfigError(f"{prefix}.rounds={self.rounds}: rounds are for preference stages (RPO), not {self.kind}")
+        if self.replay and self.kind != "sft":
+            raise ConfigError(f"{prefix}.replay is for sft stages (general SFT replaying code SFT data)")
+        if self.reward_model and not self.needs_rewards:
+            raise ConfigError(f"{prefix}.reward_model is only used by the rpo_* kinds (their target reward gap); "
+                              f"{self.kind} does not read rewards")
+
+
+def check_stage(cfg: Config) -> None:
+    """Checks that need the stage and the rest of the config together."""
+    st, m = cfg.stage, cfg.model
+    if st.kind == "pretrain":
+        return
+    if st.kind == "reward" and not m.reward.enabled:
+        raise ConfigError("stage.kind=reward trains a reward model: set model.reward.enabled=true")
+    if st.kind != "reward" and m.reward.enabled:
+        raise ConfigError(f"stage.kind={st.kind} trains a language model, but model.reward.enabled is true; "
+                          f"set it to false (or stage.kind=reward)")
+    if st.epochs and cfg.data.rampup:
+        raise ConfigError("stage.epochs with data.rampup: give steps instead of epochs when the batch size ramps up")
