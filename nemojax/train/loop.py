@@ -91,11 +91,19 @@ class Trainer:
     batch_factory: the data (default: the pretraining pipeline; tests inject synthetic data).
     devices: the devices of the mesh (default: all), e.g. one device for a quick local run.
     log: where console lines go (stdout by default; only process 0 prints).
+    validate: a stage's own evaluation, `validate(training, params) -> {metric: value}` (e.g. a
+        reward model's per-attribute Pearson); when given it replaces the built-in validation
+        loss at every `eval_every` step and its metrics are logged with the step's.
+    progress: formats the console line from (step, total, metrics); default `format_progress`.
     """
 
     def __init__(self, cfg: Config, *, task: TrainTask = PRETRAIN, batch_factory: BatchFactory | None = None,
-                 log: Callable[[str], None] | None = None, devices: Sequence[Any] | None = None):
+                 log: Callable[[str], None] | None = None, devices: Sequence[Any] | None = None,
+                 validate: Callable[[Training, Any], dict[str, Any]] | None = None,
+                 progress: Callable[[int, int, dict[str, Any]], str] = format_progress):
         self.cfg = cfg
+        self.validate = validate
+        self.progress = progress
         self.task = task
         self.devices = devices
         self.run_dir = Path(cfg.run_dir).absolute()
@@ -253,7 +261,7 @@ class Trainer:
               writer: MetricsWriter | None) -> TrainResult:
         cfg, sched = self.cfg, self.schedule
         total = cfg.steps
-        eval_batches = self._eval_batches()
+        eval_batches = [] if self.validate else self._eval_batches()
         it = self._train_iterator(start, meta.get("data_state") if meta else None)
         it_batch = sched.batch_size(start)
         first_bad = jax.device_put(jnp.asarray(-1, jnp.int32), self._replicated)
@@ -309,7 +317,9 @@ class Trainer:
                 jax.block_until_ready(metrics["loss"])
                 t_mark, tok_mark = time.perf_counter(), 0
             do_log = step % max(cfg.log_every, 1) == 0 or step == total
-            do_eval = bool(eval_batches) and (step % max(cfg.eval_every, 1) == 0 or step == total)
+            evaluating = bool(eval_batches) or (self.validate is not None and cfg.eval_every > 0
+                                                and cfg.eval_batches > 0)
+            do_eval = evaluating and (step % max(cfg.eval_every, 1) == 0 or step == total)
             do_save = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == total
             if do_log or do_eval:
                 host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
@@ -325,11 +335,14 @@ class Trainer:
                     rec.update(tokens_per_sec=None, tflops_per_device=None, mfu=None)
                 bad = check_finite(step)
                 if bad is None and do_eval:
-                    rec["val_loss"] = self.evaluate(state.params, eval_batches)
+                    if self.validate:
+                        rec.update(self.validate(self.training, state.params))
+                    else:
+                        rec["val_loss"] = self.evaluate(state.params, eval_batches)
                 if writer is not None:
                     writer.write(step, rec)
                 last_metrics = {"step": step, **rec}
-                self.log(format_progress(step, total, rec))
+                self.log(self.progress(step, total, rec))
                 if bad is not None:
                     return stop_nonfinite(bad)
                 t_mark, tok_mark = time.perf_counter(), 0
