@@ -108,6 +108,7 @@ def test_example_pipeline_end_to_end_on_the_tiny_engine(ckpts, tmp_path, capsys)
         "stages.if_prompts.max_tokens=24",
         # the same respond stage again: it must not compile anything new
         "stages.answers_again.kind=respond", "stages.answers_again.input=if_prompts", "stages.answers_again.n=2",
+        "stages.answers.n=2",
         "stages.answers_again.temperature=0.8", "stages.answers_again.max_tokens=24",
         # an in-process reward model as judge and filter
         "reward.type=engine", f"reward.checkpoint={rm}", "reward.max_len=256",
@@ -117,16 +118,18 @@ def test_example_pipeline_end_to_end_on_the_tiny_engine(ckpts, tmp_path, capsys)
     ]
     assert main(["sdg", "run", "configs/sdg/tiny.yaml", *overrides, "--no-progress"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert len(summary) == 25 + 4
+    assert len(summary) == 26 + 4
     for name, s in summary.items():
         assert {"items_in", "kept", "dropped", "tokens", "seconds"} <= set(s), name
     assert summary["answers"]["kept"] == 4 and summary["answers"]["tokens"] > 0
+    passing = [json.loads(l) for l in (run_dir / "if_passing.jsonl").read_text().splitlines()]
     assert summary["answers_again"]["engine_compiles"] == summary["answers"]["engine_compiles"]
     assert summary["rm_kept"]["kept"] == 8  # 4 prompts x 2 samples, all above -1000
     from nemojax.data.chat_records import load_examples
 
     sft, _ = load_examples(run_dir / "sft.jsonl", "sft")
-    assert len(sft) == 8
+    assert len(sft) == sum(len(p["responses"]) for p in passing)
+    assert summary["if_passing"]["kept"] + summary["if_passing"]["dropped"].get("failed_instructions", 0) >= 4
     dialogues, _ = load_examples(run_dir / "dialogue_sft.jsonl", "sft")
     assert len(dialogues) == summary["dialogues"]["kept"]
     for d in dialogues:
