@@ -411,3 +411,25 @@ def test_serve_command_rejects_a_missing_checkpoint(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_request_timeout_cancels_the_request_and_answers_504(engine, tok):
+    ids = tok.encode("x", bos=True)
+    engine.generate_all([Request("warm", ids, SamplingParams(temperature=0, max_tokens=2))])  # compiled first
+    with TestClient(create_app(engine, tok, model_name="tiny", request_timeout=0.3)) as c:
+        worker, server = c.app.state.worker, c.app.state.server
+        worker.pause()  # nothing runs: every request waits past its deadline
+        try:
+            r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "n": 2})
+            assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+            chunks, done = sse(c, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                           "max_tokens": 5, "stream": True})
+            assert not done and chunks[-1]["error"]["code"] == "request_timeout"
+            assert server.outstanding == 0
+        finally:
+            worker.resume()
+        deadline = time.time() + 10
+        while worker.stats["active_requests"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert worker.stats["active_requests"] == 0 and not engine.has_work  # cancelled, slots free
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200

@@ -141,6 +141,20 @@ def copy(constrain: Constrain, block_size: int, cache: Cache, src_pool: jax.Arra
 # --------------------------------------------------------------------------- compiled programs
 
 
+def _without_jax_cache() -> Any:
+    """A context manager that turns JAX's persistent compilation cache off in this thread, or None
+    when this JAX has none (then nothing is written to disk)."""
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.enable_compilation_cache(False)
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+FORMAT = "nemojax-programs-2"  # part of every key: bump when the on-disk format changes
+
+
 def source_fingerprint() -> str:
     """Hash of the package source traced into the programs (changes invalidate disk entries)."""
     root = Path(__file__).resolve().parent.parent
@@ -191,16 +205,23 @@ class Programs:
         path = None
         exe = None
         if self.directory is not None:
-            key = hashlib.sha256("\n".join([self._context, name, repr(static), _avals(args)]).encode())
+            key = hashlib.sha256("\n".join([FORMAT, self._context, name, repr(static), _avals(args)]).encode())
             path = self.directory / f"{name}-{key.hexdigest()[:40]}.bin"
             exe = self._load(path)
         if exe is not None:
             self.stats["loaded"] += 1
         else:
-            exe = jax.jit(build(), donate_argnums=donate).lower(*args).compile()
-            self.stats["compiled"] += 1
-            if path is not None:
+            lowered = jax.jit(build(), donate_argnums=donate).lower(*args)
+            bypass = _without_jax_cache() if path is not None else None
+            if bypass is None:
+                exe = lowered.compile()
+            else:
+                # An executable JAX itself loaded from its persistent cache serializes without its
+                # code (XLA:CPU), so compile afresh when the result is to be kept on disk.
+                with bypass:
+                    exe = lowered.compile()
                 self._save(path, exe)
+            self.stats["compiled"] += 1
         seconds = time.perf_counter() - start
         self.stats["seconds"] += seconds
         self.stats["by_name"][name] = self.stats["by_name"].get(name, 0) + 1
