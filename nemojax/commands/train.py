@@ -1,4 +1,5 @@
-"""`nemojax train CONFIG [key=value ...]` (also `python train.py ...`): pretrain or continue pretraining.
+"""`nemojax train CONFIG [key=value ...]` (also `python train.py ...`): pretrain, continue pretraining,
+or run a post-training stage (`stage.kind`: sft, reward, dpo, ipo, rpo_*; nemojax.train.stages).
 
 Everything goes to `run_dir` (config.yaml, metrics.jsonl, tensorboard/, checkpoints/);
 running the same command again resumes from the newest intact checkpoint.
@@ -34,7 +35,7 @@ def enable_compile_cache() -> None:
 def run(args: argparse.Namespace) -> int:
     from nemojax.config import load_config
     from nemojax.train.checkpointing import CheckpointError
-    from nemojax.train.loop import train
+    from nemojax.train.stages import run_stage  # pretraining or a post-training stage (cfg.stage.kind)
 
     cfg = load_config(args.config, args.overrides)
     from nemojax.parallel.distributed import initialize
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from nemojax.data.sources import DataError
 
     try:
-        result = train(cfg)
+        result = run_stage(cfg)
     except CheckpointError as e:
         print(f"nemojax train: checkpoint error: {e}", file=sys.stderr)
         return 2
