@@ -61,11 +61,12 @@ def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, 
     from nemojax.parallel.pipeline import schedule_summary
     from nemojax.train.build import build_training
     from nemojax.train.rampup import BatchSchedule
+    from nemojax.train.tasks import stage_task
 
     devices, target = topology_devices(topology, num_slices)
     t0 = time.perf_counter()
     mesh = make_mesh(cfg.mesh, devices)
-    training = build_training(cfg, mesh)
+    training = build_training(cfg, mesh, task=stage_task(cfg))  # the stage's step (stage.kind), default pretraining
     sched = BatchSchedule(cfg.data)
     accum, micro = max(sched.distinct_shapes(), key=lambda s: s[0] * s[1])
     t1 = time.perf_counter()
@@ -76,6 +77,7 @@ def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, 
         s = training.schedule
         out["pipeline"] = schedule_summary(s.P, s.V, s.M, cfg.model.num_layers)
     out["state_bytes_per_device"] = state_bytes(training.abstract_sharded_state())
+    out["stage"] = cfg.stage.kind
     out.update({"remat_policy": cfg.model.remat_policy, "compute_dtype": cfg.model.compute_dtype,
                 "param_dtype": cfg.model.param_dtype, "fp32_master_weights": cfg.model.param_dtype != "float32",
                 "zero1": cfg.sharding.zero1, "seq_len": cfg.data.seq_len,
