@@ -416,3 +416,73 @@ def test_epoch_shuffle_is_a_fresh_permutation_each_epoch(materialize: bool, monk
     assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(100, 150))
     again = shuffle.EpochShuffle(grain.MapDataset.source(list(range(100, 150))), seed=3)
     assert [again[k] for k in range(150)] == sum(epochs, [])
+
+
+# ---------------------------------------------------------------------------- stages (continued pretraining)
+
+
+def _first_rows_by_source(it: BatchIterator, n_batches: int) -> dict[int, list[np.ndarray]]:
+    """{source index: its rows' input_ids, in stream order} over the next n_batches batches."""
+    picks = it.source_of_rows(n_batches * it.batch_size)
+    rows = _collect_rows(it, n_batches)["input_ids"]
+    out: dict[int, list[np.ndarray]] = {}
+    for i, r in zip(picks, rows):
+        out.setdefault(i, []).append(r)
+    return out
+
+
+def test_new_stage_continues_each_source_where_the_last_run_stopped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    write_array_record(tmp_path / "a.arrayrecord", _marked_docs(40, 100, rng))
+    write_array_record(tmp_path / "b.arrayrecord", _marked_docs(40, 1000, rng))
+    write_array_record(tmp_path / "c.arrayrecord", _marked_docs(40, 2000, rng))
+    src = {k: DataSourceConfig(path=str(tmp_path / f"{k}.arrayrecord")) for k in "abc"}
+    stage1 = DataConfig(sources=[dataclasses_replace(src["a"], weight=0.7), dataclasses_replace(src["b"], weight=0.3)],
+                        validation_fraction=0.0)
+    it1 = make_batch_iterator(stage1, batch_size=4, seq_len=16, seed=0)
+    first1 = _first_rows_by_source(it1, 5)
+    saved = json.loads(json.dumps(it1.get_state()))
+    upcoming = _first_rows_by_source(it1, 5)  # what stage 1 would have read next, per source
+    # Stage 2: a new blend (b reweighted, c new, a dropped), same seed.
+    stage2 = DataConfig(sources=[dataclasses_replace(src["b"], weight=0.5), dataclasses_replace(src["c"], weight=0.5)],
+                        validation_fraction=0.0)
+    it2 = make_batch_iterator(stage2, batch_size=4, seq_len=16, seed=0)
+    notes = it2.continue_from(saved, "continue")
+    assert "continues where the previous run stopped" in notes[0] and "new to the blend" in notes[1]
+    got = _first_rows_by_source(it2, 5)
+    n = min(len(got[0]), len(upcoming[1]))
+    assert n >= 3
+    np.testing.assert_array_equal(np.stack(got[0][:n]), np.stack(upcoming[1][:n]))  # b: no replay
+    assert not np.array_equal(got[0][0], first1[1][0])
+    # resuming the new stage is exact (its state records b's adopted order and position)
+    state2 = it2.get_state()
+    more = next(it2)
+    again = make_batch_iterator(stage2, batch_size=4, seq_len=16, seed=0)
+    again.set_state(state2)
+    np.testing.assert_array_equal(next(again)["input_ids"], more["input_ids"])
+    # reshuffle: refused with the previous run's seed, a fresh order with another one
+    with pytest.raises(ConfigError, match="data.stage_start=reshuffle.*same order"):
+        make_batch_iterator(stage2, batch_size=4, seq_len=16, seed=0).continue_from(saved, "reshuffle")
+    it3 = make_batch_iterator(stage2, batch_size=4, seq_len=16, seed=1)
+    assert "reshuffled" in it3.continue_from(saved, "reshuffle")[0]
+
+
+def dataclasses_replace(src: DataSourceConfig, **kw) -> DataSourceConfig:
+    import dataclasses
+
+    return dataclasses.replace(src, **kw)
+
+
+def test_seed_sets_the_data_order_unless_shuffle_seed_pins_it() -> None:
+    assert load_config_over(["seed=7"]).data_seed == 7
+    assert load_config_over(["seed=7", "data.shuffle_seed=3"]).data_seed == 3
+    with pytest.raises(ConfigError, match="shuffle_seed"):
+        load_config_over(["data.shuffle_seed=-2"])
+    with pytest.raises(ConfigError, match="stage_start"):
+        load_config_over(["data.stage_start=replay"])
+
+
+def load_config_over(over: list[str]):
+    from nemojax.config import load_config
+
+    return load_config("tiny", over)

@@ -46,9 +46,18 @@ def test_static_import_layering(where: str) -> None:
     assert not bad, "layering violations:\n" + "\n".join(bad)
 
 
+# Private imports with no public equivalent, each with the reason; anything else fails.
+PRIVATE_ALLOWED = {
+    # a thread-local switch for the persistent compilation cache: public JAX only has the global
+    # jax.config.update("jax_enable_compilation_cache", ...), which would race other threads
+    ("inference/programs.py", "jax._src"),
+}
+
+
 def test_no_private_jax_or_grain_modules() -> None:
     bad = [f"{f.relative_to(PKG.parent)}:{line} imports {mod}" for f in sorted(PKG.rglob("*.py"))
-           for line, mod in _imports(f) if mod.startswith(("jax._src", "grain._src", "flax.nnx.statelib"))]
+           for line, mod in _imports(f) if mod.startswith(("jax._src", "grain._src", "flax.nnx.statelib"))
+           and (str(f.relative_to(PKG)), mod) not in PRIVATE_ALLOWED]
     assert not bad, "\n".join(bad)
 
 

@@ -304,3 +304,38 @@ def test_throughput_benchmark_prints_json(tmp_path):
     assert out["mfu"] == pytest.approx(out["tflops_per_device"] / 1.0, rel=0.01)
     assert out["config"]["global_batch_size"] == 4 and out["config"]["seq_len"] == 64
     assert out["device"]["platform"] == "cpu" and out["device"]["count"] == 1
+
+
+def test_new_stage_from_init_from_continues_its_data_stream(tmp_path):
+    """Continued pretraining (configs/continued_pretraining.yaml) starts its data stream where the
+    run named by init_from stopped, not at the beginning: no replay of stage 1's first documents.
+    Only the wiring is tested here (no step runs); the stream logic is in test_data_pipeline."""
+    from nemojax.config import save_config
+    from nemojax.data.pretrain import make_batch_iterator
+    from nemojax.train.step import TrainState
+
+    stage1 = load_config("tiny", [f"run_dir={tmp_path / 's1'}", "data.seq_len=16", "data.global_batch_size=4"])
+    it = make_batch_iterator(stage1.data, batch_size=4, seq_len=16, seed=stage1.data_seed)
+    for _ in range(3):
+        next(it)
+    saved = it.get_state()
+    (tmp_path / "s1").mkdir()
+    save_config(stage1, tmp_path / "s1" / "config.yaml")
+    ck = Checkpointer(tmp_path / "s1", use_async=False)
+    ck.save(TrainState(jnp.asarray(3, jnp.int32), {"w": jnp.zeros(2)}, {}), {"data_state": saved})
+    ck.close()
+    lines: list[str] = []
+    stage2 = load_config("continued_pretraining", [f"run_dir={tmp_path / 's2'}", f"init_from={tmp_path / 's1'}",
+                                                   "data.seq_len=16", "data.global_batch_size=4"])
+    trainer = Trainer(stage2, devices=jax.devices()[:1], log=lines.append)
+    it2 = trainer._train_iterator(0, None)
+    assert [(c.doc, c.offset) for c in it2.cursors] == [(s["doc"], s["offset"]) for s in saved["sources"]]
+    assert sum("continues where the previous run stopped" in ln for ln in lines) == 2, lines
+    # ... and with reshuffle and the same seed, the stage refuses to replay
+    from nemojax.config import ConfigError
+
+    same_seed = load_config("continued_pretraining", [f"run_dir={tmp_path / 's3'}", f"init_from={tmp_path / 's1'}",
+                                                      "data.seq_len=16", "data.global_batch_size=4",
+                                                      "data.stage_start=reshuffle"])
+    with pytest.raises(ConfigError, match="replaying"):
+        Trainer(same_seed, devices=jax.devices()[:1])._train_iterator(0, None)

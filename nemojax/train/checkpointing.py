@@ -190,11 +190,10 @@ class Checkpointer:
         pure = params_to_pure(state.params)
         meta = dict(info, step=step, saved_at=time.time(), signature=state_signature(state),
                     checksums={"params": tree_checksums(pure), "opt_state": tree_checksums(state.opt_state)})
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(pure),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            train=ocp.args.JsonSave(meta),
-        ), force=True)
+        items = {"params": ocp.args.StandardSave(pure), "train": ocp.args.JsonSave(meta)}
+        if jax.tree.leaves(state.opt_state):  # a stateless optimizer (plain SGD) saves no item
+            items["opt_state"] = ocp.args.StandardSave(state.opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         return step
 
     def wait(self) -> None:
@@ -224,11 +223,12 @@ class Checkpointer:
         """This host's part of reading a checkpoint (no cross-host collectives)."""
         pure_t = params_to_pure(template.params)
         self._check_signature(step, template)
-        return self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(pure_t)),
-            opt_state=ocp.args.StandardRestore(_abstract(template.opt_state)),
-            train=ocp.args.JsonRestore(),
-        ))
+        items = {"params": ocp.args.StandardRestore(_abstract(pure_t)), "train": ocp.args.JsonRestore()}
+        if jax.tree.leaves(template.opt_state):
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(template.opt_state))
+        out = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+        out.setdefault("opt_state", template.opt_state)
+        return out
 
     def _verify(self, out: dict[str, Any]) -> None:
         """Recompute the checksums (a collective over all hosts' shards) and compare."""
