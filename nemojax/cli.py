@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nemojax.commands.tokenizer", "train, inspect or apply a SentencePiece tokenizer"),
     "reward": ("nemojax.commands.reward", "score JSONL responses with a reward checkpoint (reward score)"),
     "sdg": ("nemojax.commands.sdg", "synthetic data generation pipelines (run, kinds, ifeval)"),
+    "align": ("nemojax.commands.align", "the weak-to-strong alignment loop (SDG -> SFT -> DPO -> RPO, iterated)"),
     "eval": ("nemojax.commands.eval", "evaluate a checkpoint or endpoint: tasks, answers, IFEval, reward, loss"),
 }
 

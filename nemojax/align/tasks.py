@@ -183,10 +183,20 @@ def _apply_format(answer: str, instruction_id: str, kwargs: dict[str, Any]) -> s
 
 
 def format_following(rng: random.Random, level: int) -> Task:
-    base = rng.choice((arithmetic, strings, lists))(rng, max(1, level - 1))
-    iid, sampler, text = rng.choice(FORMAT_INSTRUCTIONS)
-    kwargs = sampler(rng)
-    answer = _apply_format(base.answer, iid, kwargs)
+    """A base task plus one IFEval instruction. Drawn again until the reference answer passes
+    the instruction's own checker (e.g. IFEval's case checks also demand text langdetect reads
+    as English, which a bare sorted-letters answer is not), so every reference is correct."""
+    from nemojax.sdg.instructions import check as instruction_check
+
+    for _ in range(100):
+        base = rng.choice((arithmetic, strings, lists))(rng, max(1, level - 1))
+        iid, sampler, text = rng.choice(FORMAT_INSTRUCTIONS)
+        kwargs = sampler(rng)
+        answer = _apply_format(base.answer, iid, kwargs)
+        if instruction_check(iid, answer, **kwargs):
+            break
+    else:  # pragma: no cover - the arithmetic base always passes
+        raise RuntimeError("could not draw a format task whose reference passes its checker")
     check = dict(base.check, instruction_id=iid, instruction_kwargs=kwargs, base_family=base.family)
     if iid in ("change_case:english_lowercase", "change_case:english_capital"):
         check["case"] = False
@@ -361,3 +371,10 @@ def sample_tasks(families: Iterable[str], levels: Sequence[int], n: int, seed: i
     rng = random.Random(seed)
     fams = list(families)
     return [make_task(fams[i % len(fams)], rng, rng.choice(list(levels))) for i in range(n)]
+
+
+def verify_record(item: dict[str, Any], responses: Sequence[str]) -> list[bool]:
+    """SDG verifier (`verifier: nemojax.align.tasks:verify_record`): `item` is a serialised
+    `Task` (a prompt pool record, plus whatever the pipeline added), `responses` its answers."""
+    task = Task.from_json(item)
+    return verify_many([task] * len(responses), list(responses))

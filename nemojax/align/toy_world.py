@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -88,6 +89,58 @@ ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosit
 
 
 def _corrupt(task: Task, rng: random.Random) -> str:
+    """A wrong answer, of one of the kinds a judge meets (drawn 2 : 2 : 1):
+
+    * off-topic: the right answer to another question of the same family and level;
+    * careless: number answers keep the worked solution but state another final number;
+      reverse / upper / sort tasks return their input untransformed (the instruction ignored);
+    * miscomputed: a changed number, or scrambled text (the error only computing catches).
+
+    The result is always wrong by the family's verifier (code: on the task's test inputs).
+    """
+    from nemojax.align.tasks import make_task, verify
+
+    def wrong(text: str) -> bool:
+        if task.family != "code":
+            return not verify(task, text)
+        env: dict[str, Any] = {"__builtins__": {"sorted": sorted}}
+        exec(text, env)  # our own generated source, never a model's (verify_many sandboxes those)
+        want = [eval(task.check["reference"], {"__builtins__": {"sorted": sorted}}, {"x": t})
+                for t in task.check["tests"]]
+        try:
+            return [env["f"](t) for t in task.check["tests"]] != want
+        except (TypeError, ValueError, AttributeError):  # e.g. a function of strings given integers
+            return True
+
+    kind = rng.choice(("off_topic", "off_topic", "careless", "careless", "miscomputed"))
+    if kind == "off_topic":
+        for _ in range(4):
+            other = make_task(task.family, rng, task.level).answer
+            if wrong(other):
+                return other
+    if kind == "careless":
+        out = _careless(task, rng)
+        if out is not None and wrong(out):
+            return out
+    return _miscomputed(task, rng)
+
+
+def _careless(task: Task, rng: random.Random) -> str | None:
+    """The final number changed after a correct worked solution, or the input echoed back."""
+    value = task.check.get("value")
+    if task.check.get("kind") == "number":
+        head, sep, tail = task.answer.rpartition(str(value))
+        return head + str(value + rng.choice((-10, -2, -1, 1, 2, 10))) + tail if sep else None
+    if task.family == "strings":
+        m = re.search(r'"([a-z]+)"', task.prompt)
+        return m.group(1) if m else None
+    if task.family == "lists":
+        m = re.search(r": ([\d, ]+)\.$", task.prompt)
+        return m.group(1) if m else None
+    return None
+
+
+def _miscomputed(task: Task, rng: random.Random) -> str:
     """A plausible wrong answer: a changed number, or a scrambled / truncated text."""
     value = task.check.get("value")
     if task.check.get("kind") == "number":

@@ -16,6 +16,8 @@
 | preference | records with >= 2 responses | {prompt, chosen, rejected, [*_reward], judge} |
 | genetic_instruct | seed problems | {messages, instruction, genetic} |
 | dedup | any records | the records kept |
+| verify_filter | records with responses | those with the responses a Python verifier accepts |
+| select | any records | those whose `field` is one of `values` |
 | export_sft, export_preference | conversations / preference records | the post-training schemas |
 """
 
@@ -26,10 +28,11 @@ import functools
 
 @functools.lru_cache(maxsize=1)
 def stage_kinds() -> dict[str, type]:
-    from nemojax.sdg.stages import dedup, dialogue, genetic, instruct, io, judges, prompts, respond
+    from nemojax.sdg.stages import dedup, dialogue, genetic, instruct, io, judges, prompts, respond, verify
 
     classes = [io.Read, io.Merge, io.ExportSFT, io.ExportPreference, prompts.Topics, prompts.Subtopics, prompts.OpenQA,
                prompts.Writing, prompts.ClosedQA, prompts.Math, prompts.Python, instruct.InstructionPrompts,
                instruct.InstructionFilter, respond.Respond, dialogue.Dialogue, dialogue.TwoTurn,
-               judges.RewardFilter, judges.Preference, genetic.GeneticInstruct, dedup.Dedup]
+               judges.RewardFilter, judges.Preference, genetic.GeneticInstruct, dedup.Dedup,
+               verify.VerifyFilter, verify.Select]
     return {c.kind: c for c in classes}

@@ -1,5 +1,6 @@
 """Judges: reward-model threshold filter, and preference triples judged by a reward model, an
-LLM asked twice with the order swapped, math ground truth, or the instruction checkers.
+LLM asked twice with the order swapped, math ground truth, the instruction checkers, or a
+Python verifier (`judge: verifier`, see verify.py).
 
 Preference records follow the post-training schema: `prompt` (a string for a single-turn
 prompt, else the message list before the judged answer), `chosen`, `rejected`,
@@ -20,7 +21,7 @@ from nemojax.sdg.stages.base import Stage, StageSpec, Work
 from nemojax.sdg.stages.instruct import judged_turns
 from nemojax.sdg.stages.io import conversations
 
-JUDGES = ("reward", "llm", "math", "instructions")
+JUDGES = ("reward", "llm", "math", "instructions", "verifier")
 
 
 @dataclass
@@ -57,10 +58,11 @@ class RewardFilter(Stage):
 
 @dataclass
 class PreferenceSpec(StageSpec):
-    judge: str = "reward"  # reward | llm | math | instructions
+    judge: str = "reward"  # reward | llm | math | instructions | verifier
     margin: float = 0.0  # reward judge: keep a pair only when chosen - rejected reward > margin
     answer_field: str = "answer"  # math judge: the record field holding the reference answer
     max_pairs: int = 1  # llm judge: response pairs judged per record
+    verifier: str = ""  # verifier judge: package.module:function(item, [texts]) -> [bool]
     max_tokens: int = 8
 
     def needs_client(self) -> bool:
@@ -70,6 +72,13 @@ class PreferenceSpec(StageSpec):
         super().validate(key, cfg)
         if self.judge not in JUDGES:
             raise ConfigError(f"{key}.judge={self.judge!r}: choose one of {', '.join(JUDGES)}")
+        if self.judge == "verifier":
+            from nemojax.sdg.stages.verify import load_verifier
+
+            if not self.verifier:
+                raise ConfigError(f"{key}.verifier is required with judge: verifier "
+                                  f"(e.g. nemojax.align.tasks:verify_record)")
+            load_verifier(self.verifier)
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
@@ -225,3 +234,18 @@ class Preference(Stage):
         (_, pv, c), (_, fv, w) = passing[0], failing[0]
         return [self._record(c, w, {"instruction_id_list": item["instruction_id_list"], "kwargs": item["kwargs"],
                                     "chosen_follows": pv, "rejected_follows": fv}, (1.0, 0.0))]
+
+    async def _judge_verifier(self, item, responses, work):  # noqa: ANN001, ANN202
+        from nemojax.sdg.stages.verify import verdicts
+
+        ok = await verdicts(self.spec.verifier, item, [r["messages"][-1]["content"] for r in responses])
+        right = [r for r, v in zip(responses, ok) if v]
+        wrong = [r for r, v in zip(responses, ok) if not v]
+        if not right:
+            work.drop("no_correct_response")
+            return []
+        if not wrong:
+            work.drop("no_incorrect_response")
+            return []
+        return [self._record(right[0], wrong[0], {"verifier": self.spec.verifier, "passed": sum(ok),
+                                                   "total": len(ok)}, (1.0, 0.0))]

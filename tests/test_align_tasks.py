@@ -1,0 +1,101 @@
+"""The toy world's verifiable tasks and files: verifiers accept the reference answers and reject
+wrong ones, the code sandbox contains bad programs, and the world is deterministic and clean."""
+
+import json
+import random
+
+import pytest
+
+from nemojax.align.tasks import (FAMILIES, FORMAT_INSTRUCTIONS, MAX_LEVEL, Task, extract_number, make_task,
+                                 run_code_checks, verify, verify_many)
+from nemojax.align.toy_world import ToyWorldSpec, build_toy_world, reward_record
+
+
+def _all_tasks(n_per=12):
+    rng = random.Random(7)
+    return [make_task(f, rng, lvl) for f in FAMILIES for lvl in range(1, MAX_LEVEL + 1) for _ in range(n_per // 6 + 1)]
+
+
+def test_reference_answers_verify_and_corruptions_do_not():
+    tasks = _all_tasks()
+    assert all(verify_many(tasks, [t.answer for t in tasks]))
+    wrong = []
+    for t in tasks:
+        if t.check.get("kind") == "number":
+            wrong.append(t.answer.replace(str(t.check["value"]), str(t.check["value"] + 1)))
+        elif t.family == "code":
+            wrong.append("def f(x):\n    return None")
+        else:
+            wrong.append(t.answer + "zz")
+    assert not any(verify_many(tasks, wrong))
+
+
+def test_every_format_instruction_is_checked():
+    rng = random.Random(3)
+    seen = set()
+    while len(seen) < len(FORMAT_INSTRUCTIONS):
+        t = make_task("format", rng, 2)
+        iid = t.check["instruction_id"]
+        seen.add(iid)
+        assert verify(t, t.answer), (t.prompt, t.answer)
+        # the right content without the formatting fails (except where the plain answer already complies)
+        plain = t.check.get("value")
+        base = make_task(t.check["base_family"], random.Random(0), 1)
+        assert base.family == t.check["base_family"]
+        if iid in ("startend:quotation", "detectable_format:title", "startend:end_checker"):
+            assert not verify(t, str(plain))
+
+
+def test_extract_number_gsm8k_style():
+    assert extract_number("so 3 + 4 = 7. The answer is 7.") == 7
+    assert extract_number("The answer is: -12") == -12
+    assert extract_number("It is 1,234 apples") == 1234
+    assert extract_number("no digits") is None
+
+
+def test_sandbox_rejects_imports_loops_and_wrong_code():
+    ref, tests = "x + 1", [1, 2, 3]
+    jobs = [("def f(x):\n    return x + 1", ref, tests),
+            ("import os\ndef f(x):\n    return x + 1", ref, tests),
+            ("def f(x):\n    while True:\n        pass", ref, tests),
+            ("def f(x):\n    return x + 2", ref, tests),
+            ("this is not python", ref, tests),
+            ("def f(x):\n    return open('/etc/passwd').read()", ref, tests)]
+    assert run_code_checks(jobs) == [True, False, False, False, False, False]
+
+
+def test_task_round_trip_and_bad_inputs():
+    t = make_task("lists", random.Random(1), 3)
+    assert Task.from_json(json.loads(json.dumps(t.to_json()))) == t
+    with pytest.raises(ValueError, match="unknown task family"):
+        make_task("poetry", random.Random(0), 1)
+    with pytest.raises(ValueError, match="level"):
+        make_task("strings", random.Random(0), MAX_LEVEL + 1)
+
+
+def test_reward_labels_are_a_function_of_the_response():
+    rng = random.Random(5)
+    for _ in range(200):
+        task = make_task(random.Random(rng.random()).choice(list(FAMILIES)), rng, rng.randint(1, 4))
+        rec = reward_record(task, rng)
+        assert all(0 <= rec[a] <= 4 for a in ("helpfulness", "correctness", "coherence", "complexity", "verbosity"))
+        if rec["coherence"] == 4 and task.family != "code":  # no filler appended: the verifier decides
+            assert (rec["correctness"] == 4) == verify(task, rec["response"])
+
+
+def test_toy_world_is_deterministic_and_decontaminated(tmp_path):
+    spec = ToyWorldSpec(pretrain_documents=300, seed_conversations=60, eval_per_family=10, prompts_per_pool=80,
+                        reward_records=100)
+    a = build_toy_world(tmp_path / "a", spec)
+    b = build_toy_world(tmp_path / "b", spec)
+    for name in a["files"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    eval_prompts = {json.loads(l)["prompt"] for l in (tmp_path / "a/eval/tasks.jsonl").read_text().splitlines()}
+    for name in ("seed/sft.jsonl", "prompts/pool_1.jsonl", "prompts/pool_2.jsonl", "reward/train.jsonl"):
+        for line in (tmp_path / "a" / name).read_text().splitlines():
+            rec = json.loads(line)
+            prompt = rec.get("prompt") or rec["messages"][0]["content"]
+            assert prompt not in eval_prompts, (name, prompt)
+    assert (tmp_path / "a/tokenizer/tokenizer.model").is_file()
+    # a second build with the same spec is a no-op; another spec rebuilds
+    assert build_toy_world(tmp_path / "a", spec) == a
