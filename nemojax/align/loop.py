@@ -172,15 +172,26 @@ class AlignLoop:
             bases_done[name] = {"step": f"base {name}", "checkpoint": str(path)}
             return path
         init = self.base_checkpoint(b.init_from, bases_done) if b.init_from else None
-        rec = self._train_step(f"base {name}", self.run_dir / "bases" / name, b.config, b.overrides, init)
+        inherited = self.architecture(b.init_from) if b.init_from else []
+        rec = self._train_step(f"base {name}", self.run_dir / "bases" / name, b.config, [*inherited, *b.overrides],
+                               init)
         bases_done[name] = rec
         return Path(rec["checkpoint"])
 
-    def _stages(self, label: str, names: list[str], start: Path, out_dir: Path, **fill: Any) -> list[dict[str, Any]]:
+    def architecture(self, base: str) -> list[str]:
+        """The `model.*` overrides of a base (and of the base it continues from): every stage
+        trained on top of it gets them, so its model matches the checkpoint it starts from."""
+        b = self.cfg.bases[base]
+        inherited = self.architecture(b.init_from) if b.init_from else []
+        return inherited + [o for o in b.overrides if o.split("=", 1)[0].strip().startswith("model.")]
+
+    def _stages(self, label: str, names: list[str], start: Path, out_dir: Path, arch: list[str],
+                **fill: Any) -> list[dict[str, Any]]:
         records, current = [], start
         for name in names:
             st = self.cfg.stages[name]
-            rec = self._train_step(f"{label} {name}", out_dir / name, st.config, st.overrides, current, **fill)
+            rec = self._train_step(f"{label} {name}", out_dir / name, st.config, [*arch, *st.overrides], current,
+                                   **fill)
             records.append(rec)
             current = Path(rec["checkpoint"])
         return records
@@ -203,6 +214,9 @@ class AlignLoop:
         return rec
 
     def run(self) -> dict[str, Any]:
+        from nemojax.inference.setup import enable_compile_cache
+
+        enable_compile_cache()  # evaluations reuse compiled engine programs across steps and runs
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / "align_config.json", asdict(cfg))
@@ -215,7 +229,8 @@ class AlignLoop:
             summary["generator"] = {"checkpoint": str(generator)}
         else:
             base = self.base_checkpoint(cfg.generator.base, bases)
-            recs = self._stages("generator", cfg.generator.stages, base, self.run_dir / "generator")
+            recs = self._stages("generator", cfg.generator.stages, base, self.run_dir / "generator",
+                                self.architecture(cfg.generator.base))
             generator = Path(recs[-1]["checkpoint"]) if recs else base
             summary["generator"] = {"base": cfg.generator.base, "stages": recs}
         for k, it in enumerate(cfg.iterations, start=1):
@@ -228,7 +243,8 @@ class AlignLoop:
             if "eval" not in base_rec:
                 base_rec = self._eval_only(f"base {it.base}", base, self.run_dir / "bases" / it.base, **fill)
                 bases[it.base] = base_rec
-            recs = self._stages(f"iteration {k}", it.stages or cfg.pipeline, base, iter_dir, **fill)
+            recs = self._stages(f"iteration {k}", it.stages or cfg.pipeline, base, iter_dir,
+                                self.architecture(it.base), **fill)
             summary["iterations"].append({
                 "iteration": k, "generator": {"checkpoint": str(generator), "eval": gen_eval},
                 "sdg": sdg, "base": {"name": it.base, **base_rec},
