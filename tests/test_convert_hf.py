@@ -256,3 +256,47 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size("100") == 100
     with pytest.raises(ConfigError, match="not understood"):
         parse_size("five gigs")
+
+
+def test_to_hf_refuses_a_non_empty_directory_without_force(converted, tmp_path, capsys):
+    _, _, nj_dir = converted
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["convert", "to-hf", str(nj_dir), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--force" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written
+    assert main(["convert", "to-hf", str(nj_dir), str(out), "--quiet", "--force"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_to_hf_exports_a_tokenizer_autotokenizer_loads_offline(tmp_path, monkeypatch):
+    """tokenizer.model + tokenizer_config.json (with the chat template): transformers tokenizes,
+    templates and stops exactly as nemojax does."""
+    from nemojax.data.chat import prompt_ids
+    from nemojax.data.chat_template import format_chat
+    from nemojax.data.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, hf_dir = save_tiny_hf(tmp_path / "hf", seed=2, vocab_size=4096)
+    assert main(["convert", "from-hf", str(hf_dir), str(tmp_path / "nj"), "--quiet"]) == 0
+    assert main(["convert", "to-hf", str(tmp_path / "nj"), str(tmp_path / "out"), "--quiet"]) == 0
+    ours = load_tokenizer("builtin")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in ["Hello world", "def f(x):\n    return x  # é", "naïve café 日本語 🙂", " two  spaces", "a\n\nb"]:
+        assert hf.encode(text) == ours.encode(text, bos=True), text
+        assert hf.decode(ours.encode(text), skip_special_tokens=True) == text
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"}]
+    for conv, gen in ((msgs, True), (msgs[1:2], True), (msgs[:3], False)):
+        assert hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen) == \
+            "<s>" + format_chat(conv, add_generation_prompt=gen)
+    ids = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == prompt_ids(ours, msgs)
+    with pytest.raises(Exception, match="unknown role"):
+        hf.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+    gen_cfg = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen_cfg["eos_token_id"] == [ours.eos_id, ours.special_id("<extra_id_1>")]
+    # and the weights still load next to it
+    transformers.NemotronForCausalLM.from_pretrained(tmp_path / "out")

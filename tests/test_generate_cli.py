@@ -81,3 +81,28 @@ def test_generate_outputs_resume_and_bad_lines(ckpt, tmp_path, capsys):
 def test_generate_rejects_missing_input(ckpt, tmp_path, capsys):
     assert run(ckpt, tmp_path / "nope.jsonl", tmp_path / "o.jsonl") == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_generate_rejects_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, LINES[:1])
+    assert run(tmp_path / "no-such-ckpt", inp, tmp_path / "o.jsonl") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint not found" in err and "Traceback" not in err
+
+
+def test_summary_reports_programs_and_the_help_shows_defaults(ckpt, tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, [{"id": i, "prompt": f"Prompt number {i}", "temperature": 0} for i in range(3)])
+    assert run(ckpt, inp, out) == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["written"] == 3 and summary["completion_tokens"] > 0
+    programs = summary["programs"]
+    assert programs["compiled"] + programs["loaded"] >= 3 and programs["seconds"] >= 0  # weights, prefill, decode
+    assert summary["startup_seconds"] >= 0 and summary["prompt_tokens"] > 0
+    for command, shown in ((["generate"], "(default: 32)"), (["serve"], "(default: 8000)"),
+                           (["convert", "to-hf"], "default 5GB")):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert shown in text, (command, text[-400:])

@@ -20,6 +20,7 @@ import json
 import math
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -474,7 +475,10 @@ def load_hf_model(hf_dir: str | Path, *, param_dtype: str | None = None, compute
 
 def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str | None = None,
                     overwrite: bool = False, progress: bool = True) -> Path:
-    """HF Nemotron directory -> nemojax model checkpoint (config.yaml + params/)."""
+    """HF Nemotron directory -> nemojax model checkpoint (config.yaml + params/), plus the HF
+    directory's `tokenizer.model` when it has one (generate / serve pick it up from there)."""
+    import shutil
+
     from nemojax.checkpoint import PARAMS_DIR, save_model
 
     if (Path(out_dir) / PARAMS_DIR).exists() and not overwrite:  # fail before reading any weights
@@ -482,7 +486,10 @@ def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str
                               f"(CLI: --force) to replace it")
     cfg, tied = hf_config_and_tied(hf_dir, param_dtype=param_dtype)
     params = load_hf_params(hf_dir, cfg, tied=tied, progress=progress)
-    return save_model(params, cfg, out_dir, overwrite=overwrite)
+    out = save_model(params, cfg, out_dir, overwrite=overwrite)
+    if (Path(hf_dir) / "tokenizer.model").is_file():
+        shutil.copyfile(Path(hf_dir) / "tokenizer.model", Path(out_dir) / "tokenizer.model")
+    return out
 
 
 # --------------------------------------------------------------------------- writing
@@ -621,15 +628,48 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, hf_dir: str | Path, *, dty
 
 
 def convert_to_hf(ckpt: str | Path, hf_dir: str | Path, *, dtype: str | None = None,
-                  max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True) -> Path:
-    """Any checkpoint `nemojax.load` accepts -> HF Nemotron directory."""
+                  max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
+                  overwrite: bool = False, tokenizer: Any = "auto") -> Path:
+    """Any checkpoint `nemojax.load` accepts -> HF Nemotron directory, tokenizer included.
+
+    overwrite: write into a non-empty `hf_dir` (otherwise FileExistsError before reading any
+    weights). tokenizer: a `Tokenizer`, a spec for `load_tokenizer`, "auto" (the checkpoint's
+    tokenizer.model if it has one, else the builtin one) or None (weights only).
+    """
     from flax import nnx
 
     from nemojax.checkpoint import load_model
+    from nemojax.convert.hf_tokenizer import save_hf_tokenizer
+    from nemojax.data.tokenizer import load_tokenizer
 
-    model = load_model(ckpt)  # LoRA adapters come merged into the weights
+    out = Path(hf_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give a directory to write the Hugging Face checkpoint to")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pick a new directory or pass overwrite=True (CLI: --force) "
+                              f"to replace its checkpoint files")
+    auto = isinstance(tokenizer, str) and tokenizer == "auto"
+    if auto:
+        own = Path(ckpt) / "tokenizer.model"
+        tokenizer = str(own) if own.is_file() else "builtin"
+        auto = not own.is_file()
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)  # fail on a bad tokenizer before the weights
+    model = load_model(ckpt, progress=progress)  # LoRA adapters come merged into the weights
     if model.cfg.reward.enabled:
         raise CheckpointError(f"{ckpt} is a reward model; Hugging Face's Nemotron classes have no reward head, "
                               f"so it has no HF form (score with `nemojax reward score` instead)")
+    if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
+        if auto:  # the builtin tokenizer cannot be this model's: export the weights alone
+            print(f"note: {ckpt} has no tokenizer.model and the builtin tokenizer ({tokenizer.vocab_size} pieces) "
+                  f"does not fit its {model.cfg.vocab_size}-token vocabulary; no tokenizer exported "
+                  f"(pass one with --tokenizer)", file=sys.stderr)
+            tokenizer = None
+        else:
+            raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                                  f"{model.cfg.vocab_size}; pass the checkpoint's own tokenizer")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return save_hf(params, model.cfg, hf_dir, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    save_hf(params, model.cfg, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, out, max_len=model.cfg.max_seq_len)
+    return out

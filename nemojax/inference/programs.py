@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -141,22 +143,48 @@ def copy(constrain: Constrain, block_size: int, cache: Cache, src_pool: jax.Arra
 # --------------------------------------------------------------------------- compiled programs
 
 
-def _without_jax_cache() -> Any:
-    """A context manager that turns JAX's persistent compilation cache off in this thread, or None
-    when this JAX has none (then nothing is written to disk)."""
-    try:
-        from jax._src import config as jax_config
-
-        return jax_config.enable_compilation_cache(False)
-    except (ImportError, AttributeError, TypeError):
-        return None
+# An executable JAX loaded from its own persistent cache serializes without its code (XLA:CPU),
+# so such an executable must never be written to the program directory. A monitoring listener
+# reports whether a compile in this thread was a JAX cache hit; if so (JAX had the program, e.g.
+# from a process that did not keep it, or our file was deleted), the program is lowered again
+# under a one-off module name, which JAX's cache cannot hold, and that fresh compile is kept.
+_local = threading.local()
 
 
-FORMAT = "nemojax-programs-2"  # part of every key: bump when the on-disk format changes
+def _on_event(event: str, **_: Any) -> None:
+    if event == "/jax/compilation_cache/cache_hits" and getattr(_local, "watching", False):
+        _local.hit = True
 
 
-def source_fingerprint() -> str:
-    """Hash of the package source traced into the programs (changes invalidate disk entries)."""
+jax.monitoring.register_event_listener(_on_event)
+
+
+def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    def program(*args: Any) -> Any:
+        return fn(*args)
+
+    program.__name__ = program.__qualname__ = name
+    return program
+
+
+def _compile_fresh(fn: Callable[..., Any], name: str, args: tuple[Any, ...], donate: tuple[int, ...]) -> tuple[Any, bool]:
+    """(executable, True if it was compiled here rather than loaded from JAX's cache)."""
+    for module in (f"nemojax_{name}", f"nemojax_{name}_{secrets.token_hex(6)}"):
+        lowered = jax.jit(_named(fn, module), donate_argnums=donate).lower(*args)
+        _local.watching, _local.hit = True, False
+        try:
+            exe = lowered.compile()
+        finally:
+            _local.watching = False
+        if not _local.hit:
+            return exe, True
+    return exe, False
+
+
+FORMAT = "nemojax-programs-3"  # part of every key: bump when the on-disk format changes
+
+
+def _hash_sources() -> str:
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for rel in _TRACED_SOURCES:
@@ -164,6 +192,15 @@ def source_fingerprint() -> str:
         h.update(rel.encode())
         h.update(path.read_bytes() if path.is_file() else b"-")
     return h.hexdigest()
+
+
+# Taken at import: it must describe the code this process runs, even if the files change later.
+_SOURCE_FINGERPRINT = _hash_sources()
+
+
+def source_fingerprint() -> str:
+    """Hash of the package source traced into the programs (changes invalidate disk entries)."""
+    return _SOURCE_FINGERPRINT
 
 
 def _avals(tree: Any) -> str:
@@ -211,16 +248,12 @@ class Programs:
         if exe is not None:
             self.stats["loaded"] += 1
         else:
-            lowered = jax.jit(build(), donate_argnums=donate).lower(*args)
-            bypass = _without_jax_cache() if path is not None else None
-            if bypass is None:
-                exe = lowered.compile()
+            if path is None:
+                exe = jax.jit(build(), donate_argnums=donate).lower(*args).compile()
             else:
-                # An executable JAX itself loaded from its persistent cache serializes without its
-                # code (XLA:CPU), so compile afresh when the result is to be kept on disk.
-                with bypass:
-                    exe = lowered.compile()
-                self._save(path, exe)
+                exe, fresh = _compile_fresh(build(), name, args, donate)
+                if fresh:
+                    self._save(path, exe)
             self.stats["compiled"] += 1
         seconds = time.perf_counter() - start
         self.stats["seconds"] += seconds
