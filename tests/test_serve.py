@@ -433,3 +433,33 @@ def test_request_timeout_cancels_the_request_and_answers_504(engine, tok):
             time.sleep(0.01)
         assert worker.stats["active_requests"] == 0 and not engine.has_work  # cancelled, slots free
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_reward_checkpoint_alone_serves_scoring_only(tok, tmp_path):
+    from nemojax.checkpoint import save_model
+    from nemojax.config import RewardConfig
+    from nemojax.inference.reward import RewardScorer
+    from nemojax.inference.setup import SetupError, load_for_sampling
+    from nemojax.model.reward import make_model
+
+    cfg = ModelConfig(vocab_size=4096, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                      ffn_hidden_size=64, max_seq_len=64, reward=RewardConfig(enabled=True, attributes=["a", "b"],
+                                                                              weights={"a": 1.0, "b": -2.0}))
+    model = make_model(cfg, seed=1)
+    save_model(model, cfg, tmp_path / "rm")
+    with pytest.raises(SetupError, match="not a language model"):  # `nemojax serve` then serves scoring only
+        load_for_sampling(tmp_path / "rm")
+    scorer = RewardScorer(model, tok, batch_size=2, max_len=64)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    [want] = scorer.score([conv])
+    with TestClient(create_app(None, tok, model_name="rm", reward=scorer)) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["rm"]
+        out = c.post("/v1/chat/completions", json={"messages": conv}).json()  # the only model: no name needed
+        assert [(e["token"], e["logprob"]) for e in out["choices"][0]["logprobs"]["content"]] == \
+            [("a", pytest.approx(want["a"])), ("b", pytest.approx(want["b"]))]
+        r = c.post("/v1/reward", json={"messages": conv}).json()["data"][0]
+        assert r["reward"] == pytest.approx(want["a"] - 2 * want["b"], abs=1e-5)
+        r = c.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = c.post("/v1/reward", json={"conversations": [conv, [{"role": "user", "content": "x"}]]})
+        assert r.status_code == 400 and "conversations[1]" in r.json()["error"]["message"]

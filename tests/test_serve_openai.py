@@ -1,9 +1,9 @@
 """A real `nemojax serve` process driven by the official `openai` client.
 
-One server (tiny random HF Nemotron, the builtin tokenizer) serves the module. Answers are
-checked against the engine run offline in this process on the same checkpoint (greedy
-decoding is deterministic), the tokenizer and `nemojax.data.chat` (how training builds
-prompts), not against the server itself.
+One server (tiny random HF Nemotron and a tiny reward model, the builtin tokenizer) serves the
+module. Answers are checked against the engine and the reward scorer run offline in this process
+on the same checkpoints (greedy decoding is deterministic), the tokenizer and `nemojax.data.chat`
+(how training builds prompts), not against the server itself.
 """
 
 from __future__ import annotations
@@ -32,9 +32,23 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def reward_checkpoint(tmp_path_factory):
+    from nemojax.checkpoint import save_model
+    from nemojax.config import ModelConfig, RewardConfig
+    from nemojax.model.reward import make_model
+
+    cfg = ModelConfig(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                      ffn_hidden_size=128, init_std=0.05, max_seq_len=128, reward=RewardConfig(enabled=True))
+    out = tmp_path_factory.mktemp("serve-openai") / "rm"
+    save_model(make_model(cfg, seed=5), cfg, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, reward_checkpoint, tmp_path_factory):
     proc = ServerProcess(checkpoint, tmp_path_factory.mktemp("logs") / "server.log", *ENGINE_ARGS,
-                         "--max-queue", "256")
+                         "--max-queue", "256", "--reward-checkpoint", str(reward_checkpoint),
+                         "--reward-model-name", "tiny-reward")
     try:
         yield proc.wait_ready()
     finally:
@@ -58,7 +72,7 @@ def offline(checkpoint, tok):
 
 
 def test_models_version_tokenize_and_control_strings(server, client, tok):
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-reward"]
     status, version, _ = server.get("/version")
     assert status == 200 and version["version"]
     status, out, _ = server.post("/tokenize", {"prompt": "Hello world"})
@@ -190,3 +204,48 @@ def test_64_concurrent_mixed_requests_equal_the_offline_engine(client, offline, 
         by_id.setdefault(c.request_id, []).append(text)
     mismatches = [(j[4].id, g, by_id[j[4].id]) for j, g in zip(jobs, got) if g != by_id[j[4].id]]
     assert not mismatches, json.dumps(mismatches[:5])
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi<extra_id_2>"},
+     {"role": "assistant", "content": "Hello! How can I help you today?"}],
+]
+
+
+def test_reward_scores_through_chat_completions_and_the_native_endpoint(server, client, reward_checkpoint):
+    """NVIDIA's reward API shape (one logprobs entry per attribute) via the openai client, the
+    native endpoint, and the SDG pipeline's HTTP reward client, all equal to RewardScorer run here."""
+    import asyncio
+
+    from nemojax.inference.reward import RewardScorer
+    from nemojax.sdg.reward import HTTPReward
+
+    scorer = RewardScorer.from_checkpoint(reward_checkpoint, batch_size=2)
+    want = scorer.score(CONVERSATIONS)
+    attrs = scorer.attributes
+    assert attrs == ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+    for conv, ref in zip(CONVERSATIONS, want):
+        out = client.chat.completions.create(model="tiny-reward", messages=conv)
+        entries = out.choices[0].logprobs.content
+        assert [e.token for e in entries] == attrs
+        assert [e.logprob for e in entries] == pytest.approx([ref[a] for a in attrs], abs=1e-4)
+        assert out.choices[0].message.content == ",".join(f"{a}:{e.logprob}" for a, e in zip(attrs, entries))
+        assert out.usage.prompt_tokens == len(scorer.encode(conv)[0])
+    status, native, _ = server.post("/v1/reward", {"model": "tiny-reward", "conversations": CONVERSATIONS})
+    assert status == 200 and [d["index"] for d in native["data"]] == [0, 1]
+    for d, ref in zip(native["data"], want):
+        assert d["attributes"] == pytest.approx({a: ref[a] for a in attrs}, abs=1e-4)
+        assert d["reward"] == pytest.approx(ref["reward"], abs=1e-4)
+    async def sdg_client() -> dict[str, float]:
+        sdg = HTTPReward(server.url + "/v1", "tiny-reward", max_retries=0)
+        try:
+            return await sdg.score(CONVERSATIONS[1])
+        finally:
+            await sdg.aclose()
+
+    got = asyncio.run(sdg_client())
+    assert got["reward"] == pytest.approx(want[1]["reward"], abs=1e-4)
+    # a conversation that does not end with the response to score is a 400 naming messages
+    status, err, _ = server.post("/v1/chat/completions", {"model": "tiny-reward", "messages": CONVERSATIONS[0][:1]})
+    assert status == 400 and err["error"]["param"] == "messages"

@@ -90,6 +90,8 @@ async def chat_reward(server: Any, body: dict[str, Any]) -> dict[str, Any]:
         raise bad("messages", "a reward request ends with the assistant response to score")
     [scores] = await _score_async(server, [messages], "messages")
     attrs = list(server.reward.attributes)
+    encode = getattr(server.reward, "encode", None)
+    prompt_tokens = len(encode(messages)[0]) if encode is not None else 0
     content = ",".join(f"{a}:{scores[a]}" for a in attrs)
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": server.reward_name,
@@ -97,4 +99,5 @@ async def chat_reward(server: Any, body: dict[str, Any]) -> dict[str, Any]:
                          "logprobs": {"content": [{"token": a, "logprob": scores[a], "bytes": list(a.encode()),
                                                    "top_logprobs": []} for a in attrs]},
                          "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": len(attrs), "total_tokens": len(attrs)}}
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(attrs),
+                      "total_tokens": prompt_tokens + len(attrs)}}
