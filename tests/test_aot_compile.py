@@ -107,3 +107,25 @@ def test_layout_that_does_not_fit_reports_oom(capsys) -> None:
     assert err["temporaries_required_gib"] > err["hbm_available_gib"] > 15
     # the train state's per-device bytes are known without a successful compile
     assert r["state_bytes_per_device"]["params"] > 0 and r["state_bytes_per_device"]["opt_state"] > 0
+
+
+def test_no_libtpu_errors_on_a_host_without_tpus(tmp_path) -> None:
+    """With libtpu installed and no TPU here, commands print no libtpu initialisation errors: plain
+    commands do not start the TPU backend (nemojax.platform), `compile` names the local host so
+    libtpu does not query a metadata service."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PLATFORMS", "TPU_", "XLA_FLAGS"))}
+    info = subprocess.run([sys.executable, "-m", "nemojax.cli", "info", "tiny"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert info.returncode == 0 and json.loads(info.stdout)["jax_backend"] == "cpu", info.stderr
+    assert info.stderr.strip() == "", info.stderr
+    if HAVE_LIBTPU:
+        comp = subprocess.run([sys.executable, "-m", "nemojax.cli", "compile", "tiny", "--topology", "v5p-8", *TINY,
+                               "model.num_layers=1", "mesh.data=-1"], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert comp.returncode == 0, comp.stderr[-3000:]
+        noise = [ln for ln in comp.stderr.splitlines() if not ln.startswith("nemojax compile:")]
+        assert not noise, "\n".join(noise)

@@ -37,6 +37,7 @@ HBM_GIB: dict[str, float] = {"v4": 32.0, "v5p": 95.0, "v5e": 16.0, "v6e": 32.0}
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1, "v5litepod": 1}
 _DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
+_LOCAL_ACCELERATOR = {"v4": "v4-8", "v5p": "v5p-8", "v5e": "v5litepod-4", "v6e": "v6e-4"}
 
 
 def _slice_shape(chips: int, dims: int) -> list[int]:
@@ -96,6 +97,14 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[list[Any], dict[st
     topo, fam = libtpu_topology_name(name)
     # libtpu takes a process-wide lock file; compile-only use needs no exclusive TPU access.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from nemojax.platform import tpu_chips
+
+    if tpu_chips() == 0:
+        # No TPU here: libtpu would look this host up in the TPU metadata service and print
+        # initialisation errors. Name a host of this family: the compile-only topology below is
+        # the requested one whatever these say.
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", _LOCAL_ACCELERATOR.get(fam, "v5p-8"))
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         import libtpu  # noqa: F401
     except ImportError:
