@@ -236,7 +236,8 @@ class AlignLoop:
         for k, it in enumerate(cfg.iterations, start=1):
             iter_dir = self.run_dir / f"iter_{k}"
             fill = {"iteration": k, "iter_dir": str(iter_dir), "sdg": str(iter_dir / "sdg"), "generator": str(generator)}
-            gen_eval = self._generator_eval(generator, iter_dir, **fill)
+            gen_eval = self._eval_only(f"iteration {k} generator", generator, iter_dir / "generator_eval",
+                                       **fill)["eval"]
             sdg = self._sdg(k, generator, it.sdg_overrides, **fill)
             base = self.base_checkpoint(it.base, bases)
             base_rec = bases[it.base]
@@ -270,7 +271,3 @@ class AlignLoop:
         self.log(f"[align] {label}: score {rec['eval']['score']:.4f}")
         _write_json(marker, rec)
         return rec
-
-    def _generator_eval(self, generator: Path, iter_dir: Path, **fill: Any) -> dict[str, Any]:
-        return self._eval_only(f"iteration {fill['iteration']} generator", generator, iter_dir / "generator_eval",
-                               **fill)["eval"]
