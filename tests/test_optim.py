@@ -182,3 +182,53 @@ def test_no_rampup_is_constant():
 def test_rampup_errors_name_the_key(rampup, micro, match):
     with pytest.raises(ConfigError, match=match):
         BatchSchedule(DataConfig(seq_len=8, global_batch_size=6, micro_batch_size=micro, rampup=rampup))
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def test_bf16_weights_get_fp32_gradients_clipping_and_update():
+    """Megatron mixed precision: with bf16 weights the gradients reach the optimizer in fp32
+    (accumulated over micro-batches in fp32, never rounded to bf16 first), clipping and AdamW
+    run on the fp32 master copy, and the stored weights are the master rounded once."""
+    from nemojax.train.optim import MasterState, with_fp32_master
+    from nemojax.train.step import create_train_state, make_train_step
+
+    cfg = ModelConfig(**{**_TINY.__dict__, "param_dtype": "bfloat16", "compute_dtype": "bfloat16"})
+    seen = []
+
+    def spy_init(params):
+        return optax.EmptyState()
+
+    def spy_update(grads, state, params=None):
+        seen.append({str(g.dtype) for g in jax.tree.leaves(grads)})
+        return grads, state
+
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant", grad_clip=1.0), 10)
+    tx = optax.chain(optax.GradientTransformation(spy_init, spy_update), with_fp32_master(opt))
+    graphdef, state = create_train_state(init_model(cfg, 0), tx)
+    assert {str(x.dtype) for x in jax.tree.leaves(state.params)} == {"bfloat16"}
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 2, 16)), jnp.int32)
+    batch = {"input_ids": ids, "targets": ids, "loss_mask": jnp.ones((2, 2, 16)),
+             "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 2, 16)),
+             "segment_ids": jnp.ones((2, 2, 16), jnp.int32)}
+    new, metrics = jax.jit(make_train_step(graphdef, tx))(state, batch)
+    assert seen == [{"float32"}]  # what the step hands the optimizer (traced once)
+    master = next(s for s in new.opt_state if isinstance(s, MasterState)).master
+    assert {str(x.dtype) for x in jax.tree.leaves(master)} == {"float32"}
+    for m, p in zip(jax.tree.leaves(master), jax.tree.leaves(new.params)):
+        assert p.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(m.astype(jnp.bfloat16)))
+    assert np.isfinite(float(metrics["grad_norm"])) and bool(metrics["finite"])
+
+
+def test_large_presets_default_to_mixed_precision():
+    from nemojax.config import load_config
+    from nemojax.train.build import training_state_bytes
+
+    for preset in ("nemotron4-15b", "nemotron4-340b"):
+        cfg = load_config(preset, ["mesh.tensor=8", "mesh.data=-1"])
+        assert (cfg.model.param_dtype, cfg.model.compute_dtype) == ("bfloat16", "bfloat16"), preset
+        est = training_state_bytes(cfg, 64)["per_device_bytes"]
+        assert est["master_weights"] > 0, preset  # fp32 master in the optimizer state
+        assert est["gradients"] == 2 * est["params"], preset  # fp32 accumulator, bf16 weights
