@@ -169,7 +169,7 @@ class AlignLoop:
         b = self.cfg.bases[name]
         if b.checkpoint:
             path = Path(self._fill(b.checkpoint))
-            bases_done[name] = {"step": f"base {name}", "checkpoint": str(path)}
+            bases_done[name] = self._eval_only(f"base {name}", path, self.run_dir / "bases" / name)
             return path
         init = self.base_checkpoint(b.init_from, bases_done) if b.init_from else None
         inherited = self.architecture(b.init_from) if b.init_from else []
@@ -196,8 +196,8 @@ class AlignLoop:
             current = Path(rec["checkpoint"])
         return records
 
-    def _sdg(self, k: int, generator: Path, extra: list[str], **fill: Any) -> dict[str, Any]:
-        step_dir = fill["sdg"] = Path(fill["sdg"])
+    def _sdg(self, k: int, extra: list[str], **fill: Any) -> dict[str, Any]:
+        step_dir = Path(fill["sdg"])
         done = self._done(step_dir)
         if done is not None:
             self.log(f"[align] iteration {k} SDG: done before, skipped")
@@ -205,7 +205,7 @@ class AlignLoop:
         overrides = [self._fill(o, **fill) for o in (*self.cfg.sdg.overrides, *extra)]
         args = ["sdg", "run", self._fill(self.cfg.sdg.config, **fill), *overrides, f"run_dir={step_dir}",
                 f"seed={self.cfg.seed * 1000 + k}"]
-        self.log(f"[align] iteration {k} SDG with generator {generator} in {step_dir}")
+        self.log(f"[align] iteration {k} SDG with generator {fill['generator']} in {step_dir}")
         seconds = self._run(f"iteration {k} SDG", args, step_dir)
         summary = step_dir / "summary.json"
         rec = {"step": f"iteration {k} sdg", "seconds": round(seconds, 1),
@@ -224,44 +224,39 @@ class AlignLoop:
         self.build_world()
         bases: dict[str, dict[str, Any]] = {}
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "iterations": []}
-        if cfg.generator.checkpoint:
-            generator = Path(self._fill(cfg.generator.checkpoint))
-            summary["generator"] = {"checkpoint": str(generator)}
+        if cfg.generator.checkpoint:  # an existing aligned model: evaluated once, like everything else
+            path = Path(self._fill(cfg.generator.checkpoint))
+            gen = self._eval_only("generator", path, self.run_dir / "generator")
+            summary["generator"] = {"checkpoint": str(path)}
         else:
             base = self.base_checkpoint(cfg.generator.base, bases)
             recs = self._stages("generator", cfg.generator.stages, base, self.run_dir / "generator",
                                 self.architecture(cfg.generator.base))
-            generator = Path(recs[-1]["checkpoint"]) if recs else base
+            gen = recs[-1] if recs else bases[cfg.generator.base]
             summary["generator"] = {"base": cfg.generator.base, "stages": recs}
         for k, it in enumerate(cfg.iterations, start=1):
             iter_dir = self.run_dir / f"iter_{k}"
-            fill = {"iteration": k, "iter_dir": str(iter_dir), "sdg": str(iter_dir / "sdg"), "generator": str(generator)}
-            gen_eval = self._eval_only(f"iteration {k} generator", generator, iter_dir / "generator_eval",
-                                       **fill)["eval"]
-            sdg = self._sdg(k, generator, it.sdg_overrides, **fill)
+            fill = {"iteration": k, "iter_dir": str(iter_dir), "sdg": str(iter_dir / "sdg"),
+                    "generator": gen["checkpoint"]}
+            sdg = self._sdg(k, it.sdg_overrides, **fill)
             base = self.base_checkpoint(it.base, bases)
-            base_rec = bases[it.base]
-            if "eval" not in base_rec:
-                base_rec = self._eval_only(f"base {it.base}", base, self.run_dir / "bases" / it.base, **fill)
-                bases[it.base] = base_rec
             recs = self._stages(f"iteration {k}", it.stages or cfg.pipeline, base, iter_dir,
                                 self.architecture(it.base), **fill)
             summary["iterations"].append({
-                "iteration": k, "generator": {"checkpoint": str(generator), "eval": gen_eval},
-                "sdg": sdg, "base": {"name": it.base, **base_rec},
-                "stages": recs})
-            generator = Path(recs[-1]["checkpoint"]) if recs else base
+                "iteration": k, "generator": {"checkpoint": gen["checkpoint"], "eval": gen.get("eval")},
+                "sdg": sdg, "base": {"name": it.base, **bases[it.base]}, "stages": recs})
+            gen = recs[-1] if recs else bases[it.base]
             summary["bases"] = bases
             summary["seconds"] = round(time.perf_counter() - t_start, 1)
             _write_json(self.run_dir / "summary.json", summary)
-        summary["final"] = {"checkpoint": str(generator)}
+        summary["final"] = {"checkpoint": gen["checkpoint"], "eval": gen.get("eval")}
         summary["seconds"] = round(time.perf_counter() - t_start, 1)
         _write_json(self.run_dir / "summary.json", summary)
         return summary
 
     def _eval_only(self, label: str, checkpoint: Path, step_dir: Path, **fill: Any) -> dict[str, Any]:
-        """Evaluate an existing model once; the result is kept in step_dir/eval.json."""
-        marker = step_dir / "eval.json"
+        """Evaluate an existing model once; the result is kept in step_dir/step.json."""
+        marker = step_dir / "step.json"
         if marker.exists():
             return json.loads(marker.read_text())
         step_dir.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,10 @@ verifier is what makes every alignment stage measurable on a CPU: it filters sam
 responses (rejection sampling), picks chosen / rejected pairs, gives RPO its reward gap and
 scores held-out accuracy. Families:
 
-    arithmetic   "What is 347 + 85?"                      answer extracted, exact match
+    arithmetic   "What is 347 + 85?" (level = digits)     answer extracted, exact match
     word_problem templated stories (GSM8K-style "The answer is N.")
-    strings      reverse / uppercase / sort / count letters of a random string
-    lists        sort, max, min, sum of a list of numbers
+    strings      repeat / uppercase / reverse / count the letters of a random string
+    lists        sort, max, min of a list of numbers
     format       one of the other families plus an IFEval instruction (lowercase, quotes,
                  end phrase, no commas, title), checked by nemojax.sdg.instructions
     code         "Write a Python function f(x) that ..." checked by running f on test inputs
@@ -91,11 +91,11 @@ def _word(rng: random.Random, n: int) -> str:
 
 
 def arithmetic(rng: random.Random, level: int) -> Task:
-    op = rng.choice("+-*" if level <= 2 else "+-")
-    a, b = _num(rng, level), _num(rng, max(1, level - (1 if op == "*" else 0)))
+    op = rng.choice("+-")
+    a, b = _num(rng, level), _num(rng, level)
     if op == "-" and b > a:
         a, b = b, a
-    c = a + b if op == "+" else a - b if op == "-" else a * b
+    c = a + b if op == "+" else a - b
     prompt = rng.choice(("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}."))
     return Task("arithmetic", level, prompt.format(a=a, op=op, b=b), f"{a} {op} {b} = {c}. The answer is {c}.",
                 {"kind": "number", "value": c})
@@ -117,33 +117,32 @@ def word_problem(rng: random.Random, level: int) -> Task:
 
 def strings(rng: random.Random, level: int) -> Task:
     s = _word(rng, level + 2)
-    kind = rng.choice(("reverse", "upper", "sort", "count"))
-    if kind == "reverse":
-        return Task("strings", level, f'Reverse the string "{s}".', s[::-1], {"kind": "text", "value": s[::-1]})
+    kind = rng.choice(("repeat", "upper", "reverse", "length"))
+    if kind == "repeat":
+        return Task("strings", level, f'Repeat the word "{s}".', s, {"kind": "text", "value": s})
     if kind == "upper":
         return Task("strings", level, f'Write "{s}" in capital letters.', s.upper(),
                     {"kind": "text", "value": s.upper(), "case": True})
-    if kind == "sort":
-        out = "".join(sorted(s))
-        return Task("strings", level, f'Sort the letters of "{s}" alphabetically.', out, {"kind": "text", "value": out})
-    ch = rng.choice(s)
-    n = s.count(ch)
-    return Task("strings", level, f'How many times does the letter {ch} appear in "{s}"?',
-                f"The letter {ch} appears {n} times. The answer is {n}.", {"kind": "number", "value": n})
+    if kind == "reverse":
+        return Task("strings", level, f'Reverse the string "{s}".', s[::-1], {"kind": "text", "value": s[::-1]})
+    n = len(s)
+    return Task("strings", level, f'How many letters are in "{s}"?',
+                f'"{s}" has {n} letters. The answer is {n}.', {"kind": "number", "value": n})
 
 
 def lists(rng: random.Random, level: int) -> Task:
-    xs = [rng.randint(0, 99) for _ in range(level + 2)]
+    hi = 9 if level == 1 else 99
+    xs = [rng.randint(0, hi) for _ in range(level + 1)]
     shown = ", ".join(map(str, xs))
-    kind = rng.choice(("sort", "max", "min", "sum"))
+    kind = rng.choice(("sort", "max", "min"))
     if kind == "sort":
         out = ", ".join(map(str, sorted(xs)))
         return Task("lists", level, f"Sort these numbers from smallest to largest: {shown}.", out,
                     {"kind": "text", "value": out})
-    value = {"max": max, "min": min, "sum": sum}[kind](xs)
-    word = {"max": "largest number", "min": "smallest number", "sum": "sum"}[kind]
-    return Task("lists", level, f"What is the {word} of {shown}?", f"The {word} is {value}. The answer is {value}.",
-                {"kind": "number", "value": value})
+    value = {"max": max, "min": min}[kind](xs)
+    word = {"max": "largest", "min": "smallest"}[kind]
+    return Task("lists", level, f"What is the {word} number of {shown}?",
+                f"The {word} number is {value}. The answer is {value}.", {"kind": "number", "value": value})
 
 
 # IFEval instructions the format family attaches: (instruction id, kwargs sampler, prompt text).
@@ -221,7 +220,7 @@ _STR_OPS: tuple[tuple[str, str], ...] = (
 
 
 def code(rng: random.Random, level: int) -> Task:
-    depth = min(level, 3)
+    depth = (level + 1) // 2
     if rng.random() < 0.5:
         words, exprs = [], []
         for _ in range(depth):

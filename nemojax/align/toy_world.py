@@ -41,8 +41,8 @@ class ToyWorldSpec:
 
     seed: int = 0
     families: tuple[str, ...] = ALL_FAMILIES
-    train_levels: tuple[int, ...] = (1, 2, 3, 4)  # levels of pretraining facts and prompts
-    eval_levels: tuple[int, ...] = (1, 2, 3, 4)
+    train_levels: tuple[int, ...] = (1, 2, 3)  # levels of pretraining facts and prompts
+    eval_levels: tuple[int, ...] = (1, 2, 3)
     pretrain_documents: int = 12000  # each a few related facts
     seed_conversations: int = 400
     eval_per_family: int = 60
