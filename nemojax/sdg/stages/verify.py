@@ -12,9 +12,10 @@ checks the toy world's tasks. `select` keeps records whose field has one of the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from nemojax.config import ConfigError
@@ -93,7 +94,7 @@ class VerifyFilter(Stage):
 @dataclass
 class SelectSpec(StageSpec):
     field: str = ""  # the record field to look at
-    values: list[Any] = field(default_factory=list)  # keep records whose field is one of these
+    values: list[Any] = dataclasses.field(default_factory=list)  # keep records whose field is one of these
     exclude: bool = False  # keep the others instead
 
     uses_client = False
