@@ -119,12 +119,12 @@ def test_decode_step_logits_equal_full_forward(models, layout):
 
 
 def test_new_requests_join_free_slots_without_recompiling(engine):
-    # The HF test above ran the same buckets; warm every shape this test uses first.
-    warm = [Request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=m))
+    # Warm every shape this test uses first (sampled requests: the sampling decode programs).
+    warm = [Request(f"w{i}", p, SamplingParams(temperature=0.7, seed=i, max_tokens=m))
             for i, (p, m) in enumerate(zip(prompts(5), MAX_TOKENS))]
     engine.generate_all(warm)
     compiled = engine.compile_counts()
-    assert compiled["decode"] <= len(engine.window_buckets)
+    assert compiled["decode"] <= 2 * len(engine.window_buckets)  # greedy and sampling variants
     # A second wave with different lengths, sampling settings and finishing times.
     wave = [Request(f"x{i}", p, SamplingParams(temperature=0.5 + 0.1 * i, top_k=i, top_p=0.9,
                                                min_p=0.01 * i, seed=i, max_tokens=m))

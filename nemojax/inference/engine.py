@@ -269,10 +269,11 @@ class Engine:
     def warm_up(self, full: bool = False) -> dict[str, Any]:
         """Compile (or load) programs ahead of traffic; returns `compile_stats()`.
 
-        Minimal: one decode window, the smallest prefill shape and the block copy. full: every
-        decode window, every (batch, chunk) prefill shape of a first chunk, and the largest
-        chunk at every window (later chunks of long prompts). Prompt log-prob prefills still
-        compile on first use. Nothing runs, so no state changes.
+        Minimal: one decode window (greedy and sampled), the smallest prefill shape and the block
+        copy. full: every decode window, every (batch, chunk) prefill shape of a first chunk, and
+        the largest chunk at every window (later chunks of long prompts). Prompt log-prob
+        prefills and top-log-prob decodes still compile on first use. Nothing runs, so no state
+        changes.
         """
         shapes = [(1, self.chunk_buckets[0], self.chunk_buckets[0])]
         windows = self.window_buckets[:1]
@@ -288,9 +289,11 @@ class Engine:
                                   donate=(1,))
         for W in windows:
             W = self.rows if W >= self.max_len else W
-            build = lambda W=W: partial(_decode_entry, self.cfg, self._constrain, self.decode_steps, W)  # noqa: E731
-            self.programs.prepare("decode", (self.decode_steps, W), build, (self.weights, self.cache, self._slot),
-                                  donate=(1,))
+            for sampled in (False, True):
+                build = lambda W=W, sampled=sampled: partial(  # noqa: E731
+                    _decode_entry, self.cfg, self._constrain, self.decode_steps, W, sampled, False)
+                self.programs.prepare("decode", (self.decode_steps, W, sampled, False), build,
+                                      (self.weights, self.cache, self._slot), donate=(1,))
         size = COPY_BATCH
         self.programs.prepare("copy", (size,), lambda: partial(programs.copy, self._constrain, self.block_size),
                               (self.cache, np.zeros(size, bool), np.zeros(size, np.int32), np.zeros(size, bool),
@@ -319,9 +322,10 @@ class Engine:
             self.cache = self.programs("copy", (size,), build, (self.cache, src_pool, src, dst_pool, dst),
                                        donate=(0,))
 
-    def _run_decode(self, window: int) -> dict[str, np.ndarray]:
-        build = lambda: partial(_decode_entry, self.cfg, self._constrain, self.decode_steps, window)  # noqa: E731
-        self.cache, out = self.programs("decode", (self.decode_steps, window), build,
+    def _run_decode(self, window: int, sampled: bool, top: bool) -> dict[str, np.ndarray]:
+        build = lambda: partial(_decode_entry, self.cfg, self._constrain, self.decode_steps, window,  # noqa: E731
+                                sampled, top)
+        self.cache, out = self.programs("decode", (self.decode_steps, window, sampled, top), build,
                                         (self.weights, self.cache, self._slot), donate=(1,))
         return out
 
@@ -581,11 +585,13 @@ class Engine:
             return []
         need = max(int(self._slot["positions"][j.slot]) for j in running) + self.decode_steps
         window = _bucket(min(need, self.max_len), self.window_buckets)
-        out = self._run_decode(self.rows if window >= self.max_len else window)
+        sampled = any(j.request.params.temperature > 0 for j in running)
+        top = any(j.request.params.top_logprobs for j in running)
+        out = self._run_decode(self.rows if window >= self.max_len else window, sampled, top)
         self.stats["decode_calls"] += 1
         n = int(out["n"])  # the one host sync per chunk
         toks, lps = np.asarray(out["tokens"])[:n], np.asarray(out["logprobs"])[:n]
-        if any(j.request.params.top_logprobs for j in running):
+        if top:
             top_ids, top_lps = np.asarray(out["top_ids"])[:n], np.asarray(out["top_logprobs"])[:n]
         done: list[Completion] = []
         s = self._slot
@@ -714,5 +720,6 @@ def _prefill_entry(cfg: Any, constrain: Any, window: int, weights: Any, cache: A
     return programs.prefill(cfg, constrain, weights, cache, ids, slots, starts, valid, targets, window=window)
 
 
-def _decode_entry(cfg: Any, constrain: Any, steps: int, window: int, weights: Any, cache: Any, slot: Any) -> Any:
-    return programs.decode(cfg, constrain, steps, weights, cache, slot, window=window)
+def _decode_entry(cfg: Any, constrain: Any, steps: int, window: int, sampled: bool, top: bool, weights: Any,
+                  cache: Any, slot: Any) -> Any:
+    return programs.decode(cfg, constrain, steps, weights, cache, slot, window=window, sampled=sampled, top=top)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
 from nemojax.inference.forward import cached_forward, lm_logits
-from nemojax.inference.sampling import MAX_TOP_LOGPROBS, sample, top_logprobs
+from nemojax.inference.sampling import MAX_TOP_LOGPROBS, argmax_first, sample, top_logprobs
 
 Cache = dict[str, jax.Array]  # {"k", "v": [layers, slots, rows, kv, hd], "pool_k", "pool_v": [layers, blocks, bs, kv, hd]}
 Constrain = Callable[[jax.Array], jax.Array]
@@ -73,8 +73,13 @@ def prefill(cfg: ModelConfig, constrain: Constrain, weights: dict[str, Any], cac
 
 
 def decode(cfg: ModelConfig, constrain: Constrain, steps: int, weights: dict[str, Any], cache: Cache,
-           slot: dict[str, jax.Array], *, window: int) -> tuple[Cache, dict[str, jax.Array]]:
+           slot: dict[str, jax.Array], *, window: int, sampled: bool = True, top: bool = True,
+           ) -> tuple[Cache, dict[str, jax.Array]]:
     """Up to `steps` tokens per slot over cache rows [0, window).
+
+    sampled False: every slot is greedy (argmax only: no sampling code in the program, which is
+    then about half the size: faster to compile, load and run). top False: no slot wants
+    alternatives (their outputs stay zero).
 
     slot: per-slot arrays [S]: tokens (to feed next), positions, token_index (PRNG fold-in),
     remaining (token budget), live (the host runs this slot), top_n (alternatives wanted), the
@@ -98,13 +103,18 @@ def decode(cfg: ModelConfig, constrain: Constrain, steps: int, weights: dict[str
         h, ck, cv = cached_forward(cfg, weights, tokens[:, None], positions[:, None], ck, cv,
                                    write_pos=write[:, None])
         logits = lm_logits(weights, h[:, 0])
-        tok, lp = sample(logits, token_index=token_index, **sampling)
-        top_ids, top_lp = top_logprobs(logits, jnp.where(running, top_n, 0), K)
+        if sampled:
+            tok, lp = sample(logits, token_index=token_index, **sampling)
+        else:
+            tok = argmax_first(logits)
+            lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
         ck, cv = constrain(ck), constrain(cv)
         finished = running & ((remaining == 1) | jnp.any(tok[:, None] == stop_ids, axis=-1))
         remaining = jnp.where(finished, 0, remaining - running.astype(jnp.int32))
-        out = {"tokens": out["tokens"].at[i].set(tok), "logprobs": out["logprobs"].at[i].set(lp),
-               "top_ids": out["top_ids"].at[i].set(top_ids), "top_logprobs": out["top_logprobs"].at[i].set(top_lp)}
+        out = dict(out, tokens=out["tokens"].at[i].set(tok), logprobs=out["logprobs"].at[i].set(lp))
+        if top:
+            top_ids, top_lp = top_logprobs(logits, jnp.where(running, top_n, 0), K)
+            out["top_ids"], out["top_logprobs"] = out["top_ids"].at[i].set(top_ids), out["top_logprobs"].at[i].set(top_lp)
         return (i + 1, ck, cv, tok, positions + 1, token_index + 1, remaining, out, jnp.any(finished))
 
     out = {"tokens": jnp.zeros((steps, S), jnp.int32), "logprobs": jnp.zeros((steps, S), jnp.float32),
