@@ -31,6 +31,10 @@ BASE = [
     "model.ffn_hidden_size=128", "model.max_seq_len=32", "data.seq_len=32", "data.global_batch_size=8",
     "optimizer.warmup_steps=0", "optimizer.learning_rate=3e-3", "optimizer.schedule=constant",
 ]
+# Rows of each micro batch of 8 that processes 0 and 1 load: replicas of a data shard (tensor or
+# pipeline across the hosts) load the same rows; data / fsdp across the hosts split them.
+EXPECTED_ROWS = {"tensor8": ["0:8", "0:8"], "pipeline2_tensor4": ["0:8", "0:8"],
+                 "data2_tensor4": ["0:4", "4:8"], "fsdp8": ["0:4", "4:8"]}
 LAYOUTS = {
     "tensor8": ["mesh.data=1", "mesh.tensor=8", "sharding.rules.kv_heads=null"],
     "pipeline2_tensor4": ["mesh.data=1", "mesh.pipeline=2", "mesh.tensor=4", "pipeline.microbatches=2"],
@@ -60,7 +64,7 @@ def _check_layout(tmp_path: Path, layout: str) -> dict[int, float]:
     assert ref[STEPS] < ref[1], ref  # it trains
     _close(got, ref, range(1, STEPS + 1), f"{layout}: 2 processes vs 1")
     loads = [line for e in multi.stderr for line in e.splitlines() if "loads rows" in line]
-    assert len(loads) == 2, multi.explain()
+    assert [ln.split("loads rows ")[1].split()[0] for ln in loads] == EXPECTED_ROWS[layout], loads
     assert "loads rows" not in single.stderr[0]
     return got
 
@@ -88,8 +92,23 @@ def test_tensor8_across_two_processes_and_resume_after_sigkill(tmp_path) -> None
 @pytest.mark.parametrize("layout", ["pipeline2_tensor4", "data2_tensor4", "fsdp8"])
 def test_layout_across_two_processes_matches_one(tmp_path, layout: str) -> None:
     multi = _check_layout(tmp_path, layout)
-    if layout == "data2_tensor4":  # hosts load different rows here: resume must restore both
-        _kill_and_resume(tmp_path, layout, multi)
+    if layout != "data2_tensor4":
+        return
+    # Hosts load different rows here: resume must restore both.
+    rd = _kill_and_resume(tmp_path, layout, multi)
+    # Damage a file only process 1 reads (its ZeRO-1 share of the step-4 optimizer state): process
+    # 0 reads step 4 fine, process 1 does not; both must take the same decision (set it aside,
+    # fall back to step 2) instead of one resuming while the other falls back.
+    files = [p for p in (rd / "checkpoints" / "4" / "opt_state").rglob("ocdbt.process_1/d/*") if p.is_file()]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    with victim.open("r+b") as fh:
+        fh.truncate(victim.stat().st_size // 2)
+    again = _train(rd, layout, 2)
+    assert "resumed from" in again.stdout[0] and "(step 2," in again.stdout[0], again.explain()
+    assert [p.name.split("-")[0] for p in (rd / "checkpoints_corrupt").iterdir()] == ["4"]
+    got = logged_losses(rd)
+    for s in range(3, STEPS + 1):
+        assert got[s] == multi[s], (s, got[s], multi[s])
 
 
 @pytest.mark.slow
