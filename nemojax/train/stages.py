@@ -149,6 +149,30 @@ def run_single(cfg: Config, *, log: Callable[[str], None] | None = None,
     return trainer.run()
 
 
+def evaluate_checkpoint(cfg: Config, checkpoint: str, *, log: Callable[[str], None] | None = None,
+                        devices: Sequence[Any] | None = None) -> dict[str, float]:
+    """`cfg`'s stage held-out metrics (nemojax.train.validation) of a checkpoint's weights, without
+    training: e.g. an SFT-kind config with `stage.validation` and `stage.preference_validation`
+    gives any language model's assistant-token loss and preference accuracy on the same data.
+
+    Preference kinds need a reference other than the checkpoint itself (`stage.reference`).
+    """
+    from nemojax.parallel.mesh import make_mesh
+    from nemojax.train.build import build_training
+    from nemojax.train.reference import reference_params
+
+    cfg = dataclasses.replace(cfg, init_from=str(checkpoint))
+    cfg, data = prepare_stage(cfg, log=log or (lambda s: None))
+    task = stage_task(cfg)
+    training = build_training(cfg, make_mesh(cfg.mesh, devices), task=task)
+    if data.kind == "preference":
+        sets = {"train": data.train, **({"validation": data.validation} if data.validation is not None else {})}
+        attach_reference_log_probs(cfg, training, sets, task.load_weights, log or (lambda s: None))
+    params = reference_params(dataclasses.replace(cfg, stage=dataclasses.replace(cfg.stage, reference="")), training,
+                              task.load_weights)
+    return StageValidator(cfg, data)(training, params)
+
+
 # --------------------------------------------------------------------------- reward scoring
 
 
@@ -234,5 +258,5 @@ def _score_into(checkpoint: str, examples: list, start: int, out: Path, cfg: Con
                 f"({time.perf_counter() - t0:.0f} s)")
 
 
-__all__ = ["COMPLETED", "final_run_dir", "prepare_stage", "round_config", "round_dir", "run_single", "run_stage",
-           "score_pairs"]
+__all__ = ["COMPLETED", "evaluate_checkpoint", "final_run_dir", "prepare_stage", "round_config", "round_dir",
+           "run_single", "run_stage", "score_pairs"]
