@@ -447,34 +447,54 @@ class Engine:
     # ------------------------------------------------------------------ scheduling
 
     def _admit(self) -> None:
-        """Put waiting samples into free slots; copy cached prefixes in; wire up forks."""
+        """Put waiting samples into free slots; copy cached prefixes in; wire up forks.
+
+        A sample whose prompt continues past its cached prefix into a block that another
+        admitted prompt is computing right now waits for that prefill (then finds the block in
+        the prefix cache) instead of computing the same tokens again: when many prompts share a
+        long template and arrive together, the template is prefilled once, not once per slot.
+        """
         moves: list[tuple[bool, int, bool, int]] = []
         nb = self.rows // self.block_size
-        for slot in range(self.max_slots):
-            if not self._waiting:
-                break
-            if self._slots[slot] is not None:
-                continue
+        free = [i for i, j in enumerate(self._slots) if j is None]
+        deferred: list[_Job] = []
+        while free and self._waiting:
             job = self._waiting.popleft()
-            job.slot = slot
-            self._slots[slot] = job
             parent = None
             if self.share_prefixes:
-                parent = next((j for j in self._slots if j is not None and j is not job and j.phase == "prefill"
+                parent = next((j for j in self._slots if j is not None and j.phase == "prefill"
                                and j.request is job.request), None)
+            blocks: list[int] = []
+            if parent is None and self.share_prefixes and not job.request.params.prompt_logprobs:
+                blocks = self.prefix_cache.match(job.prompt[:job.target])
+                if self._being_computed(job, len(blocks)):
+                    deferred.append(job)
+                    continue
+            slot = free.pop(0)
+            job.slot = slot
+            self._slots[slot] = job
             self.stats["prompt_tokens"] += len(job.prompt)
             if parent is not None:  # a sibling is prefilling this prompt: share its rows
                 job.phase, job.parent = "fork", parent
                 continue
-            hit = 0
-            if self.share_prefixes and not job.request.params.prompt_logprobs:
-                blocks = self.prefix_cache.match(job.prompt[:job.target])
-                moves += [(True, b, False, slot * nb + i) for i, b in enumerate(blocks)]
-                hit = len(blocks) * self.block_size
-            job.prefilled = job.cached = hit
+            moves += [(True, b, False, slot * nb + i) for i, b in enumerate(blocks)]
+            job.prefilled = job.cached = len(blocks) * self.block_size
             job.phase = "prefill"
+        self._waiting.extendleft(reversed(deferred))
         if moves:
             self._run_copy(moves)
+
+    def _being_computed(self, job: _Job, cached_blocks: int) -> bool:
+        """True when a prompt being prefilled now will add the block of `job`'s prompt that follows
+        its `cached_blocks` cached ones (so waiting for it saves computing that block twice)."""
+        if not self.prefix_cache.num_blocks:
+            return False
+        end = (cached_blocks + 1) * self.block_size
+        if end > job.target:
+            return False
+        head = job.prompt[:end]
+        return any(j is not None and j.phase == "prefill" and j.target >= end and j.prompt[:end] == head
+                   for j in self._slots)
 
     def _prefill_batch(self, jobs: list[_Job]) -> list[_Job]:
         """One prefill call for (a bounded batch of) `jobs`; returns those whose prefill completed."""
