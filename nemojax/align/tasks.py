@@ -6,10 +6,11 @@ verifier is what makes every alignment stage measurable on a CPU: it filters sam
 responses (rejection sampling), picks chosen / rejected pairs, gives RPO its reward gap and
 scores held-out accuracy. Families:
 
-    arithmetic   "What is 347 + 85?" (level = digits)     answer extracted, exact match
-    word_problem templated stories (GSM8K-style "The answer is N.")
-    strings      repeat / uppercase / reverse / count the letters of a random string
-    lists        sort, max, min of a list of numbers
+    arithmetic   "What is 47 + 8?" (level: 1 = one-digit operands, 2 = two and one digits, ...)
+    word_problem templated stories with the same operands (GSM8K-style "The answer is N.")
+    strings      repeat / uppercase / reverse / count the letters of a word (levels 1-2: a fixed
+                 vocabulary; 3+: random letters)
+    lists        sort, max, min of two or three numbers
     format       one of the other families plus an IFEval instruction (lowercase, quotes,
                  end phrase, no commas, title), checked by nemojax.sdg.instructions
     code         "Write a Python function f(x) that ..." checked by running f on test inputs
@@ -82,17 +83,42 @@ def _strip_wrapping(text: str) -> str:
 # --------------------------------------------------------------------------- families
 
 
-def _num(rng: random.Random, digits: int) -> int:
+# Short words the string tasks draw from at levels 1-2 (a finite vocabulary a small base model can
+# learn the spelling of in pretraining); level 3 uses random letters, which only a model that
+# learned to copy and transform character by character can handle.
+WORDS = ("cat", "dog", "sun", "map", "red", "box", "cup", "pen", "hat", "bus", "jam", "fox", "owl", "ant",
+         "bee", "egg", "ice", "kit", "log", "mud", "net", "oak", "pig", "rug", "sky", "toy", "van", "web",
+         "yak", "zip", "bird", "book", "cake", "door", "fish", "gold", "hill", "kite", "lamp", "moon", "nest",
+         "park", "rain", "ship", "star", "tree", "wind", "wolf", "apple", "bread", "chair", "cloud", "dream",
+         "field", "grape", "house", "lemon", "music", "ocean", "plant", "river", "stone", "tiger", "water")
+
+
+def _digits(rng: random.Random, digits: int) -> int:
     return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
 
 
-def _word(rng: random.Random, n: int) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(n))
+def _operands(rng: random.Random, level: int) -> tuple[int, int]:
+    """level 1: one digit each; 2: two digits and one; 3: two digits each; 4+: level-1 digits each."""
+    if level == 1:
+        return _digits(rng, 1), _digits(rng, 1)
+    if level == 2:
+        return _digits(rng, 2), _digits(rng, 1)
+    if level == 3:
+        return _digits(rng, 2), _digits(rng, 2)
+    return _digits(rng, level - 1), _digits(rng, level - 1)
+
+
+def _word(rng: random.Random, level: int) -> str:
+    if level == 1:
+        return rng.choice([w for w in WORDS if len(w) <= 4])
+    if level == 2:
+        return rng.choice([w for w in WORDS if len(w) >= 4])
+    return "".join(rng.choice(LETTERS) for _ in range(level + 2))
 
 
 def arithmetic(rng: random.Random, level: int) -> Task:
     op = rng.choice("+-")
-    a, b = _num(rng, level), _num(rng, level)
+    a, b = _operands(rng, level)
     if op == "-" and b > a:
         a, b = b, a
     c = a + b if op == "+" else a - b
@@ -103,7 +129,7 @@ def arithmetic(rng: random.Random, level: int) -> Task:
 
 def word_problem(rng: random.Random, level: int) -> Task:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = _num(rng, level), _num(rng, level)
+    a, b = _operands(rng, level)
     if rng.random() < 0.5:
         prompt = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
         c, expr = a + b, f"{a} + {b}"
@@ -116,7 +142,7 @@ def word_problem(rng: random.Random, level: int) -> Task:
 
 
 def strings(rng: random.Random, level: int) -> Task:
-    s = _word(rng, level + 2)
+    s = _word(rng, level)
     kind = rng.choice(("repeat", "upper", "reverse", "length"))
     if kind == "repeat":
         return Task("strings", level, f'Repeat the word "{s}".', s, {"kind": "text", "value": s})
@@ -131,8 +157,8 @@ def strings(rng: random.Random, level: int) -> Task:
 
 
 def lists(rng: random.Random, level: int) -> Task:
-    hi = 9 if level == 1 else 99
-    xs = [rng.randint(0, hi) for _ in range(level + 1)]
+    hi = 9 if level <= 2 else 99
+    xs = [rng.randint(0, hi) for _ in range(2 if level == 1 else 3 if level <= 3 else level)]
     shown = ", ".join(map(str, xs))
     kind = rng.choice(("sort", "max", "min"))
     if kind == "sort":
@@ -220,7 +246,7 @@ _STR_OPS: tuple[tuple[str, str], ...] = (
 
 
 def code(rng: random.Random, level: int) -> Task:
-    depth = (level + 1) // 2
+    depth = min(level, 3)
     if rng.random() < 0.5:
         words, exprs = [], []
         for _ in range(depth):
@@ -233,7 +259,7 @@ def code(rng: random.Random, level: int) -> Task:
     else:
         picked = [rng.choice(_STR_OPS) for _ in range(depth)]
         words, exprs = [d for d, _ in picked], [e for _, e in picked]
-        tests = [_word(rng, rng.randint(1, 5)) for _ in range(4)]
+        tests = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 5))) for _ in range(4)]
         arg = "a string x"
     body = "x"
     for e in exprs:

@@ -5,9 +5,10 @@ The real system aligns a 340B model on data a weaker aligned model generated. He
 files it writes stand in for what a real run starts from:
 
     tokenizer/tokenizer.model   a small SentencePiece model (digits split, chat symbols)
-    pretrain/corpus.jsonl       base-model pretraining text: the families' facts written as
-                                plain text (equations, string facts, small programs), never
-                                as chat, so alignment has something to teach
+    pretrain/corpus.jsonl       base-model pretraining text: the families' facts as plain text
+                                (equations, string facts, small programs) and plain Q/A
+                                exchanges, never in the chat template and never with format
+                                instructions, so alignment has something to teach
     seed/sft.jsonl              the "human-written" seed conversations (the paper's ~20k
                                 human annotations, in miniature)
     seed/code_sft.jsonl         the code family's part of it (the code SFT stage's seed data)
@@ -68,19 +69,28 @@ def _fact_lines(task: Task) -> str:
         return task.answer + "\n" + "\n".join(
             f"# f({t!r}) == {eval(task.check['reference'], {'__builtins__': {'sorted': sorted}}, {'x': t})!r}"
             for t in tests[:2])
-    if task.family == "format":
+    if task.family in ("arithmetic", "word_problem"):  # the answer states its own question
         return task.answer
-    return task.answer if "=" in task.answer or "answer is" in task.answer else \
-        f"{task.prompt.rstrip('.?')}: {task.answer}"
+    return f"{task.prompt.rstrip('.?')}: {task.answer}"
 
 
-def pretraining_documents(rng: random.Random, n: int, families: Iterable[str],
-                          levels: Iterable[int]) -> Iterator[str]:
-    """`n` documents, each 4-8 facts of one family at mixed levels."""
+def pretraining_documents(rng: random.Random, n: int, families: Iterable[str], levels: Iterable[int],
+                          banned: set[str] = frozenset()) -> Iterator[str]:
+    """`n` documents, each 4-8 items of one family at mixed levels. An item is its fact in plain
+    text or, half the time, a plain "Question: ... / Answer: ..." exchange (never in the chat
+    template, never with a format instruction, never a held-out prompt in `banned`), the way
+    web text gives a base model knowledge and question answering but not the assistant's format."""
     fams, lv = list(families), list(levels)
     for i in range(n):
         fam = fams[i % len(fams)]
-        yield "\n".join(_fact_lines(make_task(fam, rng, rng.choice(lv))) for _ in range(rng.randint(4, 8)))
+        items = []
+        for _ in range(rng.randint(4, 8)):
+            task = make_task(fam, rng, rng.choice(lv))
+            if rng.random() < 0.5 and task.prompt not in banned:
+                items.append(f"Question: {task.prompt}\nAnswer: {task.answer}")
+            else:
+                items.append(_fact_lines(task))
+        yield "\n".join(items)
 
 
 # --------------------------------------------------------------------------- reward data
@@ -234,7 +244,7 @@ def build_toy_world(out_dir: str | Path, spec: ToyWorldSpec | None = None) -> di
     counts["eval/tasks.jsonl"] = _write_jsonl(out / "eval/tasks.jsonl", (t.to_json() for t in eval_tasks))
     counts["eval/sft.jsonl"] = _write_jsonl(out / "eval/sft.jsonl", (chat_record(t) for t in eval_tasks))
     docs = list(pretraining_documents(random.Random(rng.random()), spec.pretrain_documents,
-                                      [f for f in fams if f != "format"] or fams, spec.train_levels))
+                                      [f for f in fams if f != "format"] or fams, spec.train_levels, banned))
     counts["pretrain/corpus.jsonl"] = _write_jsonl(out / "pretrain/corpus.jsonl", ({"text": d} for d in docs))
     seeds = _tasks(random.Random(rng.random()), spec.seed_conversations, fams, list(spec.train_levels), banned)
     counts["seed/sft.jsonl"] = _write_jsonl(out / "seed/sft.jsonl", (chat_record(t) for t in seeds))
