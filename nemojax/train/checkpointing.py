@@ -203,8 +203,19 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def _read_items(self, step: int, items: dict[str, Any]) -> dict[str, Any]:
+        """Read items of one step with orbax's handlers directly: unlike CheckpointManager.restore
+        this ends in no cross-host barrier, so a host whose read fails never leaves another host
+        waiting inside orbax while it joins the agreement collective (which would then pair with
+        orbax's barrier and exchange garbage)."""
+        handler = ocp.CompositeCheckpointHandler()
+        try:
+            return dict(handler.restore(self.directory / str(step), args=ocp.args.Composite(**items)))
+        finally:
+            handler.close()
+
     def _check_signature(self, step: int, template: TrainState) -> None:
-        head = self.manager.restore(step, args=ocp.args.Composite(train=ocp.args.JsonRestore()))
+        head = self._read_items(step, {"train": ocp.args.JsonRestore()})
         saved_sig = head["train"].get("signature")
         if saved_sig is None:
             return
@@ -226,7 +237,7 @@ class Checkpointer:
         items = {"params": ocp.args.StandardRestore(_abstract(pure_t)), "train": ocp.args.JsonRestore()}
         if jax.tree.leaves(template.opt_state):
             items["opt_state"] = ocp.args.StandardRestore(_abstract(template.opt_state))
-        out = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+        out = self._read_items(step, items)
         out.setdefault("opt_state", template.opt_state)
         return out
 
