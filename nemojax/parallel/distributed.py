@@ -3,7 +3,7 @@
 Every host runs the same program. `initialize()` must run before anything touches a device
 (before `jax.devices()`, before building the mesh); afterwards `jax.devices()` lists all
 hosts' devices, the mesh spans them, and each host feeds only its own rows of the batch
-(`ShardedTraining.global_batch`).
+(the rows its devices hold: `nemojax.parallel.batching`).
 
 Where the settings come from, first match wins:
 1. explicit keys (`coordinator_address`, `num_processes`, `process_id`, `local_device_ids`)
