@@ -20,8 +20,10 @@ A random fp32 `transformers.NemotronForCausalLM` of the tiny preset's shape (con
    with prefix sharing (forks + prefix cache) against the same engine with it switched off.
    Outputs must be identical; the speedup and the prompt tokens computed are reported.
 
-Runs are interleaved and repeated (--repeats) because a shared host's load swings a lot; torch runs
-with 1 thread or all of them, whichever a short probe finds faster.
+Runs are interleaved and repeated (--repeats) because a shared host's load swings a lot (wall times
+best and median; the CPU seconds of each process, user + system, are reported too: on a host
+shared with other jobs they vary less than wall time); torch runs with 1 thread or all of them,
+whichever a short probe finds faster.
 
     python benchmarks/generate_throughput.py            # ~15 min on 2 busy cores
     python benchmarks/generate_throughput.py --quick    # smaller, for a smoke test
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -76,10 +79,17 @@ def text_prompts(rng: np.random.Generator, n: int, lo: int = 8, hi: int = 40) ->
     return [" ".join(rng.choice(WORDS, int(rng.integers(lo, hi)))) for _ in range(n)]
 
 
+CPU_SECONDS: list[float] = []  # CPU time (user + system) of each run_timed child, in order
+
+
 def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """(wall seconds, stderr) of a subprocess; its CPU seconds are appended to CPU_SECONDS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     dt = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return dt, p.stderr
@@ -119,12 +129,14 @@ def whole_process(hf_dir: Path, work: Path, args: argparse.Namespace, hf_threads
             return run_timed(cmd, dict(os.environ))[0]
 
         cold, cold_summary = engine_run()
-        warm, hf, summaries = [], [], []
+        warm, hf, summaries, warm_cpu, hf_cpu = [], [], [], [], []
         for _ in range(args.repeats):  # interleaved: both sides see the same host load
             dt, summary = engine_run()
             warm.append(dt)
+            warm_cpu.append(CPU_SECONDS[-1])
             summaries.append(summary)
             hf.append(hf_run())
+            hf_cpu.append(CPU_SECONDS[-1])
         nj = [json.loads(x) for x in (work / f"{name}.nj.jsonl").read_text().splitlines()]
         ref = {json.loads(x)["id"]: json.loads(x) for x in (work / f"{name}.hf.jsonl").read_text().splitlines()}
         per_line = {line["id"]: line.get("max_tokens", max_tokens) for line in lines}
@@ -136,6 +148,9 @@ def whole_process(hf_dir: Path, work: Path, args: argparse.Namespace, hf_threads
             "engine_warm_median_s": round(statistics.median(warm), 2),
             "hf_s": round(min(hf), 2), "hf_median_s": round(statistics.median(hf), 2),
             "speedup_warm": round(min(hf) / min(warm), 2), "speedup_cold": round(min(hf) / cold, 2),
+            "speedup_warm_median": round(statistics.median(hf) / statistics.median(warm), 2),
+            "engine_warm_cpu_s": round(min(warm_cpu), 2), "hf_cpu_s": round(min(hf_cpu), 2),
+            "cpu_ratio": round(min(hf_cpu) / min(warm_cpu), 2),
             "engine_warm_runs_s": [round(x, 2) for x in warm], "hf_runs_s": [round(x, 2) for x in hf],
             "cold_programs": cold_summary["programs"], "warm_programs": best["programs"],
             "warm_startup_s": best["startup_seconds"], "warm_generate_s": best["seconds"],

@@ -251,9 +251,13 @@ class Engine:
         shapes = {"k": (cfg.num_layers, self.max_slots, self.rows, *kv),
                   "pool_k": (cfg.num_layers, max(1, self.prefix_cache.num_blocks), self.block_size, *kv)}
         shapes["v"], shapes["pool_v"] = shapes["k"], shapes["pool_k"]
-        # Host zeros placed with device_put: no program to compile.
-        target = self.cache_sharding if self.mesh is not None else self._device
-        return {name: jax.device_put(np.zeros(shape, dt), target) for name, shape in shapes.items()}
+        if self.mesh is None and self._device.platform == "cpu":  # host zeros: no program to compile
+            return {name: jax.device_put(np.zeros(shape, dt), self._device) for name, shape in shapes.items()}
+        # Accelerators: allocate on the device (a big cache must never pass through host memory).
+        target = self.cache_sharding if self.mesh is not None else jax.sharding.SingleDeviceSharding(self._device)
+        make = jax.jit(lambda: {name: jnp.zeros(shape, dt) for name, shape in shapes.items()},
+                       out_shardings={name: target for name in shapes})
+        return make()
 
     def _constrain_cache(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.cache_sharding)
