@@ -30,6 +30,11 @@ GRAD_RTOL, PARAM_ATOL = 2e-5, 1e-5
 MODEL = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
              ffn_hidden_size=128, max_seq_len=SEQ, init_std=0.05)
 ZERO1_TENSOR = {"mesh": dict(data=4, tensor=2), "sharding": dict(zero1=True)}
+# The other pretraining options: FSDP, and the pipeline (chosen and rejected in one pipelined batch).
+SLOW_LAYOUTS = {
+    "fsdp8": {"mesh": dict(data=1, fsdp=8)},
+    "pp2_v1_tp2_dp2": {"mesh": dict(data=2, pipeline=2, tensor=2), "pipeline": dict(microbatches=2)},
+}
 STAGES = {  # lr: big enough that a scale error moves the parameters far beyond fp32 noise
     "dpo": {"stage": dict(kind="dpo", train="unused.jsonl", beta=0.5, sft_weight=0.1), "lr": 0.5},
     "reward": {"stage": dict(kind="reward", train="unused.jsonl"), "reward": True, "lr": 0.02},
@@ -46,7 +51,8 @@ def make_cfg(stage: str, layout: dict[str, Any]):
     s = STAGES[stage]
     model = dict(MODEL, reward={"enabled": bool(s.get("reward"))})
     return config_from_dict({"model": model, "mesh": layout["mesh"], "sharding": layout.get("sharding", {}),
-                             "stage": s["stage"], "steps": STEPS, "data": dict(seq_len=SEQ, global_batch_size=BATCH)})
+                             "pipeline": layout.get("pipeline", {}), "stage": s["stage"], "steps": STEPS,
+                             "data": dict(seq_len=SEQ, global_batch_size=BATCH)})
 
 
 def preference_batch(seed: int = 7) -> dict[str, np.ndarray]:
@@ -147,6 +153,17 @@ def test_stage_step_on_8_devices_matches_one_device(stage: str) -> None:
     assert got["devices"] == 8
     assert _device0_fraction(got["state"].params) <= 0.55
     assert _device0_fraction(got["state"].opt_state) <= 0.3
+    assert_same(stage, ref, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(SLOW_LAYOUTS))
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_step_in_more_layouts_matches_one_device(stage: str, layout: str) -> None:
+    assert_same(stage, one_device(stage), sharded(stage, SLOW_LAYOUTS[layout]))
+
+
+def assert_same(stage: str, ref: dict[str, Any], got: dict[str, Any]) -> None:
     assert ref["losses"][1] < ref["losses"][0], "the reference must learn"
     assert ref["grads"].keys() == got["grads"].keys()
     for k, g in ref["grads"].items():
