@@ -31,3 +31,9 @@ def packed_batch(vocab: int, batch: int, seq: int, *, seed: int, cut: int, maske
     return dict(input_ids=ids[..., :-1].astype(np.int32), targets=ids[..., 1:].astype(np.int32),
                 positions=np.broadcast_to(pos, (1, batch, seq)).copy(),
                 segment_ids=np.broadcast_to(seg, (1, batch, seq)).copy(), loss_mask=mask)
+
+
+def numpy_equal(a: Any, b: Any) -> bool:
+    """Bitwise equality of two pytrees of arrays."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))

@@ -20,11 +20,12 @@ import pytest
 
 from nemojax.config import config_from_dict, load_config
 from nemojax.model import init_model
-from nemojax.train.checkpointing import Checkpointer, numpy_equal
+from nemojax.train.checkpointing import Checkpointer
 from nemojax.train.loop import EXIT_NONFINITE, Trainer
 from nemojax.train.metrics import MetricsWriter, ThroughputMeter, peak_flops_per_device
 from nemojax.train.optim import make_optimizer
 from nemojax.train.step import create_train_state, make_train_step
+from reference_run import numpy_equal
 
 VOCAB, SEQ = 64, 16
 

@@ -252,23 +252,6 @@ class BatchIterator:
             raise
         return out
 
-    def source_of_rows(self, n: int) -> list[int]:
-        """Which source each of the next `n` rows of the stream will come from (does not advance)."""
-        saved = (self.rows, self.rows_per_source.copy())
-        picks = []
-        for _ in range(n):
-            i = self._next_source()
-            picks.append(i)
-            self.rows_per_source[i] += 1
-            self.rows += 1
-        self.rows, self.rows_per_source = saved
-        return picks
-
-    @property
-    def tokens_consumed(self) -> int:
-        """Row slots of the global stream produced so far (rows * seq_len)."""
-        return self.rows * self.seq_len
-
     def get_state(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: the stream position after the last batch returned."""
         return {

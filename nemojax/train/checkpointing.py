@@ -264,12 +264,6 @@ class Checkpointer:
                            params, opt_state)
         return state, meta
 
-    def _restore_step(self, step: int, template: TrainState) -> tuple[TrainState, dict]:
-        """Read and verify one step on this host alone (tests, tools); see restore_latest."""
-        out = self._read_step(step, template)
-        self._verify(out)
-        return self._to_state(out, template)
-
     @property
     def corrupt_dir(self) -> Path:
         return self.run_dir / "checkpoints_corrupt"
@@ -387,9 +381,3 @@ def load_init_weights(path: str | Path, model_cfg: Any, sharding: Any = None) ->
         model = load_hf_model(where, param_dtype=model_cfg.param_dtype, sharding=sharding, progress=False)
         return nnx.state(model, nnx.Param).to_pure_dict()
     return load_params(where, model_cfg, sharding=sharding)
-
-
-def numpy_equal(a: Any, b: Any) -> bool:
-    """Bitwise equality of two pytrees of arrays (used by tests and sanity checks)."""
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
