@@ -44,7 +44,7 @@ def _env(devices: int, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def launch_train(args: list[str], *, processes: int, devices_per_process: int, timeout: float = 300,
+def launch_train(args: list[str], *, processes: int, devices_per_process: int, timeout: float = 900,
                  kill_after: int = 0) -> Finished:
     """Run `nemojax train ARGS` as `processes` processes; returns their exit codes and output.
 
