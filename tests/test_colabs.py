@@ -1,4 +1,19 @@
-"""Every notebook under colabs/ runs top to bottom on a CPU (shell/magic lines skipped)."""
+"""Every notebook under colabs/ runs top to bottom on a CPU (shell/magic lines skipped).
+
+Conventions every notebook follows, so that CI can run it as a script in a fresh process:
+
+* Small settings: the child runs with `NEMOJAX_COLAB_QUICK=1`; a notebook reads it
+  (`QUICK = os.environ.get("NEMOJAX_COLAB_QUICK") == "1"`) to shrink whatever would make it slow
+  (fewer steps, layouts, seeds, smaller data), while a user on Colab gets the full run. Every
+  assertion must still hold with the small settings.
+* Devices: the child starts like a fresh Colab runtime, with `XLA_FLAGS` empty (the 8 fake
+  devices of tests/conftest.py are not inherited). A notebook that wants fake devices sets
+  `os.environ["XLA_FLAGS"]` itself in its first code cell, before `import jax`
+  (colabs/sharding.ipynb does), so its own setting wins here and on Colab alike.
+* Plots: matplotlib runs with the non-interactive Agg backend; `plt.show()` is a no-op.
+* Compilation: the child shares the test suite's persistent compilation cache.
+* `!cmd` and `%magic` lines are Colab-only (installation) and are skipped.
+"""
 
 import json
 import os
@@ -6,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "colabs").glob("*.ipynb"))
@@ -25,7 +41,11 @@ def notebook_script(path: Path) -> str:
 def test_notebook_runs(path, tmp_path):
     script = tmp_path / "nb.py"
     script.write_text(notebook_script(path))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "NEMOJAX_COLAB_QUICK": "1", "MPLBACKEND": "Agg"}
+    cache = jax.config.jax_compilation_cache_dir  # set by tests/conftest.py
+    if cache:
+        env |= {"JAX_COMPILATION_CACHE_DIR": cache,
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(jax.config.jax_persistent_cache_min_compile_time_secs)}
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
