@@ -99,3 +99,21 @@ def test_distributed_section_feeds_jax_distributed_settings():
     with pytest.raises(ConfigError, match="num_processes"):
         resolve_settings(load_config("tiny", ["distributed.process_id=1",
                                               "distributed.coordinator_address=h:1"]).distributed.settings())
+
+
+def test_remat_policy_names_match_the_model():
+    """config.py names the remat policies (it must not import the model); the model implements
+    exactly those."""
+    from nemojax.config import REMAT_POLICY_NAMES
+    from nemojax.model.transformer import REMAT_POLICIES
+
+    assert set(REMAT_POLICY_NAMES) == set(REMAT_POLICIES)
+
+
+def test_moved_keys_name_their_new_place():
+    for old, new in (("mesh.zero1=false", "sharding.zero1"), ("mesh.rules.kv_heads=null", "sharding.rules"),
+                     ("mesh.sequence_parallel=true", "sharding.sequence_parallel"),
+                     ("mesh.virtual_stages=2", "pipeline.virtual_stages"),
+                     ("mesh.microbatches=4", "pipeline.microbatches")):
+        with pytest.raises(ConfigError, match=f"has moved: write {new}"):
+            load_config("tiny", [old])
