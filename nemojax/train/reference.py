@@ -108,8 +108,13 @@ def reference_identity(cfg: Config) -> str:
     if not src:
         return f"fresh-init:seed={cfg.seed}"
     from nemojax.checkpoint import resolve_checkpoint
+    from nemojax.train.checkpointing import CheckpointError
 
-    kind, where, _ = resolve_checkpoint(src)
+    try:
+        kind, where, _ = resolve_checkpoint(src)
+    except FileNotFoundError as e:
+        key = "stage.reference" if cfg.stage.reference else "init_from"
+        raise CheckpointError(f"{key}={src!r} (the reference policy): {e}") from None
     return f"{kind}:{where}"
 
 
