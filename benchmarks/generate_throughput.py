@@ -191,6 +191,7 @@ def time_engine(engine, prompts: list[list[int]], new_tokens: list[int]) -> floa
     from nemojax.inference import Request, SamplingParams
 
     reqs = [Request(i, p, SamplingParams(temperature=0, max_tokens=m)) for i, (p, m) in enumerate(zip(prompts, new_tokens))]
+    engine.prefix_cache.clear()  # every run computes its prompts (no reuse of the previous run's)
     t = time.perf_counter()
     outs = list(engine.generate(reqs))
     dt = time.perf_counter() - t
