@@ -99,11 +99,12 @@ ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosit
 
 
 def _corrupt(task: Task, rng: random.Random) -> str:
-    """A wrong answer, of one of the kinds a judge meets (drawn 2 : 2 : 1):
+    """A wrong answer, of one of the kinds a judge meets (equally likely):
 
     * off-topic: the right answer to another question of the same family and level;
     * careless: number answers keep the worked solution but state another final number;
       reverse / upper / sort tasks return their input untransformed (the instruction ignored);
+    * incomplete: the answer stops before its result (a weak generator running out);
     * miscomputed: a changed number, or scrambled text (the error only computing catches).
 
     The result is always wrong by the family's verifier (code: on the task's test inputs).
@@ -122,17 +123,29 @@ def _corrupt(task: Task, rng: random.Random) -> str:
         except (TypeError, ValueError, AttributeError):  # e.g. a function of strings given integers
             return True
 
-    kind = rng.choice(("off_topic", "off_topic", "careless", "careless", "miscomputed"))
+    kind = rng.choice(("off_topic", "careless", "incomplete", "miscomputed"))
     if kind == "off_topic":
         for _ in range(4):
             other = make_task(task.family, rng, task.level).answer
             if wrong(other):
                 return other
-    if kind == "careless":
-        out = _careless(task, rng)
+    if kind in ("careless", "incomplete"):
+        out = _careless(task, rng) if kind == "careless" else _incomplete(task)
         if out is not None and wrong(out):
             return out
     return _miscomputed(task, rng)
+
+
+def _incomplete(task: Task) -> str | None:
+    """The answer cut before its result: before the first statement of the value, the code before
+    its `return`, or the first half of a text answer."""
+    value = task.check.get("value")
+    if task.check.get("kind") == "number":
+        head, sep, _ = task.answer.partition(str(value))
+        return head.rstrip() if sep and head.strip() else None
+    if task.family == "code":
+        return task.answer.rsplit("\n", 1)[0]
+    return task.answer[:len(task.answer) // 2] or None
 
 
 def _careless(task: Task, rng: random.Random) -> str | None:
@@ -164,15 +177,18 @@ def _miscomputed(task: Task, rng: random.Random) -> str:
     return out if out != task.answer else task.answer[:-1]
 
 
-def reward_record(task: Task, rng: random.Random) -> dict[str, Any]:
-    """One response of known quality with HelpSteer2's five 0-4 labels.
+def reward_record(task: Task, rng: random.Random, correct: bool | None = None) -> dict[str, Any]:
+    """One response of known quality with HelpSteer2's five 0-4 labels (`correct`: force a right
+    or a wrong response, e.g. to give a prompt one of each as HelpSteer2 gives it several; None:
+    either, equally likely).
 
     correctness: 4 if verified right else 0; helpfulness: 4 / 3 when correct (to the point /
     rambling), 1 / 0 when wrong;
     coherence: 4 unless the response is rambling filler; complexity: the task level;
     verbosity: length of the response in characters, bucketed.
     """
-    correct = rng.random() < 0.5
+    if correct is None:
+        correct = rng.random() < 0.5
     response = task.answer if correct else _corrupt(task, rng)
     rambling = rng.random() < 0.25
     if rambling:
