@@ -22,7 +22,7 @@ from flax import nnx
 from nemojax.config import config_from_dict
 from nemojax.parallel.mesh import make_mesh
 from nemojax.train.build import build_training
-from nemojax.train.step import accumulate_gradients, create_train_state, make_train_step
+from nemojax.train.step import create_train_state, make_train_step
 from nemojax.train.tasks import stage_model, stage_task
 
 SEQ, BATCH, STEPS = 32, 8, 2

@@ -22,7 +22,7 @@ import numpy as np
 
 from nemojax.config import Config, ConfigError
 from nemojax.data.chat_records import PreferenceExample, RewardExample, load_examples
-from nemojax.data.chat_rows import (BlendedRows, ChatRowDataset, PreferenceDataset, RewardDataset, RowIterator,
+from nemojax.data.chat_rows import (BlendedRows, ChatRowDataset, RewardDataset, RowIterator,
                                     load_dataset)
 from nemojax.data.sources import DataError
 
