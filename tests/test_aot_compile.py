@@ -129,3 +129,14 @@ def test_no_libtpu_errors_on_a_host_without_tpus(tmp_path) -> None:
         assert comp.returncode == 0, comp.stderr[-3000:]
         noise = [ln for ln in comp.stderr.splitlines() if not ln.startswith("nemojax compile:")]
         assert not noise, "\n".join(noise)
+
+
+@needs_libtpu
+def test_compile_leaves_no_tpu_settings_behind(capsys) -> None:
+    """What compile tells libtpu about this host is not left in the environment, where a later
+    `nemojax train` subprocess would take this host for a TPU worker of a multi-host job."""
+    import os
+
+    before = {k: v for k, v in os.environ.items() if k.startswith("TPU_")}
+    _compile(capsys, "--topology", "v5p-8", *TINY, "model.num_layers=1", "mesh.data=-1")
+    assert {k: v for k, v in os.environ.items() if k.startswith("TPU_")} == before

@@ -358,6 +358,11 @@ def test_distributed_settings_sources() -> None:
     assert resolve_settings({}, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == ("slurm", {})
     assert resolve_settings({}, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) == ("single", {})
     assert resolve_settings({}, {"OMPI_COMM_WORLD_SIZE": "4"}) == ("mpi", {})
+    # a TPU slice of several hosts is a job; one named host (e.g. `nemojax compile` naming this
+    # CPU host to libtpu) is not
+    assert resolve_settings({}, {"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3", "TPU_WORKER_ID": "1"}) == ("tpu", {})
+    assert resolve_settings({}, {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5p-8"}) == \
+        ("single", {})
     assert resolve_settings({}, {"NEMOJAX_DISTRIBUTED": "off", "SLURM_JOB_ID": "7",
                                  "SLURM_NTASKS": "16"}) == ("single", {})
     with pytest.raises(ConfigError, match=r"incomplete: missing \['process_id'\]"):

@@ -99,24 +99,35 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[list[Any], dict[st
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from nemojax.platform import tpu_chips
 
-    if tpu_chips() == 0:
-        # No TPU here: libtpu would look this host up in the TPU metadata service and print
-        # initialisation errors. Name a host of this family: the compile-only topology below is
-        # the requested one whatever these say.
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", _LOCAL_ACCELERATOR.get(fam, "v5p-8"))
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # No TPU here: libtpu would look this host up in the TPU metadata service and print
+    # initialisation errors. Name a local host of this family while libtpu starts (the
+    # compile-only topology is the requested one whatever these say), then restore the
+    # environment, so that nothing started later (a training subprocess) takes this host for a
+    # TPU worker.
+    local = {"TPU_ACCELERATOR_TYPE": _LOCAL_ACCELERATOR.get(fam, "v5p-8"), "TPU_WORKER_HOSTNAMES": "localhost"} \
+        if tpu_chips() == 0 else {}
+    saved = {k: os.environ.get(k) for k in local}
+    for k, v in local.items():
+        os.environ.setdefault(k, v)
     try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        raise ConfigError("AOT compilation for TPU needs libtpu: pip install 'nemojax[tpu]' "
-                          "(or use --topology cpu for a CPU-only compile)") from None
-    from jax.experimental import topologies
+        try:
+            import libtpu  # noqa: F401
+        except ImportError:
+            raise ConfigError("AOT compilation for TPU needs libtpu: pip install 'nemojax[tpu]' "
+                              "(or use --topology cpu for a CPU-only compile)") from None
+        from jax.experimental import topologies
 
-    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-    try:
-        desc = topologies.get_topology_desc(topo, "tpu", **kwargs)
-    except Exception as e:  # libtpu reports bad names as a runtime error
-        raise ConfigError(f"libtpu rejected topology {topo!r} (from {name!r}): {e}") from None
+        kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+        try:
+            desc = topologies.get_topology_desc(topo, "tpu", **kwargs)
+        except Exception as e:  # libtpu reports bad names as a runtime error
+            raise ConfigError(f"libtpu rejected topology {topo!r} (from {name!r}): {e}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     devs = list(desc.devices)
     return devs, {"platform": "tpu", "topology": topo, "requested": name, "num_slices": num_slices,
                   "device_kind": devs[0].device_kind, "devices": len(devs),

@@ -67,9 +67,9 @@ def detect_cluster(env: Mapping[str, str]) -> str | None:
     """Name of a cluster environment JAX can auto-configure from, or None."""
     if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1:
         return "slurm"
-    if env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS") \
-            or env.get("TPU_WORKER_ID") is not None and env.get("TPU_ACCELERATOR_TYPE"):
-        return "tpu"
+    workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(workers) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"  # a multi-host slice, or several slices
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
         return "mpi"
     return None
