@@ -96,8 +96,6 @@ def test_example_pipeline_end_to_end_on_the_tiny_engine(ckpts, tmp_path, capsys)
     overrides = [
         f"run_dir={run_dir}", f"clients.gen.checkpoint={lm}", "clients.gen.max_len=256", "clients.gen.min_bucket=256",
         "clients.gen.max_slots=8", "max_in_flight=16",
-        # engine programs loaded from disk break under the 8 fake test devices (reported to the lead)
-        "clients.gen.program_cache=false",
         # smaller than the example's sizes: the random model writes junk up to max_tokens
         "stages.topics.n=3", "stages.subtopics.limit=2", "stages.open_qa.limit=2", "stages.writing.limit=1",
         "stages.math_problems.limit=1", "stages.python_problems.limit=1", "stages.seed_prompts.limit=4", "stages.if_prompts.limit=4",
@@ -164,7 +162,7 @@ def test_engine_stage_output_does_not_depend_on_concurrency(ckpts, tok, tmp_path
         tree = {"run_dir": str(tmp_path / f"run{in_flight}"), "seed": 5, "progress": False,
                 "max_in_flight": in_flight,
                 "clients": {"gen": {"type": "engine", "checkpoint": str(ckpts[0]), "max_len": 128,
-                                    "min_bucket": 128, "max_slots": 4, "program_cache": False}},
+                                    "min_bucket": 128, "max_slots": 4}},
                 "stages": {"prompts": {"kind": "read", "path": str(prompts)},
                            "answers": {"kind": "respond", "n": 2, "temperature": 1.0, "max_tokens": 10}}}
         Runner(build_pipeline(tree), clients={"gen": llm}, log=io.StringIO()).run()

@@ -70,7 +70,7 @@ def test_pipeline_over_http_matches_in_process(server, tmp_path):
         "clients": {
             "http": {"type": "openai", "base_url": base_url, "model": "tiny", "max_concurrency": 4},
             "local": {"type": "engine", "checkpoint": str(ckpt), "max_len": 256, "max_slots": 4,
-                      "min_bucket": 256, "program_cache": False},
+                      "min_bucket": 256},
         },
         "stages": {
             "prompts": {"kind": "read", "path": str(prompts)},

@@ -199,8 +199,7 @@ class Engine:
         directory = None
         if program_dir is not False and self.mesh is None:
             directory = default_program_dir() if program_dir in (None, True) else program_dir
-        self.programs = programs.Programs(directory, self._program_context(platform),
-                                          None if self.mesh is not None else self._device)
+        self.programs = programs.Programs(directory, self._program_context(platform))
         self._constrain = self._constrain_cache if self.mesh is not None else programs._identity
         fuse = self.mesh is None
         self.weights = self.programs("weights", (self.decode_layout, fuse),

@@ -14,11 +14,18 @@ Three pure functions of (weights, cache, host-built inputs), each compiled per s
   hits into a slot, a finished prefill into the pool, a prompt's rows to its sibling samples).
 
 `Programs` holds the compiled executables. A miss compiles with `jax.jit(...).lower().compile()`;
-when a program directory is given (single-device engines), the executable is also serialized
-there under a key of everything that affects it (program, shapes, model config, weights' shapes
-and dtypes, device kind, jax version, XLA flags and this package's traced source), and a later
-process loads it instead of tracing, lowering and compiling again. Every program the engine
-runs goes through it, so `stats` counts compiles, loads and the seconds they took.
+when a program directory is given and the arguments live on one device, the executable is also
+serialized there under a key of everything that affects it (program, shapes, model config,
+weights' shapes and dtypes, the device the arguments live on, device kind, jax version, XLA
+flags and this package's traced source), and a later process loads it instead of tracing,
+lowering and compiling again. Every program the engine runs goes through it, so `stats` counts
+compiles, loads and the seconds they took.
+
+A serialized executable does not say where it runs: loaded without execution devices, JAX
+spreads it over every device of the process (8 fake CPU devices, 8 GPUs), and its first call on
+single-device arguments fails ("Expected args to execute_sharded_on_local_devices to have 8
+shards"). So the device comes from the arguments themselves, names the entry, and is the one
+execution device of the load: a program compiled for device 3 is never loaded for device 0.
 """
 
 from __future__ import annotations
@@ -218,17 +225,38 @@ def _avals(tree: Any) -> str:
     return repr(treedef) + repr([(tuple(x.shape), str(x.dtype)) for x in leaves])
 
 
+def _default_device() -> Any:
+    """Where jit runs a program whose arguments are all uncommitted (host arrays included)."""
+    default = jax.config.jax_default_device
+    return jax.devices(default)[0] if default is None or isinstance(default, str) else default
+
+
+def _placement(args: Any) -> list[Any]:
+    """The devices a jitted program on `args` runs on: those of its committed arrays (jit moves
+    the uncommitted ones there), else the default device. Sorted by id."""
+    arrays = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
+    committed = [x for x in arrays if x.committed]
+    if not committed:
+        return [_default_device()]
+    devices = {d for x in committed for d in x.sharding.device_set}
+    return sorted(devices, key=lambda d: d.id)
+
+
+def _device_key(device: Any) -> str:
+    return f"{device.platform}:{device.id}:{getattr(device, 'device_kind', '')}:{device.process_index}"
+
+
 class Programs:
     """Compiled programs by (name, static key); see the module docstring.
 
-    directory: where serialized executables live (None: memory only). context: a string of
-    everything outside the arguments that changes the compiled code (model config, device ...).
+    directory: where serialized executables of single-device programs live (None: memory only;
+    programs whose arguments span several devices stay in memory too). context: a string of
+    everything outside the arguments that changes the compiled code (model config, jax ...).
     """
 
-    def __init__(self, directory: str | Path | None, context: str, device: Any = None) -> None:
+    def __init__(self, directory: str | Path | None, context: str) -> None:
         self.directory = Path(directory) if directory else None
         self._context = context
-        self._device = device  # the one device a loaded program runs on
         self._programs: dict[tuple[str, tuple[Any, ...]], Any] = {}
         self.stats: dict[str, Any] = {"compiled": 0, "loaded": 0, "seconds": 0.0, "by_name": {}}
 
@@ -251,10 +279,12 @@ class Programs:
         start = time.perf_counter()
         path = None
         exe = None
-        if self.directory is not None:
-            key = hashlib.sha256("\n".join([FORMAT, self._context, name, repr(static), _avals(args)]).encode())
+        devices = _placement(args) if self.directory is not None else []
+        if len(devices) == 1:
+            key = hashlib.sha256("\n".join([FORMAT, self._context, name, repr(static), _avals(args),
+                                             _device_key(devices[0])]).encode())
             path = self.directory / f"{name}-{key.hexdigest()[:40]}.bin"
-            exe = self._load(path)
+            exe = self._load(path, devices[0])
         if exe is not None:
             self.stats["loaded"] += 1
         else:
@@ -270,16 +300,16 @@ class Programs:
         self.stats["by_name"][name] = self.stats["by_name"].get(name, 0) + 1
         return exe
 
-    def _load(self, path: Path) -> Any:
+    @staticmethod
+    def _load(path: Path, device: Any) -> Any:
+        """The executable stored at `path`, running on `device` only (None if absent or unreadable)."""
         if not path.is_file():
             return None
         try:
             from jax.experimental.serialize_executable import deserialize_and_load
 
             blob, in_tree, out_tree = pickle.loads(path.read_bytes())
-            devices = None if self._device is None else [self._device]
-            return deserialize_and_load(blob, in_tree, out_tree, backend=getattr(self._device, "client", None),
-                                        execution_devices=devices)
+            return deserialize_and_load(blob, in_tree, out_tree, backend=device.client, execution_devices=[device])
         except Exception:  # a stale or torn entry: compile instead (and overwrite it)
             return None
 
