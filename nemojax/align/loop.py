@@ -57,6 +57,28 @@ def final_checkpoint(run_dir: Path) -> Path:
     return rounds[-1] if rounds else run_dir
 
 
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "ffn_hidden_size", "max_seq_len")
+
+
+def checkpoint_shape(path: Path) -> list[str]:
+    """`model.<key>=<value>` overrides for the shape recorded with a checkpoint (nemojax or
+    Hugging Face), so a stage config's own model section cannot disagree with the weights."""
+    from nemojax.checkpoint import read_model_config, resolve_checkpoint
+
+    try:
+        kind, _, config_path = resolve_checkpoint(path)
+        if kind == "hf":
+            from nemojax.convert.hf import hf_config_to_model_config
+
+            model = hf_config_to_model_config(json.loads(Path(config_path).read_text()))
+        else:
+            model = read_model_config(config_path)
+    except (FileNotFoundError, ConfigError) as e:
+        raise AlignError(f"base checkpoint {path}: {e}") from None
+    return [f"model.{k}={getattr(model, k)}" for k in SHAPE_KEYS]
+
+
 class AlignLoop:
     """Runs `cfg` (see the module docstring). `log` receives one line per event."""
 
@@ -180,8 +202,11 @@ class AlignLoop:
 
     def architecture(self, base: str) -> list[str]:
         """The `model.*` overrides of a base (and of the base it continues from): every stage
-        trained on top of it gets them, so its model matches the checkpoint it starts from."""
+        trained on top of it gets them, so its model matches the checkpoint it starts from. A base
+        given as an existing checkpoint contributes its recorded shape instead."""
         b = self.cfg.bases[base]
+        if b.checkpoint:
+            return checkpoint_shape(Path(self._fill(b.checkpoint)))
         inherited = self.architecture(b.init_from) if b.init_from else []
         return inherited + [o for o in b.overrides if o.split("=", 1)[0].strip().startswith("model.")]
 
