@@ -7,7 +7,7 @@ import random
 import pytest
 
 from nemojax.align.tasks import (FAMILIES, FORMAT_INSTRUCTIONS, MAX_LEVEL, Task, extract_number, make_task,
-                                 run_code_checks, verify, verify_many)
+                                 run_code_checks, verify, verify_many, verify_record, verify_record_strict)
 from nemojax.align.toy_world import ToyWorldSpec, build_toy_world, reward_record
 
 
@@ -44,6 +44,23 @@ def test_every_format_instruction_is_checked():
         assert base.family == t.check["base_family"]
         if iid in ("startend:quotation", "detectable_format:title", "startend:end_checker"):
             assert not verify(t, str(plain))
+
+
+def test_strict_verifier_rejects_right_answers_with_wrong_working():
+    rng = random.Random(5)
+    letters = next(t for t in (make_task("strings", rng, 2) for _ in range(200)) if t.check["kind"] == "number")
+    word, n = letters.prompt.split('"')[1], letters.check["value"]
+    garbled = f'"bras has {n + 3} largnswer is {n}.'  # a weak generator's right-for-the-wrong-reason answer
+    right = letters.answer
+    item = letters.to_json()
+    assert verify_record(item, [right, garbled]) == [True, True]  # final-answer matching, as evaluation does
+    assert verify_record_strict(item, [right, garbled, right + " Done."]) == [True, False, True]
+    # every family's reference passes; a wrong final answer fails either way; text answers are unchanged
+    tasks = _all_tasks()
+    assert all(verify_record_strict(t.to_json(), [t.answer])[0] for t in tasks if t.family != "code")
+    sort = next(t for t in (make_task("lists", rng, 2) for _ in range(200)) if t.check["kind"] == "text")
+    assert verify_record_strict(sort.to_json(), [sort.answer, sort.answer + " 1"]) == [True, False]
+    assert word in letters.prompt
 
 
 def test_extract_number_gsm8k_style():

@@ -403,3 +403,26 @@ def verify_record(item: dict[str, Any], responses: Sequence[str]) -> list[bool]:
     `Task` (a prompt pool record, plus whatever the pipeline added), `responses` its answers."""
     task = Task.from_json(item)
     return verify_many([task] * len(responses), list(responses))
+
+
+_INTEGER = re.compile(r"\d+")
+
+
+def worked_solution_matches(task: Task, response: str) -> bool:
+    """For a number answer: does the response state the same numbers, in the same order, as the
+    reference worked solution? (Other answers: True; their checks already compare whole texts.)
+
+    A final-answer check accepts `"bras has 8 largnswer is 5.` for the letters in "river"; a
+    weak generator produces many such right-for-the-wrong-reason answers, and training on them
+    teaches the garbage. Evaluation keeps GSM8K-style final-answer matching (`verify`)."""
+    if task.check.get("kind") != "number":
+        return True
+    return _INTEGER.findall(response) == _INTEGER.findall(task.answer)
+
+
+def verify_record_strict(item: dict[str, Any], responses: Sequence[str]) -> list[bool]:
+    """SDG verifier for training data (`verifier: nemojax.align.tasks:verify_record_strict`):
+    `verify_record`, and a number answer's worked solution must match the reference's
+    (`worked_solution_matches`), as a judge reading the whole response would demand."""
+    task = Task.from_json(item)
+    return [ok and worked_solution_matches(task, r) for ok, r in zip(verify_record(item, responses), responses)]
