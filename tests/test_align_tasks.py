@@ -50,11 +50,14 @@ def test_strict_verifier_rejects_right_answers_with_wrong_working():
     rng = random.Random(5)
     letters = next(t for t in (make_task("strings", rng, 2) for _ in range(200)) if t.check["kind"] == "number")
     word, n = letters.prompt.split('"')[1], letters.check["value"]
-    garbled = f'"bras has {n + 3} largnswer is {n}.'  # a weak generator's right-for-the-wrong-reason answer
+    garbled = f'"bras has {n + 3} largnswer is {n}.'  # a weak generator's right-for-the-wrong-reason answers
+    miscopied = f'"{word[::-1]}x" has {n} letters. The answer is {n}.'
     right = letters.answer
     item = letters.to_json()
-    assert verify_record(item, [right, garbled]) == [True, True]  # final-answer matching, as evaluation does
-    assert verify_record_strict(item, [right, garbled, right + " Done."]) == [True, False, True]
+    assert verify_record(item, [right, garbled, miscopied]) == [True] * 3  # final-answer matching, as evaluation does
+    loose = f"  {right.upper().rstrip('.')}  "  # case, spacing and punctuation do not matter
+    assert verify_record_strict(item, [right, garbled, miscopied, loose, right + " Done."]) == \
+        [True, False, False, True, False]
     # every family's reference passes; a wrong final answer fails either way; text answers are unchanged
     tasks = _all_tasks()
     assert all(verify_record_strict(t.to_json(), [t.answer])[0] for t in tasks if t.family != "code")

@@ -405,24 +405,27 @@ def verify_record(item: dict[str, Any], responses: Sequence[str]) -> list[bool]:
     return verify_many([task] * len(responses), list(responses))
 
 
-_INTEGER = re.compile(r"\d+")
+_WORDS = re.compile(r"[a-z0-9]+")
 
 
 def worked_solution_matches(task: Task, response: str) -> bool:
-    """For a number answer: does the response state the same numbers, in the same order, as the
-    reference worked solution? (Other answers: True; their checks already compare whole texts.)
+    """For a number answer: is the response the reference worked solution word for word (case,
+    spacing and punctuation aside)? (Other answers: True; their checks already compare whole
+    texts.)
 
-    A final-answer check accepts `"bras has 8 largnswer is 5.` for the letters in "river"; a
-    weak generator produces many such right-for-the-wrong-reason answers, and training on them
-    teaches the garbage. Evaluation keeps GSM8K-style final-answer matching (`verify`)."""
+    A final-answer check accepts `"bras has 8 largnswer is 5.` for the letters in "river", and
+    a check of the numbers alone still accepts `"skas" has 5 letters. The answer is 5.`; a weak
+    generator produces many such right-for-the-wrong-reason answers, and training on them
+    teaches the garble (here: miscopied words, which every string task then suffers from).
+    Evaluation keeps GSM8K-style final-answer matching (`verify`)."""
     if task.check.get("kind") != "number":
         return True
-    return _INTEGER.findall(response) == _INTEGER.findall(task.answer)
+    return _WORDS.findall(response.lower()) == _WORDS.findall(task.answer.lower())
 
 
 def verify_record_strict(item: dict[str, Any], responses: Sequence[str]) -> list[bool]:
     """SDG verifier for training data (`verifier: nemojax.align.tasks:verify_record_strict`):
-    `verify_record`, and a number answer's worked solution must match the reference's
+    `verify_record`, and a number answer must be the reference worked solution
     (`worked_solution_matches`), as a judge reading the whole response would demand."""
     task = Task.from_json(item)
     return [ok and worked_solution_matches(task, r) for ok, r in zip(verify_record(item, responses), responses)]
