@@ -428,4 +428,5 @@ def verify_record_strict(item: dict[str, Any], responses: Sequence[str]) -> list
     `verify_record`, and a number answer must be the reference worked solution
     (`worked_solution_matches`), as a judge reading the whole response would demand."""
     task = Task.from_json(item)
-    return [ok and worked_solution_matches(task, r) for ok, r in zip(verify_record(item, responses), responses)]
+    oks = verify_many([task] * len(responses), list(responses))
+    return [ok and worked_solution_matches(task, r) for ok, r in zip(oks, responses)]
