@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Plot the post-training measurement: `python scripts/plot_alignment.py RESULTS_DIR [-o out.png]`.
 
-RESULTS_DIR is what benchmarks/post_training_cpu.py wrote (results.json + one run dir per stage).
+RESULTS_DIR is what benchmarks/post_training_cpu.py wrote (results.json + one run dir per stage),
+or what benchmarks/reward_model_cpu.py wrote (then only the first panel is drawn).
 Three panels: the reward model's held-out Pearson r per attribute and of the weighted reward
 against step; held-out assistant-token loss and preference accuracy of every language-model
 checkpoint (base -> code SFT -> general SFT -> DPO -> RPO rounds, evaluated on the same data);
@@ -25,20 +26,10 @@ def _series(recs: list[dict], key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
-def plot(results_dir: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = json.loads((results_dir / "results.json").read_text())
-    paths = {k: Path(v) for k, v in res["paths"].items()}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
-
-    ax = axes[0]
-    rm = read_metrics(paths["reward"])
-    attrs = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
-    for a in attrs:
+def reward_panel(ax, run_dir: Path) -> None:
+    """The reward model's held-out Pearson r (per attribute, weighted) and pairwise accuracy by step."""
+    rm = read_metrics(run_dir)
+    for a in ("helpfulness", "correctness", "coherence", "complexity", "verbosity"):
         pts = _series(rm, f"val_pearson/{a}")
         if pts:
             ax.plot(*zip(*pts), "-", lw=1.0, alpha=0.8, label=a)
@@ -53,6 +44,27 @@ def plot(results_dir: Path, out: Path) -> None:
     ax.set_ylim(-0.2, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+
+
+def plot(results_dir: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads((results_dir / "results.json").read_text())
+    paths = {k: Path(v) for k, v in res["paths"].items()}
+    if "held_out" not in res:  # benchmarks/reward_model_cpu.py: the reward model alone
+        fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
+        reward_panel(ax, paths["reward"])
+        ax.set_title(f"reward model ({res.get('family', '')} family): held-out Pearson r")
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+        plt.close(fig)
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    reward_panel(axes[0], paths["reward"])
 
     ax = axes[1]
     ev = res["held_out"]
@@ -98,7 +110,7 @@ def plot(results_dir: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", type=Path, help="the directory benchmarks/post_training_cpu.py wrote")
+    p.add_argument("results", type=Path, help="the directory benchmarks/post_training_cpu.py or reward_model_cpu.py wrote")
     p.add_argument("-o", "--out", type=Path, default=None, help="PNG (default: RESULTS/alignment.png)")
     args = p.parse_args(argv)
     out = args.out or args.results / "alignment.png"
