@@ -58,6 +58,7 @@ def build_data(out: Path, family: str, prompts: int, seed: int,
     evals = [Task.from_json(json.loads(x)) for x in (w / "eval/tasks.jsonl").read_text().splitlines()]
     banned = {t.prompt for t in evals}
     evals = [t for t in evals if t.family == family]
+    held_out = {t.prompt for t in evals}
     train: list[dict] = []
     while len(train) < 2 * prompts:  # HelpSteer2 gives each prompt several rated responses
         task = make_task(family, rng, rng.choice(spec.train_levels))
@@ -70,7 +71,7 @@ def build_data(out: Path, family: str, prompts: int, seed: int,
             "reward_val": _jsonl(out / "data/reward_val.jsonl", [reward_record(t, rng) for t in evals]),
             "pref_val": _jsonl(out / "data/preference_val.jsonl", [
                 r for r in map(json.loads, (w / "reward/preference_val.jsonl").read_text().splitlines())
-                if r["prompt"] in {t.prompt for t in evals}])}
+                if r["prompt"] in held_out])}
 
 
 def run_step(name: str, config: str, run_dir: Path, overrides: list[str], log: Path) -> float:
