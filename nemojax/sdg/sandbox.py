@@ -1,72 +1,420 @@
-"""Run untrusted generated Python in a separate, resource-limited process.
+"""Run untrusted generated Python (Genetic Instruct's `fitness: tests`) in a sandbox that holds.
 
-Never in the calling process: the code runs as `python -I` (isolated: no user site, no
-PYTHON* environment) in a fresh temporary directory, with an empty environment, in its own
-process group, under rlimits on address space (memory), CPU seconds, file size and open files,
-and a wall-clock timeout after which the whole group is killed. It is a guard against runaway
-or careless code (infinite loops, memory bombs, stray files), not a security boundary against
-hostile code; run pipelines that execute model code on a machine you can afford to lose, or in
-a container.
+Generated code is hostile until proven otherwise: it may loop, fork, flood its output, allocate
+in many processes, detach with `setsid`, write outside its directory, open sockets or kill its
+parent. What enforces what (docs/SDG.md has the same table):
+
+| limit                          | `isolation: auto` on Linux                                   | `unsafe-process-group` |
+|--------------------------------|--------------------------------------------------------------|------------------------|
+| whole tree killed at timeout   | PID namespace: its init is killed, the kernel kills the rest | killpg (`setsid` escapes) |
+| no network                     | network namespace with no interface up (not even loopback)  | none                   |
+| writes only in its directory   | mount namespace: read-only root, a tmpfs /sandbox (`disk_mb`) | none (a temp dir is the cwd) |
+| runner and host unreachable    | PID namespace; a uid of its own (root) or a user namespace   | same uid as the runner |
+| memory of the whole tree       | memory cgroup (v1 or delegated v2) if writable; else RLIMIT_AS per process | RLIMIT_AS per process |
+| process count                  | pids cgroup if writable; RLIMIT_NPROC (per-run uid as root, per user namespace on Linux >= 5.14) | none |
+| file size / files              | RLIMIT_FSIZE; tmpfs size and inode count                     | RLIMIT_FSIZE           |
+| CPU                            | RLIMIT_CPU per process, plus the wall-clock timeout         | same                   |
+| output                         | read incrementally, tail kept, killed past `max_output_kb`  | same                   |
+
+As root (containers, CI) the namespaces need no user namespace and the program runs under a
+fresh uid no account uses; without root an unprivileged user namespace maps the caller's own
+uid. If neither is possible the run is refused (`SandboxUnavailable`, naming how to enable it);
+`isolation: unsafe-process-group` is an explicit, warned opt-out for machines you can lose.
+
+A test counts only when its asserts ran: the program must have at least one top-level `assert`
+and reach the end of its module, proven by a nonce it never sees (see sandbox_child._WRAPPER);
+`sys.exit(0)` / `os._exit(0)` before the end fail as `exited_early`.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import json
 import os
+import secrets
 import signal
 import sys
-import tempfile
+import time
+import warnings
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
+
+ISOLATIONS = ("auto", "unsafe-process-group")
+_CHILD = str(Path(__file__).with_name("sandbox_child.py"))
+_TAIL_BYTES = 4096  # output kept for the record (the traceback is at the end)
+_GRACE_S = 5.0  # beyond the timeout: setup and teardown, after which the runner kills the launcher
+
+
+class SandboxUnavailable(RuntimeError):
+    """Generated code cannot be isolated here; never run it unconfined by accident."""
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (not the program): never recorded as a failed test."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    timeout_s: float = 5.0  # wall clock, from launch to the whole tree being gone
+    memory_mb: int = 512  # whole tree (cgroup) and per process (RLIMIT_AS)
+    max_processes: int = 16  # processes of the program's tree, itself included
+    file_size_mb: int = 8  # largest file it may write
+    disk_mb: int = 32  # all it may write (tmpfs /sandbox)
+    max_files: int = 256  # files and directories it may create
+    max_output_kb: int = 1024  # stdout + stderr; past it the tree is killed
 
 
 @dataclass
 class RunResult:
     passed: bool
-    reason: str  # ok | failed | timeout | memory | no_code
-    returncode: int | None
-    stderr: str
+    # ok | failed | timeout | memory | output_limit | exited_early | no_asserts | no_code | killed
+    reason: str
+    returncode: int | None  # the program's exit status (negative: killed by that signal)
+    output: str  # the last few KB of stdout + stderr
+    output_bytes: int = 0
+    seconds: float = 0.0
 
 
-# The child sets its own limits before running the code (no preexec_fn: forking a multithreaded
-# process such as a JAX one and running Python in the child can deadlock).
-_LAUNCHER = """
-import resource, runpy, sys
-mem, cpu, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-for limit, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu),
-                     (resource.RLIMIT_FSIZE, 10 * 1024 * 1024), (resource.RLIMIT_NOFILE, 64),
-                     (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(limit, (value, value))
-sys.argv = [path]
-runpy.run_path(path, run_name="__main__")
-"""
+def top_level_asserts(code: str) -> int | None:
+    """Asserts that run whenever the module body runs to its end: statements of the module body
+    and of a top-level `if __name__ == "__main__":` block. None if the code does not parse."""
+    try:
+        body = ast.parse(code).body
+    except (SyntaxError, ValueError):
+        return None
+    n = 0
+    for node in body:
+        if isinstance(node, ast.Assert):
+            n += 1
+        elif isinstance(node, ast.If) and ast.unparse(node.test).replace("'", '"') == '__name__ == "__main__"':
+            n += sum(isinstance(s, ast.Assert) for s in node.body)
+    return n
 
 
-async def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> RunResult:
-    """Run `code`; passed when it exits 0 within the limits (its asserts are its tests)."""
+@dataclass(frozen=True)
+class _Plan:
+    namespaces: bool
+    user_ns: bool
+
+    def describe(self) -> str:
+        if not self.namespaces:
+            return "unsafe-process-group (rlimits and a process group only)"
+        who = "user namespace" if self.user_ns else "root, per-run uid"
+        tree = "cgroup memory+pids" if _cgroup_parents() else "no writable cgroup: per-process limits"
+        return f"PID+mount+network namespaces ({who}), {tree}"
+
+
+def _plan(isolation: str) -> _Plan:
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation={isolation!r}: choose one of {', '.join(ISOLATIONS)}")
+    if isolation == "unsafe-process-group":
+        return _Plan(False, False)
+    if sys.platform != "linux":
+        raise SandboxUnavailable(_HOW_TO_ENABLE.format(error=f"namespaces need Linux, this is {sys.platform}"))
+    return _Plan(True, os.geteuid() != 0)
+
+
+_HOW_TO_ENABLE = (
+    "cannot isolate generated code: {error}. The sandbox needs Linux PID, mount and network "
+    "namespaces: run as root (e.g. in a container), or enable unprivileged user namespaces "
+    "(sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces>0; on Ubuntu 24.04+ "
+    "also kernel.apparmor_restrict_unprivileged_userns=0). To run it with rlimits only, on a "
+    "machine you can afford to lose, set the stage's `sandbox: unsafe-process-group`.")
+
+_checked: dict[str, str] = {}
+
+
+async def ensure_sandbox(isolation: str = "auto") -> str:
+    """Refuse early (SandboxUnavailable) unless a trivial program runs isolated here; returns
+    what enforces the limits. Cached per process."""
+    if isolation in _checked:
+        return _checked[isolation]
+    plan = _plan(isolation)
+    if not plan.namespaces:
+        warnings.warn("sandbox: unsafe-process-group runs generated code without isolation (no PID, "
+                      "mount or network namespace): use it only on a machine you can afford to lose",
+                      stacklevel=2)
+    try:
+        probe = await _run("assert True\n", SandboxLimits(timeout_s=30.0), plan)
+    except SandboxError as e:
+        raise SandboxUnavailable(_HOW_TO_ENABLE.format(error=e)) from None
+    if not probe.passed:
+        raise SandboxUnavailable(_HOW_TO_ENABLE.format(error=f"a trivial program gave {probe.reason}: "
+                                                           f"{probe.output.strip()[-500:]}"))
+    _checked[isolation] = plan.describe()
+    return _checked[isolation]
+
+
+async def run_python(code: str, limits: SandboxLimits | None = None, *, isolation: str = "auto",
+                     require_asserts: bool = True) -> RunResult:
+    """Run `code` as a program in the sandbox; passed when it ran to the end of its module within
+    the limits (and, with `require_asserts`, has top-level asserts, which therefore all held).
+    Raises SandboxUnavailable / SandboxError for failures of the sandbox, never of the code."""
     if not code.strip():
         return RunResult(False, "no_code", None, "")
-    with tempfile.TemporaryDirectory(prefix="nemojax-sandbox-") as tmp:
-        path = os.path.join(tmp, "solution.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(code)
+    if require_asserts and top_level_asserts(code) == 0:
+        return RunResult(False, "no_asserts", None, "no top-level assert statement: nothing would be tested")
+    limits = limits or SandboxLimits()
+    await ensure_sandbox(isolation)
+    async with _slot():
+        return await _run(code, limits, _plan(isolation))
+
+
+# At most one sandbox per CPU at a time per event loop, so that timeouts measure the program,
+# not the queue for a core.
+_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _slot() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    if loop not in _slots:
+        _slots[loop] = asyncio.Semaphore(max(1, os.cpu_count() or 1))
+    return _slots[loop]
+
+
+async def _run(code: str, limits: SandboxLimits, plan: _Plan) -> RunResult:
+    start = time.monotonic()
+    nonce = secrets.token_hex(16)
+    tree = _TreeLimits.create(limits) if plan.namespaces else None
+    root = os.geteuid() == 0
+    uid = (1 << 30) + secrets.randbelow(1 << 24) if root else os.getuid()
+    status_r, status_w = os.pipe()
+    cfg = {"mode": "namespaces" if plan.namespaces else "unsafe", "user_ns": plan.user_ns,
+           "code": code, "nonce": nonce, "python": sys.executable, "status_fd": status_w,
+           "cgroups": tree.procs if tree else [], "uid": uid, "gid": uid if root else os.getgid(),
+           "timeout_s": float(limits.timeout_s), "cpu_s": max(1, int(limits.timeout_s) + 1),
+           "memory_bytes": limits.memory_mb << 20, "file_bytes": limits.file_size_mb << 20,
+           "disk_bytes": limits.disk_mb << 20, "max_files": limits.max_files,
+           "max_processes": limits.max_processes,
+           # RLIMIT_NPROC counts per user: meaningful under a per-run uid (root) or, since Linux
+           # 5.14, per user namespace; elsewhere it would count all the caller's processes.
+           "nproc": plan.namespaces and (root or _kernel() >= (5, 14))}
+    proc = None
+    tail, total, over, backstop = bytearray(), 0, False, False
+    try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-c", _LAUNCHER, str(memory_mb * 1024 * 1024), str(max(1, int(timeout_s) + 1)),
-            path, cwd=tmp, env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            sys.executable, "-I", _CHILD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, pass_fds=(status_w,), start_new_session=True,
+            env={"PATH": "/usr/bin:/bin"})
+        os.close(status_w)
+        status_w = -1
+        proc.stdin.write(json.dumps(cfg).encode())
+        await proc.stdin.drain()
+        proc.stdin.close()
+
+        async def pump() -> None:  # bounded memory whatever the program writes
+            nonlocal total, over
+            while chunk := await proc.stdout.read(65536):
+                total += len(chunk)
+                tail.extend(chunk)
+                del tail[:-_TAIL_BYTES]
+                if total > limits.max_output_kb * 1024 and not over:
+                    over = True
+                    _signal(proc, signal.SIGTERM)  # the launcher kills the tree
+
+        reader = asyncio.ensure_future(pump())
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)
+            await asyncio.wait_for(proc.wait(), timeout=limits.timeout_s + _GRACE_S)
         except asyncio.TimeoutError:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            backstop = True
+            _signal(proc, signal.SIGKILL)  # init dies with it (PDEATHSIG); the cgroup is emptied below
             await proc.wait()
-            return RunResult(False, "timeout", None, "")
-        text = err.decode("utf-8", "replace")[-2000:]
-        if proc.returncode == 0:
-            return RunResult(True, "ok", 0, text)
-        if "MemoryError" in text or proc.returncode == -signal.SIGKILL:
-            return RunResult(False, "memory", proc.returncode, text)
-        if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-            return RunResult(False, "timeout", proc.returncode, text)
-        return RunResult(False, "failed", proc.returncode, text)
+        try:  # every writer is gone once the launcher has exited (namespaces mode)
+            await asyncio.wait_for(reader, timeout=1.0)
+        except asyncio.TimeoutError:
+            reader.cancel()
+        report = _read_status(status_r)
+    finally:
+        if status_w >= 0:
+            os.close(status_w)
+        os.close(status_r)
+        if proc is not None and proc.returncode is None:  # cancelled: take the tree down
+            _signal(proc, signal.SIGKILL)
+        oom = tree.finish() if tree else False
+    seconds = time.monotonic() - start
+    out = tail.decode("utf-8", "replace")
+
+    def result(passed: bool, reason: str, rc: int | None) -> RunResult:
+        return RunResult(passed, reason, rc, out, total, seconds)
+
+    rc = -report["signal"] if "signal" in report else report.get("exit")
+    if over:
+        return result(False, "output_limit", rc)
+    if report.get("stopped") == "timeout" or backstop:
+        return result(False, "timeout", rc)
+    if oom:
+        return result(False, "memory", rc)
+    if "error" in report or rc is None:
+        raise SandboxError(f"sandbox failed: {report.get('error', 'no report from the launcher')} "
+                           f"(launcher exit {proc.returncode}; output: {out.strip()[-300:]!r})")
+    if rc == 0:
+        return result(report.get("completed") is True, "ok" if report.get("completed") else "exited_early", rc)
+    if rc == -signal.SIGXCPU:
+        return result(False, "timeout", rc)
+    if "MemoryError" in out:
+        return result(False, "memory", rc)
+    if rc == -signal.SIGKILL:
+        return result(False, "killed", rc)
+    return result(False, "failed", rc)
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _read_status(fd: int) -> dict:
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    except BlockingIOError:
+        pass
+    try:
+        return json.loads(data) if data else {}
+    except json.JSONDecodeError:
+        return {"error": f"unreadable launcher report {data[:200]!r}"}
+
+
+def _kernel() -> tuple[int, int]:
+    try:
+        major, minor = os.uname().release.split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except ValueError:
+        return (0, 0)
+
+
+# --- cgroups: memory and process count for the whole tree -----------------------------------------
+
+_parents_cache: list[tuple[str, Path]] | None = None
+
+
+def _cgroup_parents() -> list[tuple[str, Path]]:
+    """Writable cgroup directories under which this process may create children: [("v1-memory",
+    dir), ("v1-pids", dir)] or [("v2", dir)] (a delegated v2 cgroup with memory and pids enabled
+    for its children), else []."""
+    global _parents_cache
+    if _parents_cache is None:
+        _parents_cache = _find_cgroup_parents()
+    return _parents_cache
+
+
+def _find_cgroup_parents() -> list[tuple[str, Path]]:
+    try:
+        own: dict[str, str] = {}
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for c in controllers.split(",") if controllers else ["v2"]:
+                own[c] = path
+        mounts: dict[str, tuple[str, str]] = {}
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fields, (fstype, _src, opts) = left.split(), right.split()[:3]
+            for c in ("memory", "pids"):
+                if fstype == "cgroup" and c in opts.split(","):
+                    mounts[c] = (fields[3], fields[4])
+            if fstype == "cgroup2":
+                mounts["v2"] = (fields[3], fields[4])
+    except (OSError, ValueError):
+        return []
+
+    def own_dir(c: str) -> Path | None:
+        if c not in own or c not in mounts:
+            return None
+        root, point = mounts[c]
+        rel = os.path.relpath(own[c], root)
+        d = Path(point) / rel if not rel.startswith("..") else None
+        return d if d is not None and d.is_dir() and os.access(d, os.W_OK) else None
+
+    mem, pids = own_dir("memory"), own_dir("pids")
+    if mem and pids and (mem / "memory.limit_in_bytes").exists():
+        return [("v1-memory", mem), ("v1-pids", pids)]
+    v2 = own_dir("v2")
+    if v2 is not None:
+        try:
+            enabled = (v2 / "cgroup.subtree_control").read_text().split()
+        except OSError:
+            enabled = []
+        if "memory" in enabled and "pids" in enabled:
+            return [("v2", v2)]
+    return []
+
+
+class _TreeLimits:
+    """One run's cgroup(s): created with the limits, joined by the launcher, emptied and removed."""
+
+    _serial = 0
+
+    def __init__(self, dirs: list[tuple[str, Path]]) -> None:
+        self.dirs = dirs
+        self.procs = [str(d / "cgroup.procs") for _, d in dirs]
+
+    @classmethod
+    def create(cls, limits: SandboxLimits) -> _TreeLimits | None:
+        parents = _cgroup_parents()
+        if not parents:
+            return None
+        cls._serial += 1
+        name = f"nemojax-sandbox-{os.getpid()}-{cls._serial}-{secrets.token_hex(3)}"
+        memory, pids = str(limits.memory_mb << 20), str(limits.max_processes + 2)  # + launcher, init
+        made: list[tuple[str, Path]] = []
+        try:
+            for kind, parent in parents:
+                d = parent / name
+                d.mkdir()
+                made.append((kind, d))
+                if kind == "v1-memory":
+                    (d / "memory.limit_in_bytes").write_text(memory)
+                    if (d / "memory.memsw.limit_in_bytes").exists():  # no escape into swap
+                        (d / "memory.memsw.limit_in_bytes").write_text(memory)
+                elif kind == "v1-pids":
+                    (d / "pids.max").write_text(pids)
+                else:
+                    (d / "memory.max").write_text(memory)
+                    if (d / "memory.swap.max").exists():
+                        (d / "memory.swap.max").write_text("0")
+                    (d / "pids.max").write_text(pids)
+        except OSError as e:
+            cls(made).finish()
+            raise SandboxError(f"cannot set up cgroup {name}: {e}") from None
+        return cls(made)
+
+    def finish(self) -> bool:
+        """Kill whatever is left, remove the cgroups; True if the OOM killer acted inside."""
+        oom = False
+        for kind, d in self.dirs:
+            events = {"v1-memory": "memory.oom_control", "v2": "memory.events"}.get(kind)
+            if events:
+                try:
+                    for line in (d / events).read_text().splitlines():
+                        key, _, value = line.partition(" ")
+                        oom |= key == "oom_kill" and int(value) > 0
+                except (OSError, ValueError):
+                    pass
+            for _ in range(200):
+                try:
+                    left = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+                except OSError:
+                    break
+                if not left:
+                    break
+                for pid in left:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.01)
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+        return oom
