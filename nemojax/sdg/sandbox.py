@@ -178,12 +178,12 @@ async def _run(code: str, limits: SandboxLimits, plan: _Plan) -> RunResult:
     start = time.monotonic()
     nonce = secrets.token_hex(16)
     tree = _TreeLimits.create(limits) if plan.namespaces else None
-    root = os.geteuid() == 0
+    root = os.geteuid() == 0 and plan.namespaces  # unsafe mode keeps the runner's identity
     uid = (1 << 30) + secrets.randbelow(1 << 24) if root else os.getuid()
     status_r, status_w = os.pipe()
     cfg = {"mode": "namespaces" if plan.namespaces else "unsafe", "user_ns": plan.user_ns,
            "code": code, "nonce": nonce, "python": sys.executable, "status_fd": status_w,
-           "cgroups": tree.procs if tree else [], "uid": uid, "gid": uid if root else os.getgid(),
+           "cgroups": tree.procs if tree else [], "drop_root": root, "uid": uid, "gid": uid if root else os.getgid(),
            "timeout_s": float(limits.timeout_s), "cpu_s": max(1, int(limits.timeout_s) + 1),
            "memory_bytes": limits.memory_mb << 20, "file_bytes": limits.file_size_mb << 20,
            "disk_bytes": limits.disk_mb << 20, "max_files": limits.max_files,

@@ -197,7 +197,7 @@ def _exec_program(cfg: dict, workdir: str, nonce_r: int, marker_w: int) -> None:
             limits.append((resource.RLIMIT_NPROC, cfg["max_processes"]))
         for which, value in limits:
             resource.setrlimit(which, (value, value))
-        if os.geteuid() == 0:  # root path: a uid of its own, no groups, no capabilities
+        if cfg["drop_root"]:  # root path: a uid of its own, no groups, no capabilities
             os.setgroups([])
             os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
             os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
@@ -221,7 +221,7 @@ def supervise(cfg: dict, namespaces: bool, workdir: str) -> dict:
     path = os.path.join(workdir, "solution.py")
     with open(path, "w", encoding="utf-8") as f:
         f.write(cfg["code"])
-    if os.geteuid() == 0:
+    if cfg["drop_root"]:
         os.chown(path, cfg["uid"], cfg["gid"])
         os.chown(workdir, cfg["uid"], cfg["gid"])
     nonce = cfg["nonce"].encode()

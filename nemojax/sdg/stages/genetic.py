@@ -4,7 +4,7 @@ Each generation, every colony breeds `offspring` candidates from the current pop
 mutation (an Evol-Instruct-style rewrite of one member: harder, different, more precise) or
 crossover (a Self-Instruct-style new problem with several members as examples); a coder model
 writes a solution; the fitness is a judge model's 1-10 rating (and/or, beyond the paper, whether
-the solution's own asserts pass when run in a resource-limited subprocess, sandbox.py). Fit
+the solution's own top-level asserts ran and passed in the sandbox, sandbox.py). Fit
 candidates from all colonies are merged, deduplicated against the population (exact + MinHash)
 and decontaminated, then join it. It stops after `generations` or once `target_size` new pairs
 exist. Output: SFT-ready records (`messages` = [problem, solution]) with their fitness evidence.
@@ -24,7 +24,7 @@ from typing import Any
 
 from nemojax.config import ConfigError
 from nemojax.sdg.dedup import Decontaminator, Deduplicator
-from nemojax.sdg.sandbox import run_python
+from nemojax.sdg.sandbox import ISOLATIONS, SandboxLimits, SandboxUnavailable, ensure_sandbox, run_python
 from nemojax.sdg.stages.base import Stage, StageSpec, Work, prompt_text
 from nemojax.sdg.store import Ledger, read_jsonl, write_jsonl_atomic
 from nemojax.sdg.templates import MUTATIONS
@@ -43,9 +43,10 @@ class GeneticSpec(StageSpec):
     coder: str = ""  # client writing solutions (default: the stage's client)
     judge: str = ""  # client rating them (default: the stage's client)
     fitness: str = "judge"  # judge | tests (run the solution's asserts) | both
-    min_fitness: float = 0.6  # judge rating / 10 needed to join the population
-    test_timeout_s: float = 5.0
-    test_memory_mb: int = 512
+    min_fitness: float = 0.6  # judge rating / 10 needed to join the population (rating/10 >= it joins)
+    test_timeout_s: float = 5.0  # wall clock for the whole process tree of one solution
+    test_memory_mb: int = 512  # memory of that whole tree (cgroup) and of each process
+    sandbox: str = "auto"  # auto (namespaces; refuse if absent) | unsafe-process-group (opt-out)
     dedup_threshold: float = 0.8
     eval_file: str = ""  # JSONL evaluation set to decontaminate against
     eval_fields: list[str] = field(default_factory=lambda: ["prompt"])
@@ -55,6 +56,10 @@ class GeneticSpec(StageSpec):
         super().validate(key, cfg)
         if self.fitness not in FITNESS:
             raise ConfigError(f"{key}.fitness={self.fitness!r}: choose one of {', '.join(FITNESS)}")
+        if self.sandbox not in ISOLATIONS:
+            raise ConfigError(f"{key}.sandbox={self.sandbox!r}: choose one of {', '.join(ISOLATIONS)}")
+        if self.test_timeout_s <= 0 or self.test_memory_mb < 64:
+            raise ConfigError(f"{key}: test_timeout_s must be > 0 and test_memory_mb >= 64")
         if self.colonies < 1 or self.generations < 1 or self.offspring < 1 or self.target_size < 1:
             raise ConfigError(f"{key}: colonies, generations, offspring and target_size must be >= 1")
         for c in (self.coder, self.judge):
@@ -110,7 +115,8 @@ class GeneticInstruct(Stage):
             return done("no_code")
         rec["solution"] = reply.strip()
         if s.fitness in ("tests", "both"):
-            run = await run_python(code, timeout_s=s.test_timeout_s, memory_mb=s.test_memory_mb)
+            run = await run_python(code, SandboxLimits(timeout_s=s.test_timeout_s, memory_mb=s.test_memory_mb),
+                                   isolation=s.sandbox)
             rec["tests"] = {"passed": run.passed, "reason": run.reason}
             if not run.passed:
                 return done(f"tests_{run.reason}")
@@ -138,6 +144,11 @@ class GeneticInstruct(Stage):
         if not seeds:
             work.drop("no_seeds")
             return []
+        if s.fitness in ("tests", "both"):  # refuse before any model call, not candidate by candidate
+            try:
+                await ensure_sandbox(s.sandbox)
+            except SandboxUnavailable as e:
+                raise ConfigError(f"stages.{self.name}.sandbox: {e}") from None
         ledger = Ledger(state / "candidates.ledger.jsonl", self.fingerprint)
         judged = {k: v["out"][0] for k, v in ledger.load().items()}
         population, start = list(seeds), 0

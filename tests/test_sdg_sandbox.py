@@ -1,0 +1,502 @@
+"""The sandbox for generated code (nemojax/sdg/sandbox.py) against the attacks of issue 18, each
+observed from outside the sandbox: host processes left behind (a marker in their command line),
+files the test owns, a listener the test opens, a process the test owns, the runner's peak RSS.
+
+The strong path (namespaces + cgroups, what CI runs as root) is tested here; the unprivileged
+user-namespace path a laptop gets is tested by running the runner as `nobody`. A test skips only
+when its mechanism is genuinely absent, and says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nemojax.sdg import sandbox
+from nemojax.sdg.sandbox import RunResult, SandboxLimits, SandboxUnavailable, run_python, top_level_asserts
+
+SANDBOX_PY = Path(sandbox.__file__)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolation() -> str:
+    try:
+        return asyncio.run(sandbox.ensure_sandbox())
+    except SandboxUnavailable as e:
+        pytest.skip(f"no namespaces here: {e}")
+
+
+def run(code: str, **limits) -> tuple[RunResult, float]:
+    start = time.monotonic()
+    result = asyncio.run(run_python(textwrap.dedent(code), SandboxLimits(**limits)))
+    return result, time.monotonic() - start
+
+
+def host_processes(mark: str) -> list[int]:
+    """Host pids whose command line contains `mark` (the sandbox's processes are visible here)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if mark.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def cgroups_writable() -> bool:
+    """Independently of the sandbox's own discovery: root, and a cgroup filesystem mounted rw."""
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    return os.geteuid() == 0 and any(m.split()[2] in ("cgroup", "cgroup2") and "rw" in m.split()[3].split(",")
+                                     for m in mounts)
+
+
+def detached_sleeper(mark: str) -> str:
+    """Code that leaves a grandchild in a new session (setsid), holding stdout/stderr open,
+    sleeping under a command line carrying `mark`."""
+    return textwrap.dedent(f"""
+        import os, sys
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "{mark}"])
+            os._exit(0)
+        os.wait()
+    """)
+
+
+# --- a test counts only when its asserts ran ------------------------------------------------------
+
+@pytest.mark.parametrize("code,reason", [
+    ("assert sum([1, 2]) == 3", "ok"),
+    ('def f(x):\n    return x\nif __name__ == "__main__":\n    assert f(2) == 2', "ok"),
+    ("assert 1 == 2", "failed"),
+    ("import sys\nsys.exit(0)\nassert 1 == 2", "exited_early"),
+    ("import os\nos._exit(0)\nassert 1 == 2", "exited_early"),
+    ("raise SystemExit\nassert 1 == 2", "exited_early"),
+    ("def test():\n    assert 1 == 2", "no_asserts"),  # never called: nothing tested
+    ("print('ok')", "no_asserts"),
+    # the assert statement raises the real AssertionError whatever builtins say
+    ("import builtins\nbuiltins.AssertionError = KeyError\nassert 1 == 2", "failed"),
+    # forging the completion marker without the nonce
+    ("import os\nos.write(4, b'0' * 32 + b'\\n')\nos._exit(0)\nassert 1 == 2", "exited_early"),
+    ("import os\ntry:\n    os.write(4, os.read(3, 64))\nexcept OSError:\n    pass\nos._exit(0)\nassert 1 == 2",
+     "exited_early"),  # fd 3 (the nonce) is closed before the solution starts
+])
+def test_a_test_passes_only_when_its_asserts_ran(code, reason):
+    """Mutants: `fitness: tests` passing code that calls sys.exit(0) / os._exit(0) before its
+    asserts (exit status 0 taken as success); code without top-level asserts passing vacuously."""
+    result, _ = run(code)
+    assert (result.reason, result.passed) == (reason, reason == "ok"), result.output
+
+
+def test_top_level_asserts_counts_only_asserts_that_must_run():
+    assert top_level_asserts("assert 1\nassert 2") == 2
+    assert top_level_asserts("if __name__ == '__main__':\n    assert 1") == 1
+    assert top_level_asserts("if x:\n    assert 1\nfor i in []:\n    assert 1\ndef f():\n    assert 1") == 0
+    assert top_level_asserts("def (") is None
+
+
+NONCE_HUNT = r"""
+import gc, os, re, sys
+HEX = re.compile(rb"^[0-9a-f]{32}$")
+found, refused, seen = [], [], set()
+def look(obj, depth):
+    if id(obj) in seen or depth > 6:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (bytes, str)):
+        data = obj if isinstance(obj, bytes) else obj.encode("utf-8", "replace")
+        if HEX.match(data.strip()):
+            found.append(data.strip())
+        return
+    children = []
+    if isinstance(obj, dict):
+        children = list(obj.keys()) + list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    for name in ("__dict__", "args", "keywords", "func", "f_locals", "f_globals", "f_back", "__closure__",
+                 "cell_contents", "__self__", "__wrapped__"):
+        try:
+            children.append(getattr(obj, name))
+        except Exception:
+            pass
+    try:
+        children.append(obj.__reduce_ex__(4))
+    except Exception:
+        pass
+    for child in children:
+        look(child, depth + 1)
+look(sys._getframe(), 0)
+look(sys.modules, 0)
+try:
+    raise ValueError
+except ValueError as e:
+    look(e.__traceback__.tb_frame, 0)
+for attempt in (lambda: gc.get_objects(), lambda: gc.get_referrers(sys.modules),
+                lambda: sys._current_frames(), lambda: sys.settrace(lambda *a: None),
+                lambda: __import__("ctypes").string_at(id(sys), 8),
+                lambda: open("/proc/self/mem", "rb")):
+    try:
+        look(attempt(), 0)
+    except Exception as e:
+        refused.append(type(e).__name__)
+print("found", len(found), "refused", refused, flush=True)
+for candidate in found:
+    os.write(4, candidate + b"\n")
+os._exit(0)
+assert False
+"""
+
+
+def test_the_completion_nonce_is_out_of_the_programs_reach():
+    """Mutant: the wrapper keeps the nonce anywhere the solution can reach (a global, a frame
+    local, an object attribute), or the audit hook misses gc / ctypes / other threads' frames:
+    the hunt below finds it and forges the marker."""
+    result, _ = run(NONCE_HUNT, timeout_s=20.0)
+    assert result.reason == "exited_early", result.output
+    assert "found 0 " in result.output, result.output
+    assert result.output.count("RuntimeError") == 5 and "FileNotFoundError" in result.output, result.output
+
+
+# --- the whole tree dies at the timeout, and does not hold the runner -----------------------------
+
+def test_setsid_grandchild_is_killed_at_the_timeout_and_cannot_hold_the_output_open():
+    """Attack (issue 18): a grandchild that calls setsid outlived the timeout (a process group is
+    not a tree) and, holding stderr open, made run_python(timeout_s=1) return after 20 s.
+    Mutant: killing the launcher's process group instead of the PID namespace's init."""
+    mark = "nemojax-sandbox-test-" + secrets.token_hex(6)
+    result, seconds = run(detached_sleeper(mark) + "import time\ntime.sleep(60)\nassert True\n", timeout_s=1.0)
+    assert result.reason == "timeout" and seconds < 3.0, (result, seconds)
+    assert host_processes(mark) == []
+
+
+def test_background_processes_die_with_the_program():
+    """A program that exits at once leaves no daemon behind (its namespace dies with it)."""
+    mark = "nemojax-sandbox-test-" + secrets.token_hex(6)
+    result, seconds = run(detached_sleeper(mark) + "assert True\n", timeout_s=10.0)
+    assert result.reason == "ok" and seconds < 3.0, (result, seconds)
+    assert host_processes(mark) == []
+
+
+def test_cancelling_a_run_takes_its_tree_down():
+    mark = "nemojax-sandbox-test-" + secrets.token_hex(6)
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(run_python(detached_sleeper(mark) + "import time\n"
+                                                "time.sleep(60)\nassert True\n", SandboxLimits(timeout_s=30)))
+        await asyncio.sleep(1.0)
+        assert host_processes(mark)  # it runs
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    deadline = time.monotonic() + 3
+    while host_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host_processes(mark) == []
+
+
+# --- output, processes, memory, files ------------------------------------------------------------
+
+FLOOD = """
+import sys
+block = b"x" * (1 << 20)
+for _ in range(400):
+    sys.stderr.buffer.write(block)
+sys.stderr.flush()
+assert True
+"""
+
+RSS_PROBE = r"""
+import asyncio, json, sys
+from nemojax.sdg.sandbox import SandboxLimits, run_python
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+asyncio.run(run_python("assert True"))
+before = hwm()
+r = asyncio.run(run_python(sys.stdin.read(), SandboxLimits(timeout_s=60, max_output_kb=int(sys.argv[1]))))
+print(json.dumps({"before": before, "after": hwm(), "reason": r.reason, "bytes": r.output_bytes,
+                  "kept": len(r.output)}))
+"""
+
+
+def test_output_flood_is_read_incrementally_and_capped():
+    """Attack (issue 18): 400 MB on stderr grew the runner to 824 MB (communicate() buffers it
+    all). Mutant: buffering the output, or no cap. The runner's peak RSS, measured in its own
+    process, stays flat while it reads all 400 MB; with the default cap the tree is killed."""
+    probe = subprocess.run([sys.executable, "-c", RSS_PROBE, str(600 << 10)], input=FLOOD, capture_output=True,
+                           text=True, timeout=120, env=os.environ)
+    m = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert m["reason"] == "ok" and m["bytes"] == 400 << 20 and m["kept"] <= 4096, m
+    assert m["after"] - m["before"] < 32 << 20, m  # flat: the flood is 400 MB
+    result, seconds = run(FLOOD)
+    assert result.reason == "output_limit" and len(result.output) <= 4096 and seconds < 5, (result.reason, seconds)
+
+
+def test_process_count_is_limited():
+    """Attack (issue 18): 60 forks succeeded. Mutant: no pids cgroup / RLIMIT_NPROC."""
+    result, _ = run("""
+        import os, time
+        n = 0
+        for _ in range(60):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                time.sleep(30)
+                os._exit(0)
+            n += 1
+        print("forks", n)
+        assert True
+    """, max_processes=8)
+    assert result.reason == "ok", result.output
+    assert int(result.output.split()[-1]) <= 7, result.output  # 8 processes including the program
+
+
+def test_fork_bomb_is_contained():
+    result, seconds = run("""
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+        assert True
+    """, timeout_s=1.0, max_processes=8)
+    assert result.reason == "timeout" and seconds < 4, (result, seconds)
+
+
+def test_memory_limit_covers_the_whole_tree():
+    """Attack (issue 18): three children held 400 MB each, as the limit was per process
+    (RLIMIT_AS). Mutant: no memory cgroup, or its limit not applied to the launcher's tree."""
+    if not cgroups_writable():
+        pytest.skip("no writable cgroup filesystem here: the memory limit is per process (docs/SDG.md)")
+    assert sandbox._cgroup_parents(), "cgroups are writable here, yet the sandbox found none to use"
+    result, _ = run("""
+        import os, time
+        kids = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                block = b"x" * (400 << 20)  # touched, not just reserved
+                time.sleep(30)
+                os._exit(0)
+            kids.append(pid)
+        time.sleep(3)
+        assert True
+    """, timeout_s=10.0, memory_mb=512)
+    assert result.reason == "memory", (result.reason, result.output)
+
+
+def test_one_process_over_the_limit_fails_as_memory():
+    result, _ = run("block = b'x' * (1 << 30)\nassert True", memory_mb=256)
+    assert result.reason == "memory", result.output
+
+
+def test_writes_stay_inside_its_own_directory(tmp_path):
+    """Attack (issue 18): files outside the temp dir were written. Mutant: no mount namespace /
+    read-only root; no file-size or disk cap."""
+    outside = tmp_path / "outside.txt"
+    result, _ = run(f"""
+        import json, os
+        outcome = {{}}
+        for path in ({str(outside)!r}, "/tmp/x", "/usr/x", "/etc/x", "/x", "/root/x", "/dev/shm/x"):
+            try:
+                with open(path, "w") as f:
+                    f.write("escaped")
+                outcome[path] = "written"
+            except OSError as e:
+                outcome[path] = type(e).__name__
+        with open("inside.txt", "w") as f:
+            f.write("fine")
+        try:
+            with open("big", "wb") as f:
+                f.write(b"x" * (2 << 20))
+            outcome["file_size"] = "written"
+        except OSError as e:
+            outcome["file_size"] = type(e).__name__ + str(e.errno)
+        os.remove("big")
+        try:
+            for i in range(8):
+                with open(f"part{{i}}", "wb") as f:
+                    f.write(b"x" * (1 << 20))
+            outcome["disk"] = "written"
+        except OSError as e:
+            outcome["disk"] = str(e.errno)
+        print(json.dumps(outcome))
+        assert open("inside.txt").read() == "fine"
+    """, file_size_mb=1, disk_mb=4)
+    assert result.reason == "ok", result.output
+    outcome = json.loads(result.output.strip().splitlines()[-1])
+    assert not outside.exists()
+    assert "written" not in outcome.values(), outcome
+    assert outcome["file_size"].endswith("27") and outcome["disk"] == "28", outcome  # EFBIG, ENOSPC
+
+
+def test_no_network_not_even_to_the_hosts_localhost():
+    """Attack (issue 18): a TCP connection to a localhost listener went through. Mutant: no
+    network namespace."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(0.2)
+        port = listener.getsockname()[1]
+        result, _ = run(f"""
+            import socket
+            errors = []
+            for target in (("127.0.0.1", {port}), ("::1", {port}), ("8.8.8.8", 53)):
+                try:
+                    socket.create_connection(target, timeout=1).close()
+                    errors.append("connected")
+                except OSError as e:
+                    errors.append(type(e).__name__)
+            try:
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", {port}))
+                errors.append("sent")
+            except OSError as e:
+                errors.append(type(e).__name__)
+            print(errors)
+            assert "connected" not in errors and "sent" not in errors
+        """)
+        assert result.reason == "ok", result.output
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
+def test_proc_host_processes_and_the_parent_are_out_of_reach():
+    """Attacks: reading/writing through /proc, signalling the runner or any host process, killing
+    the parent. Mutant: /proc mounted, or no PID namespace / own uid."""
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        result, _ = run(f"""
+            import os, signal
+            outcome = []
+            for path, mode in (("/proc/self/mem", "rb"), ("/proc/1/environ", "rb"),
+                               ("/proc/sys/kernel/hostname", "w"), ("/sys/kernel/uevent_helper", "w")):
+                try:
+                    open(path, mode).close()
+                    outcome.append("opened " + path)
+                except OSError as e:
+                    outcome.append(type(e).__name__)
+            for pid in ({victim.pid}, {os.getpid()}, os.getppid()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    outcome.append("signalled " + str(pid))
+                except OSError as e:
+                    outcome.append(type(e).__name__)
+            try:
+                os.kill(-1, signal.SIGKILL)  # everything it may signal (not itself): nothing
+                outcome.append("signalled all")
+            except OSError as e:
+                outcome.append(type(e).__name__)
+            print(outcome)
+            assert True
+        """)
+        assert victim.poll() is None  # the test's own process survived
+        assert "opened" not in result.output, result.output
+        for pid in (victim.pid, os.getpid()):  # invisible from its PID namespace
+            assert f"signalled {pid}" not in result.output, result.output
+        assert result.reason == "ok" and "signalled all" not in result.output, result.output
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+# --- the unprivileged path (a laptop) ---------------------------------------------------------------
+
+UNPRIVILEGED = r"""
+import asyncio, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("nemojax_sandbox", sys.argv[1])
+sb = importlib.util.module_from_spec(spec)
+sys.modules["nemojax_sandbox"] = sb
+spec.loader.exec_module(sb)
+out = {"isolation": asyncio.run(sb.ensure_sandbox())}
+for name, code, timeout in json.loads(sys.stdin.read()):
+    r = asyncio.run(sb.run_python(code, sb.SandboxLimits(timeout_s=timeout, max_processes=8)))
+    out[name] = [r.reason, r.output[-300:]]
+print(json.dumps(out))
+"""
+
+
+def test_unprivileged_user_namespace_path(tmp_path):
+    """Without root (a laptop): the same isolation from an unprivileged user namespace, the
+    process count from RLIMIT_NPROC counted per user namespace (Linux >= 5.14)."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not python:
+        pytest.skip("needs root to become `nobody`, setpriv and a system python3")
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
+                            f"open({str(SANDBOX_PY)!r}).close()"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("this checkout is not readable by an unprivileged user")
+    mark = "nemojax-sandbox-test-" + secrets.token_hex(6)
+    jobs = [("ok", "assert 1 + 1 == 2", 5.0),
+            ("exit", "import sys\nsys.exit(0)\nassert False", 5.0),
+            ("setsid", detached_sleeper(mark) + "import time\ntime.sleep(60)\nassert True", 1.0),
+            ("forks", "import os, time\nn = 0\nfor _ in range(60):\n    try:\n        pid = os.fork()\n"
+                      "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n"
+                      "        os._exit(0)\n    n += 1\nprint(n)\nassert n < 8", 5.0),
+            ("write", f"open({str(tmp_path / 'x')!r}, 'w')\nassert True", 5.0),
+            ("net", "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\nassert True", 5.0)]
+    start = time.monotonic()
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
+                           UNPRIVILEGED, str(SANDBOX_PY)], input=json.dumps(jobs), capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    if "cannot isolate" in proc.stderr:
+        pytest.skip(f"unprivileged user namespaces are disabled here: {proc.stderr.strip()[-300:]}")
+    out = json.loads(proc.stdout)
+    assert "user namespace" in out["isolation"], out
+    assert {k: v[0] for k, v in out.items() if k != "isolation"} == {
+        "ok": "ok", "exit": "exited_early", "setsid": "timeout", "forks": "ok", "write": "failed", "net": "failed"}, out
+    assert "Network is unreachable" in out["net"][1] and not (tmp_path / "x").exists()
+    assert host_processes(mark) == [] and time.monotonic() - start < 30
+
+
+# --- refusing to run unconfined ---------------------------------------------------------------------
+
+FAILING_LAUNCHER = """
+import json, os, sys
+cfg = json.loads(sys.stdin.read())
+os.write(cfg["status_fd"], json.dumps({"error": "OSError: unshare: Operation not permitted"}).encode())
+"""
+
+
+def test_refuses_when_it_cannot_isolate(monkeypatch, tmp_path):
+    """No namespaces -> SandboxUnavailable naming how to enable them and the explicit opt-out;
+    never a silent unconfined run, never a failed test recorded for the candidate."""
+    fake = tmp_path / "launcher.py"
+    fake.write_text(FAILING_LAUNCHER)
+    monkeypatch.setattr(sandbox, "_CHILD", str(fake))
+    monkeypatch.setattr(sandbox, "_checked", {})
+    with pytest.raises(SandboxUnavailable, match="unshare: Operation not permitted.*user namespaces.*"
+                                                 "unsafe-process-group"):
+        asyncio.run(run_python("assert True"))
+    monkeypatch.setattr(sandbox.sys, "platform", "darwin")
+    with pytest.raises(SandboxUnavailable, match="need Linux"):
+        asyncio.run(sandbox.ensure_sandbox())
+
+
+def test_unsafe_process_group_is_an_explicit_warned_opt_out():
+    with pytest.warns(UserWarning, match="without isolation"):
+        asyncio.run(sandbox.ensure_sandbox("unsafe-process-group"))
+    ok = asyncio.run(run_python("assert 2 * 2 == 4", isolation="unsafe-process-group"))
+    early = asyncio.run(run_python("import sys\nsys.exit(0)\nassert False", isolation="unsafe-process-group"))
+    loop = asyncio.run(run_python("while True:\n    pass\nassert True", SandboxLimits(timeout_s=1.0),
+                                  isolation="unsafe-process-group"))
+    assert (ok.reason, early.reason, loop.reason) == ("ok", "exited_early", "timeout")
