@@ -29,11 +29,23 @@ from nemojax.sdg.sandbox import RunResult, SandboxLimits, SandboxUnavailable, ru
 SANDBOX_PY = Path(sandbox.__file__)
 
 
+def namespaces_available() -> bool:
+    """Independently of the sandbox: can util-linux `unshare` make PID, network and mount
+    namespaces here (with a user namespace when not root)?"""
+    if sys.platform != "linux" or not shutil.which("unshare"):
+        return False
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return subprocess.run(["unshare", *user, "--pid", "--net", "--mount", "--fork", "true"],
+                          capture_output=True).returncode == 0
+
+
 @pytest.fixture(scope="module", autouse=True)
 def isolation() -> str:
     try:
         return asyncio.run(sandbox.ensure_sandbox())
     except SandboxUnavailable as e:
+        if namespaces_available():
+            raise  # the mechanism is here: the sandbox is broken, not absent
         pytest.skip(f"no namespaces here: {e}")
 
 
@@ -56,11 +68,15 @@ def host_processes(mark: str) -> list[int]:
     return found
 
 
-def cgroups_writable() -> bool:
-    """Independently of the sandbox's own discovery: root, and a cgroup filesystem mounted rw."""
-    mounts = Path("/proc/self/mounts").read_text().splitlines()
-    return os.geteuid() == 0 and any(m.split()[2] in ("cgroup", "cgroup2") and "rw" in m.split()[3].split(",")
-                                     for m in mounts)
+def cgroup_v1_writable() -> bool:
+    """Independently of the sandbox's discovery (CI's machine): root, with the cgroup v1 memory
+    and pids hierarchies mounted read-write."""
+    found = set()
+    for m in Path("/proc/self/mounts").read_text().splitlines():
+        fstype, opts = m.split()[2], m.split()[3].split(",")
+        if fstype == "cgroup" and "rw" in opts:
+            found |= {"memory", "pids"} & set(opts)
+    return os.geteuid() == 0 and found == {"memory", "pids"}
 
 
 def detached_sleeper(mark: str) -> str:
@@ -286,9 +302,10 @@ def test_fork_bomb_is_contained():
 def test_memory_limit_covers_the_whole_tree():
     """Attack (issue 18): three children held 400 MB each, as the limit was per process
     (RLIMIT_AS). Mutant: no memory cgroup, or its limit not applied to the launcher's tree."""
-    if not cgroups_writable():
-        pytest.skip("no writable cgroup filesystem here: the memory limit is per process (docs/SDG.md)")
-    assert sandbox._cgroup_parents(), "cgroups are writable here, yet the sandbox found none to use"
+    if cgroup_v1_writable():
+        assert sandbox._cgroup_parents(), "cgroup v1 memory+pids are writable here, yet the sandbox found none"
+    elif not sandbox._cgroup_parents():
+        pytest.skip("no writable memory+pids cgroup (v1, or v2 delegated): the memory limit is per process")
     result, _ = run("""
         import os, time
         kids = []
@@ -303,6 +320,35 @@ def test_memory_limit_covers_the_whole_tree():
         assert True
     """, timeout_s=10.0, memory_mb=512)
     assert result.reason == "memory", (result.reason, result.output)
+
+
+def test_tree_limits_are_cgroup_limits_seen_from_the_host():
+    """The limits docs/SDG.md promises, read from the host while the program runs: the run's
+    cgroup holds the launcher, init and the program with pids.max and the memory limit set, and
+    is gone afterwards. Mutants: a limit not written; the cgroup left behind."""
+    if not cgroup_v1_writable():
+        pytest.skip("checks the cgroup v1 files CI's machine has")
+    parents = dict(sandbox._cgroup_parents())
+
+    async def observe() -> tuple[dict, RunResult]:
+        task = asyncio.ensure_future(run_python("import time\ntime.sleep(1.5)\nassert True",
+                                                SandboxLimits(memory_mb=300, max_processes=5)))
+        seen: dict = {}
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            mine = [d for d in parents["v1-pids"].glob(f"nemojax-sandbox-{os.getpid()}-*")]
+            if mine and len((mine[0] / "cgroup.procs").read_text().split()) >= 3:
+                mem = parents["v1-memory"] / mine[0].name
+                seen = {"dirs": [mine[0], mem], "pids.max": (mine[0] / "pids.max").read_text().strip(),
+                        "memory": int((mem / "memory.limit_in_bytes").read_text()),
+                        "procs": len((mem / "cgroup.procs").read_text().split())}
+                break
+        return seen, await task
+
+    seen, result = asyncio.run(observe())
+    assert result.reason == "ok" and seen, (result, seen)
+    assert (seen["pids.max"], seen["memory"], seen["procs"]) == ("7", 300 << 20, 3), seen
+    assert not any(d.exists() for d in seen["dirs"])
 
 
 def test_one_process_over_the_limit_fails_as_memory():
@@ -340,6 +386,9 @@ def test_writes_stay_inside_its_own_directory(tmp_path):
             outcome["disk"] = "written"
         except OSError as e:
             outcome["disk"] = str(e.errno)
+        import sys
+        for path in ("/", "/usr", "/dev", sys.prefix, sys.base_prefix, "/sandbox"):
+            outcome["ro " + path] = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
         print(json.dumps(outcome))
         assert open("inside.txt").read() == "fine"
     """, file_size_mb=1, disk_mb=4)
@@ -347,6 +396,8 @@ def test_writes_stay_inside_its_own_directory(tmp_path):
     outcome = json.loads(result.output.strip().splitlines()[-1])
     assert not outside.exists()
     assert "written" not in outcome.values(), outcome
+    read_only = {k[3:]: v for k, v in outcome.items() if k.startswith("ro ")}
+    assert read_only.pop("/sandbox") is False and all(read_only.values()), read_only
     assert outcome["file_size"].endswith("27") and outcome["disk"] == "28", outcome  # EFBIG, ENOSPC
 
 
@@ -382,7 +433,8 @@ def test_no_network_not_even_to_the_hosts_localhost():
 
 def test_proc_host_processes_and_the_parent_are_out_of_reach():
     """Attacks: reading/writing through /proc, signalling the runner or any host process, killing
-    the parent. Mutant: /proc mounted, or no PID namespace / own uid."""
+    the parent, using privileges (setuid, chroot, mknod, sethostname). Mutants: /proc mounted, no
+    PID namespace, the program left as root (caps) instead of a uid of its own."""
     victim = subprocess.Popen(["sleep", "30"])
     try:
         result, _ = run(f"""
@@ -393,6 +445,14 @@ def test_proc_host_processes_and_the_parent_are_out_of_reach():
                 try:
                     open(path, mode).close()
                     outcome.append("opened " + path)
+                except OSError as e:
+                    outcome.append(type(e).__name__)
+            for attempt in (lambda: os.setuid(0), lambda: os.chroot("/sandbox"), lambda: os.setgroups([]),
+                            lambda: os.mknod("dev", 0o600 | 0o020000, os.makedev(1, 3)),
+                            lambda: __import__("socket").sethostname("x")):
+                try:
+                    attempt()
+                    outcome.append("opened privilege")
                 except OSError as e:
                     outcome.append(type(e).__name__)
             for pid in ({victim.pid}, {os.getpid()}, os.getppid()):
