@@ -1,29 +1,18 @@
 """Run untrusted generated Python (Genetic Instruct's `fitness: tests`) in a sandbox that holds.
 
 Generated code is hostile until proven otherwise: it may loop, fork, flood its output, allocate
-in many processes, detach with `setsid`, write outside its directory, open sockets or kill its
-parent. What enforces what (docs/SDG.md has the same table):
+in many processes, detach with `setsid`, write outside its directory, open sockets or signal its
+parent. On Linux each run gets PID, mount, network, IPC and UTS namespaces (the tree dies with
+its init; a read-only root with a private tmpfs /sandbox; no network), a uid of its own (root)
+or a user namespace (otherwise), a memory+pids cgroup when one is writable, rlimits, and output
+read incrementally with a cap. docs/SDG.md ("The sandbox for generated code") says which
+mechanism enforces which limit on which platform. Without namespaces the run is refused
+(`SandboxUnavailable`, naming how to enable them); `isolation="unsafe-process-group"` is the
+explicit, warned opt-out.
 
-| limit                          | `isolation: auto` on Linux                                   | `unsafe-process-group` |
-|--------------------------------|--------------------------------------------------------------|------------------------|
-| whole tree killed at timeout   | PID namespace: its init is killed, the kernel kills the rest | killpg (`setsid` escapes) |
-| no network                     | network namespace with no interface up (not even loopback)  | none                   |
-| writes only in its directory   | mount namespace: read-only root, a tmpfs /sandbox (`disk_mb`) | none (a temp dir is the cwd) |
-| runner and host unreachable    | PID namespace; a uid of its own (root) or a user namespace   | same uid as the runner |
-| memory of the whole tree       | memory cgroup (v1 or delegated v2) if writable; else RLIMIT_AS per process | RLIMIT_AS per process |
-| process count                  | pids cgroup if writable; RLIMIT_NPROC (per-run uid as root, per user namespace on Linux >= 5.14) | none |
-| file size / files              | RLIMIT_FSIZE; tmpfs size and inode count                     | RLIMIT_FSIZE           |
-| CPU                            | RLIMIT_CPU per process, plus the wall-clock timeout         | same                   |
-| output                         | read incrementally, tail kept, killed past `max_output_kb`  | same                   |
-
-As root (containers, CI) the namespaces need no user namespace and the program runs under a
-fresh uid no account uses; without root an unprivileged user namespace maps the caller's own
-uid. If neither is possible the run is refused (`SandboxUnavailable`, naming how to enable it);
-`isolation: unsafe-process-group` is an explicit, warned opt-out for machines you can lose.
-
-A test counts only when its asserts ran: the program must have at least one top-level `assert`
-and reach the end of its module, proven by a nonce it never sees (see sandbox_child._WRAPPER);
-`sys.exit(0)` / `os._exit(0)` before the end fail as `exited_early`.
+A test counts only when its asserts ran: the program must have a top-level `assert` and reach
+the end of its module, proven by a nonce it never sees (sandbox_child._WRAPPER); `sys.exit(0)` /
+`os._exit(0)` before the end are `exited_early`.
 """
 
 from __future__ import annotations
