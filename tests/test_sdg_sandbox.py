@@ -513,7 +513,8 @@ def test_unprivileged_user_namespace_path(tmp_path):
                       "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n"
                       "        os._exit(0)\n    n += 1\nprint(n)\nassert n < 8", 5.0),
             ("write", f"open({str(tmp_path / 'x')!r}, 'w')\nassert True", 5.0),
-            ("net", "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\nassert True", 5.0)]
+            ("net", "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\nassert True", 5.0),
+            ("parent", "import os, time\nos.kill(os.getppid(), 9)\ntime.sleep(0.2)\nassert True", 5.0)]
     start = time.monotonic()
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
                            UNPRIVILEGED, str(SANDBOX_PY)], input=json.dumps(jobs), capture_output=True, text=True,
@@ -523,7 +524,8 @@ def test_unprivileged_user_namespace_path(tmp_path):
     out = json.loads(proc.stdout)
     assert "user namespace" in out["isolation"], out
     assert {k: v[0] for k, v in out.items() if k != "isolation"} == {
-        "ok": "ok", "exit": "exited_early", "setsid": "timeout", "forks": "ok", "write": "failed", "net": "failed"}, out
+        "ok": "ok", "exit": "exited_early", "setsid": "timeout", "forks": "ok", "write": "failed", "net": "failed",
+        "parent": "ok"}, out  # init ignores the kill, survives and reports
     assert "Network is unreachable" in out["net"][1] and not (tmp_path / "x").exists()
     assert host_processes(mark) == [] and time.monotonic() - start < 30
 

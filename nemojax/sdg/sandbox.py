@@ -183,10 +183,13 @@ async def _run(code: str, limits: SandboxLimits, plan: _Plan) -> RunResult:
     proc = None
     tail, total, over, backstop = bytearray(), 0, False, False
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", _CHILD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, pass_fds=(status_w,), start_new_session=True,
-            env={"PATH": "/usr/bin:/bin"})
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", _CHILD, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, pass_fds=(status_w,), start_new_session=True,
+                env={"PATH": "/usr/bin:/bin"})
+        except OSError as e:
+            raise SandboxError(f"cannot start the sandbox launcher: {e}") from None
         os.close(status_w)
         status_w = -1
         proc.stdin.write(json.dumps(cfg).encode())
