@@ -22,7 +22,9 @@ a checkpoint of a compatible base (an LM checkpoint for a reward model or an ada
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +207,33 @@ def _abstract_params(cfg: ModelConfig) -> dict[str, Any]:
     return nnx.to_pure_dict(nnx.state(make_abstract_model(cfg), nnx.Param))
 
 
+class _NoItemMetadataWarning(logging.Filter):
+    """Drops orbax's "Metadata file does not exist" for the `params` item of a training step: the
+    CheckpointManager writes that file once per step directory, not per item, so reading the item
+    alone (every `load_model` of a run) would warn about a file that was never meant to be there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata():
+    log, quiet = logging.getLogger("absl"), _NoItemMetadataWarning()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 def _restore(params_dir: Path, cfg: ModelConfig, *, sharding: Any, optional: Any, what: str,
              ) -> tuple[dict[str, Any], list[str]]:
+    with _quiet_item_metadata():
+        return _restore_params(params_dir, cfg, sharding=sharding, optional=optional, what=what)
+
+
+def _restore_params(params_dir: Path, cfg: ModelConfig, *, sharding: Any, optional: Any, what: str,
+                    ) -> tuple[dict[str, Any], list[str]]:
     """Read the params of `cfg`'s model from `params_dir`; (params, names of optional ones absent).
 
     optional(keys) says whether a parameter may be absent from the checkpoint; a stored

@@ -510,7 +510,18 @@ def resolve_path(path: str | Path) -> Path:
     for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml", CONFIG_DIR / "models" / f"{p}.yaml"):
         if cand.exists():
             return cand
-    raise ConfigError(f"config file not found: {path} (also looked under {CONFIG_DIR})")
+    raise ConfigError(f"config file not found: {path} (also looked under {CONFIG_DIR}){_close_config(path)}")
+
+
+def _close_config(path: str | Path) -> str:
+    """`; did you mean ...?` naming shipped presets / configs close to a mistyped name, or ""."""
+    if not CONFIG_DIR.is_dir():
+        return ""
+    names = {f.stem for f in (CONFIG_DIR / "models").glob("*.yaml")}
+    names |= {str(f.relative_to(CONFIG_DIR).with_suffix("")) for f in CONFIG_DIR.rglob("*.yaml")}
+    given = str(path).removesuffix(".yaml").removeprefix("configs/")
+    close = difflib.get_close_matches(given, sorted(names), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

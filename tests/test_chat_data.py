@@ -181,6 +181,7 @@ def test_malformed_records_are_reported_with_file_and_line(tmp_path) -> None:
         load_examples(path, "sft")
     msg = str(e.value)
     assert "4 malformed sft record(s)" in msg
+    assert "stage.on_bad=skip" in msg  # the hint names the config key a user can set
     for line, what in ((2, "not valid JSON"), (3, "robot"), (4, "no assistant"), (5, "'messages'")):
         assert f"bad.jsonl:{line}: " in msg and what in msg
     examples, report = load_examples(path, "sft", on_bad="skip")

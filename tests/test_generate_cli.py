@@ -18,7 +18,8 @@ LINES = [
     "this line is not JSON",
     {"prompt": "bad temperature", "temperature": -1},
     {"id": "both", "prompt": "x", "prompt_ids": [1]},
-    {"id": 7, "prompt": "numeric id", "top_k": 3, "top_p": 0.9, "min_p": 0.05},
+    {"id": 7, "prompt": "numeric id", "top_k": 3, "top_p": 0.9, "min_p": 0.05, "metadata": {"src": "a"}},
+    {"id": "typo", "prompt": "x", "temprature": 0.5},  # a misspelt key is named, never ignored
 ]
 
 
@@ -48,9 +49,10 @@ def test_generate_outputs_resume_and_bad_lines(ckpt, tmp_path, capsys):
     # fail mode: the three bad lines are reported with their line numbers and nothing runs
     assert run(ckpt, inp, out, "--on-bad-line", "fail") == 1
     err = capsys.readouterr().err
-    for n in (4, 5, 6):
+    for n in (4, 5, 6, 8):
         assert f"in.jsonl:{n}:" in err
     assert "temperature" in err and "exactly one of" in err and not out.exists()
+    assert "unknown key(s) 'temprature' (did you mean temperature?)" in err
 
     assert run(ckpt, inp, out) == 0  # skip mode
     recs = {r["id"]: r for r in read(out)}
@@ -66,6 +68,7 @@ def test_generate_outputs_resume_and_bad_lines(ckpt, tmp_path, capsys):
     turn = tok.special_id("<extra_id_1>")
     assert all(turn not in ids for ids in chat["output_ids"])  # generation stops at <extra_id_1>
     assert recs[3]["prompt_tokens"] == 4 and "logprobs" not in recs[3]
+    assert recs[7]["metadata"] == {"src": "a"}
 
     # Resume: keep two finished lines and a torn third, as after a kill mid-write.
     lines = out.read_text().splitlines()

@@ -140,3 +140,19 @@ def test_errors_name_what_is_missing_or_wrong(model, tmp_path):
     (out / "config.yaml").write_text("steps: 3\n")
     with pytest.raises(ConfigError, match="no 'model:' section"):
         nemojax.load(out)
+
+
+def test_loading_a_training_checkpoint_does_not_warn_about_item_metadata(tmp_path, caplog):
+    """Catches: orbax's "Metadata file does not exist" on every load of a run's checkpoint (the
+    CheckpointManager writes that file per step directory, the loader reads the `params` item)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(Config(model=CFG), run / "config.yaml")
+    model = init_model(CFG, seed=3)
+    with ocp.CheckpointManager((run / "checkpoints").absolute()) as mgr:
+        mgr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(_params(model))))
+    assert (run / "checkpoints" / "5" / "_CHECKPOINT_METADATA").exists()
+    assert not (run / "checkpoints" / "5" / "params" / "_CHECKPOINT_METADATA").exists()
+    with caplog.at_level("WARNING"):
+        _assert_same_params(model, nemojax.load(run))
+    assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]

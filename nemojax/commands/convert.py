@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from nemojax.convert.hf import DEFAULT_MAX_SHARD_SIZE
 
@@ -54,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     from nemojax.convert.hf import CheckpointError, convert_from_hf, convert_to_hf
     from nemojax.data.tokenizer import TokenizerError
 
+    source = args.hf_dir if args.direction == "from-hf" else args.ckpt
+    if not Path(source).exists():  # a usage error like every command's missing path: exit 2
+        print(f"nemojax convert {args.direction}: error: {source} does not exist", file=sys.stderr)
+        return 2
     try:
         if args.direction == "from-hf":
             out = convert_from_hf(args.hf_dir, args.out_dir, param_dtype=args.dtype,
@@ -65,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         print(f"nemojax convert {args.direction}: error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, FileNotFoundError, TokenizerError) as e:
+    except FileNotFoundError as e:
+        print(f"nemojax convert {args.direction}: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, TokenizerError) as e:
         print(f"nemojax convert {args.direction}: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

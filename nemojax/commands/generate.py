@@ -7,9 +7,11 @@ Input lines (JSON objects) hold exactly one of
                                                     a message is never read as a control token;
                                                     generation also stops at <extra_id_1>
   "prompt_ids": [2, 415, ...]                        token ids, used as given
-plus an optional "id" (default: the 1-based line number) and optional per-line sampling fields
+plus an optional "id" (default: the 1-based line number), an optional "metadata" (any JSON, copied
+to the output) and optional per-line sampling fields
 (temperature, top_p, top_k, min_p, max_tokens, stop, stop_token_ids, seed, n, logprobs,
-top_logprobs, prompt_logprobs) that override the command-line defaults. Each output line is the
+top_logprobs, prompt_logprobs) that override the command-line defaults; any other key is a bad line
+naming it (a misspelt "temprature" would otherwise sample silently with the default). Each output line is the
 input object plus "id", "text", "output_ids", "finish_reason" ("stop" | "length"),
 "prompt_tokens", "completion_tokens" (and "logprobs" / "top_logprobs" / "prompt_logprobs" when
 asked). With n > 1 the per-sample fields are lists of n values. The n samples of a prompt share
@@ -27,6 +29,7 @@ and loaded programs and the seconds they took, prefix-cache reuse.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
@@ -40,6 +43,7 @@ from typing import Any, Iterator
 from nemojax.inference.sampling import SamplingError, SamplingParams
 
 SOURCE_FIELDS = ("prompt", "messages", "prompt_ids")
+PASS_THROUGH_FIELDS = ("id", "metadata")  # copied to the output as given
 AUTO_MIN_LEN = 128  # the smallest cache length --max-len's default picks
 
 
@@ -121,6 +125,13 @@ def parse_line(text: str, line_no: int, *, tokenizer: Any, defaults: SamplingPar
         raise BadLine(f"not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
         raise BadLine(f"must be a JSON object, got {type(record).__name__}")
+    known = {*SOURCE_FIELDS, *PASS_THROUGH_FIELDS, *SamplingParams.field_names()}
+    unknown = sorted(k for k in record if k not in known)
+    if unknown:
+        hints = [f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, sorted(known), n=1)) else ""
+                 for k in unknown]
+        raise BadLine("unknown key(s) " + ", ".join(f"{k!r}{h}" for k, h in zip(unknown, hints)) +
+                      "; put your own fields under \"metadata\", which is copied to the output")
     sources = [f for f in SOURCE_FIELDS if f in record]
     if len(sources) != 1:
         raise BadLine(f"needs exactly one of {', '.join(SOURCE_FIELDS)}; found "

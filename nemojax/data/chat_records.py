@@ -144,7 +144,7 @@ def load_examples(path: str | Path, kind: str, *, attributes: Sequence[str] = HE
     if report.bad and on_bad == "fail":
         more = f"\n  ... and {report.bad - len(report.problems)} more" if report.bad > len(report.problems) else ""
         raise DataError(f"{report.bad} malformed {kind} record(s) in {path} (fix them, or skip them with "
-                        f"on_bad=skip):\n  " + "\n  ".join(report.problems) + more)
+                        f"stage.on_bad=skip):\n  " + "\n  ".join(report.problems) + more)
     return out, report
 
 
