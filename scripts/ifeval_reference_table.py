@@ -30,6 +30,8 @@ from tests.ifeval_fuzz import fuzz_kwargs, fuzz_texts  # noqa: E402
 from tests.ifeval_reference import load  # noqa: E402
 from tests.sdg_responses import CASES  # noqa: E402
 
+DEVANAGARI = "नदी उत्सव कल सुबह शुरू होगा"  # six words, each with vowel signs or a virama
+
 # (instruction id, kwargs, response): sentence counting on doubled and spaced end punctuation, and
 # responses that pass loose mode only through the `*`-stripped variants
 HAND_CASES = [
@@ -46,8 +48,7 @@ HAND_CASES = [
     ("keywords:existence", {"keywords": []}, "Anything at all."),
     ("keywords:forbidden_words", {"forbidden_words": []}, "Anything at all."),
     # NLTK's word tokenizer matches with the `regex` engine: a Devanagari word with vowel signs is one word
-    *[("length_constraints:number_words", {"num_words": n, "relation": "less than"}, "नदी उत्सव कल सुबह शुरू होगा")
-      for n in (6, 7)],
+    *[("length_constraints:number_words", {"num_words": n, "relation": "less than"}, DEVANAGARI) for n in (6, 7)],
 ]
 
 

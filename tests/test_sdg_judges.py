@@ -36,7 +36,8 @@ VERDICTS = [
     ("Response A is more detailed, but B is more accurate; overall, A.", "A"),
     ("I prefer a shorter answer, so B.", "B"), ("U.S.A. aside: B.", "B"),
     # comparisons, either direction
-    ("B is better than A.", "B"), ("A is better than B.", "A"), ("A is worse than B.", "B"), ("A is slightly worse.", "B"),
+    ("B is better than A.", "B"), ("A is better than B.", "A"), ("A is worse than B.", "B"),
+    ("A is slightly worse.", "B"),
     ("b is better", "B"), ("B is the clear winner.", "B"), ("B wins over A", "B"), ("B is not as good as A.", "A"),
     ("Both are good, but A is a bit better.", "A"), ("A > B", "A"), ("A < B", "B"), ("I prefer B.", "B"),
     ("I'd go with Assistant B.", "B"), ("I choose response B over response A.", "B"),
@@ -74,7 +75,8 @@ SCORES = [
     ("7/10 at first, but after running the tests, 9/10", 9),
     # no score
     ("0", None), ("11", None), ("Score: 15", None), ("11/10", None), ("Score: 10.5", None), ("Score: -3", None),
-    ("7-8", None), ("7 or 8", None), ("Score: 7 or 8", None), ("I'd rate it 6 or 7.", None), ("Score: 6 to 8", None), ("Score: 4/5", None), ("Score: 70%", None), ("From 1 to 10, I'd say 9.", None),
+    ("7-8", None), ("7 or 8", None), ("Score: 7 or 8", None), ("I'd rate it 6 or 7.", None), ("Score: 6 to 8", None),
+    ("Score: 4/5", None), ("Score: 70%", None), ("From 1 to 10, I'd say 9.", None),
     ("N/A", None), ("I cannot rate this.", None), ("", None), ("seven", None), ("Grade: B", None),
 ]
 

@@ -19,9 +19,9 @@ parsers look for explicit statements, never for stray letters or numbers:
   last. No statement, no verdict: None, never a guess.
 
 Scores follow the same plan: "[[7]]", then "7/10" / "7 out of 10", then a score word or the scale
-itself followed by the number ("Score: 7", "Rating: 7.5", "I'd give it a 7", "On a scale of 1 to 10:
-7"), then a number that closes a line on its own ("Looks right. 8"). A range or hedge ("7-8", "7 or 8") is no score, and a score
-outside the scale is None, not clipped.
+itself followed by the number ("Score: 7", "Rating: 7.5", "I'd give it a 7", "On a scale of 1 to
+10: 7"), then a number closing a line on its own ("Looks right. 8"). A range or hedge ("7-8",
+"7 or 8") is no score, and a score outside the scale is None, not clipped.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ _LABEL = (rf"(?:{_NOUN}\s*\(?\s*[AB]\s*\)?(?:['’]s)?(?![\w'’-])"  # Response
           rf"|\[\s*[AB]\s*\]|\(\s*[AB]\s*\)|\"\s*[AB]\s*\"|'\s*[AB]\s*'|“\s*[AB]\s*”"  # [B] (A) "B"
           rf"|(?:the\s+)?(?:first|second)\s+(?:one|{_NOUN})|the\s+(?:former|latter)"  # the second answer
           rf"|{_LETTER})")
-_ADVERBS = (r"(?:(?:clearly|slightly|much|far|way|definitely|certainly|obviously|surely|significantly|marginally|somewhat|"
-            r"overall|still|also|arguably|generally|noticeably|considerably|substantially|probably|"
+_ADVERBS = (r"(?:(?:clearly|slightly|much|far|way|definitely|certainly|obviously|surely|significantly|"
+            r"marginally|somewhat|overall|still|also|arguably|generally|noticeably|considerably|substantially|probably|"
             r"a\s+bit|a\s+little|by\s+far)\s+)*")
 _QUALITY = (r"(?:helpful|accurate|correct|complete|relevant|useful|informative|clear|concise|precise|"
             r"thorough|detailed|appropriate|coherent|faithful|comprehensive)")
