@@ -39,13 +39,62 @@ def test_kwargs_errors_name_the_problem():
 
 
 def test_loose_mode_variants():
+    """Loose mode tries the response without its first / last line and with every `*` removed.
+    Kills: loose IFEval without the `*`-stripped variants (each response below passes loose mode
+    only once its `*` are gone: no line can be removed from a one-line answer), and loose mode
+    without the line-removed variants."""
     kw = {"end_phrase": "Bye."}
     response = "Sure, here you go.\nThe answer.\nBye.\n*Note: generated*"
     assert not follows("startend:end_checker", response, kw)
     assert follows("startend:end_checker", response, kw, loose=True)  # last line removed
-    title = "**<<Title>>**"
-    assert follows("detectable_format:title", title, {})
+    only_without_stars = [("startend:end_checker", {"end_phrase": "Bye."}, "**Bye.**"),
+                          ("startend:quotation", {}, '*"quoted"*'),
+                          ("detectable_format:json_format", {}, '**{"a": 1}**'),
+                          ("combination:repeat_prompt", {"prompt_to_repeat": "Write a note."},
+                           "**Write a note.** Here it is.")]
+    for instruction_id, kwargs, r in only_without_stars:
+        assert not follows(instruction_id, r, kwargs), r
+        assert follows(instruction_id, r, kwargs, loose=True), r
     assert not follows("punctuation:no_comma", "   ", {}, loose=True)  # empty never passes
+
+
+def test_sentence_and_word_counts_follow_the_reference():
+    """IFEval counts sentences with NLTK's Punkt code, quirks included; counts written by hand from
+    the reference's splits (also in the frozen reference table). Kills: a Punkt implementation that
+    merges runs of end punctuation ("great!!" one sentence, ". . ." part of the previous one), and
+    counting words with Python's `re` (a Devanagari word with vowel signs would be several)."""
+    from nemojax.sdg.instructions.text import count_sentences, count_words
+
+    counts = {"That is great!!": 2, "Why??": 2, "Why?? Because.": 2, "He ran. . . She ran.": 4, "Really?!": 2,
+              "Wow!!! Yes?! No?!?": 4, "Wait... what?": 1, "Dr. Smith arrived. He sat.": 2, "": 0}
+    assert {t: count_sentences(t) for t in counts} == counts
+    assert check("length_constraints:number_sentences", "That is great!!", num_sentences=2, relation="at least")
+    assert count_words("नदी उत्सव कल, river-side") == 5
+
+
+def test_kwargs_the_reference_would_replace_at_random_are_refused():
+    """IFEval's evaluator drops falsy kwargs (0, "", []) and its checkers then draw a random value,
+    as they do for negative counts and invalid letters; no fixed verdict equals that, so each is a
+    ValueError naming the kwarg, whatever the response. Kills: `num_placeholders=0` passing every
+    response and `keywords=[]` passing every response (the reference draws 1-4 and two words)."""
+    refused = [("detectable_content:number_placeholders", {"num_placeholders": 0}, "num_placeholders=0"),
+               ("keywords:existence", {"keywords": []}, "keywords=\\[\\]"),
+               ("keywords:forbidden_words", {"forbidden_words": []}, "forbidden_words=\\[\\]"),
+               ("startend:end_checker", {"end_phrase": ""}, "end_phrase=''"),
+               ("length_constraints:number_words", {"num_words": 0, "relation": "less than"}, "num_words=0"),
+               ("detectable_format:number_bullet_lists", {"num_bullets": -1}, "num_bullets=-1"),
+               ("keywords:letter_frequency", {"letter": " a", "let_frequency": 1, "let_relation": "at least"},
+                "letter=' a'"),
+               ("language:response_language", {"language": "xx"}, "language='xx'"),
+               ("length_constraints:nth_paragraph_first_word",
+                {"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "a"}, "nth_paragraph=3")]
+    for instruction_id, kwargs, named in refused:
+        for response in ("Some [text] here.", ""):
+            with pytest.raises(ValueError, match=named):
+                follows(instruction_id, response, kwargs)
+    # the reference keeps a negative capital_frequency as given: so do we
+    assert check("change_case:capital_word_frequency", "no capitals", capital_frequency=-1,
+                 capital_relation="at least")
 
 
 def test_evaluate_levels():

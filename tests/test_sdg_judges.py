@@ -1,7 +1,8 @@
 """Judges and preference data against scripted LLMs / rewards, exact outputs: reward threshold
 filter, reward-as-judge pairs, LLM-as-judge asked twice with the order swapped (kept only when
-both agree), math ground truth, instruction checkers; instruction prompts and filter; exports in
-the post-training schemas."""
+both agree), math ground truth, instruction checkers (every turn of a multi-turn conversation);
+instruction prompts and filter; exports in the post-training schemas. The judge-reply readers
+(verdicts, 1-10 scores) against hand-labelled phrasings."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import json
 
 from nemojax.sdg.llm import ScriptedLLM
 from nemojax.sdg.reward import ScriptedReward
-from nemojax.sdg.stages.judges import final_answer, verdict
+from nemojax.sdg.judge_replies import judge_score, parse_verdict, verdict
+from nemojax.sdg.stages.judges import final_answer
 from tests.sdg_helpers import read, run_pipeline, strip_ids
 
 
@@ -18,13 +20,96 @@ def write(path, rows):
     return str(path)
 
 
+# (judge reply, verdict written by hand): "A" / "B" / "tie" / None (no verdict stated)
+VERDICTS = [
+    # one letter, any case or dress
+    ("A", "A"), ("B", "B"), ("b", "B"), ("a", "A"), ("B.", "B"), ("**B**", "B"), ("Definitely B!", "B"),
+    ("response a", "A"), ("Output (a)", "A"), ("Option (B)", "B"), ("I'd pick (A).", "A"), ("the former", "A"),
+    # labels
+    ("Response B", "B"), ("Assistant A", "A"), ("The first response is better.", "A"), ("The second one.", "B"),
+    ("Assistant B's answer is more helpful.", "B"), ("assistant b is better", "B"),
+    # final-verdict markers and declarations
+    ("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie"), ("**Final verdict:** [[A]]", "A"), ("Answer: b", "B"),
+    ("Verdict: A", "A"), ("My choice is B.", "B"), ("The better response is B.", "B"),
+    ("After careful thought, the winner is Response A", "A"), ("The answer is a", "A"),
+    ("Response A is accurate but verbose. Response B is concise. Overall, B.", "B"),
+    ("Response A is more detailed, but B is more accurate; overall, A.", "A"),
+    ("I prefer a shorter answer, so B.", "B"), ("U.S.A. aside: B.", "B"),
+    # comparisons, either direction
+    ("B is better than A.", "B"), ("A is better than B.", "A"), ("A is worse than B.", "B"),
+    ("A is slightly worse.", "B"),
+    ("b is better", "B"), ("B is the clear winner.", "B"), ("B wins over A", "B"), ("B is not as good as A.", "A"),
+    ("Both are good, but A is a bit better.", "A"), ("A > B", "A"), ("A < B", "B"), ("I prefer B.", "B"),
+    ("I'd go with Assistant B.", "B"), ("I choose response B over response A.", "B"),
+    # the last statement is the conclusion
+    ("A is more concise, but B is better overall.", "B"), ("At first I thought A was better, but B is better.", "B"),
+    ("Verdict: B. On reflection, final verdict: A", "A"), ("[[B]] ... no, [[A]]", "A"),
+    # hedges and articles: "a" is an article, not a vote
+    ("It is a close call, but B is better.", "B"), ("A close call, but I think A.", "A"),
+    ("Verdict: A close call, but B wins.", "B"), ("B, because it is more accurate.", "B"),
+    ("A has an error. B.", "B"), ("A. Accuracy is fine.\nB. Clarity is poor.", "A"),
+    # ties
+    ("Both are equally good.", "tie"), ("It's a tie.", "tie"), ("neither", "tie"), ("Equal.", "tie"),
+    ("Neither response is correct.", "tie"), ("There is no clear winner.", "tie"), ("A = B", "tie"),
+    ("They are about the same.", "tie"), ("Neither A nor B answers the question.", "tie"),
+    # no verdict: refusals, descriptions, negations, mentions
+    ("", None), ("None", None), ("I cannot decide which is better.", None), ("Sorry, I can't help with that.", None),
+    ("Which one? A or B? Hard to say.", None), ("A good answer would cite sources.", None),
+    ("The answer is a bit long, but it is correct.", None), ("A is not better than B.", None),
+    ("I would not choose A.", None), ("Not A.", None), ("Both responses have issues.", None),
+    ("Response A: accurate.\nResponse B: clear.", None), ("The U.S.A. team wrote B.", None),
+    ("I cannot compare Response A and Response B without more context.", None),
+]
+
+# (judge reply, 1-10 score written by hand; None: no score, a hedge, or off the scale)
+SCORES = [
+    ("7", 7), ("**8**", 8), ("10", 10), ("1", 1), ("7/10", 7), ("8.5/10", 8.5), ("10/10 would run again", 10),
+    ("Rate: 10/10!", 10), ("7 out of 10", 7), ("Score: 7 out of 10", 7), ("Rating: 8/10 (very good)", 8),
+    ("I rate this solution 6 out of 10 because 3 of the tests fail.", 6), ("Score: 7", 7), ("Score = 8", 8),
+    ("**Score:** 6", 6), ("Final score: 3", 3), ("Rating: 7.5", 7.5), ("Score: 7.25", 7.25), ("Score: 7.0", 7),
+    ("[[7]]", 7), ("Rating: [[9]]", 9), ("On a scale of 1 to 10: 7", 7), ("Rating on a scale of 1 to 10: 7", 7),
+    ("Score: 7. (On a scale of 1-10)", 7), ("I would rate it 7.", 7), ("I'd give it an 8.", 8),
+    ("3/4 of the tests pass. Score: 6", 6), ("The code runs in O(n^2). Rating: 5", 5),
+    ("The solution handles 3 cases. 8", 8), ("8\n\nThe solution is correct but lacks edge cases.", 8),
+    ("Score: 6\nAfter review: 8", 6), ("Initial score: 5. Revised score: 8", 8),
+    ("7/10 at first, but after running the tests, 9/10", 9),
+    # no score
+    ("0", None), ("11", None), ("Score: 15", None), ("11/10", None), ("Score: 10.5", None), ("Score: -3", None),
+    ("7-8", None), ("7 or 8", None), ("Score: 7 or 8", None), ("I'd rate it 6 or 7.", None), ("Score: 6 to 8", None),
+    ("Score: 4/5", None), ("Score: 70%", None), ("From 1 to 10, I'd say 9.", None),
+    ("N/A", None), ("I cannot rate this.", None), ("", None), ("seven", None), ("Grade: B", None),
+]
+
+
+def test_verdicts_of_hand_labelled_replies():
+    """Kills: reading the first letter-like token (the article "a" as a vote for A), taking the
+    first statement instead of the last, dropping ties into A/B, guessing when no verdict is stated."""
+    assert len(VERDICTS) >= 30
+    wrong = [(reply, want, parse_verdict(reply)) for reply, want in VERDICTS if parse_verdict(reply) != want]
+    assert not wrong, f"{len(wrong)} misread (reply, want, got): {wrong}"
+    assert verdict("Both are equally good.") is None and verdict("It is a close call, but B is better.") == "B"
+    assert parse_verdict(None) is None
+
+
+def test_scores_of_hand_labelled_replies():
+    """Kills: taking the first number (the 1 of "on a scale of 1 to 10"), clipping out-of-range
+    scores into the scale, reading a hedge ("7 or 8") as a score, fractions of other things as scores."""
+    assert len(SCORES) >= 30
+    wrong = [(reply, want, judge_score(reply)) for reply, want in SCORES
+             if judge_score(reply) != want or type(judge_score(reply)) is not type(want)]
+    assert not wrong, f"{len(wrong)} misread (reply, want, got): {wrong}"
+    assert judge_score(None) is None and judge_score("4/5", high=5) == 4 and judge_score("Score: 0", low=0) == 0
+
+
 def length_reward(messages):
     return {"helpfulness": len(messages[-1]["content"]) / 10.0}
 
 
 def test_reward_filter_and_reward_preference(tmp_path):
+    """Kills: reward_filter comparing with `>` instead of `>=` (a reward equal to the threshold,
+    0.5 here, is kept)."""
     src = write(tmp_path / "p.jsonl", [{"prompt": "Say something."}, {"prompt": "Say more."}])
-    short = ScriptedLLM(lambda r, i: "ok")
+    short = ScriptedLLM(lambda r, i: "hello" if "more" in r.messages[0]["content"] else "ok")  # reward 0.5 / 0.2
     long = ScriptedLLM(lambda r, i: "a much longer answer" if "more" in r.messages[0]["content"] else "ok")
     run, summary = run_pipeline(tmp_path, {
         "prompts": {"kind": "read", "path": src},
@@ -34,26 +119,38 @@ def test_reward_filter_and_reward_preference(tmp_path):
         "dpo": {"kind": "export_preference"},
     }, {"short": short, "long": long}, reward=ScriptedReward(length_reward, weights={"helpfulness": 1.0}))
     kept = strip_ids(read(run, "kept"))
-    assert [k["messages"][-1]["content"] for k in kept] == ["a much longer answer"]
-    assert kept[0]["reward"] == {"helpfulness": 2.0, "reward": 2.0}
-    assert summary["kept"]["dropped"] == {"below_threshold": 3}
+    assert [k["messages"][-1]["content"] for k in kept] == ["hello", "a much longer answer"]  # 0.5 >= 0.5 kept
+    assert kept[1]["reward"] == {"helpfulness": 2.0, "reward": 2.0}
+    assert summary["kept"]["dropped"] == {"below_threshold": 2}
     assert summary["pairs"]["dropped"] == {"duplicate_response": 1, "fewer_than_two_responses": 1}
     assert strip_ids(read(run, "dpo")) == [{
-        "prompt": "Say more.", "chosen": "a much longer answer", "rejected": "ok",
-        "chosen_reward": 2.0, "rejected_reward": 0.2,
+        "prompt": "Say more.", "chosen": "a much longer answer", "rejected": "hello",
+        "chosen_reward": 2.0, "rejected_reward": 0.5,
         "judge": {"kind": "reward", "chosen_from": "long", "rejected_from": "short",
                   "chosen_scores": {"helpfulness": 2.0, "reward": 2.0},
-                  "rejected_scores": {"helpfulness": 0.2, "reward": 0.2}}}]
+                  "rejected_scores": {"helpfulness": 0.5, "reward": 0.5}}}]
 
 
-def test_llm_judge_needs_both_orders_to_agree(tmp_path):
-    src = write(tmp_path / "p.jsonl", [{"prompt": "consistent"}, {"prompt": "positional"}])
+def test_llm_judge_reads_prose_verdicts_and_needs_both_orders_to_agree(tmp_path):
+    """The LLM judge is asked A/B then B/A; a pair is kept only when both verdicts pick the same
+    response. Kills: a reader that takes the first letter-like token (the hedge "It is a close
+    call, but B is better." read as A: the pair is then dropped as a disagreement), and a tie or a
+    reply with no verdict being counted as a preference instead of dropped."""
+    prompts = ["consistent", "hedged", "positional", "tie", "refusal"]
+    src = write(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
 
     def judge(req, i):
         text = req.messages[-1]["content"]
+        good_first = "Response A:\ngood" in text
         if "positional" in text:
             return "A"  # always prefers whichever is shown first: inconsistent under swapping
-        return "A" if "Response A:\ngood" in text else "The better one is B."
+        if "hedged" in text:
+            return "A, clearly." if good_first else "It is a close call, but B is better."
+        if "tie" in text:
+            return "A" if good_first else "Both are equally good."
+        if "refusal" in text:
+            return "I cannot compare these." if good_first else "B"
+        return "A" if good_first else "The better one is B."
 
     run, summary = run_pipeline(tmp_path, {
         "prompts": {"kind": "read", "path": src},
@@ -62,11 +159,10 @@ def test_llm_judge_needs_both_orders_to_agree(tmp_path):
     }, {"bad": ScriptedLLM(lambda r, i: "bad"), "good": ScriptedLLM(lambda r, i: "good"),
         "judge": ScriptedLLM(judge)})
     pairs = strip_ids(read(run, "pairs"))
-    assert pairs == [{"prompt": "consistent", "chosen": "good", "rejected": "bad",
+    assert pairs == [{"prompt": p, "chosen": "good", "rejected": "bad",
                       "judge": {"kind": "llm", "chosen_from": "good", "rejected_from": "bad",
-                                "verdicts": ["B", "A"], "order": ["ab", "ba"]}}]
-    assert summary["pairs"]["dropped"] == {"judge_disagrees": 1}
-    assert verdict("Answer: b") == "B" and verdict("neither") is None
+                                "verdicts": ["B", "A"], "order": ["ab", "ba"]}} for p in ("consistent", "hedged")]
+    assert summary["pairs"]["dropped"] == {"judge_disagrees": 1, "judge_tie": 1, "judge_unparseable": 1}
 
 
 def test_math_ground_truth_judge(tmp_path):
@@ -129,3 +225,32 @@ def test_multi_turn_and_revision_variants(tmp_path):
     rev = strip_ids(read(run, "rev"))[0]
     assert [m["content"] for m in rev["messages"]][:2] == ["Q one?", "Reply 1"]
     assert rev["messages"][2]["content"].startswith("Rewrite your previous answer")
+
+
+def test_multi_turn_instructions_judge_every_turn(tmp_path):
+    """A multi-turn instruction prompt states its rules once for every later turn, so every
+    assistant turn is checked. Kills: multi-turn judging only the last turn (`judged_turns`
+    returning the final answer alone): the response whose first turn breaks the rule would pass
+    the instruction filter, and the instruction judge would find no failing response to reject."""
+    src = write(tmp_path / "p.jsonl", [{"prompt": "Q one?"}, {"prompt": "Q two?"}])
+    early_comma = ScriptedLLM(lambda r, i: "First, a comma." if len(r.messages) == 1 else "Clean reply.")
+    run, summary = run_pipeline(tmp_path, {
+        "prompts": {"kind": "read", "path": src},
+        "multi": {"kind": "instruction_prompts", "variants": ["multi_turn"], "allowed": ["punctuation:no_comma"],
+                  "max_instructions": 1},
+        "answers": {"kind": "respond", "clients": ["early_comma", "clean"]},
+        "passing": {"kind": "instruction_filter"},
+        "pairs": {"kind": "preference", "input": "answers", "judge": "instructions"},
+    }, {"early_comma": early_comma, "clean": ScriptedLLM(lambda r, i: "Plain reply.")})
+    passing = strip_ids(read(run, "passing"))
+    assert [[r["client"] for r in p["responses"]] for p in passing] == [["clean"], ["clean"]]
+    assert summary["passing"]["dropped"] == {"failed_instructions": 2}
+    # the pair is taken at the rejected response's first failing turn: its own first answer
+    rules = "For this question and every question I ask after it, follow these rules: Do not use a single comma " \
+            "anywhere in your answer.\n\n"
+    assert strip_ids(read(run, "pairs")) == [{
+        "prompt": rules + q, "chosen": "Plain reply.", "rejected": "First, a comma.",
+        "chosen_reward": 1.0, "rejected_reward": 0.0,
+        "judge": {"kind": "instructions", "chosen_from": "clean", "rejected_from": "early_comma",
+                  "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "chosen_follows": [True],
+                  "rejected_follows": [False], "turn": 1}} for q in ("Q one?", "Q two?")]

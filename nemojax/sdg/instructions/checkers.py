@@ -7,8 +7,11 @@ expressions, a bullet is a line starting with `*` or `-`, a section marker is a 
 language checks pass when no language can be detected, and so on. The differential test
 (tests/test_sdg_instructions_reference.py) runs both on generated responses.
 
-Kwargs names are IFEval's. Values are validated here (a bad relation or a missing kwarg is a
-ValueError naming it) where the reference would silently draw a random value.
+Kwargs names are IFEval's. Where the reference would silently draw a random value instead of
+the one given (a negative count, a letter that is not one ASCII letter, an `nth_paragraph` outside
+`[1, num_paragraphs]`; empty and zero values are refused earlier, in `evaluate`), or crash (an
+unknown language or relation), the checker raises a ValueError naming the kwarg: no verdict can
+equal the reference's there, and a wrong constraint is better reported than scored.
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ def _compare(count: int, relation: str, threshold: int, relation_name: str = "re
     raise ValueError(f"{relation_name}={relation!r}: must be one of {RELATIONS}")
 
 
+def _count(name: str, value: object, *, negative_ok: bool = False) -> int:
+    """A count kwarg, checked: an int, and >= 0 unless the reference keeps negatives as given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r}: must be an integer")
+    if value < 0 and not negative_ok:
+        raise ValueError(f"{name}={value}: must be >= 0 (IFEval's reference replaces a negative "
+                         f"value with a random one)")
+    return value
+
+
 # ----------------------------------------------------------------------------- keywords
 
 
@@ -40,7 +53,7 @@ def keywords_existence(response: str, *, keywords: list[str]) -> bool:
 
 def keywords_frequency(response: str, *, keyword: str, frequency: int, relation: str) -> bool:
     found = len(re.findall(keyword.strip(), response, flags=re.IGNORECASE))
-    return _compare(found, relation, frequency)
+    return _compare(found, relation, _count("frequency", frequency))
 
 
 def keywords_forbidden_words(response: str, *, forbidden_words: list[str]) -> bool:
@@ -48,16 +61,20 @@ def keywords_forbidden_words(response: str, *, forbidden_words: list[str]) -> bo
 
 
 def keywords_letter_frequency(response: str, *, letter: str, let_frequency: int, let_relation: str) -> bool:
-    if not (isinstance(letter, str) and len(letter.strip()) == 1 and "a" <= letter.strip().lower() <= "z"):
-        raise ValueError(f"letter={letter!r}: must be one ASCII letter")
-    count = collections.Counter(response.lower())[letter.strip().lower()]
-    return _compare(count, let_relation, let_frequency, "let_relation")
+    if not (isinstance(letter, str) and len(letter) == 1 and letter.isascii() and letter.isalpha()):
+        raise ValueError(f"letter={letter!r}: must be one ASCII letter (IFEval's reference draws a "
+                         f"random letter otherwise)")
+    count = collections.Counter(response.lower())[letter.lower()]
+    return _compare(count, let_relation, _count("let_frequency", let_frequency), "let_relation")
 
 
 # ----------------------------------------------------------------------------- language
 
 
 def language_response_language(response: str, *, language: str) -> bool:
+    if language not in text.LANGUAGE_NAMES:
+        raise ValueError(f"language={language!r}: must be one of IFEval's codes: "
+                         f"{', '.join(text.LANGUAGE_NAMES)}")
     try:
         return text.detect_language(response) == language
     except text.LanguageUndetectable:
@@ -68,10 +85,11 @@ def language_response_language(response: str, *, language: str) -> bool:
 
 
 def length_number_sentences(response: str, *, num_sentences: int, relation: str) -> bool:
-    return _compare(text.count_sentences(response), relation, num_sentences)
+    return _compare(text.count_sentences(response), relation, _count("num_sentences", num_sentences))
 
 
 def length_number_paragraphs(response: str, *, num_paragraphs: int) -> bool:
+    _count("num_paragraphs", num_paragraphs)
     parts = re.split(r"\s?\*\*\*\s?", response)
     count = len(parts)
     for i, part in enumerate(parts):
@@ -84,12 +102,13 @@ def length_number_paragraphs(response: str, *, num_paragraphs: int) -> bool:
 
 
 def length_number_words(response: str, *, num_words: int, relation: str) -> bool:
-    return _compare(text.count_words(response), relation, num_words)
+    return _compare(text.count_words(response), relation, _count("num_words", num_words))
 
 
 def length_nth_paragraph_first_word(response: str, *, num_paragraphs: int, nth_paragraph: int,
                                     first_word: str) -> bool:
-    if not 0 < nth_paragraph <= num_paragraphs:
+    _count("num_paragraphs", num_paragraphs)
+    if not 0 < _count("nth_paragraph", nth_paragraph) <= num_paragraphs:
         raise ValueError(f"nth_paragraph={nth_paragraph}: must be in [1, num_paragraphs={num_paragraphs}]")
     parts = re.split(r"\n\n", response)
     count = sum(1 for p in parts if p.strip())
@@ -111,7 +130,7 @@ def length_nth_paragraph_first_word(response: str, *, num_paragraphs: int, nth_p
 
 
 def content_number_placeholders(response: str, *, num_placeholders: int) -> bool:
-    return len(re.findall(r"\[.*?\]", response)) >= num_placeholders
+    return len(re.findall(r"\[.*?\]", response)) >= _count("num_placeholders", num_placeholders)
 
 
 def content_postscript(response: str, *, postscript_marker: str) -> bool:
@@ -129,6 +148,7 @@ def content_postscript(response: str, *, postscript_marker: str) -> bool:
 
 
 def format_number_bullet_lists(response: str, *, num_bullets: int) -> bool:
+    _count("num_bullets", num_bullets)
     stars = re.findall(r"^\s*\*[^\*].*$", response, flags=re.MULTILINE)
     dashes = re.findall(r"^\s*-.*$", response, flags=re.MULTILINE)
     return len(stars) + len(dashes) == num_bullets
@@ -143,12 +163,12 @@ def format_number_highlighted_sections(response: str, *, num_highlights: int) ->
     single = [h for h in re.findall(r"\*[^\n\*]*\*", response) if h.strip("*").strip()]
     double = [h for h in re.findall(r"\*\*[^\n\*]*\*\*", response)
               if h.removeprefix("**").removesuffix("**").strip()]
-    return len(single) + len(double) >= num_highlights
+    return len(single) + len(double) >= _count("num_highlights", num_highlights)
 
 
 def format_multiple_sections(response: str, *, section_spliter: str, num_sections: int) -> bool:
     marker = section_spliter.strip()
-    return len(re.split(r"\s?" + marker + r"\s?\d+\s?", response)) - 1 >= num_sections
+    return len(re.split(r"\s?" + marker + r"\s?\d+\s?", response)) - 1 >= _count("num_sections", num_sections)
 
 
 def format_json_format(response: str) -> bool:
@@ -202,7 +222,9 @@ def startend_quotation(response: str) -> bool:
 
 def change_case_capital_word_frequency(response: str, *, capital_frequency: int, capital_relation: str) -> bool:
     count = sum(1 for w in text.word_tokens(response) if w.isupper())
-    return _compare(count, capital_relation, capital_frequency, "capital_relation")
+    # the reference keeps a negative capital_frequency as given (it only replaces a missing one)
+    return _compare(count, capital_relation, _count("capital_frequency", capital_frequency, negative_ok=True),
+                    "capital_relation")
 
 
 def change_case_english_capital(response: str) -> bool:

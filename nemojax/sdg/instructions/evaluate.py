@@ -16,14 +16,22 @@ from nemojax.sdg.instructions.registry import spec
 
 
 def _clean_kwargs(instruction_id: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The kwargs the checker gets. None means "not used" (HF IFEval rows carry every kwarg name,
+    null where unused). An empty or zero value (0, "", []) is refused: IFEval's evaluator drops
+    every falsy kwarg before building its checker, which then draws a random value in its place,
+    so no fixed verdict can equal the reference's."""
     s = spec(instruction_id)
-    given = {k: v for k, v in kwargs.items() if v is not None}  # HF IFEval rows carry nulls
+    given = {k: v for k, v in kwargs.items() if v is not None}
     unknown = sorted(set(given) - set(s.kwargs))
     if unknown:
         raise ValueError(f"{instruction_id}: unknown kwargs {unknown}; it takes {list(s.kwargs) or 'none'}")
     missing = [k for k in s.kwargs if k not in given]
     if missing:
         raise ValueError(f"{instruction_id}: missing kwargs {missing}")
+    empty = [f"{k}={given[k]!r}" for k in s.kwargs if not given[k]]
+    if empty:
+        raise ValueError(f"{instruction_id}: {', '.join(empty)} is empty; IFEval's reference treats an empty "
+                         f"or zero kwarg as unset and draws a random value for it, so give a real one")
     return given
 
 
@@ -44,7 +52,8 @@ def follows(instruction_id: str, response: str, kwargs: Mapping[str, Any], *, lo
     clean = _clean_kwargs(instruction_id, kwargs)
     checker = spec(instruction_id).checker
     candidates = loose_variants(response) if loose else [response]
-    return any(r.strip() and checker(r, **clean) for r in candidates)
+    # the checker runs before the emptiness test so that invalid kwargs raise whatever the response
+    return any(checker(r, **clean) and bool(r.strip()) for r in candidates)
 
 
 def follows_all(instruction_ids: list[str], kwargs_list: list[Mapping[str, Any]], response: str, *,

@@ -2,6 +2,9 @@
 LLM asked twice with the order swapped, math ground truth, the instruction checkers, or a
 Python verifier (`judge: verifier`, see verify.py).
 
+LLM verdicts are read by `nemojax.sdg.judge_replies.parse_verdict` (explicit statements only; a
+reply stating none is dropped as `judge_unparseable`, a tie as `judge_tie`).
+
 Preference records follow the post-training schema: `prompt` (a string for a single-turn
 prompt, else the message list before the judged answer), `chosen`, `rejected`,
 `chosen_reward` / `rejected_reward` when the judge gives scores, and `judge` with the evidence
@@ -17,6 +20,7 @@ from typing import Any
 
 from nemojax.config import ConfigError
 from nemojax.sdg.instructions import follows_all
+from nemojax.sdg.judge_replies import parse_verdict
 from nemojax.sdg.stages.base import Stage, StageSpec, Work
 from nemojax.sdg.stages.instruct import judged_turns
 from nemojax.sdg.stages.io import conversations
@@ -112,20 +116,20 @@ def normalise_answer(ans: str) -> str:
         return a.lower()
 
 
-def verdict(reply: str | None) -> str | None:
-    """'A' or 'B' from a judge reply, else None."""
-    if reply is None:
-        return None
-    m = re.search(r"\b([AB])\b", reply.strip().upper())
-    return m.group(1) if m else None
-
-
 def split_prompt(conv: list[dict[str, str]]) -> tuple[Any, str]:
     """(prompt in the preference schema, final answer) of a conversation."""
     context = conv[:-1]
     if len(context) == 1 and context[0]["role"] == "user":
         return context[0]["content"], conv[-1]["content"]
     return [dict(m) for m in context], conv[-1]["content"]
+
+
+def _up_to_turn(response: dict[str, Any], judged: int, turn: int) -> dict[str, Any]:
+    """`response` with its conversation cut after judged turn `turn` (0-based, of the last
+    `judged` assistant turns)."""
+    assistant = [i for i, m in enumerate(response["messages"]) if m["role"] == "assistant"]
+    end = assistant[len(assistant) - judged + turn]
+    return {**response, "messages": response["messages"][:end + 1]}
 
 
 class Preference(Stage):
@@ -181,10 +185,20 @@ class Preference(Stage):
             prompt, a_text = split_prompt(a["messages"])
             _, b_text = split_prompt(b["messages"])
             shown = prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-            first = verdict(await work.ask(work.template("judge_pair", prompt=shown, a=a_text, b=b_text)))
-            second = verdict(await work.ask(work.template("judge_pair", prompt=shown, a=b_text, b=a_text)))
-            if first is None or second is None:
+            replies = []
+            for x, y in ((a_text, b_text), (b_text, a_text)):
+                reply = await work.ask(work.template("judge_pair", prompt=shown, a=x, b=y))
+                if reply is None:
+                    break  # the backend failed; work.ask counted why
+                replies.append(reply)
+            if len(replies) < 2:
+                continue
+            first, second = parse_verdict(replies[0]), parse_verdict(replies[1])
+            if first is None or second is None:  # no verdict stated: never read as a preference
                 work.drop("judge_unparseable")
+                continue
+            if "tie" in (first, second):
+                work.drop("judge_tie")
                 continue
             # second asked with B first: agreement means the letters differ
             if first == second:
@@ -213,15 +227,22 @@ class Preference(Stage):
         return [self._record(c, w, {"reference": want, "chosen_answer": ca, "rejected_answer": wa}, (1.0, 0.0))]
 
     async def _judge_instructions(self, item, responses, work):  # noqa: ANN001, ANN202
+        """Chosen: a response following every instruction in every judged turn; rejected: one
+        breaking some (fewest followed first). With several judged turns (multi-turn) the pair is
+        taken at the rejected response's first failing turn, the chosen conversation up to there
+        being the prompt: the rejected text is then wrong in the very context it is shown in (its
+        later turns may follow the rules, and they would sit after a context it never saw)."""
         if "instruction_id_list" not in item:
             work.drop("no_instructions")
             return []
+        ids, kwargs = item["instruction_id_list"], item["kwargs"]
         results = []
         for r in responses:
             turns = judged_turns(item, r["messages"])
-            per = [follows_all(item["instruction_id_list"], item["kwargs"], t) for t in turns]
-            followed = [all(v[i] for v in per) for i in range(len(item["instruction_id_list"]))] if per else []
-            results.append((sum(followed), followed, r))
+            per = [follows_all(ids, kwargs, t) for t in turns]
+            followed = [all(v[i] for v in per) for i in range(len(ids))] if per else []
+            first_failing = next((j for j, v in enumerate(per) if not all(v)), None)
+            results.append((sum(followed), followed, first_failing, len(turns), r))
         passing = [x for x in results if x[1] and all(x[1])]
         failing = [x for x in results if not (x[1] and all(x[1]))]
         if not passing:
@@ -231,9 +252,15 @@ class Preference(Stage):
             work.drop("no_failing_response")
             return []
         failing.sort(key=lambda x: x[0])
-        (_, pv, c), (_, fv, w) = passing[0], failing[0]
-        return [self._record(c, w, {"instruction_id_list": item["instruction_id_list"], "kwargs": item["kwargs"],
-                                    "chosen_follows": pv, "rejected_follows": fv}, (1.0, 0.0))]
+        (_, pv, _, c_turns, c), (_, fv, turn, w_turns, w) = passing[0], failing[0]
+        evidence = {"instruction_id_list": ids, "kwargs": kwargs, "chosen_follows": pv, "rejected_follows": fv}
+        if w_turns > 1 and turn is not None:
+            if c_turns != w_turns:
+                work.drop("turn_count_differs")
+                return []
+            c, w = _up_to_turn(c, c_turns, turn), _up_to_turn(w, w_turns, turn)
+            evidence["turn"] = turn + 1
+        return [self._record(c, w, evidence, (1.0, 0.0))]
 
     async def _judge_verifier(self, item, responses, work):  # noqa: ANN001, ANN202
         from nemojax.sdg.stages.verify import verdicts
