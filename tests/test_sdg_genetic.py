@@ -175,3 +175,12 @@ def test_sandbox_key_is_checked_and_an_unavailable_sandbox_refuses_the_stage(tmp
     with pytest.raises(ConfigError, match="stages.gi.sandbox: cannot isolate generated code"):
         run_pipeline(tmp_path / "b", stages, {"gen": ScriptedLLM(coder)})
     assert not (tmp_path / "b" / "run" / ".work" / "gi" / "candidates.ledger.jsonl").exists()
+
+
+def test_genetic_judge_reads_scores_with_the_shared_parser():
+    """Catches: a local score reader in Genetic Instruct (the old one read "On a scale of 1 to
+    10: 7" as 1, the first digit it met)."""
+    from nemojax.sdg.stages import genetic
+
+    assert genetic.judge_score("On a scale of 1 to 10: 7") == 7
+    assert genetic.judge_score("7 or 8") is None

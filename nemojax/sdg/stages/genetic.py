@@ -24,6 +24,7 @@ from typing import Any
 
 from nemojax.config import ConfigError
 from nemojax.sdg.dedup import Decontaminator, Deduplicator
+from nemojax.sdg.judge_replies import judge_score
 from nemojax.sdg.sandbox import ISOLATIONS, SandboxLimits, SandboxUnavailable, ensure_sandbox, run_python
 from nemojax.sdg.stages.base import Stage, StageSpec, Work, prompt_text
 from nemojax.sdg.store import Ledger, read_jsonl, write_jsonl_atomic
@@ -73,13 +74,6 @@ _CODE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 def extract_code(reply: str) -> str:
     m = _CODE.search(reply)
     return m.group(1).strip() if m else ""
-
-
-def judge_score(reply: str | None) -> int | None:
-    if reply is None:
-        return None
-    m = re.search(r"\b(10|[1-9])\b", reply)
-    return int(m.group(1)) if m else None
 
 
 class GeneticInstruct(Stage):
