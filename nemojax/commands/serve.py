@@ -67,8 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compile (or load from the program cache) before accepting traffic: min = the smallest "
                         "prompt and decode shapes (others compile on first use); full = a prefill program for "
                         "every batch and chunk the scheduler can form, every decode window with and without "
-                        "sampling and top log-probs, prompt log-prob prefills; a prefill shape not among them "
-                        "then runs padded up to one that is, so no request ever waits for a compile (slow the "
+                        "sampling and top log-probs, prompt log-prob prefills; a prefill window not among them "
+                        "then runs at a wider compiled one, so no request ever waits for a compile (slow the "
                         "first time for big models; later starts load the programs from --compile-cache)")
     g = p.add_argument_group("operations")
     g.add_argument("--api-key", default=None,
@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=64,
                    help="samples (and reward conversations) accepted beyond the slots before requests get 429 "
                         "(Retry-After); -1 = unbounded")
-    g.add_argument("--max-body-mb", type=float, default=8.0,
+    g.add_argument("--max-body-mb", type=float, default=4.0,
                    help="largest request body in MiB; a larger one gets 413 before it is read (0 = no limit)")
     g.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take before it is cancelled (504); 0 = no limit")

@@ -29,10 +29,9 @@ Programs and compilation (programs.py): prompt chunks are padded to power-of-two
 windows to powers of two up to `max_len`, so the set of distinct programs is bounded and a new
 prompt length never compiles once its bucket has been seen. With a program directory, compiled
 programs are kept on disk and later processes load them instead of compiling. After a full
-warm-up (`warm_up(full=True)`) nothing compiles any more: a prefill whose exact shape was not
-compiled runs on the cheapest compiled program that covers it (more rows, a longer chunk or a
-wider window; padding rows and columns write nowhere and rows past a token's position are
-masked, so the result is the same).
+warm-up (`warm_up(full=True)`) nothing compiles any more: a prefill whose window was not
+compiled for its rows and chunk runs with the narrowest compiled window that is wider (rows
+past a token's position are masked, so only the cost changes).
 
 Tensor parallelism: when the model's parameters are `NamedSharding`-sharded, the cache is
 created sharded over the same mesh axis as the key projection's kv_heads dim; GSPMD partitions
@@ -210,7 +209,7 @@ class Engine:
         if program_dir is not False and self.mesh is None:
             directory = default_program_dir() if program_dir in (None, True) else program_dir
         self.programs = programs.Programs(directory, self._program_context(platform))
-        self.pad_to_compiled = False  # set by a full warm-up: never compile a prefill while serving
+        self.pad_to_compiled = False  # set by a full warm-up: an uncompiled prefill window runs wider
         self._constrain = self._constrain_cache if self.mesh is not None else programs._identity
         fuse = self.mesh is None
         self.weights = self.programs("weights", (self.decode_layout, fuse),
@@ -313,7 +312,7 @@ class Engine:
         Minimal: one decode window (greedy and sampled), the smallest prefill shape and the block
         copy; other shapes compile on first use. full: `prefill_shapes()`, every decode window
         with and without sampling and top log-probs, and the copy; from then on a prefill shape
-        that was not compiled runs padded up to a compiled one (`pad_to_compiled`), so no
+        that was not compiled runs at a wider compiled window (`pad_to_compiled`), so no
         request ever waits for a compile. Nothing runs, so no state changes.
         """
         if full:
@@ -346,30 +345,22 @@ class Engine:
 
     def _prefill_key(self, B: int, C: int, W: int, lp: bool) -> tuple[int, int, int, bool]:
         """The prefill program to run a (B, C, W, lp) call on: itself, or after a full warm-up
-        when it was not compiled, the compiled one with the least padded work that covers it."""
+        when it was not compiled, the same rows and chunk at the narrowest wider window compiled
+        (`prefill_shapes` has every (B, C) at the full window)."""
         key = (B, C, W, lp)
         if not self.pad_to_compiled or self.programs.has("prefill", key):
             return key
-        covers = [k for k in self.programs.statics("prefill")
-                  if k[3] == lp and k[0] >= B and k[1] >= C and k[2] >= W]
-        return min(covers, key=lambda k: (k[0] * k[1], k[2])) if covers else key
+        wider = [k[2] for k in self.programs.statics("prefill") if k[:2] == (B, C) and k[3] == lp and k[2] > W]
+        return (B, C, min(wider), lp) if wider else key
 
     def _run_prefill(self, ids: np.ndarray, slots: np.ndarray, starts: np.ndarray, valid: np.ndarray,
                      targets: np.ndarray | None, window: int) -> Any:
         B, C = ids.shape
         key = self._prefill_key(B, C, window, targets is not None)
-        PB, PC, window = key[:3]
-        if (PB, PC) != (B, C):  # padding rows write nowhere (slot past the end), padding columns past `valid`
-            ids = np.pad(ids, ((0, PB - B), (0, PC - C)))
-            targets = None if targets is None else np.pad(targets, ((0, PB - B), (0, PC - C)))
-            slots = np.pad(slots, (0, PB - B), constant_values=self.max_slots)
-            starts, valid = np.pad(starts, (0, PB - B)), np.pad(valid, (0, PB - B))
-        build = lambda: partial(_prefill_entry, self.cfg, self._constrain, window)  # noqa: E731
+        build = lambda: partial(_prefill_entry, self.cfg, self._constrain, key[2])  # noqa: E731
         self.cache, lps = self.programs("prefill", key, build,
                                         (self.weights, self.cache, ids, slots, starts, valid, targets),
                                         donate=(1,))
-        if lps is not None and (PB, PC) != (B, C):
-            lps = tuple(np.asarray(x)[:B, :C] for x in lps)  # on the host: a device slice would compile
         return lps
 
     def _run_copy(self, moves: list[tuple[bool, int, bool, int]]) -> None:

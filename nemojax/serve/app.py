@@ -53,7 +53,7 @@ from nemojax.serve.worker import EngineWorker, Event, Failure, Progress, WorkerS
 log = logging.getLogger("nemojax.serve")
 
 OPEN_PATHS = ("/health", "/metrics", "/version")  # no API key needed
-DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 INLINE_JSON_BYTES = 64 * 2**10  # smaller bodies are parsed on the event loop (a thread hop costs more)
 
 

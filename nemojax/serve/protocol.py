@@ -54,6 +54,11 @@ MAX_SAMPLES = 256  # prompts x n per HTTP request: one request must not monopoli
 MAX_STOPS = 16
 MAX_STOP_CHARS = 1024  # a stream holds back the longest stop string's length - 1 characters
 MAX_JSON_DEPTH = 32  # the deepest legitimate body (chat content parts) nests 5 levels
+# json.loads holds the GIL, so it stalls the event loop even on a worker thread; a body of many
+# tiny arrays is the slowest to parse (8 MiB of "[1]," takes over a second), and no request that
+# could fit the limits below needs this many arrays and objects (counted before parsing, "["
+# and "{" inside strings included).
+MAX_JSON_CONTAINERS = 2**16
 
 
 class APIError(Exception):
@@ -110,6 +115,8 @@ def _check_tree(body: Any) -> None:
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """A request body as a JSON object; NaN, Infinity, overflowing numbers and nesting deeper
     than MAX_JSON_DEPTH are rejected (400, never a RecursionError)."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
+        raise APIError(400, f"the request body has more than {MAX_JSON_CONTAINERS} JSON arrays and objects")
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:
