@@ -307,24 +307,27 @@ def test_work_is_bounded_before_it_is_done(live, client, tok):
     assert r.status_code == 200, r.text  # the bound itself is accepted
 
 
-def test_reward_requests_share_the_queue_timeout_and_drain(live, client, monkeypatch):
+def test_reward_requests_share_the_queue_and_the_timeout(live, client, monkeypatch):
     """Mutants killed: reward scoring outside the queue (a full server still scores, and a
-    generation request still gets in), without the request timeout, or accepted while draining;
-    timed-out scoring still run later (its queued batches must never start)."""
+    generation request still gets in), without the request timeout; timed-out scoring still
+    run later (its queued batches must never start); a full server parsing a body before
+    refusing it."""
     scorer, state = live.scorer, live.state
     conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "four"}]
+    pool = concurrent.futures.ThreadPoolExecutor(2)
     scorer.gate.clear()
     try:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            held = pool.submit(client.post, "/v1/reward", json={"conversations": [conv] * (SLOTS + QUEUE)})
-            wait_for(lambda: state.outstanding == SLOTS + QUEUE and scorer.waiting.is_set(), what="reward in flight")
-            for path, body in (("/v1/reward", {"messages": conv}),
-                               ("/v1/completions", {"prompt": "x", "max_tokens": 2}),
-                               ("/v1/chat/completions", {"model": "tiny-reward", "messages": conv})):
-                r = client.post(path, json=body)
-                assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, (path, r.text)
-            scorer.gate.set()
-            r = held.result(30)
+        held = pool.submit(client.post, "/v1/reward", json={"conversations": [conv] * (SLOTS + QUEUE)})
+        wait_for(lambda: state.outstanding == SLOTS + QUEUE and scorer.waiting.is_set(), what="reward in flight")
+        for path, body in (("/v1/reward", {"messages": conv}),
+                           ("/v1/completions", {"prompt": "x", "max_tokens": 2}),
+                           ("/v1/chat/completions", {"model": "tiny-reward", "messages": conv})):
+            r = client.post(path, json=body)
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, (path, r.text)
+            r = client.post(path, content=b"{not even json", headers={"Content-Type": "application/json"})
+            assert r.status_code == 429, (path, r.text)  # refused before the body is parsed
+        scorer.gate.set()
+        r = held.result(30)
         assert r.status_code == 200 and [d["index"] for d in r.json()["data"]] == list(range(SLOTS + QUEUE))
         assert r.json()["data"][0]["attributes"]["helpfulness"] == len("four")
         wait_for(lambda: state.outstanding == 0, what="places given back")
@@ -333,21 +336,41 @@ def test_reward_requests_share_the_queue_timeout_and_drain(live, client, monkeyp
         monkeypatch.setattr(state, "request_timeout", 0.5)
         scorer.gate.clear()
         scorer.calls.clear()
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(client.post, "/v1/reward", json={"conversations": [conv] * 4})
-            wait_for(scorer.waiting.is_set, what="the first batch at the gate")
-            second = pool.submit(client.post, "/v1/reward", json={"conversations": [conv] * 2})
-            for r in (first.result(30), second.result(30)):
-                assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        first = pool.submit(client.post, "/v1/reward", json={"conversations": [conv] * 4})
+        wait_for(scorer.waiting.is_set, what="the first batch at the gate")
+        second = pool.submit(client.post, "/v1/reward", json={"conversations": [conv] * 2})
+        for r in (first.result(30), second.result(30)):
+            assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
         scorer.gate.set()
         wait_for(lambda: state.outstanding == 0, what="timed-out places given back")
         time.sleep(0.2)
         assert scorer.calls == [2]  # only the batch already running when the timeout hit
-        monkeypatch.setattr(state, "draining", True)
-        r = client.post("/v1/reward", json={"messages": conv})
-        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
     finally:
         scorer.gate.set()
+        pool.shutdown()
+
+
+def test_draining_refuses_new_work_also_mid_parse(live, client, tok, monkeypatch):
+    """Mutants killed: reward requests accepted while draining; the drain checked only before a
+    body is parsed (a request whose tokenizing was under way when SIGTERM came then runs) or
+    only after (a draining server still parses every body)."""
+    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "four"}]
+    state = live.state
+    monkeypatch.setattr(state, "draining", True)
+    for path, raw in (("/v1/reward", json.dumps({"messages": conv}).encode()), ("/v1/reward", b"{not json"),
+                      ("/v1/completions", b"{not json"), ("/v1/chat/completions", b"{not json")):
+        r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", (path, raw, r.text)
+    monkeypatch.setattr(state, "draining", False)
+    calls = tok.encoded_calls
+    monkeypatch.setattr(tok, "delay", 0.3)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        late = pool.submit(client.post, "/v1/completions", json={"prompt": "drain me", "max_tokens": 2})
+        wait_for(lambda: tok.encoded_calls > calls, what="the prompt being tokenized")
+        state.draining = True  # SIGTERM while the request is being parsed
+        r = late.result(30)
+    assert r.status_code == 503, r.text
+    assert live.worker.stats["active_requests"] == 0 and state.outstanding == 0
 
 
 # --------------------------------------------------------------------------- issue 18 point 2: bounded metrics
