@@ -72,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "first time for big models; later starts load the programs from --compile-cache)")
     g = p.add_argument_group("operations")
     g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer <key>' on /v1, /tokenize, /detokenize (default: "
-                        f"${API_KEY_ENV} if set, else no key)")
+                   help=f"require 'Authorization: Bearer <key>' on every route but /health, /metrics and "
+                        f"/version (default: ${API_KEY_ENV} if set, else no key)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="samples (and reward conversations) accepted beyond the slots before requests get 429 "
                         "(Retry-After); -1 = unbounded")
@@ -135,10 +135,7 @@ def bind_port(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
-        sock.set_inheritable(True)
     except OSError:
         sock.close()
         raise
