@@ -104,12 +104,13 @@ class ServerProcess:
             return status, text, hdrs
 
     def metric(self, name: str) -> float:
-        """The value of an unlabelled Prometheus sample from /metrics."""
+        """A Prometheus sample from /metrics, summed over its label sets (e.g. model_name)."""
         _, text, _ = self.get("/metrics")
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith((name + " ", name + "{"))]
+        if not values:
+            raise KeyError(name)
+        return sum(values)
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:

@@ -401,8 +401,10 @@ def test_full_warm_up_compiles_every_window(engine):
 
     warm_up(engine, full=True)
     counts = engine.compile_counts()
-    assert counts["decode"] == 2 * len(engine.window_buckets) and counts["copy"] == 1  # greedy + sampled
+    # greedy / sampled x with / without top log-probs
+    assert counts["decode"] == 4 * len(engine.window_buckets) and counts["copy"] == 1
     assert counts["prefill"] >= len(engine.batch_buckets) * len(engine.chunk_buckets)
+    assert set(engine.prefill_shapes()) <= set(engine.programs.statics("prefill")) and engine.pad_to_compiled
 
 
 def test_serve_command_rejects_a_missing_checkpoint(tmp_path, capsys):

@@ -11,10 +11,12 @@ checkpoint as --checkpoint): POST /v1/reward, and chat completions with the rewa
 answer in NVIDIA's reward API shape. One background thread owns the engine; concurrent requests
 share its decode batches (continuous batching over --batch-slots slots).
 
-Operations: --api-key (or $NEMOJAX_API_KEY) guards /v1, /tokenize and /detokenize; at most
---batch-slots + --max-queue samples are accepted at once (then 429 with Retry-After); a request
-running longer than --request-timeout is cancelled (504); a client that disconnects frees its
-slots. SIGTERM (or Ctrl-C) stops accepting connections, lets requests in flight finish for up to
+Operations: --api-key (or $NEMOJAX_API_KEY) guards every route but /health, /metrics and
+/version; a body over --max-body-mb gets 413 at once; at most --batch-slots + --max-queue
+samples (and reward conversations) are accepted at once (then 429 with Retry-After, also for a
+stream, before its 200); a request running longer than --request-timeout is cancelled (504); a
+client that disconnects frees its slots. The port is checked (and held) before the model loads.
+SIGTERM (or Ctrl-C) stops accepting connections, lets requests in flight finish for up to
 --drain-timeout seconds, then exits 0.
 
 With the `openai` client:
@@ -27,9 +29,11 @@ With the `openai` client:
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -61,14 +65,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p, slots=8, decode_steps=8)
     p.add_argument("--warmup", choices=["none", "min", "full"], default="min",
                    help="compile (or load from the program cache) before accepting traffic: min = the smallest "
-                        "prompt and decode shapes; full = every prompt-chunk shape and attention window (no "
-                        "request then waits for a compile; slow the first time for big models)")
+                        "prompt and decode shapes (others compile on first use); full = a prefill program for "
+                        "every batch and chunk the scheduler can form, every decode window with and without "
+                        "sampling and top log-probs, prompt log-prob prefills; a prefill window not among them "
+                        "then runs at a wider compiled one, so no request ever waits for a compile (slow the "
+                        "first time for big models; later starts load the programs from --compile-cache)")
     g = p.add_argument_group("operations")
     g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer <key>' on /v1, /tokenize, /detokenize (default: "
-                        f"${API_KEY_ENV} if set, else no key)")
+                   help=f"require 'Authorization: Bearer <key>' on every route but /health, /metrics and "
+                        f"/version (default: ${API_KEY_ENV} if set, else no key)")
     g.add_argument("--max-queue", type=int, default=64,
-                   help="samples accepted beyond the slots before requests get 429 (Retry-After); -1 = unbounded")
+                   help="samples (and reward conversations) accepted beyond the slots before requests get 429 "
+                        "(Retry-After); -1 = unbounded")
+    g.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body in MiB; a larger one gets 413 before it is read (0 = no limit)")
     g.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take before it is cancelled (504); 0 = no limit")
     g.add_argument("--drain-timeout", type=float, default=30.0,
@@ -116,22 +126,60 @@ def _load_reward(path: str, args: argparse.Namespace, tokenizer: Any) -> Any:
                                         max_len=args.reward_max_len, dtype=args.dtype)
 
 
+def bind_port(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (before the model loads, which can take
+    minutes) so a busy port is reported at once and nothing can take the port meanwhile.
+    OSError when it cannot be bound."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the serve extra: checked before anything is loaded)
 
-        from nemojax.serve.app import create_app
+        from nemojax.serve.app import create_app  # noqa: F401
     except ModuleNotFoundError as e:
         print(f"nemojax serve: {e.name} is missing; install the serve extra: pip install 'nemojax[serve]'",
               file=sys.stderr)
         return 2
-    from nemojax.inference.setup import SetupError, enable_compile_cache, engine_from_args, load_for_sampling
 
     def fail(message: str) -> int:
         print(f"nemojax serve: {message}", file=sys.stderr)
         return 2
 
     log = _logger(args.log_level)
+    if args.max_body_mb < 0:
+        return fail(f"--max-body-mb must be >= 0 (0 = no limit), got {args.max_body_mb}")
+    if not Path(args.checkpoint).exists():  # a typo is reported before anything else
+        return fail(f"checkpoint not found: {args.checkpoint} (give a nemojax checkpoint, a training run "
+                    f"directory, a step directory or a Hugging Face Nemotron directory)")
+    try:
+        listener = bind_port(args.host, args.port)
+    except OSError as e:
+        why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror or e})"
+        return fail(f"port {args.port} on {args.host} {why}; stop what holds it or pick another --port")
+    try:
+        return _serve(args, listener, log, fail)
+    finally:
+        listener.close()
+
+
+def _serve(args: argparse.Namespace, listener: socket.socket, log: logging.Logger, fail: Any) -> int:
+    """Load, warm up and serve on `listener` until a signal; the exit code."""
+    import uvicorn
+
+    from nemojax.serve.app import create_app
+    from nemojax.inference.setup import SetupError, enable_compile_cache, engine_from_args, load_for_sampling
+
     enable_compile_cache(args.compile_cache)  # a restarted server loads its programs from disk
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     ckpt = Path(args.checkpoint)
@@ -175,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
         reward_name = args.reward_model_name or (name if engine is None else Path(args.reward_checkpoint).resolve().name)
     app = create_app(engine, tokenizer, model_name=name, bos=not args.no_bos, api_key=api_key,
                      max_queue=None if args.max_queue < 0 else args.max_queue,
-                     request_timeout=args.request_timeout or None, reward=reward, reward_model_name=reward_name)
+                     request_timeout=args.request_timeout or None, reward=reward, reward_model_name=reward_name,
+                     max_body_bytes=int(args.max_body_mb * 2**20) or None)
     server_state = app.state.server
     what = f"{name!r} (context {engine.max_len} tokens, {engine.max_slots} slots)" if engine is not None else ""
     if reward is not None:
@@ -196,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     # that is a no-op, so a drained server exits 0 instead of dying by SIGTERM.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        Server(config).run()
+        Server(config).run(sockets=[listener])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -28,7 +28,10 @@ Programs and compilation (programs.py): prompt chunks are padded to power-of-two
 `min_bucket` up to `prefill_chunk`) and batch sizes (up to `max_prefill_batch`), attention
 windows to powers of two up to `max_len`, so the set of distinct programs is bounded and a new
 prompt length never compiles once its bucket has been seen. With a program directory, compiled
-programs are kept on disk and later processes load them instead of compiling.
+programs are kept on disk and later processes load them instead of compiling. After a full
+warm-up (`warm_up(full=True)`) nothing compiles any more: a prefill whose window was not
+compiled for its rows and chunk runs with the narrowest compiled window that is wider (rows
+past a token's position are masked, so only the cost changes).
 
 Tensor parallelism: when the model's parameters are `NamedSharding`-sharded, the cache is
 created sharded over the same mesh axis as the key projection's kv_heads dim; GSPMD partitions
@@ -41,6 +44,7 @@ import bisect
 import collections
 import itertools
 import os
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -55,7 +59,7 @@ from nemojax.inference import programs
 from nemojax.inference.detokenize import IncrementalText, StopMatcher
 from nemojax.inference.forward import LAYOUTS, layout_weights, model_arrays
 from nemojax.inference.prefix_cache import PrefixCache
-from nemojax.inference.requests import Completion, Request, TokenDelta, TopLogprobs
+from nemojax.inference.requests import Completion, Request, Timing, TokenDelta, TopLogprobs
 from nemojax.model.transformer import DTYPES, NemotronLM
 
 MAX_STOP_IDS = 8  # stop token ids the device checks per slot (more only cost an early exit)
@@ -117,6 +121,11 @@ class _Job:
     released: int = 0  # tokens handed out as deltas
     finish_reason: str | None = None
     final_text: str | None = None
+    queued_at: float = 0.0  # time.monotonic() of submit / admission / first and latest token (Timing)
+    scheduled_at: float = 0.0
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
+    token_gaps: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def prompt(self) -> list[int]:
@@ -200,6 +209,7 @@ class Engine:
         if program_dir is not False and self.mesh is None:
             directory = default_program_dir() if program_dir in (None, True) else program_dir
         self.programs = programs.Programs(directory, self._program_context(platform))
+        self.pad_to_compiled = False  # set by a full warm-up: an uncompiled prefill window runs wider
         self._constrain = self._constrain_cache if self.mesh is not None else programs._identity
         fuse = self.mesh is None
         self.weights = self.programs("weights", (self.decode_layout, fuse),
@@ -269,45 +279,86 @@ class Engine:
         """{"compiled", "loaded" (from disk), "seconds" (spent obtaining programs), "by_name"}."""
         return dict(self.programs.stats)
 
+    def _window(self, rows: int) -> int:
+        """The static attention window of a program that must see `rows` cache rows (a window
+        reaching max_len attends to every row of the slot)."""
+        return self.rows if rows >= self.max_len else rows
+
+    def prefill_shapes(self) -> list[tuple[int, int, int, bool]]:
+        """The prefill programs (rows B, chunk C, window W, prompt log-probs) a full warm-up
+        compiles, such that every call `_prefill_batch` can make runs on one of them.
+
+        The scheduler makes B = the bucket of the rows packed (one row of any chunk; several
+        only while B x C fits max_prefill_tokens, never more than the slots), C = a chunk
+        bucket, W >= C any length bucket (prefix hits and later chunks start deeper). Compiled
+        exactly: every (B, C) at its first-chunk window (the common case) and at the full
+        window, which covers every deeper start; the longest chunk at every window (long
+        prompts, chunk after chunk); prompt log-prob prefills at the full window.
+        """
+        most = _bucket(min(self.max_slots, self.batch_buckets[-1]), self.batch_buckets)
+        pairs = [(b, c) for b in self.batch_buckets if b <= most for c in self.chunk_buckets
+                 if b == 1 or b * c <= self.max_prefill_tokens]
+        shapes = set()
+        for b, c in pairs:
+            first = self._window(_bucket(c, self.len_buckets))
+            shapes |= {(b, c, first, False), (b, c, self.rows, False), (b, c, self.rows, True)}
+        shapes |= {(1, self.prefill_chunk, self._window(w), False) for w in self.len_buckets
+                   if w >= self.prefill_chunk}
+        return sorted(shapes)
+
     def warm_up(self, full: bool = False) -> dict[str, Any]:
         """Compile (or load) programs ahead of traffic; returns `compile_stats()`.
 
         Minimal: one decode window (greedy and sampled), the smallest prefill shape and the block
-        copy. full: every decode window, every (batch, chunk) prefill shape of a first chunk, and
-        the largest chunk at every window (later chunks of long prompts). Prompt log-prob
-        prefills and top-log-prob decodes still compile on first use. Nothing runs, so no state
-        changes.
+        copy; other shapes compile on first use. full: `prefill_shapes()`, every decode window
+        with and without sampling and top log-probs, and the copy; from then on a prefill shape
+        that was not compiled runs at a wider compiled window (`pad_to_compiled`), so no
+        request ever waits for a compile. Nothing runs, so no state changes.
         """
-        shapes = [(1, self.chunk_buckets[0], self.chunk_buckets[0])]
-        windows = self.window_buckets[:1]
         if full:
-            shapes = [(b, c, c) for b in self.batch_buckets for c in self.chunk_buckets]
-            shapes += [(1, self.prefill_chunk, w) for w in self.len_buckets if w > self.prefill_chunk]
-            windows = self.window_buckets
-        for B, C, W in shapes:
-            zeros = np.zeros(B, np.int32)
+            shapes = self.prefill_shapes()
+            windows, variants = self.window_buckets, [(s, t) for s in (False, True) for t in (False, True)]
+        else:
+            c = self.chunk_buckets[0]
+            shapes = [(1, c, self._window(_bucket(c, self.len_buckets)), False)]
+            windows, variants = self.window_buckets[:1], [(False, False), (True, False)]
+        for B, C, W, lp in shapes:
+            zeros, ids = np.zeros(B, np.int32), np.zeros((B, C), np.int32)
             build = lambda W=W: partial(_prefill_entry, self.cfg, self._constrain, W)  # noqa: E731
-            self.programs.prepare("prefill", (B, C, W, False), build,
-                                  (self.weights, self.cache, np.zeros((B, C), np.int32), zeros, zeros, zeros, None),
+            self.programs.prepare("prefill", (B, C, W, lp), build,
+                                  (self.weights, self.cache, ids, zeros, zeros, zeros, ids if lp else None),
                                   donate=(1,))
         for W in windows:
-            W = self.rows if W >= self.max_len else W
-            for sampled in (False, True):
-                build = lambda W=W, sampled=sampled: partial(  # noqa: E731
-                    _decode_entry, self.cfg, self._constrain, self.decode_steps, W, sampled, False)
-                self.programs.prepare("decode", (self.decode_steps, W, sampled, False), build,
+            W = self._window(W)
+            for sampled, top in variants:
+                build = lambda W=W, sampled=sampled, top=top: partial(  # noqa: E731
+                    _decode_entry, self.cfg, self._constrain, self.decode_steps, W, sampled, top)
+                self.programs.prepare("decode", (self.decode_steps, W, sampled, top), build,
                                       (self.weights, self.cache, self._slot), donate=(1,))
         size = COPY_BATCH
         self.programs.prepare("copy", (size,), lambda: partial(programs.copy, self._constrain, self.block_size),
                               (self.cache, np.zeros(size, bool), np.zeros(size, np.int32), np.zeros(size, bool),
                                np.zeros(size, np.int32)), donate=(0,))
+        if full:
+            self.pad_to_compiled = True
         return self.compile_stats()
+
+    def _prefill_key(self, B: int, C: int, W: int, lp: bool) -> tuple[int, int, int, bool]:
+        """The prefill program to run a (B, C, W, lp) call on: itself, or after a full warm-up
+        when it was not compiled, the same rows and chunk at the narrowest wider window compiled
+        (`prefill_shapes` has every (B, C) at the full window)."""
+        key = (B, C, W, lp)
+        if not self.pad_to_compiled or self.programs.has("prefill", key):
+            return key
+        wider = [k[2] for k in self.programs.statics("prefill") if k[:2] == (B, C) and k[3] == lp and k[2] > W]
+        return (B, C, min(wider), lp) if wider else key
 
     def _run_prefill(self, ids: np.ndarray, slots: np.ndarray, starts: np.ndarray, valid: np.ndarray,
                      targets: np.ndarray | None, window: int) -> Any:
         B, C = ids.shape
-        build = lambda: partial(_prefill_entry, self.cfg, self._constrain, window)  # noqa: E731
-        self.cache, lps = self.programs("prefill", (B, C, window, targets is not None), build,
+        key = self._prefill_key(B, C, window, targets is not None)
+        build = lambda: partial(_prefill_entry, self.cfg, self._constrain, key[2])  # noqa: E731
+        self.cache, lps = self.programs("prefill", key, build,
                                         (self.weights, self.cache, ids, slots, starts, valid, targets),
                                         donate=(1,))
         return lps
@@ -355,8 +406,9 @@ class Engine:
         stop_ids = self.stop_token_ids | frozenset(p.stop_token_ids)
         max_new = min(p.max_tokens, self.max_len - n_prompt)
         jobs = []
+        now = time.monotonic()
         for i in range(p.n):
-            job = _Job(request, i, seed & 0xFFFFFFFF, max_new, stop_ids, order=next(self._order))
+            job = _Job(request, i, seed & 0xFFFFFFFF, max_new, stop_ids, order=next(self._order), queued_at=now)
             if self.tokenizer is not None and (p.stop or request.stream):
                 job.detok = IncrementalText(self.tokenizer)
                 job.stops = StopMatcher(p.stop)
@@ -388,7 +440,9 @@ class Engine:
                           logprobs=list(job.logprobs) if p.logprobs else None,
                           top_logprobs=list(job.top) if p.top_logprobs else None,
                           prompt_logprobs=job.prompt_lps, prompt_top_logprobs=job.prompt_top,
-                          cached_tokens=job.cached)
+                          cached_tokens=job.cached,
+                          timing=Timing(job.queued_at, job.scheduled_at, job.first_token_at, time.monotonic(),
+                                        job.token_gaps))
 
     # ------------------------------------------------------------------ tokens
 
@@ -461,6 +515,7 @@ class Engine:
         nb = self.rows // self.block_size
         free = [i for i, j in enumerate(self._slots) if j is None]
         deferred: list[_Job] = []
+        now = time.monotonic()
         while free and self._waiting:
             job = self._waiting.popleft()
             parent = None
@@ -474,7 +529,7 @@ class Engine:
                     deferred.append(job)
                     continue
             slot = free.pop(0)
-            job.slot = slot
+            job.slot, job.scheduled_at = slot, now
             self._slots[slot] = job
             self.stats["prompt_tokens"] += len(job.prompt)
             if parent is not None:  # a sibling is prefilling this prompt: share its rows
@@ -610,9 +665,11 @@ class Engine:
         window = _bucket(min(need, self.max_len), self.window_buckets)
         sampled = any(j.request.params.temperature > 0 for j in running)
         top = any(j.request.params.top_logprobs for j in running)
+        started = time.monotonic()
         out = self._run_decode(self.rows if window >= self.max_len else window, sampled, top)
         self.stats["decode_calls"] += 1
         n = int(out["n"])  # the one host sync per chunk
+        now = time.monotonic()
         toks, lps = np.asarray(out["tokens"])[:n], np.asarray(out["logprobs"])[:n]
         if top:
             top_ids, top_lps = np.asarray(out["top_ids"])[:n], np.asarray(out["top_logprobs"])[:n]
@@ -627,7 +684,16 @@ class Engine:
                 if self._accept(job, int(toks[t, i]), float(lps[t, i]), top):
                     finished = True
                     break
-            self.stats["generated_tokens"] += job.generated - before
+            got = job.generated - before
+            self.stats["generated_tokens"] += got
+            if got:
+                if job.first_token_at is None:
+                    job.first_token_at = now
+                    if got > 1:
+                        job.token_gaps.append(((now - started) / got, got - 1))
+                else:
+                    job.token_gaps.append(((now - job.last_token_at) / got, got))
+                job.last_token_at = now
             if finished:
                 done.append(self._complete(job))
                 continue
@@ -681,6 +747,17 @@ class Engine:
     def running(self) -> int:
         """Samples holding a slot (prefilling or decoding)."""
         return sum(j is not None for j in self._slots)
+
+    def kv_cache_usage(self) -> dict[str, float]:
+        """{"reserved": fraction of the KV cache's slots held by a sample (each slot reserves
+        max_len rows, so this is what limits admission), "filled": fraction of all slot rows
+        holding a token}. Approximate when read from another thread while the engine steps."""
+        filled = 0
+        for job in list(self._slots):
+            if job is not None:
+                filled += int(self._slot["positions"][job.slot]) if job.phase == "running" else job.prefilled
+        total = self.max_slots * self.max_len
+        return {"reserved": self.running() / self.max_slots, "filled": min(1.0, filled / total)}
 
     def in_flight(self) -> list[tuple[Any, int, list[int]]]:
         """(request id, sample index, output ids so far) of every sample holding a slot."""

@@ -329,3 +329,11 @@ class Programs:
     def count(self, name: str) -> int:
         """Distinct executables of program `name` obtained so far."""
         return sum(1 for (n, _) in self._programs if n == name)
+
+    def has(self, name: str, static: tuple[Any, ...]) -> bool:
+        """Whether program `name` for `static` is compiled (or loaded) already."""
+        return (name, static) in self._programs
+
+    def statics(self, name: str) -> list[tuple[Any, ...]]:
+        """The static keys of program `name` obtained so far."""
+        return [s for (n, s) in list(self._programs) if n == name]

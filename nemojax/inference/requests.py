@@ -37,7 +37,7 @@ class Completion:
     `top_logprobs` most likely (token, log-prob) pairs. prompt_logprobs: per prompt token, its
     log-prob given the tokens before it (None for the first), when asked; prompt_top_logprobs
     likewise. cached_tokens: prompt tokens whose keys/values were reused (prefix cache or a
-    sibling sample) instead of computed.
+    sibling sample) instead of computed. timing: when the sample passed each stage (Timing).
     """
 
     request_id: Any
@@ -51,10 +51,31 @@ class Completion:
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
     cached_tokens: int = 0
+    timing: "Timing | None" = field(default=None, compare=False, repr=False)
 
     @property
     def completion_tokens(self) -> int:
         return len(self.output_ids)
+
+
+@dataclass
+class Timing:
+    """When one sample passed each stage, in `time.monotonic()` seconds of the engine's process
+    (what a server's queue / prefill / decode / inter-token latency metrics are made of).
+
+    queued: submitted; scheduled: admitted into a slot; first_token: its first token reached
+    the host (None when it generated none: prompt scoring); finished: its Completion was made.
+    token_gaps: one (seconds per token, tokens) pair per decode call that gave the sample tokens
+    after its first: the call's wall time since the sample's previous tokens (or, for the call
+    that gave the first token, since the call started) split evenly over the tokens it gave,
+    since one call produces several tokens per host round-trip.
+    """
+
+    queued: float
+    scheduled: float
+    first_token: float | None
+    finished: float
+    token_gaps: list[tuple[float, int]] = field(default_factory=list)
 
 
 @dataclass

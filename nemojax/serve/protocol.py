@@ -19,6 +19,13 @@ Semantics worth knowing:
 - Log-probs are those of the model's own distribution. Completions: `logprobs: k` (0-20) adds
   the k most likely alternatives per position; with `echo`, the prompt tokens' log-probs too
   (the first is null). Chat: `logprobs: true` and `top_logprobs: k` (0-20).
+
+Work is bounded before it is done: a body nested deeper than MAX_JSON_DEPTH is refused; the
+number of prompts x n is checked before any prompt is tokenized; a text longer than any prompt
+that could fit the context (`Parser.max_chars`) is refused before it is tokenized; a token-id
+prompt longer than the context is refused before its ids are checked; stop strings are bounded
+in number (MAX_STOPS) and length (MAX_STOP_CHARS). Parsing and tokenizing run on a worker
+thread of the app, never on its event loop.
 """
 
 from __future__ import annotations
@@ -45,6 +52,13 @@ CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprob
 MAX_N = 64
 MAX_SAMPLES = 256  # prompts x n per HTTP request: one request must not monopolise the engine
 MAX_STOPS = 16
+MAX_STOP_CHARS = 1024  # a stream holds back the longest stop string's length - 1 characters
+MAX_JSON_DEPTH = 32  # the deepest legitimate body (chat content parts) nests 5 levels
+# json.loads holds the GIL, so it stalls the event loop even on a worker thread; a body of many
+# tiny arrays is the slowest to parse (8 MiB of "[1]," takes over a second), and no request that
+# could fit the limits below needs this many arrays and objects (counted before parsing, "["
+# and "{" inside strings included).
+MAX_JSON_CONTAINERS = 2**16
 
 
 class APIError(Exception):
@@ -73,35 +87,45 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON number")
 
 
-def _non_finite(value: Any, path: str) -> str | None:
-    """The path of the first non-finite float (e.g. 1e999 parses to inf), else None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path
-    if isinstance(value, dict):
-        for k, v in value.items():
-            found = _non_finite(v, f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _non_finite(v, f"{path}[{i}]")
-            if found:
-                return found
-    return None
+def _child(path: str, key: Any, in_dict: bool) -> str:
+    if in_dict:
+        return f"{path}.{key}" if path else str(key)
+    return f"{path}[{key}]"
+
+
+def _check_tree(body: Any) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and non-finite numbers (1e999 parses to inf).
+
+    Iterative, so no body can exhaust the stack; paths are built only for containers."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        in_dict = isinstance(value, dict)
+        for key, item in (value.items() if in_dict else enumerate(value)):
+            if type(item) is float:
+                if not math.isfinite(item):
+                    where = _child(path, key, in_dict)
+                    raise APIError(400, f"{where}: numbers must be finite", param=where.split(".")[0].split("[")[0])
+            elif isinstance(item, (dict, list)):
+                stack.append((item, _child(path, key, in_dict), depth + 1))
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object; NaN, Infinity and overflowing numbers are rejected."""
+    """A request body as a JSON object; NaN, Infinity, overflowing numbers and nesting deeper
+    than MAX_JSON_DEPTH are rejected (400, never a RecursionError)."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
+        raise APIError(400, f"the request body has more than {MAX_JSON_CONTAINERS} JSON arrays and objects")
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    where = _non_finite(body, "")
-    if where:
-        top = where.split(".")[0].split("[")[0]
-        raise APIError(400, f"{where}: numbers must be finite", param=top)
+    _check_tree(body)
     return body
 
 
@@ -169,6 +193,8 @@ def sampling_params(body: dict[str, Any], max_tokens_default: int | None,
     stop = [s for s in stop if s]  # OpenAI ignores empty stop strings
     if len(stop) > MAX_STOPS:
         raise bad("stop", f"at most {MAX_STOPS} stop strings")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad("stop", f"a stop string has at most {MAX_STOP_CHARS} characters")
     raw["stop"] = stop
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
@@ -250,8 +276,23 @@ class Job:
         return len(self.requests) * self.params.n
 
 
+def longest_piece(tokenizer: Any, default: int = 64) -> int:
+    """Characters of the tokenizer's longest piece: no token covers more of a text (`default`
+    when the tokenizer cannot list its pieces)."""
+    try:
+        return max(len(tokenizer.id_to_piece(i)) for i in range(int(tokenizer.vocab_size)))
+    except Exception:
+        return default
+
+
 class Parser:
-    """Turns request bodies into `Job`s for one tokenizer, context length and vocabulary."""
+    """Turns request bodies into `Job`s for one tokenizer, context length and vocabulary.
+
+    max_chars: the most characters a text prompt (or a chat's messages together) may have. A
+    token covers at most `longest_piece` characters, so a longer text cannot fit max_len tokens
+    whatever it says; the factor 2 leaves room for normalization that merges characters (NFKC
+    composing an accent onto its letter). Longer texts are refused without tokenizing them.
+    """
 
     def __init__(self, tokenizer: Any, model_name: str, max_len: int, vocab_size: int, bos: bool) -> None:
         self.tokenizer = tokenizer
@@ -259,6 +300,7 @@ class Parser:
         self.max_len = max_len
         self.vocab_size = vocab_size
         self.bos = bos
+        self.max_chars = 2 * max_len * longest_piece(tokenizer)
         self.turn_id: int | None = None
         try:
             self.turn_id = int(tokenizer.special_id(TURN_TOKEN))
@@ -272,9 +314,20 @@ class Parser:
             raise APIError(404, f"model {model!r} does not exist; this server serves {', '.join(map(repr, names))}",
                            param="model", code="model_not_found")
 
+    def check_text(self, text: str, param: str) -> str:
+        """`text` if it could fit the context, else 400 (before any tokenizing)."""
+        if len(text) > self.max_chars:
+            raise APIError(400, f"{param}: {len(text)} characters cannot fit this server's context of "
+                                f"{self.max_len} tokens (at most {self.max_chars} characters are accepted)",
+                           param=param, code="context_length_exceeded")
+        return text
+
     def check_prompt_ids(self, ids: list[int], param: str) -> list[int]:
         if not ids:
             raise bad(param, "the prompt is empty")
+        if len(ids) >= self.max_len:  # before looking at each id
+            raise bad(param, f"the prompt has {len(ids)} tokens but this server's context is {self.max_len} "
+                             f"tokens (prompt + completion), so at most {self.max_len - 1} prompt tokens fit")
         badids = [t for t in ids if not 0 <= t < self.vocab_size]
         if badids:
             raise bad(param, f"token ids {badids[:5]} outside the vocabulary [0, {self.vocab_size})")
@@ -326,47 +379,55 @@ class Parser:
         params.logprobs, params.top_logprobs = logprobs, top
         params.prompt_logprobs = echo and logprobs
         stream, include_usage = stream_flags(body)
-        prompts, texts = self._prompts(body["prompt"])
-        if len(prompts) * params.n > MAX_SAMPLES:
-            raise bad("prompt", f"{len(prompts)} prompts x n={params.n} samples exceeds the limit of "
-                                f"{MAX_SAMPLES} samples per request; split the request")
+        prompts, texts = self._prompts(body["prompt"], params.n)
         self.check_room(prompts, params, "max_tokens")
         base = f"cmpl-{uuid.uuid4().hex}"
         reqs = [Request(f"{base}-{i}", ids, params, stream=True) for i, ids in enumerate(prompts)]
         return Job(base, "completion", reqs, params, stream, include_usage, logprobs, top, echo, texts)
 
-    def _prompts(self, prompt: Any) -> tuple[list[list[int]], list[str]]:
-        """prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
+    def _prompts(self, prompt: Any, n: int) -> tuple[list[list[int]], list[str]]:
+        """prompt: a string, a list of strings, a list of token ids, or a list of such lists.
+
+        The count of prompts x n is checked before anything is tokenized or walked."""
         from nemojax.data.chat import prompt_ids
 
-        def text(s: str) -> list[int]:
-            return self.check_prompt_ids(prompt_ids(self.tokenizer, s, bos=self.bos), "prompt")
-
-        def ids(x: list[int]) -> list[int]:
-            return self.check_prompt_ids(list(x), "prompt")
-
-        def is_ids(x: Any) -> bool:
-            return isinstance(x, list) and bool(x) and all(_is_int(t) for t in x)
-
+        shape_error = bad("prompt", "must be a string, a non-empty list of strings, a non-empty list of token "
+                                    "ids, or a list of such lists")
         if isinstance(prompt, str):
-            return [text(prompt)], [prompt]
-        if is_ids(prompt):
-            return [ids(prompt)], [self.tokenizer.decode(prompt)]
-        if isinstance(prompt, list) and prompt:
-            if all(isinstance(p, str) for p in prompt):
-                return [text(p) for p in prompt], list(prompt)
-            if all(is_ids(p) for p in prompt):
-                return [ids(p) for p in prompt], [self.tokenizer.decode(p) for p in prompt]
-        raise bad("prompt", "must be a string, a non-empty list of strings, a non-empty list of token "
-                            "ids, or a list of such lists")
+            items = [prompt]
+        elif isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            items = prompt  # several prompts
+        elif isinstance(prompt, list) and prompt:
+            items = [prompt]  # one prompt of token ids
+        else:
+            raise shape_error
+        if len(items) * n > MAX_SAMPLES:
+            raise bad("prompt", f"{len(items)} prompts x n={n} samples exceeds the limit of "
+                                f"{MAX_SAMPLES} samples per request; split the request")
+        if all(isinstance(p, str) for p in items):
+            for p in items:
+                self.check_text(p, "prompt")
+            return [self.check_prompt_ids(prompt_ids(self.tokenizer, p, bos=self.bos), "prompt") for p in items], \
+                list(items)
+        for p in items:
+            if not (isinstance(p, list) and p) or (len(p) < self.max_len and not all(_is_int(t) for t in p)):
+                raise shape_error
+            self.check_prompt_ids(p, "prompt")  # its length first, then each id
+        return [list(p) for p in items], [self.tokenizer.decode(p) for p in items]
 
-    def chat_prompt(self, messages: Any) -> list[int]:
-        """Token ids of a chat prompt (bos + template + `<extra_id_1>Assistant\\n`), validated."""
+    def chat_prompt(self, messages: Any, bos: bool | None = None) -> list[int]:
+        """Token ids of a chat prompt (bos + template + `<extra_id_1>Assistant\\n`), validated.
+        bos None: the parser's setting."""
         from nemojax.data.chat import prompt_ids
 
         msgs = normalize_messages(messages)
+        chars = sum(len(m["content"]) for m in msgs)
+        if chars > self.max_chars:
+            raise APIError(400, f"messages: {chars} characters cannot fit this server's context of {self.max_len} "
+                                f"tokens (at most {self.max_chars} characters are accepted)",
+                           param="messages", code="context_length_exceeded")
         try:
-            ids = prompt_ids(self.tokenizer, msgs, bos=self.bos)
+            ids = prompt_ids(self.tokenizer, msgs, bos=self.bos if bos is None else bos)
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
         return self.check_prompt_ids(ids, "messages")

@@ -10,13 +10,19 @@
   per attribute, {"token": name, "logprob": score}, as Nemotron-4-340B-Reward's endpoint
   answers, so clients written for it (the SDG pipeline's HTTP reward client) work unchanged.
 
-Scoring runs on a worker thread (one call at a time: the scorer is not re-entrant) so the event
-loop keeps serving generation meanwhile.
+Reward requests share generation's admission, timeout and drain (`Server.admit`): each
+conversation takes one place in the server's one bounded queue (429 with Retry-After when it is
+full), a request past the request timeout gets 504 and a request whose client disconnects is
+dropped, and while draining new ones get 503. Scoring runs on one thread of its own
+(`ScoringQueue`: the scorer is not re-entrant, and the event loop keeps serving meanwhile), a
+batch at a time, so dropped work stops at the next batch and never starts if still queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
 import time
 import uuid
@@ -26,19 +32,63 @@ from nemojax.data.chat_template import ChatFormatError
 from nemojax.serve.protocol import APIError, bad, normalize_messages
 
 MAX_CONVERSATIONS = 256
-_lock = threading.Lock()
+Conversations = list[list[dict[str, str]]]
 
 
-def _score(scorer: Any, conversations: list[list[dict[str, str]]]) -> list[dict[str, float]]:
-    with _lock:
-        return scorer.score(conversations)
+class _Dropped(Exception):
+    """The request was dropped (timeout, client gone) before its scoring finished."""
 
 
-async def _score_async(server: Any, conversations: list[list[dict[str, str]]], param: str) -> list[dict[str, float]]:
-    try:
-        return await asyncio.to_thread(_score, server.reward, conversations)
-    except ChatFormatError as e:
-        raise APIError(400, f"{param}: {e}", param=param) from None
+class ScoringQueue:
+    """Scores conversations on one thread, first come first served, a batch at a time."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self.batch = max(1, int(getattr(scorer, "batch_size", 8)))
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nemojax-reward")
+
+    def _run(self, conversations: Conversations, dropped: threading.Event) -> list[dict[str, float]]:
+        # Similar lengths batched together (the scorer pads each batch to its longest).
+        order = sorted(range(len(conversations)), key=lambda i: sum(len(m["content"]) for m in conversations[i]))
+        out: list[Any] = [None] * len(conversations)
+        for start in range(0, len(order), self.batch):
+            if dropped.is_set():
+                raise _Dropped()
+            idx = order[start:start + self.batch]
+            try:
+                scores = self.scorer.score([conversations[i] for i in idx])
+            except ChatFormatError as e:  # name the conversation in the request, not in the batch
+                at = str(e).split(":", 1)
+                if at[0].startswith("conversations[") and at[0].endswith("]"):
+                    e = ChatFormatError(f"conversations[{idx[int(at[0][14:-1])]}]:{at[1]}")
+                raise e from None
+            for i, row in zip(idx, scores):
+                out[i] = row
+        return out
+
+    async def score(self, server: Any, conversations: Conversations, param: str, http: Any) -> list[dict[str, float]]:
+        """Scores in input order; 429 / 503 / 504 / client gone as the module docstring says."""
+        ticket = server.admit(len(conversations), "conversations")
+        dropped = threading.Event()
+        future = self._pool.submit(self._run, conversations, dropped)
+        loop = asyncio.get_running_loop()
+
+        def stopped(_: Any) -> None:  # the places are given back when the work has stopped
+            with contextlib.suppress(RuntimeError):  # the app (and its loop) ended meanwhile
+                loop.call_soon_threadsafe(ticket.release)
+
+        future.add_done_callback(stopped)
+        try:
+            return await server.until_done(asyncio.wrap_future(future), http)
+        except ChatFormatError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+        finally:
+            if not future.done():
+                future.cancel()  # still queued: never runs
+                dropped.set()  # running: stops after its current batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _check_model(server: Any, body: dict[str, Any]) -> None:
@@ -48,7 +98,7 @@ def _check_model(server: Any, body: dict[str, Any]) -> None:
                        param="model", code="model_not_found")
 
 
-async def native_reward(server: Any, body: dict[str, Any]) -> dict[str, Any]:
+async def native_reward(server: Any, body: dict[str, Any], http: Any = None) -> dict[str, Any]:
     for name in body:
         if name not in ("model", "messages", "conversations"):
             raise bad(name, "unrecognized request argument (give messages or conversations)")
@@ -69,14 +119,14 @@ async def native_reward(server: Any, body: dict[str, Any]) -> dict[str, Any]:
                 convs.append(normalize_messages(c))
             except APIError as e:
                 raise APIError(400, f"conversations[{i}]: {e.message}", param="conversations") from None
-    scores = await _score_async(server, convs, param)
+    scores = await server.scoring.score(server, convs, param, http)
     attrs = list(server.reward.attributes)
     return {"object": "list", "model": server.reward_name,
             "data": [{"object": "reward", "index": i, "attributes": {a: s[a] for a in attrs}, "reward": s["reward"]}
                      for i, s in enumerate(scores)]}
 
 
-async def chat_reward(server: Any, body: dict[str, Any]) -> dict[str, Any]:
+async def chat_reward(server: Any, body: dict[str, Any], http: Any = None) -> dict[str, Any]:
     """NVIDIA's reward shape through chat completions (see the module docstring)."""
     _check_model(server, body)
     allowed = {"model", "messages", "stream", "n", "max_tokens", "temperature", "top_p", "user"}
@@ -88,7 +138,7 @@ async def chat_reward(server: Any, body: dict[str, Any]) -> dict[str, Any]:
     messages = normalize_messages(body.get("messages"))
     if messages[-1]["role"] != "assistant":
         raise bad("messages", "a reward request ends with the assistant response to score")
-    [scores] = await _score_async(server, [messages], "messages")
+    [scores] = await server.scoring.score(server, [messages], "messages", http)
     attrs = list(server.reward.attributes)
     encode = getattr(server.reward, "encode", None)
     prompt_tokens = len(encode(messages)[0]) if encode is not None else 0
