@@ -133,8 +133,8 @@ def test_a_stale_cache_is_recomputed(world: dict[str, Any]) -> None:
     the data, the tokenizer, the averaging. A cache whose values file no longer matches its key
     (torn by a kill, or replaced) is recomputed, never read.
 
-    Kills the mutants "cache keyed by the checkpoint path only", "dtype not in the key",
-    "averaging not in the key", "values file not checked against its key"."""
+    Kills the mutants "cache keyed by the checkpoint path only", "dtype / LoRA settings not in
+    the key", "averaging not in the key", "values file not checked against its key"."""
     d = world["dir"] / "stale"
     d.mkdir()
     for name in ("pairs.jsonl", "other_pairs.jsonl"):
@@ -145,31 +145,29 @@ def test_a_stale_cache_is_recomputed(world: dict[str, Any]) -> None:
     assert attach(world, cfg)[0] == "computed"
     assert attach(world, cfg)[0] == "cached"
 
+    # Each change below differs from the cache left by the one before in that one input only.
     rewritten = random_weights(cfg.model, seed=8)
     save_model(rewritten, cfg.model, d / "base", overwrite=True)  # e.g. the SFT run redone in place
-    status, ds = attach(world, cfg)
-    assert status == "computed"
-    np.testing.assert_allclose(ds.ref_logps, independent(ds, rewritten, cfg), rtol=RTOL)
-
-    bf16 = config(d, ["model.param_dtype=bfloat16"])
-    status, ds = attach(world, bf16)
-    assert status == "computed"
     rounded = jax.tree.map(lambda x: np.asarray(jax.numpy.asarray(x, jax.numpy.bfloat16), np.float32), rewritten)
-    np.testing.assert_allclose(ds.ref_logps, independent(ds, rounded, bf16), rtol=RTOL)
-
-    for changed in (config(d, [f"stage.train={d / 'other_pairs.jsonl'}"]), config(d, ["stage.average_log_probs=true"])):
+    extra: list[str] = []
+    for change, more, want in (("checkpoint rewritten", [], rewritten),
+                               ("averaging", ["stage.average_log_probs=true"], rewritten),
+                               ("dtype", ["model.param_dtype=bfloat16"], rounded),
+                               ("data", [f"stage.train={d / 'other_pairs.jsonl'}"], rounded)):
+        extra += more
+        changed = config(d, extra)
         status, ds = attach(world, changed)
-        assert status == "computed"
-        np.testing.assert_allclose(ds.ref_logps, independent(ds, rewritten, changed), rtol=RTOL)
+        assert status == "computed", f"{change}: the stale cache was read"
+        np.testing.assert_allclose(ds.ref_logps, independent(ds, want, changed), rtol=RTOL, err_msg=change)
 
-    status, ds = attach(world, cfg, OtherTokenizer(world["tok"]))
-    assert status == "computed"
-    assert attach(world, cfg)[0] == "computed"  # back to the builtin fingerprint: the cache holds the other's
+    status, ds = attach(world, changed, OtherTokenizer(world["tok"]))
+    assert status == "computed", "tokenizer: the stale cache was read"
+    assert attach(world, changed)[0] == "computed"  # back to the builtin fingerprint: the cache holds the other's
 
     cache = d / "run" / "reference" / "train.npz"
     with np.load(cache) as f:
         values, fingerprint = f["ref_logps"], f["fingerprint"]
     np.savez(cache, ref_logps=values + 1.0, fingerprint=fingerprint)  # same data, other values, key untouched
-    status, ds = attach(world, cfg)
-    assert status == "computed"
-    np.testing.assert_allclose(ds.ref_logps, independent(ds, rewritten, cfg), rtol=RTOL)
+    status, ds = attach(world, changed)
+    assert status == "computed", "a values file that does not match its key was read"
+    np.testing.assert_allclose(ds.ref_logps, independent(ds, rounded, changed), rtol=RTOL)
