@@ -62,16 +62,11 @@ class NemotronRewardModel(nnx.Module):
 
         Rows may be padded on either side. The scored position is `last_index` [batch] when
         given, else the last real token (the last 1 of attention_mask, or the last segment_ids
-        > 0), else the last position. With attention_mask and no positions, a row's real
-        tokens get positions 0, 1, ... wherever the row starts, so a left-padded row scores
-        exactly like the row without its padding.
+        > 0), else the last position. Real tokens never attend to padding and RoPE depends only
+        on relative positions, so a left-padded row scores like the row without its padding.
         """
-        if attention_mask is not None:
-            real = attention_mask > 0
-            if segment_ids is None:
-                segment_ids = real.astype(jnp.int32)
-            if positions is None:
-                positions = jnp.maximum(jnp.cumsum(real, axis=-1, dtype=jnp.int32) - 1, 0)
+        if attention_mask is not None and segment_ids is None:
+            segment_ids = (attention_mask > 0).astype(jnp.int32)
         if last_index is None:
             if segment_ids is not None:
                 last_index = last_true(segment_ids > 0)
