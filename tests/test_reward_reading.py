@@ -53,7 +53,7 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "Rome, which is also the largest city of Italy."}],
 ]
 ATOL = 2e-5  # fp32 paths vs float64 numpy; scores are O(1)
-# The step's program at XLA's lowest CPU optimisation level: a third of the compile time.
+# The step's program at XLA's lowest CPU optimisation level: half the compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 

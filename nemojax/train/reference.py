@@ -107,13 +107,9 @@ def dataset_log_probs(fwd: Callable, params: Any, dataset: Any, batch_size: int,
     return chosen, rejected
 
 
-def reference_identity(cfg: Config) -> str:
-    """What the reference weights are, for the cache key: a resolved checkpoint or the init seed."""
-    return _reference_source(cfg)[0]
-
-
-def _reference_source(cfg: Config) -> tuple[str, str]:
-    """(identity, signature of the weights' files: "" for a fresh init)."""
+def reference_identity(cfg: Config) -> tuple[str, str]:
+    """What the reference weights are, for the cache key: (the resolved checkpoint or the init
+    seed, `files_signature` of the checkpoint's files or "" for a fresh init)."""
     src = cfg.stage.reference or cfg.init_from
     if not src:
         return f"fresh-init:seed={cfg.seed}", ""
@@ -192,7 +188,7 @@ def attach_reference_log_probs(cfg: Config, training: Training, datasets: dict[s
     """
     st = cfg.stage
     cache_dir = Path(st.reference_cache or Path(cfg.run_dir) / "reference")
-    source = _reference_source(cfg)
+    source = reference_identity(cfg)
     paths = {name: cache_dir / f"{name}.npz" for name in datasets}
     keys = {name: _cache_key(cfg, ds, source) for name, ds in datasets.items()}
     status = {name: "cached" for name in datasets}
