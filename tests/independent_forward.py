@@ -70,36 +70,42 @@ def hidden_states(p: dict, cfg: Any, ids: np.ndarray, positions: np.ndarray, seg
     for layer in range(cfg.num_layers):
         w = layer_weights(cfg, p["blocks"], layer, adapters)
         h = layernorm1p(x, w["attn_norm_scale"], w["attn_norm_bias"], cfg.norm_eps)
-        q = rotary(np.einsum("bsd,dhk->bshk", h, w["q"]), positions, cfg.rotary_dim, cfg.rope_base)
-        k = rotary(np.einsum("bsd,dhk->bshk", h, w["k"]), positions, cfg.rotary_dim, cfg.rope_base)
-        v = np.einsum("bsd,dhk->bshk", h, w["v"])
+        q = rotary(np.tensordot(h, w["q"], axes=1), positions, cfg.rotary_dim, cfg.rope_base)
+        k = rotary(np.tensordot(h, w["k"], axes=1), positions, cfg.rotary_dim, cfg.rope_base)
+        v = np.tensordot(h, w["v"], axes=1)
         k, v = np.repeat(k, H // KV, axis=2), np.repeat(v, H // KV, axis=2)  # query head i reads KV head i // (H/KV)
         scores = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(hd)
         scores = np.where(allowed[:, None], scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        x = x + np.einsum("bhqs,bshk,hkd->bqd", probs, v, w["o"])
+        attn = np.einsum("bhqs,bshk->bqhk", probs, v)
+        x = x + np.einsum("bqhk,hkd->bqd", attn, w["o"], optimize=True)
         h = layernorm1p(x, w["mlp_norm_scale"], w["mlp_norm_bias"], cfg.norm_eps)
         x = x + np.maximum(h @ w["up"], 0.0) ** 2 @ w["down"]
     return layernorm1p(x, p["final_norm_scale"], p["final_norm_bias"], cfg.norm_eps)
 
 
 def token_log_probs(p: dict, cfg: Any, ids: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray,
-                    targets: np.ndarray, *, adapters: bool = True) -> np.ndarray:
-    """log p(targets[b, s] | tokens up to s) [B, S] under the language model."""
-    logits = hidden_states(p, cfg, ids, positions, segment_ids, adapters=adapters) @ p["lm_head"]
+                    targets: np.ndarray, mask: np.ndarray, *, adapters: bool = True) -> np.ndarray:
+    """log p(targets[b, s] | tokens up to s) [B, S] under the language model where mask > 0 (0
+    elsewhere: the vocabulary projection is computed only where it is read)."""
+    h = hidden_states(p, cfg, ids, positions, segment_ids, adapters=adapters)
+    read = mask > 0
+    logits = h[read] @ p["lm_head"]
     m = logits.max(-1, keepdims=True)
-    logz = m[..., 0] + np.log(np.exp(logits - m).sum(-1))
-    return np.take_along_axis(logits, targets[..., None], -1)[..., 0] - logz
+    logz = m[:, 0] + np.log(np.exp(logits - m).sum(-1))
+    out = np.zeros(ids.shape)
+    out[read] = logits[np.arange(len(logits)), targets[read]] - logz
+    return out
 
 
 def response_log_probs(p: dict, cfg: Any, rows: dict[str, np.ndarray], side: str, *, average: bool,
                        adapters: bool = True) -> np.ndarray:
     """Per pair row: log pi(response) of `side` (chosen / rejected), summed over its loss-mask
     tokens, or their mean with `average` (0 for a row without any)."""
-    lp = token_log_probs(p, cfg, rows[f"{side}_input_ids"], rows[f"{side}_positions"], rows[f"{side}_segment_ids"],
-                         rows[f"{side}_targets"], adapters=adapters)
     mask = rows[f"{side}_loss_mask"]
+    lp = token_log_probs(p, cfg, rows[f"{side}_input_ids"], rows[f"{side}_positions"], rows[f"{side}_segment_ids"],
+                         rows[f"{side}_targets"], mask, adapters=adapters)
     total = (lp * mask).sum(-1)
     return total / np.maximum(mask.sum(-1), 1.0) if average else total
 
@@ -155,7 +161,8 @@ def preference_objective(p: dict, cfg: Any, rows: dict[str, np.ndarray], st: Any
 
 def sft_objective(p: dict, cfg: Any, rows: dict[str, np.ndarray]) -> float:
     """Mean next-token NLL over the loss-mask tokens of every row (assistant tokens)."""
-    lp = token_log_probs(p, cfg, rows["input_ids"], rows["positions"], rows["segment_ids"], rows["targets"])
+    lp = token_log_probs(p, cfg, rows["input_ids"], rows["positions"], rows["segment_ids"], rows["targets"],
+                         rows["loss_mask"])
     return float(-(lp * rows["loss_mask"]).sum() / rows["loss_mask"].sum())
 
 

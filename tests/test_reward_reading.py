@@ -92,7 +92,7 @@ def test_the_train_step_and_the_validation_read_the_reward_token(world: dict[str
     cfg, tok = world["cfg"], world["tok"]
     data = load_stage_data(cfg, tok)
     training = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), task=stage_task(cfg))
-    params = reference_params(cfg, training, stage_task(cfg).load_weights)  # init_from, as training loads it
+    params = reference_params(cfg, training, stage_task(cfg).load_weights)  # init_from, via the stage's load_weights
     rows = next(data.validation.eval_batches(4))
     assert list(rows["example_index"][:3]) == [0, 1, 2] and rows["example_mask"][3] == 0
     n_attr = len(world["attrs"])
