@@ -2,7 +2,9 @@
 
 - RPO, 2 rounds, LoRA rank 4, rewards from a reward checkpoint's scoring pass: only the
   adapters change and only they have optimizer state; round 2 starts from round 1's merged
-  weights and its reference is round 1's checkpoint; finished rounds are skipped on rerun;
+  weights and its reference is round 1's checkpoint, by value (the cached reference log-probs
+  of each round equal an independent forward of the previous round's weights, round 1's of the
+  base); finished rounds are skipped on rerun;
   `nemojax.load` of the result is a plain (merged) language model;
 - the scoring pass writes the reward model's scores, and resumes after a torn line;
 - stage configs fail early, naming the key or file, on a missing file or missing rewards;
@@ -62,6 +64,34 @@ def rpo_config(world: dict[str, str], run_dir: Path):
         "eval_batches=1", "checkpoint_every=2", "optimizer.warmup_steps=0", "optimizer.learning_rate=5e-2"])
 
 
+def restore(params_dir: Path) -> dict:
+    with ocp.StandardCheckpointer() as c:
+        return c.restore(params_dir)
+
+
+def assert_reference_is(round_dir: Path, cfg, weights: dict) -> None:
+    """The round's cached reference log-probs equal a float64 numpy forward of `weights` (LoRA
+    adapters, if any, merged) over the round's training pairs."""
+    import independent_forward as ind
+    from nemojax.data.chat_rows import PreferenceDataset
+    from nemojax.data.chat_records import load_examples
+    from nemojax.data.tokenizer import load_tokenizer
+
+    examples, _ = load_examples(str(round_dir / "rewards" / "train.jsonl"), "preference")
+    ds = PreferenceDataset(examples, load_tokenizer("builtin"), max_len=cfg.data.seq_len, shuffle=False)
+    with np.load(round_dir / "reference" / "train.npz") as f:
+        cached = f["ref_logps"]
+    p, model_cfg = ind.as_numpy(weights), cfg.model
+    if not any("_lora_" in k for k in p["blocks"]):
+        model_cfg = dataclasses.replace(model_cfg, lora=dataclasses.replace(model_cfg.lora, rank=0))
+    for rows in ds.eval_batches(4):
+        real = rows["example_mask"] > 0
+        for j, side in enumerate(("chosen", "rejected")):
+            want = ind.response_log_probs(p, model_cfg, rows, side, average=cfg.stage.average_log_probs)[real]
+            np.testing.assert_allclose(cached[rows["example_index"][real], j], want, rtol=2e-6,
+                                       err_msg=f"{round_dir.name} reference log-probs ({side})")
+
+
 def read_params(step_dir: Path) -> dict[str, np.ndarray]:
     with ocp.StandardCheckpointer() as c:
         return flat(c.restore(step_dir / "params"))
@@ -76,6 +106,8 @@ def opt_state_paths(step_dir: Path) -> list[str]:
 
 
 def test_lora_rpo_rounds_with_scored_rewards(world: dict[str, str], tmp_path: Path) -> None:
+    """Kills the mutant "round r's reference is not round r-1's weights" (`round_config` passing
+    the stage's init_from as round 2's reference): checked by value, not by the cache's path."""
     from nemojax import load
     from nemojax.inference.reward import RewardScorer
     from nemojax.model.lora import merge_lora
@@ -114,6 +146,10 @@ def test_lora_rpo_rounds_with_scored_rewards(world: dict[str, str], tmp_path: Pa
         np.testing.assert_allclose(after2[k], v, rtol=0, atol=1e-6, err_msg=f"round 2 base {k} != round 1 merged")
     assert json.loads((r2 / "reference" / "train.json").read_text())["reference"].endswith(
         str(r1 / "checkpoints" / "2" / "params"))
+    # ...by value: each round's cached reference log-probs are an independent forward of the
+    # previous round's final weights (round 1: the base), adapters folded in
+    for rd, ref_weights in ((r1, Path(world["base"]) / "params"), (r2, r1 / "checkpoints" / "2" / "params")):
+        assert_reference_is(rd, cfg, restore(ref_weights))
     assert not np.array_equal(merged1["['blocks']['q']"], base["['blocks']['q']"])
 
     # rerun: both rounds skipped; the result loads as a merged plain language model

@@ -60,14 +60,16 @@ class NemotronRewardModel(nnx.Module):
                  last_index: jax.Array | None = None) -> jax.Array:
         """Attribute scores [batch, N] in fp32, read at each row's last token.
 
-        Rows are right-padded; the scored position is `last_index` [batch] when given, else the
-        last real token (from attention_mask, or segment_ids > 0), else the last position.
+        Rows may be padded on either side. The scored position is `last_index` [batch] when
+        given, else the last real token (the last 1 of attention_mask, or the last segment_ids
+        > 0), else the last position. Real tokens never attend to padding and RoPE depends only
+        on relative positions, so a left-padded row scores like the row without its padding.
         """
         if attention_mask is not None and segment_ids is None:
-            segment_ids = attention_mask.astype(jnp.int32)
+            segment_ids = (attention_mask > 0).astype(jnp.int32)
         if last_index is None:
             if segment_ids is not None:
-                last_index = jnp.sum(segment_ids > 0, axis=-1) - 1
+                last_index = last_true(segment_ids > 0)
             else:
                 last_index = jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1)
         h, _ = self.hidden(input_ids, positions=positions, segment_ids=segment_ids)
@@ -81,6 +83,12 @@ class NemotronRewardModel(nnx.Module):
     def reward(self, scores: jax.Array) -> jax.Array:
         """The scalar reward [batch]: scores weighted by `model.reward.weights`."""
         return aggregate(scores, self.cfg)
+
+
+def last_true(mask: jax.Array) -> jax.Array:
+    """Index of the last True of each row of `mask` [batch, seq] (the last position if none)."""
+    seq = mask.shape[-1]
+    return (seq - 1 - jnp.argmax(mask[:, ::-1], axis=-1)).astype(jnp.int32)
 
 
 def aggregate(scores: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -8,10 +8,13 @@ training step reads two floats per pair and no reference weights are resident wh
 
 The reference is the weights training starts from (`init_from`, else the seeded fresh init) or
 `stage.reference`; with LoRA it is the base model with adapters off. A cache file
-`<cache_dir>/<name>.npz` (+ `.json`) is reused only when the tokenized data and settings
-(the dataset fingerprint), the reference weights (their checkpoint path and step, or the init
-seed) and the log-prob averaging all match, so a resumed run skips the pass and a changed one
-never reads stale values.
+`<cache_dir>/<name>.npz` (+ `.json`, its key) is reused only when everything that changes the
+values matches: the tokenized data and its settings, tokenizer included (the dataset
+fingerprint); the reference weights (the resolved checkpoint, step included, and the size and
+modification time of every file in it, so a checkpoint rewritten in place is a new reference;
+or the init seed); the model settings (dtypes, LoRA, architecture); and the log-prob averaging.
+The key also holds the .npz's SHA-256, so a cache torn between its two files is never read. A
+resumed run skips the pass; any change recomputes it.
 
 `sharded_forward` is the helper both this pass and the stages' validation use: a jitted
 forward of one batch on the training's mesh and sharding rules (through the pipeline when there
@@ -20,6 +23,8 @@ is one), fed from full numpy batches and returning full numpy outputs on every p
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -39,7 +44,7 @@ from nemojax.train.build import Training
 from nemojax.train.tasks import SEQUENCE_FIELDS, SIDES, pair_log_probs
 
 PAIR_FIELDS = tuple(f"{side}_{f}" for side in SIDES for f in SEQUENCE_FIELDS)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def sharded_forward(training: Training, fn: Callable[[Any, Any, dict], Any], graphdef: Any = None
@@ -102,20 +107,37 @@ def dataset_log_probs(fwd: Callable, params: Any, dataset: Any, batch_size: int,
     return chosen, rejected
 
 
-def reference_identity(cfg: Config) -> str:
-    """What the reference weights are, for the cache key: a resolved checkpoint or the init seed."""
+def reference_identity(cfg: Config) -> tuple[str, str]:
+    """What the reference weights are, for the cache key: (the resolved checkpoint or the init
+    seed, `files_signature` of the checkpoint's files or "" for a fresh init)."""
     src = cfg.stage.reference or cfg.init_from
     if not src:
-        return f"fresh-init:seed={cfg.seed}"
+        return f"fresh-init:seed={cfg.seed}", ""
     from nemojax.checkpoint import resolve_checkpoint
     from nemojax.train.checkpointing import CheckpointError
 
     try:
-        kind, where, _ = resolve_checkpoint(src)
+        kind, where, config_file = resolve_checkpoint(src)
     except FileNotFoundError as e:
         key = "stage.reference" if cfg.stage.reference else "init_from"
         raise CheckpointError(f"{key}={src!r} (the reference policy): {e}") from None
-    return f"{kind}:{where}"
+    return f"{kind}:{where}", files_signature([where, config_file])
+
+
+def files_signature(paths: list[Path]) -> str:
+    """SHA-256 over (path, size, modification time) of every file under `paths`: changes when any
+    file is rewritten, without reading the (possibly huge) weights."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = sorted(f for f in Path(root).rglob("*") if f.is_file()) if Path(root).is_dir() else [Path(root)]
+        for f in files:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _everyone(flag: bool) -> bool:
@@ -125,19 +147,34 @@ def _everyone(flag: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
-def _cache_key(dataset: Any, identity: str, average: bool) -> dict[str, Any]:
-    return {"version": CACHE_VERSION, "fingerprint": dataset.fingerprint, "reference": identity,
-            "average_log_probs": bool(average)}
+def _cache_key(cfg: Config, dataset: Any, source: tuple[str, str]) -> dict[str, Any]:
+    """Everything the cached values depend on (see the module docstring)."""
+    model = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True, default=str)
+    return {"version": CACHE_VERSION, "fingerprint": dataset.fingerprint, "reference": source[0],
+            "weights": source[1], "model": hashlib.sha256(model.encode()).hexdigest(),
+            "average_log_probs": bool(cfg.stage.average_log_probs)}
 
 
 def _load_cached(dataset: Any, path: Path, key: dict[str, Any]) -> bool:
-    meta = path.with_suffix(".json")
+    """Attach the cached values if the cache was written for `key` and is whole; else False."""
     try:
-        if json.loads(meta.read_text()) != key:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        if {k: v for k, v in meta.items() if k != "npz_sha256"} != key or meta.get("npz_sha256") != _sha256_file(path):
             return False
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
     return dataset.load_reference_logps(path)
+
+
+def _save_cached(dataset: Any, path: Path, key: dict[str, Any]) -> None:
+    """Write the values, then their key (with the values file's hash): a kill in between leaves
+    no key, so the next run recomputes."""
+    meta = path.with_suffix(".json")
+    meta.unlink(missing_ok=True)
+    dataset.save_reference_logps(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**key, "npz_sha256": _sha256_file(path)}))
+    tmp.replace(meta)
 
 
 def attach_reference_log_probs(cfg: Config, training: Training, datasets: dict[str, Any],
@@ -151,9 +188,9 @@ def attach_reference_log_probs(cfg: Config, training: Training, datasets: dict[s
     """
     st = cfg.stage
     cache_dir = Path(st.reference_cache or Path(cfg.run_dir) / "reference")
-    identity = reference_identity(cfg)
+    source = reference_identity(cfg)
     paths = {name: cache_dir / f"{name}.npz" for name in datasets}
-    keys = {name: _cache_key(ds, identity, st.average_log_probs) for name, ds in datasets.items()}
+    keys = {name: _cache_key(cfg, ds, source) for name, ds in datasets.items()}
     status = {name: "cached" for name in datasets}
     todo = [name for name, ds in datasets.items() if not _everyone(_load_cached(ds, paths[name], keys[name]))]
     if not todo:
@@ -167,10 +204,7 @@ def attach_reference_log_probs(cfg: Config, training: Training, datasets: dict[s
         c, r = dataset_log_probs(fwd, params, ds, bs, log, f" ({name}, {ds.num_examples} pairs)")
         ds.set_reference_logps(c, r)
         if jax.process_index() == 0:
-            ds.save_reference_logps(paths[name])
-            tmp = paths[name].with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(keys[name]))
-            tmp.replace(paths[name].with_suffix(".json"))
+            _save_cached(ds, paths[name], keys[name])
         status[name] = "computed"
     del params
     return status
@@ -196,4 +230,4 @@ def reference_params(cfg: Config, training: Training, load_weights: Callable[[st
 
 
 __all__ = ["PAIR_FIELDS", "attach_reference_log_probs", "dataset_log_probs", "pair_log_probs_fn",
-           "reference_identity", "reference_params", "sharded_forward"]
+           "files_signature", "reference_identity", "reference_params", "sharded_forward"]
