@@ -159,6 +159,10 @@ def _reads(cfg: DataConfig, rows: list[int] | None, seen: dict[str, int]
     got = {k: seen[k] - before[k] for k in seen}
     counts = it.reads()
     assert counts.tokenized == got["tokenized"] and counts.documents == got["tokenized"] + got["records"]
+    if rows is None:  # the whole batch reads every non-empty document it reached exactly once
+        s, c = it.streams[0], it.cursors[0]
+        reached = [s.doc_len(k) for k in range(c.doc + (c.offset > 0))]
+        assert counts.documents == sum(n > 0 for n in reached)
     return out, got
 
 
@@ -195,11 +199,16 @@ def test_array_record_index_is_written_beside_and_skipped_by_listings(tmp_path: 
     header, arrays = read_index(tmp_path / "data" / "x.arrayrecord.lenidx")
     assert arrays["lengths"].tolist() == [3, 0, 90, 1] and header["documents"] == 4
     assert header["source"]["sha256"] == hashlib.sha256((tmp_path / "data" / "x.arrayrecord").read_bytes()).hexdigest()
-    # A directory (or glob) source holds the data file, not its index.
-    for path in (tmp_path / "data", tmp_path / "data" / "x.arrayrecord*"):
-        cfg = DataConfig(sources=[DataSourceConfig(path=str(path), format="arrayrecord")], validation_fraction=0.0)
+    # A directory (or glob) source holds the data files, not their indexes.
+    (tmp_path / "text").mkdir()
+    write_jsonl(tmp_path / "text" / "t.jsonl", ["one", "two"])
+    assert cli_main(["tokenizer", "index", "--input", str(tmp_path / "text" / "t.jsonl")]) == 0
+    for path, fmt, n in ((tmp_path / "data", "arrayrecord", 4), (tmp_path / "data" / "x.arrayrecord*", "arrayrecord", 4),
+                         (tmp_path / "text", "jsonl", 2)):
+        cfg = DataConfig(sources=[DataSourceConfig(path=str(path), format=fmt)], validation_fraction=0.0)
         it = make_batch_iterator(cfg, batch_size=1, seq_len=8, seed=0)
-        assert len(it.streams[0].source) == 4 and it.streams[0].source.index_files[0].endswith("x.arrayrecord.lenidx")
+        assert len(it.streams[0].source) == n
+        assert [Path(f).name.split(".")[0] for f in it.streams[0].source.index_files] == [{4: "x", 2: "t"}[n]]
 
 
 def test_stale_corrupt_and_lying_indexes(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -302,3 +311,20 @@ def test_train_in_two_processes_reads_half_per_process(tmp_path: Path, monkeypat
     assert want["all"][0] <= want["p0"][0] + want["p1"][0] <= want["all"][0] + 2 * STEPS
     print(json.dumps({"documents_tokenized": {"one_process": want["all"][0], "process_0": want["p0"][0],
                                               "process_1": want["p1"][0]}}))
+
+
+def test_file_hash_is_remembered_by_path_size_and_mtime(tmp_path: Path, _own_cache: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nemojax.data import length_index
+
+    monkeypatch.setattr(length_index, "MEMO_MIN_BYTES", 0)  # remember even this small file on disk
+    monkeypatch.setattr(length_index, "_sha_memo", {})
+    f = tmp_path / "f.jsonl"
+    f.write_bytes(b"abc")
+    assert length_index.file_sha256(f) == hashlib.sha256(b"abc").hexdigest()
+    [memo] = (_own_cache / "lengths" / "sha256").iterdir()
+    memo.write_text("0" * 64)
+    length_index._sha_memo.clear()
+    assert length_index.file_sha256(f) == "0" * 64  # a new process reads it back instead of hashing
+    f.write_bytes(b"abcd")  # another size and mtime: hashed again
+    assert length_index.file_sha256(f) == hashlib.sha256(b"abcd").hexdigest()

@@ -112,6 +112,9 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 # ---------------------------------------------------------------------------- content hashes
 
 _sha_memo: dict[tuple, str] = {}
+# Files at least this big have their hash remembered on disk too (hashing runs at ~1 GB/s;
+# smaller files are rehashed in each new process rather than leaving a cache entry).
+MEMO_MIN_BYTES = 1 << 26
 
 
 def file_sha256(path: Path) -> str:
@@ -121,17 +124,20 @@ def file_sha256(path: Path) -> str:
     if key in _sha_memo:
         return _sha_memo[key]
     memo = cache_dir() / "lengths" / "sha256" / hashlib.sha256(repr(key).encode()).hexdigest()[:32]
-    try:
-        digest = memo.read_text().strip()
-    except OSError:
-        digest = ""
+    digest = ""
+    if st.st_size >= MEMO_MIN_BYTES:
+        try:
+            digest = memo.read_text().strip()
+        except OSError:
+            pass
     if len(digest) != 64:
         h = hashlib.sha256()
         with path.open("rb") as f:
             while block := f.read(1 << 24):
                 h.update(block)
         digest = h.hexdigest()
-        _try_write(memo, digest.encode())
+        if st.st_size >= MEMO_MIN_BYTES:
+            _try_write(memo, digest.encode())
     _sha_memo[key] = digest
     return digest
 
