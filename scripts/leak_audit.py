@@ -98,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     pools = sorted((world / "prompts").glob("pool_*.jsonl"))
     audit = audit_files(LeakIndex(eval_items_from_files([world / "eval/tasks.jsonl"])),
                         [world / f for f in TRAINING] + pools)
-    report = {"world": str(world), "manifest_spec": json.loads((world / "manifest.json").read_text())["spec"],
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    report = {"command": "python scripts/leak_audit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "commit": head + ("+dirty" if dirty else ""), "world": str(world), "manifest_spec": json.loads((world / "manifest.json").read_text())["spec"],
               "eval_tasks": len(evals), "eval_distinct_prompts": len(set(eval_prompts)),
               "audit": {k: v for k, v in audit.items() if k != "examples"} | {"examples": audit["examples"][:5]},
               "decontamination": {}}
