@@ -81,10 +81,8 @@ def build_data(out: Path, family: str, prompts: int, seed: int, validation: int 
     train: list[dict] = []
     while len(train) < 2 * prompts:  # HelpSteer2 gives each prompt several rated responses
         task = make_task(family, rng, rng.choice(spec.train_levels))
-        if index.task_leaks(task.prompt, task.answer):
-            continue
         pair = [reward_record(task, rng, correct=True), reward_record(task, rng, correct=False)]
-        if not any(index.check_record(r) for r in pair):  # a wrong answer may be another task's answer
+        if not any(index.check_record(r) for r in pair):  # the task, or a wrong answer that is another task's
             train += pair
     data = {"tokenizer": manifest["tokenizer"], "corpus": str(w / "pretrain/corpus.jsonl"),
             "solver_sft": str(w / "seed/sft.jsonl"), "eval_tasks": str(w / "eval/tasks.jsonl"),

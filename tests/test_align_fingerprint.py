@@ -73,6 +73,10 @@ def test_fingerprints_decide_what_runs_again(tmp_path, monkeypatch):
         run(tmp_path, "seed=1")
     assert all(s in str(e.value) for s in STEPS) and "--rerun-changed" in str(e.value)
 
+    with pytest.raises(AlignError) as e:  # the base: every step starts from it or from data it made
+        run(tmp_path, f"bases.weak.overrides=[model.num_layers=2, steps=7, {CORPUS}]")
+    assert all(f"  {s} (" in str(e.value) for s in STEPS)
+
     with pytest.raises(AlignError) as e:  # a late stage: that stage and every step built on it
         run(tmp_path, "stages.dpo.overrides=[\"stage.train={sdg}/preference.jsonl\", stage.beta=0.2]")
     named = [s for s in STEPS if f"  {s} (" in str(e.value)]

@@ -9,7 +9,7 @@ import re
 
 from nemojax.align.leaks import task_keys
 from nemojax.align.tasks import make_task
-from nemojax.sdg.dedup import Decontaminator, clauses, counts_by_group, dedup_texts, dedup_verdicts
+from nemojax.sdg.dedup import Decontaminator, clauses, counts_by_group, dedup_texts, dedup_verdicts, ngrams
 from tests.sdg_helpers import read, run_pipeline
 
 BASE = "the quick brown fox jumps over the lazy dog near the quiet river bank at dawn today"
@@ -52,6 +52,21 @@ def test_each_kind_of_contamination_and_what_is_not():
                   "Sort these numbers from smallest to largest: 7, 1, 4, 2.",
                   "Quiz: what is the capital of france answer in one word, now!"):  # a phrase, not the text
         assert d.contaminated(clean) is None, clean
+
+
+def test_template_ngrams_are_not_evidence():
+    """Long texts that share a boilerplate (an n-gram in more than template_fraction of the texts)
+    but not their content are not contaminated; the same boilerplate with the content is."""
+    boiler = "Read the passage below carefully and answer the question that follows it in one short sentence."
+    topics = [f"The {a} of the {b} is {c}." for a in ("colour", "height", "age", "name", "owner")
+              for b in ("tower", "river", "house", "garden", "bridge", "market") for c in ("blue", "old", "tall")]
+    evals = [f"{boiler} Passage: {t} Question: what is said about it?" for t in topics[:10]]
+    pool = [f"{boiler} Passage: {t} Question: what is said about it?" for t in topics[10:]]
+    d = Decontaminator(evals, n=8).fit_templates(pool)
+    assert all(d.is_template(g) for g in ngrams(boiler.lower().rstrip(".").split(), 8))
+    assert not any(d.contaminated(t) for t in pool)
+    # the same words with other clause punctuation: not a clause copy, but all its distinctive n-grams
+    assert d.contaminated(evals[3].replace(". Passage:", ", passage")) == "contaminated_ngram"
 
 
 def _pool(rng: random.Random, n: int, families: tuple[str, ...]) -> list:
