@@ -43,7 +43,6 @@ kept aside in `<sdg>/leak_removed.jsonl` and counted. `summary.json["leak_audit"
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
