@@ -6,6 +6,10 @@
 
 Prints a table on stderr and the JSON report on stdout (or into --output). Suites and their
 file formats: nemojax/evaluation/suites.py and docs/ALIGNMENT.md.
+
+Exit status: 0 every request answered; 1 some requests failed (the report is still written,
+with `complete: false`, `failed_requests` and the first errors: not a result to record);
+2 bad input, an unreachable endpoint or an unreadable checkpoint (nothing evaluated).
 """
 
 from __future__ import annotations
@@ -67,4 +71,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text + "\n")
     else:
         print(text)
+    if not report["complete"]:
+        print(f"nemojax eval: {report['failed_requests']} request(s) failed; the scores are incomplete "
+              f"(first error: {report['errors'][0] if report['errors'] else '?'})", file=sys.stderr)
+        return 1
     return 0
