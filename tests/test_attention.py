@@ -169,3 +169,6 @@ def test_auto_lowers_to_the_splash_kernel_for_a_tpu_mesh_from_this_cpu_host():
     hlo = jax.jit(run).lower(*shapes, jax.ShapeDtypeStruct((B, seq), jnp.int32)).as_text()
     assert "tpu_custom_call" in hlo and "splash" in hlo
     assert f"{seq}x{seq}x" not in hlo  # no materialised score matrix or mask
+    # the kernel runs on each device's block (shard_map): one row, H / 2 query heads
+    calls = [line for line in hlo.splitlines() if "tpu_custom_call" in line]
+    assert calls and all(f"tensor<{H // 2}x{seq}x{D}xbf16>" in c and f"tensor<{H}x{seq}" not in c for c in calls)

@@ -67,8 +67,7 @@ def _local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
     if segment_ids is None:
         out = jax.vmap(kernel)(qt, kt, vt)
     else:
-        # Padding gets id -1: a padded query then still sees itself (no empty softmax row).
-        seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=-1)
+        seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)))  # any id: cut away below
         out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(
             qt, kt, vt, seg)
     return out.transpose(0, 2, 1, 3)[:, :t]
