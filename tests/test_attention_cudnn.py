@@ -9,7 +9,9 @@ JAX refuses to trace cuDNN attention without a GPU, so nothing here runs cuDNN. 
   documented semantics (each (offset, length) slot is one sequence, causal inside it; CAUSAL;
   a dense mask), written from those arguments, never from segment ids: its output must equal
   the attention formula, on the ragged path and on the dense fallback taken when a row holds
-  more runs than the cap. A debug callback records which path ran.
+  more runs than the cap. A debug callback records which path ran. The emulation refuses to
+  be vmapped, as JAX's batching rule does for ragged lengths: under the pipeline's vmap (with
+  remat and gradients) the backend must fold the vmapped dim into the batch instead.
 What awaits a GPU: the kernel itself (benchmarks/gpu_check.py compares it with `xla`).
 """
 
@@ -82,6 +84,10 @@ def _emulated_cudnn(record):
             assert mask_type == sdpa.MaskType.NO_MASK and mask is not None
             visible = mask[:, 0]
         jax.debug.callback(lambda: record.append(mask_type.name))
+        # Tripwire: like JAX's batching rule for the cuDNN primitive on ragged lengths, refuse
+        # to be vmapped (a pure_callback without vmap_method raises under vmap).
+        query = query + 0 * jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct(query.shape, query.dtype),
+                                              jax.lax.stop_gradient(query))
         group = query.shape[2] // key.shape[2]
         kk, vv = (jnp.repeat(x.astype(jnp.float32), group, axis=2) for x in (key, value))
         s = jnp.einsum("bthd,bshd->bhts", query.astype(jnp.float32), kk) * scale
@@ -123,3 +129,31 @@ def test_cudnn_refuses_fp32_with_the_key_to_change(emulated):
     q, k, v = (x.astype(jnp.float32) for x in _bf16_inputs())
     with pytest.raises(ValueError, match="compute_dtype=bfloat16"):
         self_attention(q, k, v, backend="cudnn", segment_ids=None)
+
+
+def test_cudnn_under_vmap_remat_and_grad_folds_the_batch(emulated):
+    """The circular pipeline runs blocks under vmap (stages) with remat; the cuDNN call must see
+    the stages folded into its batch, and the gradients must still be attention's."""
+    stages = 2
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.normal(size=(stages, B, T, n, D)), jnp.bfloat16) for n in (H, KV, KV))
+    seg = jnp.asarray(np.stack([PACKED, PACKED[::-1]]))
+    proj = jnp.asarray(rng.normal(size=(stages, B, T, H, D)), jnp.float32)
+
+    def loss(backend, q, k, v):
+        att = jax.checkpoint(lambda q, k, v, s: self_attention(q, k, v, backend=backend, segment_ids=s,
+                                                                max_segments=4))
+        out = jax.vmap(att)(q, k, v, seg)
+        return jnp.sum(out.astype(jnp.float32) * proj), out
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True), static_argnums=0)
+    (_, out), grads = grad("cudnn", q, k, v)
+    jax.effects_barrier()
+    assert set(emulated) == {"PADDING_CAUSAL"} and len(emulated) >= 2  # forward, and backward's recompute
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    for s in range(stages):
+        want = numpy_attention(*(np.asarray(x[s]) for x in f32), np.asarray(seg[s]))
+        np.testing.assert_allclose(np.asarray(out[s], np.float32), want, atol=2e-2)
+    (_, _), ref = grad("xla", *f32)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=3e-2, rtol=3e-2)

@@ -22,6 +22,10 @@ then; under `vmap` a cond becomes a select and both run, so keep the cap above w
 packs per row). The cap costs launch overhead: cuDNN schedules every slot as a sequence of up
 to `seq` tokens, so a cap far above the real document count wastes thread blocks.
 
+Under `vmap` (the circular pipeline runs the blocks in one) the call is made safe by folding
+the vmapped dim into the batch (`_fold_vmap`): JAX's own batching rule for cuDNN attention does
+not handle the ragged lengths or a broadcast mask.
+
 On the CPU none of this can run (JAX refuses cuDNN without a GPU); tests/test_attention_cudnn.py
 checks the arguments built here against JAX's own argument checks and against an independent
 emulation of cuDNN's documented ragged semantics.
@@ -29,10 +33,12 @@ emulation of cuDNN's documented ragged semantics.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 
 try:  # private, pinned by jax's version: the only route to cuDNN's ragged (packed) layout
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_sdpa
@@ -89,16 +95,9 @@ def _dense_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *,
-                    max_segments: int) -> jax.Array:
-    """Causal GQA self-attention by cuDNN's flash kernel. q [B, T, H, d]; k, v [B, T, KV, d]."""
-    if cudnn_sdpa is None:
-        raise RuntimeError(f"model.attention_backend=cudnn: this jax has no cuDNN attention module "
-                           f"({_IMPORT_ERROR}); use attention_backend=xla")
-    if q.dtype not in CUDNN_DTYPES:
-        raise ValueError(f"model.attention_backend=cudnn runs in bfloat16/float16, but attention "
-                         f"inputs are {q.dtype}: set model.compute_dtype=bfloat16 or pick "
-                         f"attention_backend=xla")
+def _cudnn_call(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                max_segments: int) -> jax.Array:
+    """The cuDNN calls themselves: plain causal, ragged (packed), or dense mask over the cap."""
     scale = q.shape[-1] ** -0.5
     mt = cudnn_sdpa.MaskType
     if segment_ids is None:
@@ -118,3 +117,68 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
                                                 mask_type=mt.NO_MASK, qkv_layout="BTNH")
 
     return jax.lax.cond(ragged.fits, packed, dense, q, k, v, ragged, segment_ids)
+
+
+def _fold_vmap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` of arrays that all lead with the batch dim, made safe under `vmap`: a vmapped dim is
+    folded into the batch dim and `fn` runs once on the merged batch.
+
+    Why: JAX's batching rule for the cuDNN primitive reshapes the sequence lengths to [batch]
+    and a bias to [batch, heads, ...], which breaks for the ragged [batch, runs] lengths and for
+    a head-broadcast mask, and the circular pipeline runs every block under `vmap`."""
+    wrapped = custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def rule(axis_size: int, in_batched: Any, *args: jax.Array) -> tuple[Any, Any]:
+        args = tuple(a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+                     for a, batched in zip(args, in_batched))
+        out = wrapped(*(a.reshape(-1, *a.shape[2:]) for a in args))
+        return (jax.tree.map(lambda o: o.reshape(axis_size, -1, *o.shape[1:]), out),
+                jax.tree.map(lambda _: True, out))
+
+    return wrapped
+
+
+@functools.lru_cache(maxsize=None)
+def _differentiable(max_segments: int, segmented: bool) -> Callable[..., jax.Array]:
+    """attention(q, k, v[, segment_ids]) with a custom VJP whose forward and backward are each
+    `_fold_vmap`-ed (a custom_vmap function cannot itself be differentiated). The backward
+    takes cuDNN's VJP of a recomputed forward: one extra forward kernel per backward."""
+
+    def forward(q, k, v, *seg):
+        return _cudnn_call(q, k, v, seg[0] if segmented else None, max_segments)
+
+    def backward(q, k, v, *rest):
+        *seg, g = rest
+        _, vjp = jax.vjp(lambda q, k, v: forward(q, k, v, *seg), q, k, v)
+        return vjp(g)
+
+    fwd_safe, bwd_safe = _fold_vmap(forward), _fold_vmap(backward)
+
+    @jax.custom_vjp
+    def attention(q, k, v, *seg):
+        return fwd_safe(q, k, v, *seg)
+
+    def attention_fwd(q, k, v, *seg):
+        return fwd_safe(q, k, v, *seg), (q, k, v, *seg)
+
+    def attention_bwd(res, g):
+        return (*bwd_safe(*res, g), *(None,) * (len(res) - 3))  # no cotangent for segment ids
+
+    attention.defvjp(attention_fwd, attention_bwd)
+    return attention
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *,
+                    max_segments: int) -> jax.Array:
+    """Causal GQA self-attention by cuDNN's flash kernel. q [B, T, H, d]; k, v [B, T, KV, d]."""
+    if cudnn_sdpa is None:
+        raise RuntimeError(f"model.attention_backend=cudnn: this jax has no cuDNN attention module "
+                           f"({_IMPORT_ERROR}); use attention_backend=xla")
+    if q.dtype not in CUDNN_DTYPES:
+        raise ValueError(f"model.attention_backend=cudnn runs in bfloat16/float16, but attention "
+                         f"inputs are {q.dtype}: set model.compute_dtype=bfloat16 or pick "
+                         f"attention_backend=xla")
+    if segment_ids is None:
+        return _differentiable(max_segments, False)(q, k, v)
+    return _differentiable(max_segments, True)(q, k, v, segment_ids.astype(jnp.int32))
