@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--decode-batches must be positive and --decode-steps below --decode-window")
 
     t_start = time.perf_counter()
+    # JAX preallocates 75% of GPU memory by default; the no-remat 1B step wants more of the 80 GB.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     import nemojax  # noqa: F401 - first: on a host with libtpu but no TPU it keeps JAX off libtpu
 
     import jax
@@ -335,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                 res = time_training(run_cfg, args.steps, args.warmup, args.seed)
             except Exception as e:  # noqa: BLE001 - out of memory or an unsupported backend is a result
                 candidates[name] = {"remat_policy": attempt, "error": _error(e)}
-                gc.collect()
-                if _out_of_memory(e) and attempt != "full":
+                retry = _out_of_memory(e) and attempt != "full"
+                res = None
+            gc.collect()  # after the except block: the traceback no longer holds the failed run's arrays
+            if res is None:
+                if retry:
                     continue
                 break
             for k, v in counts.items():
@@ -344,7 +350,6 @@ def main(argv: list[str] | None = None) -> int:
                 res[f"tflops_{k}"] = tflops
                 res[f"mfu_{k}"] = None if peak is None else tflops * 1e12 / peak
             candidates[name] = {"remat_policy": attempt, **res}
-            gc.collect()
             break
     timed = {k: v for k, v in candidates.items() if "tokens_per_sec" in v}
     best = max(timed, key=lambda k: timed[k]["tokens_per_sec"]) if timed else None
