@@ -24,9 +24,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
-from nemojax.model.axes import active_rules, logical_to_spec, mesh_shape, spec_axes
+from nemojax.model.axes import Rules, active_rules, logical_to_spec, mesh_shape, spec_axes
 
 LANES = 128  # the kernel's tile granularity along the sequence
 BLOCKS = (512, 256, 128)  # tile sizes tried, largest first (MaxText's v5p defaults are 512)
@@ -73,7 +73,7 @@ def _local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
     return out.transpose(0, 2, 1, 3)[:, :t]
 
 
-def _dim_spec(name: str, size: int, rules, mesh, skip: set[str]) -> tuple[str, ...]:
+def _dim_spec(name: str, size: int, rules: Rules, mesh: Mesh, skip: set[str]) -> tuple[str, ...]:
     """Mesh axes for one dim named `name`: the rules' axes, minus manual ones, if they divide it."""
     spec = logical_to_spec((name,), rules, mesh)
     axes = tuple(a for a in spec_axes(spec[0] if len(spec) else None) if a not in skip)
@@ -84,7 +84,7 @@ def _dim_spec(name: str, size: int, rules, mesh, skip: set[str]) -> tuple[str, .
     return axes if axes and size % cuts == 0 else ()
 
 
-def _entry(axes: tuple[str, ...]):
+def _entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
