@@ -67,7 +67,15 @@ class ModelConfig:
     param_dtype: str = "float32"  # float32 | bfloat16
     compute_dtype: str = "float32"  # matmul/activation dtype: float32 | bfloat16
     remat_policy: str = "none"  # one of REMAT_POLICY_NAMES (below)
-    attention_backend: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention; cuDNN on GPU) | cudnn
+    # Self-attention kernel (nemojax.model.attention): auto = splash on TPU, cudnn on CUDA GPUs
+    # with bfloat16 compute, xla elsewhere; xla (einsum reference, materialises seq x seq scores)
+    # | splash (Pallas TPU flash kernel, segment ids) | cudnn (cuDNN flash, packed rows as ragged
+    # sequences; bfloat16) | dot_product (jax.nn.dot_product_attention, XLA, dense mask).
+    # The KV-cached decode always uses the xla formula.
+    attention_backend: str = "auto"
+    # cudnn only: the most segment runs (packed documents, padding) one row may hold on the flash
+    # path; a batch with a fuller row takes cuDNN's dense-mask path (slower, same result).
+    attention_max_segments: int = 64
     scan_layers: bool = True  # one compiled block scanned over stacked layer params
     bos_id: int = 2
     eos_id: int = 3
@@ -110,9 +118,13 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICY_NAMES:
             raise ConfigError(f"{prefix}.remat_policy={self.remat_policy!r} is unknown; choose one of "
                               f"{sorted(REMAT_POLICY_NAMES)}")
-        if self.attention_backend not in ("xla", "dot_product", "cudnn"):
+        backends = ("auto", "xla", "splash", "cudnn", "dot_product")  # nemojax.model.attention.BACKENDS
+        if self.attention_backend not in backends:
             raise ConfigError(f"{prefix}.attention_backend={self.attention_backend!r} is unknown; choose "
-                              f"xla, dot_product or cudnn")
+                              f"one of {', '.join(backends)}")
+        if self.attention_max_segments < 2:
+            raise ConfigError(f"{prefix}.attention_max_segments must be >= 2 (a document and the "
+                              f"padding after it), got {self.attention_max_segments}")
         if self.init_std <= 0:
             raise ConfigError(f"{prefix}.init_std must be positive, got {self.init_std}")
 

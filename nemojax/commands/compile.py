@@ -56,6 +56,7 @@ def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, 
     """Everything `nemojax compile` prints: target, mesh, schedule, memory, fit, times."""
     import jax
 
+    from nemojax.model.attention import resolve_backend
     from nemojax.parallel.aot import compile_report, state_bytes, topology_devices
     from nemojax.parallel.mesh import make_mesh, mesh_shape
     from nemojax.parallel.pipeline import schedule_summary
@@ -78,6 +79,8 @@ def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, 
         out["pipeline"] = schedule_summary(s.P, s.V, s.M, cfg.model.num_layers)
     out["state_bytes_per_device"] = state_bytes(training.abstract_sharded_state())
     out["stage"] = cfg.stage.kind
+    out["attention_backend"] = resolve_backend(cfg.model.attention_backend, platform=devices[0].platform,
+                                               dtype=cfg.model.compute_dtype)  # what `auto` became
     out.update({"remat_policy": cfg.model.remat_policy, "compute_dtype": cfg.model.compute_dtype,
                 "param_dtype": cfg.model.param_dtype, "fp32_master_weights": cfg.model.param_dtype != "float32",
                 "zero1": cfg.sharding.zero1, "seq_len": cfg.data.seq_len,

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from nemojax.config import ModelConfig
-from nemojax.model.attention import attend
+from nemojax.model.attention import cached_attention, self_attention
 from nemojax.model.layers import apply_partial_rope, layernorm1p, rope_tables, squared_relu_mlp
 from nemojax.model.lora import adapter_params, merge_adapters
 from nemojax.model.axes import constrain
@@ -111,8 +111,10 @@ def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.A
           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-LN decoder block on one layer's weights `p` (no leading layers axis).
 
-    With `cache` (k, v of [batch, max_len, kv_heads, head_dim]) the new keys/values are
-    written at slots `q_index` and the queries attend over the whole cache.
+    Without a cache the tokens attend causally among themselves (slots 0..seq-1, within their
+    segment) with `cfg.attention_backend`. With `cache` (k, v of [batch, max_len, kv_heads,
+    head_dim]) the new keys/values are written at slots `q_index` and the queries attend over
+    the whole cache (`cached_attention`, whatever the backend).
     """
     cdt = DTYPES[cfg.compute_dtype]
     p = merge_adapters(cfg, p)  # LoRA: W + (alpha/rank) A @ B for this layer only
@@ -126,19 +128,15 @@ def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.A
     k = apply_partial_rope(k, cos, sin)
     new_cache = None
     if cache is None:
-        attn = attend(q, k, v, backend=cfg.attention_backend, q_index=q_index, k_index=q_index,
-                      q_segment=segment_ids, k_segment=segment_ids,
-                      plain_causal=segment_ids is None)
+        attn = self_attention(q, k, v, backend=cfg.attention_backend, segment_ids=segment_ids,
+                              max_segments=cfg.attention_max_segments)
     else:
         ck, cv = cache
         rows = jnp.arange(x.shape[0])[:, None]
         ck = ck.at[rows, q_index].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[rows, q_index].set(v.astype(cv.dtype), mode="drop")
         new_cache = (ck, cv)
-        k_index = jnp.broadcast_to(jnp.arange(ck.shape[1]), (x.shape[0], ck.shape[1]))
-        attn = attend(q, ck.astype(cdt), cv.astype(cdt), backend=cfg.attention_backend,
-                      q_index=q_index, k_index=k_index, q_segment=None, k_segment=None,
-                      plain_causal=False)
+        attn = cached_attention(q, ck.astype(cdt), cv.astype(cdt), q_index=q_index)
     attn_out = jnp.einsum("bshk,hkd->bsd", attn, w["o"])
     attn_out = checkpoint_name(attn_out, "attn_out")
     x = x + attn_out
