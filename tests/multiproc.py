@@ -34,6 +34,7 @@ class Finished:
     stdout: list[str]
     stderr: list[str]
     seconds: float = 0.0  # from launch (or from the first signal sent, for a signalled job) to the last exit
+    ended: float = 0.0  # time.monotonic() when the last process exited
 
     def explain(self) -> str:
         return "\n".join(f"--- process {i} (rc={rc})\nSTDOUT\n{o[-2500:]}\nSTDERR\n{e[-4000:]}"
@@ -131,6 +132,7 @@ class Job:
             self.kill()
         done = self.output()
         done.seconds = end - (self.signalled if self.signalled is not None else self.started)
+        done.ended = end
         return done
 
 

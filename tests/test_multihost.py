@@ -10,10 +10,10 @@ trained once, in this process.
 Preemption, one run (data 2 x tensor 4: the hosts read different rows) taken through what a
 cluster does to it:
 - SIGKILL to both processes right after the step-2 checkpoint (tests/kill_after_save.py);
-- rerun, then SIGTERM to both while they train: both stop after the same step, write one
-  checkpoint together and exit 0 within GRACE_S;
-- rerun, then SIGTERM to process 1 only, while it restores and compiles: the notice reaches
-  process 0 too (JAX's preemption sync manager) and the same happens after the first step;
+- rerun, then SIGTERM to process 1 only while the job trains: the notice reaches process 0 too
+  (JAX's preemption sync manager), both stop after the same step, write one checkpoint together
+  and exit 0 within GRACE_S;
+- rerun, then SIGTERM to both while they restore and compile: the same, after the first step;
 - rerun to the end: the losses of the whole chain equal an uninterrupted run's, bit for bit;
 - a copy whose newest checkpoint lost a file only process 1 reads: both hosts set it aside
   together and resume the previous one, again bit for bit.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import jax
@@ -83,27 +84,34 @@ def _written_by_both(step_dir: Path) -> None:
 def _preempt(run_dir: Path, processes: list[int], after_step: int | None) -> dict:
     """Resume PREEMPTED with no end in sight and SIGTERM `processes` once `after_step` is logged or,
     with None, once process 1 has joined the job (before its restore and first step). Returns what
-    the job left behind."""
+    the job left behind and how long after the signal (or, for a signal during start-up, after
+    the first step) the last process exited."""
+    first = max(logged_losses(run_dir)) + 1
     job = _job(PREEMPTED, run_dir, f"steps={BIG}", f"checkpoint_every={BIG}")
     if after_step is None:
         wait_until(job, lambda: "loads rows" in job.output().stderr[1], "distributed start")
     else:
         wait_until(job, lambda: after_step in logged_losses(run_dir, missing_ok=True), f"step {after_step}")
     job.send(signal.SIGTERM, processes)
+    stepped = None
+    if after_step is None:
+        wait_until(job, lambda: first in logged_losses(run_dir), f"step {first}")
+        stepped = time.monotonic()
     done = job.wait(timeout=GRACE_S + 60)
-    return {"done": done, "stop": max(logged_losses(run_dir)), "checkpoints": checkpoint_steps(run_dir)}
+    return {"done": done, "stop": max(logged_losses(run_dir)), "checkpoints": checkpoint_steps(run_dir),
+            "grace": done.seconds if stepped is None else done.ended - stepped}
 
 
-def _stopped_cleanly(job: dict, run_dir: Path) -> None:
+def _stopped_cleanly(job: dict, run_dir: Path, what: str) -> None:
     """Every process exited 0 within the grace period, after saving one checkpoint, written by both,
     of the step where process 0 stopped logging."""
     done, step = job["done"], job["stop"]
     assert done.returncodes == [0, 0], done.explain()
-    assert done.seconds <= GRACE_S, f"SIGTERM -> exit took {done.seconds:.1f}s\n{done.explain()}"
+    assert job["grace"] <= GRACE_S, f"{what} -> exit took {job['grace']:.1f}s\n{done.explain()}"
     assert "received a preemption notice" in done.stdout[0], done.explain()
     assert f"saved checkpoint of step {step} in" in done.stdout[0], done.explain()
     _written_by_both(run_dir / "checkpoints" / str(step))
-    print(f"SIGTERM -> every process exited: {done.seconds:.1f}s")
+    print(f"{what} -> every process exited: {job['grace']:.1f}s")
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +136,15 @@ def reference(tmp_path_factory) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory) -> dict:
-    """SIGKILL after the step-2 checkpoint; rerun, SIGTERM to both two steps after the resume; rerun,
-    SIGTERM to process 1 while it starts."""
+    """SIGKILL after the step-2 checkpoint; rerun, SIGTERM to process 1 two steps after the resume;
+    rerun, SIGTERM to both while they start."""
     run_dir = tmp_path_factory.mktemp("preempted") / "run"
     killed = _job(PREEMPTED, run_dir, f"steps={BIG}", kill_after=2).wait(timeout=600, stop_on_failure=False)
     assert killed.returncodes == [-9, -9], killed.explain()  # SIGKILL, no cleanup
     assert checkpoint_steps(run_dir) == [2] and sorted(logged_losses(run_dir)) == [1, 2]
-    to_all = _preempt(run_dir, [0, 1], after_step=4)
-    to_one = _preempt(run_dir, [1], after_step=None)
-    return {"run_dir": run_dir, "to_all": to_all, "to_one": to_one}
+    to_one = _preempt(run_dir, [1], after_step=4)
+    at_start = _preempt(run_dir, [0, 1], after_step=None)
+    return {"run_dir": run_dir, "to_one": to_one, "at_start": at_start}
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +153,10 @@ def sequence(tmp_path_factory, preempted: dict) -> dict:
     same run as the preempted one, uninterrupted; the preempted run continued to the end; a copy of
     it whose newest checkpoint lost a file only process 1 reads, continued."""
     root = tmp_path_factory.mktemp("sequence")
-    end = preempted["to_one"]["stop"] + 2
+    end = preempted["at_start"]["stop"] + 2
     corrupt = root / "corrupt"
     shutil.copytree(preempted["run_dir"], corrupt)
-    newest = corrupt / "checkpoints" / str(preempted["to_one"]["stop"])
+    newest = corrupt / "checkpoints" / str(preempted["at_start"]["stop"])
     victim = max((p for p in (newest / "opt_state").rglob("ocdbt.process_1/d/*") if p.is_file()),
                  key=lambda p: p.stat().st_size)
     with victim.open("r+b") as fh:
@@ -169,22 +177,25 @@ def sequence(tmp_path_factory, preempted: dict) -> dict:
     return {"output": output, "dirs": dirs, "end": end}
 
 
-def test_sigterm_to_every_process_saves_one_checkpoint_and_exits(preempted) -> None:
-    job = preempted["to_all"]
+def test_sigterm_to_one_process_stops_every_process(preempted) -> None:
+    """SIGTERM to process 1 only, while the job trains: the notice reaches process 0 (JAX's preemption
+    sync manager), both stop after the same step and write one checkpoint. Mutant: the notice kept
+    on the host that got it (a Python SIGTERM handler over JAX's, or only the local flag asked) --
+    process 0 trains on and the job does not end."""
+    job = preempted["to_one"]
     assert "(step 2," in job["done"].stdout[0], job["done"].explain()  # resumed after the SIGKILL
     assert job["stop"] >= 4 and job["checkpoints"] == [2, job["stop"]], job
-    _stopped_cleanly(job, preempted["run_dir"])
+    _stopped_cleanly(job, preempted["run_dir"], "SIGTERM to process 1")
 
 
-def test_sigterm_to_one_process_stops_every_process(preempted) -> None:
-    """SIGTERM to process 1 while it restores and compiles: every process stops after the first
-    step or two of the resumed run. Mutants: the notice kept on the host that got it (a Python
-    SIGTERM handler over JAX's, or only the local flag asked) -- process 0 trains on; global steps
-    told to JAX's sync manager -- its stop point (1) is behind the resumed run, nothing stops."""
-    first, job = preempted["to_all"]["stop"], preempted["to_one"]
+def test_sigterm_to_every_process_while_starting_stops_after_the_first_step(preempted) -> None:
+    """SIGTERM to both while they restore and compile: they stop after the first step or two of the
+    resumed run (timed from that step). Mutant: global steps told to JAX's sync manager -- its
+    stop point (step 1) is behind the resumed run, which then never stops."""
+    first, job = preempted["to_one"]["stop"], preempted["at_start"]
     assert f"(step {first}," in job["done"].stdout[0], job["done"].explain()  # resumed
-    assert first < job["stop"] <= first + 3 and job["checkpoints"] == [2, first, job["stop"]], job
-    _stopped_cleanly(job, preempted["run_dir"])
+    assert first < job["stop"] <= first + 2 and job["checkpoints"] == [2, first, job["stop"]], job
+    _stopped_cleanly(job, preempted["run_dir"], "SIGTERM to both while starting (from the first step)")
 
 
 def test_layouts_across_two_processes_match_one_device(sequence, reference) -> None:
@@ -198,7 +209,7 @@ def test_layouts_across_two_processes_match_one_device(sequence, reference) -> N
 
 def test_resume_after_sigkill_and_sigterms_is_bit_exact(sequence, preempted) -> None:
     stdout = sequence["output"]["after_sigterm"][0][0]
-    assert f"(step {preempted['to_one']['stop']}," in stdout, stdout
+    assert f"(step {preempted['at_start']['stop']}," in stdout, stdout
     want, got = logged_losses(sequence["dirs"]["uninterrupted"]), logged_losses(preempted["run_dir"])
     assert sorted(got) == sorted(want) == list(range(1, sequence["end"] + 1))
     assert got == want  # the same floats: a SIGKILL, two SIGTERMs and three resumes changed nothing
@@ -208,10 +219,10 @@ def test_checkpoint_one_host_cannot_read_is_set_aside_by_both(sequence, preempte
     """Process 0 reads the newest checkpoint fine, process 1 does not: both take the same decision
     (set it aside, resume the previous one) instead of one resuming while the other falls back."""
     stdout = sequence["output"]["after_corruption"][0][0]
-    assert f"(step {preempted['to_all']['stop']}," in stdout, stdout
+    assert f"(step {preempted['to_one']['stop']}," in stdout, stdout
     corrupt = sequence["dirs"]["corrupt"]
     assert [p.name.split("-")[0] for p in (corrupt / "checkpoints_corrupt").iterdir()] == \
-        [str(preempted["to_one"]["stop"])]
+        [str(preempted["at_start"]["stop"])]
     assert logged_losses(corrupt) == logged_losses(sequence["dirs"]["uninterrupted"])
 
 
