@@ -83,13 +83,13 @@ def _written_by_both(step_dir: Path) -> None:
 
 def _preempt(run_dir: Path, processes: list[int], after_step: int | None) -> dict:
     """Resume PREEMPTED with no end in sight and SIGTERM `processes` once `after_step` is logged or,
-    with None, once process 1 has joined the job (before its restore and first step). Returns what
+    with None, once both have joined the job (before their restore and first step). Returns what
     the job left behind and how long after the signal (or, for a signal during start-up, after
     the first step) the last process exited."""
     first = max(logged_losses(run_dir)) + 1
     job = _job(PREEMPTED, run_dir, f"steps={BIG}", f"checkpoint_every={BIG}")
     if after_step is None:
-        wait_until(job, lambda: "loads rows" in job.output().stderr[1], "distributed start")
+        wait_until(job, lambda: all("loads rows" in e for e in job.output().stderr), "distributed start")
     else:
         wait_until(job, lambda: after_step in logged_losses(run_dir, missing_ok=True), f"step {after_step}")
     job.send(signal.SIGTERM, processes)
@@ -189,12 +189,13 @@ def test_sigterm_to_one_process_stops_every_process(preempted) -> None:
 
 
 def test_sigterm_to_every_process_while_starting_stops_after_the_first_step(preempted) -> None:
-    """SIGTERM to both while they restore and compile: they stop after the first step or two of the
-    resumed run (timed from that step). Mutant: global steps told to JAX's sync manager -- its
-    stop point (step 1) is behind the resumed run, which then never stops."""
+    """SIGTERM to both while they restore and compile: they stop within the first steps of the
+    resumed run (after the first if the notice is through before it; timed from that step).
+    Mutant: global steps told to JAX's sync manager -- its stop point (step 1) is behind the
+    resumed run, which then never stops."""
     first, job = preempted["to_one"]["stop"], preempted["at_start"]
     assert f"(step {first}," in job["done"].stdout[0], job["done"].explain()  # resumed
-    assert first < job["stop"] <= first + 2 and job["checkpoints"] == [2, first, job["stop"]], job
+    assert first < job["stop"] <= first + 5 and job["checkpoints"] == [2, first, job["stop"]], job
     _stopped_cleanly(job, preempted["run_dir"], "SIGTERM to both while starting (from the first step)")
 
 
