@@ -46,8 +46,8 @@ import numpy as np
 from nemojax.config import Config, ConfigError, save_config
 from nemojax.train.build import PRETRAIN, TrainTask, Training, build_training
 from nemojax.train.checkpointing import CheckpointError, Checkpointer, read_data_state
-from nemojax.train.preemption import StopSignals
 from nemojax.train.metrics import MetricsWriter, ThroughputMeter, format_progress, peak_flops_per_device
+from nemojax.train.preemption import StopSignals
 from nemojax.train.rampup import BatchSchedule
 from nemojax.train.step import TrainState
 
