@@ -9,9 +9,10 @@ fix (a batch-invariant engine) costs. Prints one JSON object.
    top_p 0.95, mixed max_tokens) run all together and only the second half (what a resumed stage
    submits), on fresh engines, for each engine setting: how many samples of the second half
    differ in their chosen tokens and in their log-prob bits. `batched` is the engine's own
-   default (8 prompts per prefill call, prefix cache of 2 x max_len); `invariant` is what SDG
-   engine clients now use (one prompt per prefill call, no prefix cache); the other rows switch
-   one knob at a time.
+   default (8 prompts per prefill call, prefix cache of 2 x max_len, decode windows from 128
+   rows up); `invariant` is what SDG engine clients now use (`batch_invariant: true`: one prompt
+   per prefill call, no prefix cache, every decode call over max_len rows); the other rows undo
+   one of the three at a time.
 3. throughput: an SDG pipeline through the runner on a random model of the tiny preset's shape
    (configs/models/tiny.yaml; it never emits eos, so every sample runs to max_tokens):
    read seed prompts -> instruction prompts -> respond (n = 4, T = 0.8) -> LLM judge (asked twice
@@ -43,12 +44,16 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SETTINGS = {
-    "batched": {"max_prefill_batch": 8, "prefix_cache_tokens": 1024},
-    "invariant": {"max_prefill_batch": 1, "prefix_cache_tokens": 0},
-    "batched_prefill_only": {"max_prefill_batch": 8, "prefix_cache_tokens": 0},
-    "prefix_cache_only": {"max_prefill_batch": 1, "prefix_cache_tokens": 1024},
+MAX_LEN = 512
+ENGINE_SETTINGS = {  # Engine keyword arguments
+    "batched": {"max_prefill_batch": 8},  # the engine's defaults: prefix cache 2 x max_len, windows from 128
+    "invariant": {"max_prefill_batch": 1, "prefix_cache_tokens": 0, "min_window": MAX_LEN},
+    "invariant_but_batched_prefill": {"max_prefill_batch": 8, "prefix_cache_tokens": 0, "min_window": MAX_LEN},
+    "invariant_but_prefix_cache": {"max_prefill_batch": 1, "min_window": MAX_LEN},
+    "invariant_but_window_buckets": {"max_prefill_batch": 1, "prefix_cache_tokens": 0},
 }
+CLIENT_SETTINGS = {"batched": {"batch_invariant": False, "max_prefill_batch": 8},  # pipeline client keys
+                   "invariant": {"batch_invariant": True}}
 
 
 def tiny_cfg(init_std: float) -> object:
@@ -100,13 +105,13 @@ def engine_resume(requests: int) -> dict:
                 for i in idx]
 
     def run(idx: range, knobs: dict) -> dict:
-        e = Engine(model, max_slots=8, max_len=512, decode_steps=16, min_bucket=16, tokenizer=tok,
+        e = Engine(model, max_slots=8, max_len=MAX_LEN, decode_steps=16, min_bucket=16, tokenizer=tok,
                    stop_token_ids=[cfg.eos_id, tok.eos_id], program_dir=False, **knobs)
         return {(c.request_id, c.sample_index): (c.output_ids, np.asarray(c.logprobs, np.float32))
                 for c in e.generate_all(reqs(idx))}
 
     out = {}
-    for name, knobs in SETTINGS.items():
+    for name, knobs in ENGINE_SETTINGS.items():
         full, part = run(range(requests), knobs), run(range(requests // 2, requests), knobs)
         keys = sorted(part)
         bits = 0
@@ -123,7 +128,7 @@ def engine_resume(requests: int) -> dict:
 def pipeline_tree(ckpt: Path, run_dir: Path, knobs: dict, args: argparse.Namespace) -> dict:
     return {
         "run_dir": str(run_dir), "seed": 0, "max_in_flight": 16, "progress": False,
-        "clients": {"gen": {"type": "engine", "checkpoint": str(ckpt), "max_slots": 8, "max_len": 512,
+        "clients": {"gen": {"type": "engine", "checkpoint": str(ckpt), "max_slots": 8, "max_len": MAX_LEN,
                             "decode_steps": 16, "program_cache": False, **knobs}},
         "stages": {
             "seed_prompts": {"kind": "read", "path": "configs/sdg/seed_prompts.jsonl", "limit": args.prompts},
@@ -149,7 +154,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     for rep in range(args.repeats):
         for name in runs:
             run_dir = work / f"{name}-{rep}"
-            cfg = build_pipeline(pipeline_tree(ckpt, run_dir, SETTINGS[name], args))
+            cfg = build_pipeline(pipeline_tree(ckpt, run_dir, CLIENT_SETTINGS[name], args))
             t = time.perf_counter()
             summaries = Runner(cfg, log=io.StringIO()).run()
             wall = time.perf_counter() - t

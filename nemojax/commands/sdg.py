@@ -57,6 +57,10 @@ def _run(args: argparse.Namespace) -> int:
         if unknown:
             print(f"nemojax sdg: {flag} {unknown}: no such stage; stages: {', '.join(cfg.stages)}", file=sys.stderr)
             return 2
+    if any(c.type == "engine" and c.program_cache for c in cfg.clients.values()):
+        from nemojax.inference.setup import enable_compile_cache
+
+        enable_compile_cache()  # a resumed run loads the engine's programs instead of compiling them
     try:
         Runner(cfg, progress=not args.no_progress and cfg.progress, redo=args.redo).run(args.only)
     except Interrupted as e:  # like `nemojax train`: a requested stop is not a failure

@@ -12,15 +12,17 @@ Only the engine's public API is used: submit, step, has_work, free_slots, cancel
 settings, read for `identity`).
 
 Determinism: every request carries a seed from the stage (stages/base.py), and the engine's
-sampling keys depend only on (seed, sample index, token index), never on the slot. The numbers
-a request's tokens are drawn from depend on its neighbours only through prefill: on XLA:CPU a
-matmul row's result depends on how many rows the call has, so a prompt prefilled together with
-others, or reusing keys/values another prompt's prefill computed (prefix cache), gets slightly
-different logits (benchmarks/sdg_batch_invariance.py). Pipeline engine clients therefore default
-to one prompt per prefill call and no prefix cache (ClientConfig.max_prefill_batch /
-prefix_cache_tokens), which makes every request's tokens independent of what runs beside it, so
-a resumed stage writes the bytes an uninterrupted one does. An engine passed in from Python
-keeps its own settings.
+sampling keys depend only on (seed, sample index, token index), never on the slot. What else
+runs can still change the numbers its tokens are drawn from: on XLA:CPU a matmul row's result
+depends on how many rows the call has, so a prompt prefilled together with others, or reusing
+keys/values another prompt's prefill computed (prefix cache), gets slightly different logits;
+and decode's attention sums over a window sized to the longest running sample, so a
+neighbour's length changes the rounding too (benchmarks/sdg_batch_invariance.py). Pipeline
+engine clients are therefore built batch-invariant by default (ClientConfig.batch_invariant:
+one prompt per prefill call, no prefix cache across requests, one decode window of max_len
+rows), which makes every request's tokens independent of what runs beside it, so a resumed
+stage writes the bytes an uninterrupted one does. An engine passed in from Python keeps its
+own settings.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ class EngineLLM:
         return {"model_config": dataclasses.asdict(e.cfg), "max_slots": e.max_slots, "max_len": e.max_len,
                 "decode_steps": e.decode_steps, "max_prefill_batch": e.batch_buckets[-1],
                 "prefix_cache_tokens": e.prefix_cache.num_blocks * e.prefix_cache.block_size,
-                "min_bucket": e.len_buckets[0], "bos": self.bos}
+                "windows": list(e.window_buckets), "min_bucket": e.len_buckets[0], "bos": self.bos}
 
     def _result(self, completions: list[Any]) -> GenResult:
         completions = sorted(completions, key=lambda c: c.sample_index)

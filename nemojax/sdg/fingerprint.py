@@ -7,7 +7,7 @@ A stage's fingerprint is a JSON tree of everything that can change its records:
   declared client, e.g. respond's `clients`, Genetic Instruct's `coder`), described by what
   changes its answers: an engine's model identity (resolved checkpoint, training step, a
   digest of the weights and of the model config), tokenizer digest, dtype and the engine
-  settings that change numerics or admission (slots, max_len, prefill batch, prefix cache,
+  settings that change numerics or admission (slots, max_len, batch invariance, prefill batch,
   buckets); an OpenAI-compatible server's base_url and model; a scripted client's rules.
   Transport settings (timeouts, retries, concurrency, program cache) are left out: they change
   how long a stage takes, not what it writes;
@@ -85,7 +85,7 @@ def tokenizer_identity(spec: str, checkpoint: str) -> dict[str, Any]:
     return {"spec": spec, "digest": content_digest(resolve_tokenizer_path(spec))}
 
 
-ENGINE_KEYS = ("max_slots", "max_len", "decode_steps", "max_prefill_batch", "prefix_cache_tokens", "min_bucket", "dtype")
+ENGINE_KEYS = ("max_slots", "max_len", "decode_steps", "batch_invariant", "max_prefill_batch", "min_bucket", "dtype")
 
 
 def client_identity(c: ClientConfig, live: Any = None) -> dict[str, Any]:
