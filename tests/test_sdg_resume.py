@@ -168,7 +168,8 @@ def test_sigterm_stops_like_train_and_a_rerun_resumes(tmp_path):
     assert proc.returncode == 0, err
     message = err.decode().strip().splitlines()[-1]
     assert message.startswith("nemojax sdg: received SIGTERM: stopped in stage 'answers' with ")
-    assert message.endswith(f"of {N} items done (kept on disk); exiting. Rerun the same command to resume.")
+    assert message.endswith(f"of {N} items done (what finished is kept on disk); exiting. Rerun the same command "
+                            f"to resume.")
     done = int(message.split(" with ")[1].split(" of ")[0])
     assert 3 <= done < N and lines(ledger) == done + 1 and not (run_dir / "answers.jsonl").exists()
     assert main(["sdg", "run", str(path), "--no-progress"]) == 0

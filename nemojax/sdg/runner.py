@@ -86,7 +86,8 @@ class Interrupted(Exception):
     """The run was stopped by a signal; what finished is kept and a rerun resumes."""
 
     def __init__(self, signame: str, stage: str | None, done: int, total: int) -> None:
-        where = (f" in stage {stage!r} with {done} of {total} items done" if stage else "") + " (kept on disk)"
+        where = (f" in stage {stage!r}" if stage else "") + (f" with {done} of {total} items done" if total else "")
+        where += " (what finished is kept on disk)"
         super().__init__(f"received {signame}: stopped{where}; exiting. Rerun the same command to resume.")
         self.signame, self.stage = signame, stage
 
@@ -118,9 +119,17 @@ class Runner:
         return asyncio.run(self.arun(only))
 
     async def arun(self, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        signals = self._install_signals()
+        try:
+            return await self._run_stages(only)
+        finally:
+            for sig, previous in signals.items():
+                asyncio.get_running_loop().remove_signal_handler(sig)
+                signal.signal(sig, previous)
+
+    async def _run_stages(self, only: list[str] | None) -> dict[str, dict[str, Any]]:
         from nemojax.sdg.clients import build_clients, build_reward
 
-        signals = self._install_signals()
         owned = self._clients is None
         clients = self._clients if self._clients is not None else build_clients(self.cfg)
         reward = self._reward if self._reward is not None else build_reward(self.cfg.reward, self.cfg.seed)
@@ -140,7 +149,7 @@ class Runner:
                 if only and name not in only:
                     continue
                 if self._signal:
-                    raise Interrupted(self._signal, None, 0, 0)
+                    raise Interrupted(self._signal, None, 0, 0)  # arrived between stages
                 self._task = asyncio.ensure_future(self._stage(ctx, name, spec, prints[name]))
                 try:
                     summaries[name] = await self._task
@@ -159,20 +168,20 @@ class Runner:
                 await reward.aclose()
             if ctx.run_dir.is_dir():
                 write_json_atomic(ctx.run_dir / "summary.json", self._all_summaries(ctx))
-            for sig in signals:
-                asyncio.get_running_loop().remove_signal_handler(sig)
         return summaries
 
-    def _install_signals(self) -> list[int]:
-        """SIGTERM / SIGINT cancel the running stage (only in the main thread's event loop)."""
+    def _install_signals(self) -> dict[int, Any]:
+        """SIGTERM / SIGINT cancel the running stage (only in the main thread's event loop);
+        returns the handlers they replaced, restored when the run ends."""
         loop = asyncio.get_running_loop()
-        installed = []
+        installed = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
             try:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             except (ValueError, RuntimeError, NotImplementedError):  # not the main thread / platform
                 continue
-            installed.append(sig)
+            installed[sig] = previous
         return installed
 
     def _on_signal(self, sig: int) -> None:
