@@ -5,20 +5,22 @@ fix (a batch-invariant engine) costs. Prints one JSON object.
    GEMM switches kernels / blocking with M), so a token's keys, values and logits depend on what
    else is in the same prefill call. Reported: differing elements of the first 16 rows at each M,
    against M = 16.
-2. engine_resume: the same seeded requests (mixed prompt lengths, n = 4 or 1, temperature 0.8,
-   top_p 0.95, mixed max_tokens) run all together and only the second half (what a resumed stage
-   submits), on fresh engines, for each engine setting: how many samples of the second half
-   differ in their chosen tokens and in their log-prob bits. `batched` is the engine's own
-   default (8 prompts per prefill call, prefix cache of 2 x max_len, decode windows from 128
-   rows up); `invariant` is what SDG engine clients now use (`batch_invariant: true`: one prompt
-   per prefill call, no prefix cache, every decode call over max_len rows); the other rows undo
-   one of the three at a time.
+2. engine_resume: twelve seeded requests (prompt lengths 10-130 tokens, n = 4 or 1, temperature
+   0.8, top_p 0.95, 8-48 tokens) on the model of tests/test_sdg_determinism.py (2 layers, hidden
+   256, 4 heads of 64; 4 slots, max_len 256), run all together and then only the second half
+   (what a resumed stage submits), on fresh engines, for each engine setting: how many samples of
+   the second half differ in their chosen tokens and in their log-prob bits. `batched` is the
+   engine's own default (8 prompts per prefill call, prefix cache of 2 x max_len, decode windows
+   from 128 rows up); `invariant` is what SDG engine clients now use (`batch_invariant: true`: one
+   prompt per prefill call, no prefix cache, every decode call over max_len rows); the other rows
+   undo one of the three at a time.
 3. throughput: an SDG pipeline through the runner on a random model of the tiny preset's shape
-   (configs/models/tiny.yaml; it never emits eos, so every sample runs to max_tokens):
-   read seed prompts -> instruction prompts -> respond (n = 4, T = 0.8) -> LLM judge (asked twice
-   per pair) -> 3-turn dialogues. Both settings are run alternately --repeats times; wall seconds
-   and engine-generated tokens per second of each run are reported with their medians, and the
-   outputs of the two settings' runs are compared.
+   (configs/models/tiny.yaml; it never emits eos, so every sample runs to max_tokens; 8 slots,
+   max_len 512): seed prompts -> instruction prompts -> respond (n = 4, T = 0.8) -> LLM judge
+   (asked twice per pair) -> 3-turn dialogues. Per setting, one cold run (compiling its engine
+   programs into an empty program cache) and --repeats warm runs (loading them), interleaved;
+   reported: wall seconds and tokens (prompt + completion, as the stage summaries count them) per
+   second of each run, medians, and whether the two settings wrote the same files.
 
     python benchmarks/sdg_batch_invariance.py               # ~15 min on 2 busy cores
     python benchmarks/sdg_batch_invariance.py --quick
@@ -44,12 +46,12 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MAX_LEN = 512
-ENGINE_SETTINGS = {  # Engine keyword arguments
+MAX_LEN = 512  # throughput pipeline
+ENGINE_SETTINGS = {  # Engine keyword arguments ("min_window": True = the engine's max_len)
     "batched": {"max_prefill_batch": 8},  # the engine's defaults: prefix cache 2 x max_len, windows from 128
-    "invariant": {"max_prefill_batch": 1, "prefix_cache_tokens": 0, "min_window": MAX_LEN},
-    "invariant_but_batched_prefill": {"max_prefill_batch": 8, "prefix_cache_tokens": 0, "min_window": MAX_LEN},
-    "invariant_but_prefix_cache": {"max_prefill_batch": 1, "min_window": MAX_LEN},
+    "invariant": {"max_prefill_batch": 1, "prefix_cache_tokens": 0, "min_window": True},
+    "invariant_but_batched_prefill": {"max_prefill_batch": 8, "prefix_cache_tokens": 0, "min_window": True},
+    "invariant_but_prefix_cache": {"max_prefill_batch": 1, "min_window": True},
     "invariant_but_window_buckets": {"max_prefill_batch": 1, "prefix_cache_tokens": 0},
 }
 CLIENT_SETTINGS = {"batched": {"batch_invariant": False, "max_prefill_batch": 8},  # pipeline client keys
@@ -57,10 +59,20 @@ CLIENT_SETTINGS = {"batched": {"batch_invariant": False, "max_prefill_batch": 8}
 
 
 def tiny_cfg(init_std: float) -> object:
+    """The tiny preset's shape (configs/models/tiny.yaml)."""
     from nemojax.config import ModelConfig
 
     return ModelConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
                        ffn_hidden_size=1024, init_std=init_std, max_seq_len=1024)
+
+
+def resume_cfg() -> object:
+    """tests/test_sdg_determinism.py's model: 2 layers, 4 heads of 64 (a workload where each of
+    the three dependences shows)."""
+    from nemojax.config import ModelConfig
+
+    return ModelConfig(vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                       ffn_hidden_size=1024, init_std=0.2, max_seq_len=256)
 
 
 def matmul() -> dict:
@@ -89,24 +101,25 @@ def engine_resume(requests: int) -> dict:
     from nemojax.model.transformer import init_model
 
     tok = load_tokenizer("builtin")
-    cfg = tiny_cfg(0.2)
+    cfg = resume_cfg()
     model = init_model(cfg, seed=0)
     rnd = random.Random(0)
     words = "river mountain cook star sky blue green answer question write short long poem essay".split()
-    prompts = [f"Question {i}: " + " ".join(rnd.choice(words) for _ in range(rnd.randint(5, 150)))
+    prompts = [f"Question {i}: " + " ".join(rnd.choice(words) for _ in range(rnd.randint(3, 60)))
                for i in range(requests)]
-    max_tokens = [rnd.randint(20, 200) for _ in range(requests)]
-    turn = tok.special_id("<extra_id_1>")
+    max_tokens = [rnd.randint(8, 48) for _ in range(requests)]
+    max_len = 256
 
     def reqs(idx: range) -> list:
         return [Request(i, prompt_ids(tok, [{"role": "user", "content": prompts[i]}]),
                         SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens[i], n=4 if i % 3 == 0 else 1,
-                                       seed=1000 + i, logprobs=True, stop_token_ids=[turn]))
+                                       seed=100 + i, logprobs=True))
                 for i in idx]
 
     def run(idx: range, knobs: dict) -> dict:
-        e = Engine(model, max_slots=8, max_len=MAX_LEN, decode_steps=16, min_bucket=16, tokenizer=tok,
-                   stop_token_ids=[cfg.eos_id, tok.eos_id], program_dir=False, **knobs)
+        knobs = {k: (max_len if k == "min_window" else v) for k, v in knobs.items()}
+        e = Engine(model, max_slots=4, max_len=max_len, decode_steps=8, tokenizer=tok,
+                   stop_token_ids=[cfg.eos_id], program_dir=False, **knobs)
         return {(c.request_id, c.sample_index): (c.output_ids, np.asarray(c.logprobs, np.float32))
                 for c in e.generate_all(reqs(idx))}
 
@@ -119,7 +132,7 @@ def engine_resume(requests: int) -> dict:
             a, b = full[k][1], part[k][1]
             m = min(len(a), len(b))
             bits += bool(len(a) != len(b) or np.any(a[:m].view(np.uint32) != b[:m].view(np.uint32)))
-        out[name] = {**knobs, "samples_compared": len(keys),
+        out[name] = {"samples_compared": len(keys),
                      "samples_with_other_tokens": sum(full[k][0] != part[k][0] for k in keys),
                      "samples_with_other_logprob_bits": bits}
     return out
@@ -129,7 +142,7 @@ def pipeline_tree(ckpt: Path, run_dir: Path, knobs: dict, args: argparse.Namespa
     return {
         "run_dir": str(run_dir), "seed": 0, "max_in_flight": 16, "progress": False,
         "clients": {"gen": {"type": "engine", "checkpoint": str(ckpt), "max_slots": 8, "max_len": MAX_LEN,
-                            "decode_steps": 16, "program_cache": False, **knobs}},
+                            "decode_steps": 16, **knobs}},
         "stages": {
             "seed_prompts": {"kind": "read", "path": "configs/sdg/seed_prompts.jsonl", "limit": args.prompts},
             "if_prompts": {"kind": "instruction_prompts", "variants": ["single_turn", "multi_turn"],
@@ -142,6 +155,10 @@ def pipeline_tree(ckpt: Path, run_dir: Path, knobs: dict, args: argparse.Namespa
 
 
 def throughput(args: argparse.Namespace, work: Path) -> dict:
+    """Cold: the first run of each setting, compiling its programs. Warm: later runs loading the
+    programs from the on-disk program cache (what a rerun or a second pipeline sees)."""
+    import jax
+
     from nemojax.checkpoint import save_model
     from nemojax.model.transformer import init_model
     from nemojax.sdg.config import build_pipeline
@@ -149,23 +166,27 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
 
     ckpt = work / "tiny-random"
     save_model(init_model(tiny_cfg(0.02), seed=0), tiny_cfg(0.02), ckpt)
-    runs: dict[str, list[dict]] = {"batched": [], "invariant": []}
+    runs: dict[str, dict[str, list[dict]]] = {name: {"cold": [], "warm": []} for name in CLIENT_SETTINGS}
     outputs: dict[str, bytes] = {}
-    for rep in range(args.repeats):
-        for name in runs:
+    for rep in range(args.repeats + 1):
+        for name, knobs in CLIENT_SETTINGS.items():
+            jax.config.update("jax_compilation_cache_dir", str(work / f"cache-{name}"))  # per setting
             run_dir = work / f"{name}-{rep}"
-            cfg = build_pipeline(pipeline_tree(ckpt, run_dir, CLIENT_SETTINGS[name], args))
+            cfg = build_pipeline(pipeline_tree(ckpt, run_dir, knobs, args))
             t = time.perf_counter()
             summaries = Runner(cfg, log=io.StringIO()).run()
             wall = time.perf_counter() - t
             tokens = sum(s["tokens"] for s in summaries.values())
-            runs[name].append({"seconds": round(wall, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
-                               "load_1m": round(os.getloadavg()[0], 2),
-                               "stage_seconds": {k: s["seconds"] for k, s in summaries.items()}})
+            runs[name]["cold" if rep == 0 else "warm"].append({
+                "seconds": round(wall, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+                "load_1m": round(os.getloadavg()[0], 2),
+                "stage_seconds": {k: s["seconds"] for k, s in summaries.items()}})
             outputs[name] = b"".join(p.read_bytes() for p in sorted(run_dir.glob("*.jsonl")))
-    med = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
+    med = {f"{name}_{kind}": statistics.median(r["tokens_per_s"] for r in rs[kind])
+           for name, rs in runs.items() for kind in ("cold", "warm")}
     return {"runs": runs, "median_tokens_per_s": med,
-            "invariant_over_batched": round(med["invariant"] / med["batched"], 3),
+            "invariant_over_batched_cold": round(med["invariant_cold"] / med["batched_cold"], 3),
+            "invariant_over_batched_warm": round(med["invariant_warm"] / med["batched_warm"], 3),
             "same_outputs_both_settings": outputs["batched"] == outputs["invariant"]}
 
 

@@ -125,4 +125,5 @@ def _save(path: Path, seed: int) -> None:
 
     (path / "params" / "d").mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text("model: {hidden_size: 64}\n")
-    (path / "params" / "d" / "chunk").write_bytes(np.random.default_rng(seed).bytes(3 << 20))  # > 2 MiB: head + tail read
+    weights = np.random.default_rng(seed).bytes(3 << 20)  # over 2 MiB: its head and tail are read
+    (path / "params" / "d" / "chunk").write_bytes(weights)

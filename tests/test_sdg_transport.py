@@ -63,7 +63,8 @@ def test_failed_items_make_the_stage_incomplete_and_a_rerun_retries_exactly_them
         assert "HTTP 503" in err and "rerun the same command to retry the 2 items left" in err
         assert not (run_dir / "answers.jsonl").exists() and not (run_dir / ".work" / "answers.done.json").exists()
         ledger = [json.loads(line) for line in (run_dir / ".work" / "answers.ledger.jsonl").read_text().splitlines()]
-        source = {r["id"]: r["source_id"] for r in map(json.loads, (run_dir / "prompts.jsonl").read_text().splitlines())}
+        prompts = (run_dir / "prompts.jsonl").read_text().splitlines()
+        source = {r["id"]: r["source_id"] for r in map(json.loads, prompts)}
         assert sorted(source[e["in"]] for e in ledger[1:]) == ["q0", "q2", "q3", "q5"]
 
         phase["n"], before = 2, len(server.requests)

@@ -246,7 +246,8 @@ class Runner:
             if recorded != fingerprint:
                 raise StageChanged(f"stage {name!r} was run with a different configuration: "
                                    f"{describe_change(name, recorded, fingerprint)}. Its records would be stale: "
-                                   f"rerun with --redo {name} to redo it and the stages reading it, or use a new run_dir")
+                                   f"rerun with --redo {name} to redo it and the stages reading it, or use a new "
+                                   f"run_dir")
             return {**summary, "skipped": True}
         stage = stage_kinds()[spec.kind](name, spec, ctx)
         items = self._inputs(ctx, stage)
