@@ -184,3 +184,38 @@ def test_genetic_judge_reads_scores_with_the_shared_parser():
 
     assert genetic.judge_score("On a scale of 1 to 10: 7") == 7
     assert genetic.judge_score("7 or 8") is None
+
+
+def test_a_transport_failure_is_retried_not_recorded(tmp_path):
+    """Mutants: a candidate whose backend call failed for a transport reason written to the
+    candidate ledger as a drop (a rerun would replay the drop instead of asking again), or the
+    unfinished generation snapshotted (a rerun would skip the generation)."""
+    from nemojax.sdg.llm import LLMError
+    from nemojax.sdg.runner import StageIncomplete
+
+    stages = {
+        "seeds": {"kind": "read", "path": seeds(tmp_path, ["Reverse a list.", "Sum a list."])},
+        "gi": {"kind": "genetic_instruct", "colonies": 1, "generations": 2, "offspring": 3, "target_size": 50,
+               "crossover_rate": 0.0, "coder": "coder", "judge": "judge", "min_fitness": 0.1},
+    }
+    asked: list[str] = []
+
+    def flaky_coder(req, i):
+        asked.append(req.messages[-1]["content"])
+        if "Reverse" in req.messages[-1]["content"] and len(asked) <= 3:
+            raise LLMError("connection refused", "http_error", transport=True)
+        return coder(req, i)
+
+    clients = {"gen": ScriptedLLM(instructor), "coder": ScriptedLLM(flaky_coder), "judge": ScriptedLLM(judge)}
+    with pytest.raises(StageIncomplete):
+        run_pipeline(tmp_path, stages, clients)
+    work = tmp_path / "run" / ".work" / "gi"
+    assert not (work / "generation_0.jsonl").exists()
+    assert all(c["reason"] != "transport" for c in candidates(tmp_path / "run"))
+    recorded = len(candidates(tmp_path / "run"))
+    assert recorded < 3  # the failed candidates are not in the ledger
+    run, summary = run_pipeline(tmp_path, stages, clients)  # the backend is back: only those are asked again
+    want, _ = run_pipeline(tmp_path / "clean", stages, {"gen": ScriptedLLM(instructor),
+                                                         "coder": ScriptedLLM(coder), "judge": ScriptedLLM(judge)})
+    assert read(run, "gi") == read(want, "gi")
+    assert "http_error" not in summary["gi"]["dropped"]
