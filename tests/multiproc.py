@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from xla_flags import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_END = "=== train_sequence: run {} exited {}"  # tests/train_sequence.py prints it after each run
@@ -57,7 +58,7 @@ def _env(devices: int, extra: dict[str, str]) -> dict[str, str]:
     # Every program goes to the compilation cache, even the ~100 small ones orbax compiles for its
     # first save (0.1-0.2 s each: together more than the run itself), so only the first run compiles.
     env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(Path(os.environ.get("NEMOJAX_TEST_CACHE", REPO / ".jax_cache"))),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))

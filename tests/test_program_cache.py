@@ -64,6 +64,7 @@ from nemojax.data.tokenizer import load_tokenizer
 from nemojax.inference import Engine, Request, SamplingParams
 from nemojax.sdg.clients import make_engine
 from nemojax.sdg.config import ClientConfig
+from xla_flags import xla_flags
 
 ckpt = sys.argv[1]
 settings = dict(max_slots=2, max_len=64, decode_steps=4, min_bucket=64)
@@ -88,7 +89,7 @@ print("REPORT " + json.dumps(report))
 
 
 def _run(ckpt: Path, cache: Path, *placements: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(cache))
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ckpt), *placements], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -31,6 +31,7 @@ from nemojax.checkpoint import save_model
 from nemojax.config import ModelConfig
 from nemojax.model.transformer import init_model
 from nemojax.sdg.config import ClientConfig
+from xla_flags import xla_flags
 
 CFG = ModelConfig(vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
                   ffn_hidden_size=1024, init_std=0.2, max_seq_len=256)
@@ -98,7 +99,7 @@ def write_pipeline(tmp: Path, ckpt: Path, run_dir: Path) -> Path:
 
 
 def cli(path: Path) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
                JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"))
     return subprocess.Popen([sys.executable, "-m", "nemojax.cli", "sdg", "run", str(path), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
