@@ -23,6 +23,7 @@ from nemojax.checkpoint import save_model
 from nemojax.config import ModelConfig
 from nemojax.inference.programs import Programs
 from nemojax.model.transformer import init_model
+from xla_flags import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -64,7 +65,6 @@ from nemojax.data.tokenizer import load_tokenizer
 from nemojax.inference import Engine, Request, SamplingParams
 from nemojax.sdg.clients import make_engine
 from nemojax.sdg.config import ClientConfig
-from xla_flags import xla_flags
 
 ckpt = sys.argv[1]
 settings = dict(max_slots=2, max_len=64, decode_steps=4, min_bucket=64)

@@ -140,11 +140,13 @@ def test_min_fitness_is_inclusive(tmp_path):
 
 
 def test_contaminated_candidates_never_join(tmp_path):
-    """Mutant: Genetic Instruct without decontamination (a candidate sharing a 13-word n-gram
-    with the evaluation set joins the population and the output)."""
-    leaked = "Write a function that returns the number of vowels in the string given as its only argument"
+    """Mutant: Genetic Instruct without decontamination (a candidate holding a 20-word span of an
+    evaluation prompt, 8 of its distinctive 13-grams, joins the population and the output)."""
+    leaked = ("Write a function that returns the number of vowels in the string given as its only argument "
+              "and treats the letter y as a vowel only at the end of a word")
     evals = tmp_path / "eval.jsonl"
-    evals.write_text(json.dumps({"prompt": f"Problem 7. {leaked}, ignoring case."}) + "\n")
+    evals.write_text(json.dumps({"prompt": f"Problem 7. {leaked}, ignoring case. Return 0 for an empty string "
+                                           "and raise TypeError when the argument is not a string."}) + "\n")
     stages = {
         "seeds": {"kind": "read", "path": seeds(tmp_path, ["Reverse a list.", leaked])},
         "gi": {"kind": "genetic_instruct", "colonies": 1, "generations": 1, "offspring": 6, "target_size": 50,

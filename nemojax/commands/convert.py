@@ -70,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
     except FileExistsError as e:
         print(f"nemojax convert {args.direction}: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"nemojax convert {args.direction}: error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, TokenizerError) as e:
+    except (FileNotFoundError, CheckpointError, TokenizerError) as e:  # a broken input: a missing shard, a bad file
         print(f"nemojax convert {args.direction}: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
