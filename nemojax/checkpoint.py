@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -240,6 +240,54 @@ def _restore_params(params_dir: Path, cfg: ModelConfig, *, sharding: Any, option
     parameter the model does not have is an error unless some parameter is optional (then the
     read is partial, as when a reward model starts from a language model's checkpoint).
     """
+    import orbax.checkpoint as ocp
+
+    target, wrapped, partial, absent = _plan_restore(params_dir, cfg, sharding=sharding, optional=optional, what=what)
+    if partial:
+        restored = _partial_restore(params_dir, target)
+    else:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params_dir, target)
+    return (_unwrap(restored) if wrapped else restored), absent
+
+
+def _partial_restore(params_dir: Path, target: dict[str, Any]) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.PyTreeCheckpointer()
+    return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+
+
+def iter_params(params_dir: str | Path, cfg: ModelConfig, *, sharding: Any = None,
+                ) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Yield (params-tree path, array) of a params/ checkpoint of `cfg`'s model, one array at a time.
+
+    Checked against `cfg` like `load_params` before anything is read; each array is read alone,
+    so a caller that transforms and drops each one (quantization at load) never holds the
+    checkpoint's full-precision weights at once.
+    """
+    import jax
+
+    params_dir = Path(params_dir).absolute()
+    with _quiet_item_metadata():
+        target, wrapped, _, _ = _plan_restore(params_dir, cfg, sharding=sharding, optional=lambda keys: False,
+                                              what="its config.yaml")
+        for path, _ in jax.tree_util.tree_flatten_with_path(_abstract_params(cfg))[0]:
+            keys = tuple(k.key for k in path)
+            one: dict[str, Any] = {}
+            node, src = one, target
+            for k in keys[:-1]:
+                node, src = node.setdefault(k, {}), src[k]
+            node[keys[-1]] = src[keys[-1]]
+            got = _lookup(_partial_restore(params_dir, one), keys + (("value",) if wrapped else ()))
+            yield keys, got
+
+
+def _plan_restore(params_dir: Path, cfg: ModelConfig, *, sharding: Any, optional: Any, what: str,
+                  ) -> tuple[dict[str, Any], bool, bool, list[str]]:
+    """(restore target, leaves wrapped as {"value": ...}, partial read, absent optional names) after
+    checking the stored tree against `cfg`'s parameters (CheckpointError naming each problem)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -280,14 +328,7 @@ def _restore_params(params_dir: Path, cfg: ModelConfig, *, sharding: Any, option
                         + " (a reward or LoRA checkpoint read with a plain model config?)")
     if problems:
         raise CheckpointError(f"checkpoint {params_dir} does not match {what}:\n  " + "\n  ".join(problems))
-    if partial:
-        ckptr = ocp.PyTreeCheckpointer()
-        restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    else:
-        with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(params_dir, target)
-    return (_unwrap(restored) if wrapped else restored), absent
+    return target, wrapped, partial, absent
 
 
 def _leaf_keys(tree: Any, wrapped: bool, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -319,34 +360,42 @@ def _unwrap(tree: Any) -> Any:
 
 
 def load_model(path: str | Path, *, param_dtype: str | None = None, compute_dtype: str | None = None,
-               sharding: Any = None, progress: bool = True, merge_lora: bool = True, **overrides: Any) -> Any:
+               sharding: Any = None, progress: bool = True, merge_lora: bool = True, quantize: str | None = None,
+               quant_block_size: int = 0, **overrides: Any) -> Any:
     """The model of any checkpoint kind (see `resolve_checkpoint`).
 
     A `NemotronLM` (`model(ids)` -> logits), or a `NemotronRewardModel` (`model(ids)` ->
     attribute scores) for a reward checkpoint. LoRA adapters are folded into the weights
     (`merge_lora=False` keeps them, e.g. to continue training them).
     param_dtype / compute_dtype: "float32" or "bfloat16" instead of the checkpoint's own.
+    quantize: "int8" / "fp8" (/ "nf4") quantizes the block projections while reading, one
+    parameter at a time (nemojax.convert.quantize; `quant_block_size` input elements per scale,
+    0 = per output channel). A quantized checkpoint loads quantized without it.
     sharding: one `jax.sharding.Sharding` for all weights, a params-shaped dict of them, or
     None (first device). Other keyword arguments override ModelConfig fields that do not change
     shapes, e.g. attention_backend="dot_product" or scan_layers=False.
     """
-    from flax import nnx
-
+    from nemojax.convert.quantize import build, quant_target, quantize_model, quantize_stream
     from nemojax.model.lora import merge_lora as fold_adapters
-    from nemojax.model.reward import make_abstract_model
 
     kind, where, cfg_path = resolve_checkpoint(path)
     if kind == "hf":
         from nemojax.convert.hf import load_hf_model
 
-        return load_hf_model(where, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                             sharding=sharding, progress=progress, **overrides)
+        return load_hf_model(where, param_dtype=param_dtype, compute_dtype=compute_dtype, sharding=sharding,
+                             progress=progress, quantize=quantize, quant_block_size=quant_block_size, **overrides)
     cfg = read_model_config(cfg_path)
     cfg = with_overrides(cfg, {"param_dtype": param_dtype, "compute_dtype": compute_dtype, **overrides})
-    params = load_params(where, cfg, sharding=sharding)
-    graphdef, state = nnx.split(make_abstract_model(cfg))
-    nnx.replace_by_pure_dict(state, params)
-    model = nnx.merge(graphdef, state)
+    target = quant_target(cfg, quantize, quant_block_size, where=str(path))
+    if target is not None and cfg.lora.rank:  # adapters merge into full-precision weights first
+        if not merge_lora:
+            raise ConfigError(f"{path} has LoRA adapters: quantizing at load merges them (merge_lora=True)")
+        model = fold_adapters(build(cfg, load_params(where, cfg, sharding=sharding)))
+        return quantize_model(model, target.mode, target.block_size, sharding=sharding)
+    if target is not None:
+        qcfg = dataclasses.replace(cfg, quant=target)
+        return build(qcfg, quantize_stream(iter_params(where, cfg, sharding=sharding), target, sharding))
+    model = build(cfg, load_params(where, cfg, sharding=sharding))
     return fold_adapters(model) if merge_lora else model
 
 

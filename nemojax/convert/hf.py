@@ -458,19 +458,22 @@ def hf_config_and_tied(hf_dir: str | Path, **dtypes: str | None) -> tuple[ModelC
 
 
 def load_hf_model(hf_dir: str | Path, *, param_dtype: str | None = None, compute_dtype: str | None = None,
-                  sharding: Any = None, progress: bool = True, **overrides: Any) -> Any:
-    """A `NemotronLM` built directly from a HF Nemotron directory (converted in memory)."""
-    from flax import nnx
+                  sharding: Any = None, progress: bool = True, quantize: str | None = None,
+                  quant_block_size: int = 0, **overrides: Any) -> Any:
+    """A `NemotronLM` built directly from a HF Nemotron directory (converted in memory); with
+    `quantize`, its projections quantized tensor by tensor as they are read (nemojax.convert.quantize)."""
+    import dataclasses
 
     from nemojax.checkpoint import with_overrides
-    from nemojax.model.transformer import abstract_model
+    from nemojax.convert.quantize import build, quant_target, quantize_stream
 
     cfg, tied = hf_config_and_tied(hf_dir, param_dtype=param_dtype, compute_dtype=compute_dtype)
     cfg = with_overrides(cfg, overrides)
-    params = load_hf_params(hf_dir, cfg, tied=tied, sharding=sharding, progress=progress)
-    graphdef, state = nnx.split(abstract_model(cfg))
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    target = quant_target(cfg, quantize, quant_block_size, where=str(hf_dir))
+    if target is not None:
+        items = iter_hf_params(hf_dir, cfg, tied=tied, progress=progress)
+        return build(dataclasses.replace(cfg, quant=target), quantize_stream(items, target, sharding))
+    return build(cfg, load_hf_params(hf_dir, cfg, tied=tied, sharding=sharding, progress=progress))
 
 
 def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str | None = None,
