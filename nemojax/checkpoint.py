@@ -259,27 +259,31 @@ def _partial_restore(params_dir: Path, target: dict[str, Any]) -> dict[str, Any]
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
 
 
-def iter_params(params_dir: str | Path, cfg: ModelConfig, *, sharding: Any = None,
+def iter_params(params_dir: str | Path, cfg: ModelConfig, *, sharding: Any = None, optional: Any = None,
                 ) -> Iterator[tuple[tuple[str, ...], Any]]:
     """Yield (params-tree path, array) of a params/ checkpoint of `cfg`'s model, one array at a time.
 
-    Checked against `cfg` like `load_params` before anything is read; each array is read alone,
-    so a caller that transforms and drops each one (quantization at load) never holds the
+    Checked against `cfg` like `load_params` before anything is read (parameters for which
+    `optional(keys)` is true may be absent and are then skipped); each array is read alone, so
+    a caller that transforms and drops each one (quantization at load) never holds the
     checkpoint's full-precision weights at once.
     """
     import jax
 
     params_dir = Path(params_dir).absolute()
     with _quiet_item_metadata():
-        target, wrapped, _, _ = _plan_restore(params_dir, cfg, sharding=sharding, optional=lambda keys: False,
-                                              what="its config.yaml")
+        target, wrapped, _, _ = _plan_restore(params_dir, cfg, sharding=sharding,
+                                              optional=optional or (lambda keys: False), what="its config.yaml")
         for path, _ in jax.tree_util.tree_flatten_with_path(_abstract_params(cfg))[0]:
             keys = tuple(k.key for k in path)
+            leaf = _lookup(target, keys)
+            if leaf is None:  # an optional parameter the checkpoint does not have
+                continue
             one: dict[str, Any] = {}
-            node, src = one, target
+            node = one
             for k in keys[:-1]:
-                node, src = node.setdefault(k, {}), src[k]
-            node[keys[-1]] = src[keys[-1]]
+                node = node.setdefault(k, {})
+            node[keys[-1]] = leaf
             got = _lookup(_partial_restore(params_dir, one), keys + (("value",) if wrapped else ()))
             yield keys, got
 
@@ -418,6 +422,8 @@ def load_base_params(path: str | Path, cfg: ModelConfig, *, sharding: Any = None
     which the caller initialises (e.g. from `make_model(cfg)`). Shape mismatches and any other
     absent parameter raise CheckpointError naming them.
     """
+    if cfg.quant.enabled:
+        return _load_quantized_base(path, cfg, sharding=sharding, progress=progress)
     kind, where, cfg_path = resolve_checkpoint(path)
     if kind == "nemojax":
         src_cfg = read_model_config(cfg_path)
@@ -436,6 +442,62 @@ def load_base_params(path: str | Path, cfg: ModelConfig, *, sharding: Any = None
                 node = node.setdefault(k, {})
             node[keys[-1]] = arr
     return _pick(source, cfg, sharding, str(path))
+
+
+def _load_quantized_base(path: str | Path, cfg: ModelConfig, *, sharding: Any, progress: bool,
+                         ) -> tuple[dict[str, Any], list[str]]:
+    """`load_base_params` for a quantized model (QLoRA, `model.quant`): the base is read one
+    parameter at a time in `param_dtype` and its projections quantized as they arrive, so the
+    full-precision base is never held at once; a base already quantized the same way is read as is."""
+    import jax
+    import jax.numpy as jnp
+
+    from nemojax.config import QuantConfig
+    from nemojax.convert.quantize import quantize_stream
+
+    base_cfg = dataclasses.replace(cfg, quant=QuantConfig())
+    kind, where, cfg_path = resolve_checkpoint(path)
+    if kind == "nemojax":
+        src_cfg = read_model_config(cfg_path)
+        if src_cfg.quant.enabled and not src_cfg.lora.rank:
+            if src_cfg.quant != cfg.quant:
+                raise CheckpointError(f"{path} is quantized as {src_cfg.quant.mode} (block_size "
+                                      f"{src_cfg.quant.block_size}) but this model needs {cfg.quant.mode} (block_size "
+                                      f"{cfg.quant.block_size}); start from the full-precision checkpoint")
+            return _restore(where, cfg, sharding=sharding, optional=_is_new_in_post_training,
+                            what=f"the model being initialised from it ({path})")
+        if not src_cfg.lora.rank:
+            items: Any = iter_params(where, base_cfg, sharding=sharding, optional=_is_new_in_post_training)
+        else:  # adapters are merged into (dequantized) full-precision weights first
+            merged = _params_tree(load_model(path, merge_lora=True))
+            items = ((tuple(k.key for k in p), x) for p, x in jax.tree_util.tree_flatten_with_path(merged)[0])
+    else:
+        from nemojax.convert.hf import hf_config_and_tied, iter_hf_params
+
+        src_cfg, tied = hf_config_and_tied(where)
+        items = iter_hf_params(where, src_cfg, tied=tied, progress=progress)
+    expected = {tuple(k.key for k in p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(
+        _abstract_params(base_cfg))[0]}
+    seen: set[tuple[str, ...]] = set()
+    problems: list[str] = []
+
+    def checked() -> Iterator[tuple[tuple[str, ...], Any]]:
+        for keys, arr in items:
+            leaf = expected.get(keys)
+            if leaf is None:  # e.g. an LM head when initialising a reward model
+                continue
+            if tuple(arr.shape) != tuple(leaf.shape):
+                problems.append(f"{'.'.join(keys)} has shape {list(arr.shape)}, the model needs {list(leaf.shape)}")
+                continue
+            seen.add(keys)
+            yield keys, jnp.asarray(arr, leaf.dtype)
+
+    params = quantize_stream(checked(), cfg.quant, sharding)
+    absent = [k for k in expected if k not in seen]
+    problems += [".".join(k) for k in absent if not _is_new_in_post_training(k)]
+    if problems:
+        raise CheckpointError(f"{path} cannot initialise this model: " + "; ".join(problems[:8]))
+    return params, [".".join(k) for k in absent]
 
 
 def _pick(source: dict[str, Any], cfg: ModelConfig, sharding: Any, where: str) -> tuple[dict[str, Any], list[str]]:
