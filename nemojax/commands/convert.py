@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer to export: 'builtin', a SentencePiece .model, or a dir holding tokenizer.model "
                         "(default: the checkpoint's tokenizer.model if it has one, else builtin)")
     b.add_argument("--no-tokenizer", action="store_true", help="write the weights and config only")
+    b.add_argument("--quantize", choices=["fp8"], default=None,
+                   help="write the block projections as FP8 (e4m3, one scale per output channel) in the "
+                        "compressed-tensors format vLLM loads (an fp8 checkpoint is written so without this)")
     b.add_argument("--force", action="store_true", help="write into a non-empty HF_DIR, replacing its files")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     q = sub.add_parser("quantize", help="any checkpoint -> nemojax checkpoint with int8 / fp8 block weights",
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             tokenizer = None if args.no_tokenizer else (args.tokenizer or "auto")
             out = convert_to_hf(args.ckpt, args.hf_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                progress=not args.quiet, overwrite=args.force, tokenizer=tokenizer)
+                                progress=not args.quiet, overwrite=args.force, tokenizer=tokenizer,
+                                quantize=args.quantize)
     except FileExistsError as e:
         print(f"nemojax convert {args.direction}: error: {e}", file=sys.stderr)
         return 2

@@ -522,6 +522,11 @@ class _Out:
     name: str
     shape: tuple[int, ...]
     produce: Callable[[], np.ndarray]
+    dtype: np.dtype | None = None  # None: the file's dtype (quantized values and scales have their own)
+    code: str | None = None
+
+    def nbytes(self, default: np.dtype) -> int:
+        return math.prod(self.shape) * (self.dtype or default).itemsize
 
 
 def _write_safetensors(path: Path, entries: list[_Out], dtype: np.dtype, dtype_code: str,
@@ -535,8 +540,9 @@ def _write_safetensors(path: Path, entries: list[_Out], dtype: np.dtype, dtype_c
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for e in entries:
-        nbytes = math.prod(e.shape) * dtype.itemsize
-        header[e.name] = {"dtype": dtype_code, "shape": list(e.shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = e.nbytes(dtype)
+        header[e.name] = {"dtype": e.code or dtype_code, "shape": list(e.shape),
+                          "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
@@ -545,7 +551,7 @@ def _write_safetensors(path: Path, entries: list[_Out], dtype: np.dtype, dtype_c
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for e in entries:
-            arr = np.ascontiguousarray(e.produce(), dtype=dtype)
+            arr = np.ascontiguousarray(e.produce(), dtype=e.dtype or dtype)
             if arr.shape != e.shape:
                 raise CheckpointError(f"internal: tensor {e.name} produced shape {arr.shape}, header says {e.shape}")
             f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
@@ -560,9 +566,21 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, hf_dir: str | Path, *, dty
 
     Writes config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards plus
     model.safetensors.index.json when the total exceeds max_shard_size. A tensor larger than
-    the shard size gets a shard of its own (tensors are never split).
+    the shard size gets a shard of its own (tensors are never split). An fp8-quantized model
+    (model.quant) is written in the compressed-tensors format (nemojax.convert.compressed_tensors):
+    its projections as F8_E4M3 values with F32 `weight_scale`s, everything else in `dtype`.
     """
+    import ml_dtypes
     from tqdm.auto import tqdm
+
+    from nemojax.convert import compressed_tensors as ct
+    from nemojax.model import quant
+
+    if cfg.quant.enabled and (cfg.quant.mode != "fp8" or cfg.quant.block_size):
+        raise CheckpointError(f"a {cfg.quant.mode} model with block_size {cfg.quant.block_size} has no Hugging Face "
+                              f"export: the quantized format vLLM documents here is FP8 with one scale per output "
+                              f"channel (compressed-tensors); export the full-precision checkpoint with --quantize "
+                              f"fp8, or unquantized")
 
     dtype = dtype or cfg.param_dtype
     np_dtype = _np_dtype(dtype)
@@ -591,10 +609,21 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, hf_dir: str | Path, *, dty
             return tm.to_hf(np.asarray(arr))
         return produce
 
+    def scale_producer(tm: TensorMap, layer: int) -> Callable[[], np.ndarray]:
+        return lambda: ct.scale_to_hf(np.asarray(leaf(("blocks", quant.scale_name(tm.path[1])))[layer]), tm.n_in)
+
     # HF order: embeddings, then each layer's tensors together, then final norm and head.
     entries: list[_Out] = []
     by_layer: dict[int | None, list[_Out]] = {}
+    fp8 = np.dtype(ml_dtypes.float8_e4m3fn)
     for tm, layer, name, shape in _expected_hf_tensors(cfg):
+        if cfg.quant.enabled and tm.path[0] == "blocks" and tm.path[1] in quant.QUANT_TARGETS:
+            scale_shape = shapes[("blocks", quant.scale_name(tm.path[1]))][1:]
+            groups = math.prod(scale_shape[:tm.n_in])
+            by_layer.setdefault(layer, []).extend([
+                _Out(name, shape, producer(tm, layer), fp8, ct.SAFETENSORS_FP8),
+                _Out(name + "_scale", (shape[0], groups), scale_producer(tm, layer), np.dtype(np.float32), "F32")])
+            continue
         by_layer.setdefault(layer, []).append(_Out(name, shape, producer(tm, layer)))
     top = by_layer.pop(None)
     entries += [e for e in top if e.name == "model.embed_tokens.weight"]
@@ -605,7 +634,7 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, hf_dir: str | Path, *, dty
     shards: list[list[_Out]] = [[]]
     size = 0
     for e in entries:
-        nbytes = math.prod(e.shape) * np_dtype.itemsize
+        nbytes = e.nbytes(np_dtype)
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -623,17 +652,22 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, hf_dir: str | Path, *, dty
         _write_safetensors(out / fname, shard, np_dtype, code, bar.update)
     bar.close()
     if n > 1:
-        index = {"metadata": {"total_size": sum(math.prod(e.shape) for e in entries) * np_dtype.itemsize},
+        index = {"metadata": {"total_size": sum(e.nbytes(np_dtype) for e in entries)},
                  "weight_map": {e.name: fname for fname, shard in zip(names, shards) for e in shard}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(model_config_to_hf_config(cfg, dtype), indent=2) + "\n")
+    hf_config = model_config_to_hf_config(cfg, dtype)
+    if cfg.quant.enabled:
+        hf_config["quantization_config"] = ct.quantization_config(cfg)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return out
-
 
 def convert_to_hf(ckpt: str | Path, hf_dir: str | Path, *, dtype: str | None = None,
                   max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
-                  overwrite: bool = False, tokenizer: Any = "auto") -> Path:
+                  overwrite: bool = False, tokenizer: Any = "auto", quantize: str | None = None) -> Path:
     """Any checkpoint `nemojax.load` accepts -> HF Nemotron directory, tokenizer included.
+
+    An fp8 checkpoint (or quantize="fp8": the projections quantized while loading) is written
+    in the compressed-tensors format vLLM loads (nemojax.convert.compressed_tensors).
 
     overwrite: write into a non-empty `hf_dir` (otherwise FileExistsError before reading any
     weights). tokenizer: a `Tokenizer`, a spec for `load_tokenizer`, "auto" (the checkpoint's
@@ -658,7 +692,7 @@ def convert_to_hf(ckpt: str | Path, hf_dir: str | Path, *, dtype: str | None = N
         auto = not own.is_file()
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)  # fail on a bad tokenizer before the weights
-    model = load_model(ckpt, progress=progress)  # LoRA adapters come merged into the weights
+    model = load_model(ckpt, progress=progress, quantize=quantize)  # LoRA adapters come merged in
     if model.cfg.reward.enabled:
         raise CheckpointError(f"{ckpt} is a reward model; Hugging Face's Nemotron classes have no reward head, "
                               f"so it has no HF form (score with `nemojax reward score` instead)")
