@@ -225,8 +225,8 @@ def test_quantize_at_load_and_saved_quantized_checkpoints(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"already quantized \(fp8, block_size 0\)"):
         load_model(tmp_path / "fp8", quantize="int8")
     assert main(["convert", "quantize", str(tmp_path / "base"), str(tmp_path / "bad"), "--mode", "int8",
-                 "--block-size", "5", "--quiet"]) == 1
-    assert "block_size=5 must divide" in capsys.readouterr().err
+                 "--block-size", "5", "--quiet"]) == 2  # a config error, like every command's
+    assert "config error: model.quant.block_size=5 must divide" in capsys.readouterr().err
     assert main(["convert", "quantize", str(tmp_path / "base"), str(tmp_path / "fp8"), "--mode", "fp8",
                  "--quiet"]) == 2  # exists
     assert "already exists" in capsys.readouterr().err

@@ -72,7 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nemojax.config import ConfigError
     from nemojax.convert.hf import CheckpointError, convert_from_hf, convert_to_hf
     from nemojax.convert.quantize import convert_quantize
     from nemojax.data.tokenizer import TokenizerError
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"nemojax convert {args.direction}: error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, TokenizerError, ConfigError) as e:
+    except (CheckpointError, TokenizerError) as e:
         print(f"nemojax convert {args.direction}: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
