@@ -5,7 +5,8 @@
 Every mode serves the same random weights of the preset's shape (random tokens decode at the same
 speed as real ones): fp32 and bf16 (weights and compute in that dtype), fp8 and int8 (the block
 projections quantized with one scale per output channel, everything else bf16, compute bf16;
-`_b32` modes: a scale per 32 input elements). For each batch size B the engine has B slots and
+`_b32` modes: a scale per 32 input elements; `_fp32` modes: everything else and compute fp32, what
+`--dtype float32 --quantize MODE` serves). For each batch size B the engine has B slots and
 decodes B requests of --new-tokens tokens after an 8-token prompt, greedy, eos ignored; the
 programs are compiled first (not timed). Modes are interleaved and repeated (--repeats): a shared
 host's load swings, so best and median are reported.
@@ -30,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 MODES = {"fp32": ("float32", None, 0), "bf16": ("bfloat16", None, 0), "fp8": ("bfloat16", "fp8", 0),
-         "int8": ("bfloat16", "int8", 0), "fp8_b32": ("bfloat16", "fp8", 32), "int8_b32": ("bfloat16", "int8", 32)}
+         "int8": ("bfloat16", "int8", 0), "fp8_b32": ("bfloat16", "fp8", 32), "int8_b32": ("bfloat16", "int8", 32),
+         "fp8_fp32": ("float32", "fp8", 0), "int8_fp32": ("float32", "int8", 0)}
 
 
 def build(preset: str, mode: str, seed: int):
