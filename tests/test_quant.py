@@ -259,3 +259,36 @@ def test_generate_quantized_at_load_equals_the_converted_checkpoint(tmp_path, ca
     assert gen(tmp_path / "int8", tmp_path / "c.jsonl", "--quantize", "fp8") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already quantized (int8" in err[0]
+
+
+def test_eval_and_the_sdg_engine_client_quantize_at_load(tmp_path):
+    """`nemojax eval --quantize` scores the quantized weights (its held-out loss is the quantized
+    model's, not the checkpoint's); an SDG engine client with `quantize: fp8` serves fp8 weights."""
+    from nemojax.config import ConfigError as CfgError
+    from nemojax.evaluation.runner import EvalSpec, evaluate_model
+    from nemojax.evaluation.suites import loss_suite
+    from nemojax.data.tokenizer import load_tokenizer
+    from nemojax.sdg.clients import make_engine
+    from nemojax.sdg.config import ClientConfig
+
+    cfg = dataclasses.replace(BASE, vocab_size=4096)
+    save_model(make_model(cfg, seed=5), cfg, tmp_path / "base")
+    rows = tmp_path / "val.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Compute {i} + {i}."},
+                                                     {"role": "assistant", "content": f"The answer is {2 * i}."}]})
+                            + "\n" for i in range(4)))
+    spec = EvalSpec(suites={"loss": str(rows)}, checkpoint=str(tmp_path / "base"), max_len=64, quantize="int8")
+    got = evaluate_model(spec)["suites"]["loss"]["score"]
+    tok = load_tokenizer("builtin")
+    records = [json.loads(x) for x in rows.read_text().splitlines()]
+    want = loss_suite(quantize_model(load_model(tmp_path / "base"), "int8"), tok, records, seq_len=64).score
+    plain = loss_suite(load_model(tmp_path / "base"), tok, records, seq_len=64).score
+    assert got == pytest.approx(want, abs=1e-6) and got != pytest.approx(plain, abs=1e-6)
+
+    client = ClientConfig(checkpoint=str(tmp_path / "base"), quantize="fp8", max_slots=1, max_len=32,
+                          program_cache=False)
+    client.validate("clients.gen")
+    engine, _ = make_engine(client)
+    assert engine.cfg.quant == QuantConfig(mode="fp8") and engine.weights["layers"][0]["up"].dtype == jnp.float8_e4m3fn
+    with pytest.raises(CfgError, match="quantize='nf4'"):
+        ClientConfig(checkpoint="x", quantize="nf4").validate("clients.gen")
