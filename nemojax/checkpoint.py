@@ -432,16 +432,33 @@ def load_base_params(path: str | Path, cfg: ModelConfig, *, sharding: Any = None
                             what=f"the model being initialised from it ({path})")
         source = _params_tree(load_model(path, merge_lora=True))
     else:
-        from nemojax.convert.hf import hf_config_and_tied, iter_hf_params
-
-        src_cfg, tied = hf_config_and_tied(where)
         source = {}
-        for keys, arr in iter_hf_params(where, src_cfg, tied=tied, progress=progress):
+        for keys, arr in _hf_full_precision(where, progress):
             node = source
             for k in keys[:-1]:
                 node = node.setdefault(k, {})
             node[keys[-1]] = arr
     return _pick(source, cfg, sharding, str(path))
+
+
+def _hf_full_precision(where: Path, progress: bool) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, array) of a Hugging Face directory's parameters one at a time, an FP8 export's
+    projections dequantized to its param_dtype (a base for another model is read in full precision)."""
+    import numpy as np
+
+    from nemojax.convert.hf import hf_config_and_tied, iter_hf_params
+    from nemojax.model import quant
+    from nemojax.model.transformer import DTYPES
+
+    src_cfg, tied = hf_config_and_tied(where)
+    scales: dict[str, Any] = {}
+    for keys, arr in iter_hf_params(where, src_cfg, tied=tied, progress=progress):
+        if keys[-1].endswith(quant.SCALE_SUFFIX):  # comes right before its values
+            scales[keys[-1][:-len(quant.SCALE_SUFFIX)]] = arr
+            continue
+        if keys[0] == "blocks" and keys[-1] in scales:
+            arr = np.asarray(quant.dequantize(quant.QArray(arr, scales.pop(keys[-1])), DTYPES[src_cfg.param_dtype]))
+        yield keys, arr
 
 
 def _load_quantized_base(path: str | Path, cfg: ModelConfig, *, sharding: Any, progress: bool,
@@ -472,10 +489,7 @@ def _load_quantized_base(path: str | Path, cfg: ModelConfig, *, sharding: Any, p
             merged = _params_tree(load_model(path, merge_lora=True))
             items = ((tuple(k.key for k in p), x) for p, x in jax.tree_util.tree_flatten_with_path(merged)[0])
     else:
-        from nemojax.convert.hf import hf_config_and_tied, iter_hf_params
-
-        src_cfg, tied = hf_config_and_tied(where)
-        items = iter_hf_params(where, src_cfg, tied=tied, progress=progress)
+        items = _hf_full_precision(where, progress)
     expected = {tuple(k.key for k in p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(
         _abstract_params(base_cfg))[0]}
     seen: set[tuple[str, ...]] = set()

@@ -91,3 +91,24 @@ def test_formats_vllm_does_not_take_are_refused(exported, capsys):
     assert main(["convert", "to-hf", str(exported / "int8"), str(exported / "hf_int8"), "--no-tokenizer",
                  "--quiet"]) == 1
     assert "FP8 with one scale per output channel" in capsys.readouterr().err
+
+
+def test_nemojax_reads_the_fp8_export_back_exactly(exported, tmp_path):
+    """The exported directory loads (and so serves) as the same fp8 model; other schemes are named."""
+    from nemojax.config import ConfigError
+
+    back = load_model(exported / "hf", progress=False)
+    src = load_model(exported / "base", quantize="fp8")
+    assert back.cfg.quant.mode == "fp8"
+    a, b = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (src, back))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x.astype(jnp.float32)), np.asarray(y.astype(jnp.float32)))
+    hf = json.loads((exported / "hf/config.json").read_text())
+    hf["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "tensor"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(hf))
+    (bad / "model.safetensors").symlink_to(exported / "hf/model.safetensors")
+    with pytest.raises(ConfigError, match="quantization_config.*strategy 'channel'"):
+        load_model(bad, progress=False)

@@ -16,7 +16,8 @@ models export. The format name is the one the library infers for a weight-only f
 Embeddings and lm_head stay in the export dtype (`ignore: ["lm_head"]`; embeddings are not a
 Linear). vLLM reads the same `config.json` keys; tests/test_quant_export.py loads the export with
 the compressed-tensors library itself (and through transformers) and compares its dequantized
-weights with nemojax's.
+weights with nemojax's. nemojax reads such a directory back as an fp8 model
+(`quant_from_hf_config`; the values and scales are taken as stored).
 """
 
 from __future__ import annotations
@@ -52,3 +53,37 @@ def scale_to_hf(scale: np.ndarray, n_in: int) -> np.ndarray:
     groups = int(np.prod(scale.shape[:n_in]))
     return np.asarray(scale, np.float32).reshape(groups, -1).T
 
+
+
+def quant_from_hf_config(qc: Any) -> str:
+    """The nemojax quantization mode of a config.json `quantization_config` nemojax can read:
+    "fp8" for compressed-tensors FP8 weights with one scale per output channel (what `to-hf`
+    writes); ConfigError naming the field for anything else."""
+    from nemojax.config import ConfigError
+
+    where = "config.json field 'quantization_config'"
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise ConfigError(f"{where} has quant_method {method!r}; nemojax reads {QUANT_METHOD!r} FP8 checkpoints "
+                          f"(per-channel weights) only")
+    groups = qc.get("config_groups") or {}
+    schemes = [g for g in groups.values() if isinstance(g, dict)]
+    ok = len(schemes) == 1 and schemes[0].get("input_activations") is None and \
+        set(schemes[0].get("targets") or []) == {"Linear"}
+    w = schemes[0].get("weights") or {} if schemes else {}
+    ok = ok and (w.get("type"), w.get("num_bits"), w.get("strategy"), w.get("symmetric", True),
+                 bool(w.get("dynamic"))) == ("float", 8, "channel", True, False)
+    ok = ok and qc.get("format") in ("naive-quantized", "float-quantized") and \
+        set(qc.get("ignore") or []) <= {"lm_head", "re:.*lm_head"}
+    if not ok:
+        raise ConfigError(f"{where} describes a scheme nemojax does not compute ({json_short(qc)}); it reads "
+                          f"weight-only FP8 (float, 8 bits, symmetric, static, strategy 'channel', one group "
+                          f"targeting Linear, no input activations)")
+    return "fp8"
+
+
+def json_short(obj: Any, limit: int = 300) -> str:
+    import json
+
+    text = json.dumps(obj, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "..."

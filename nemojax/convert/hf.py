@@ -140,6 +140,11 @@ def hf_config_to_model_config(hf: dict[str, Any], *, param_dtype: str | None = N
         eos_id=int(eos) if eos is not None else defaults.eos_id,
         pad_id=int(hf["pad_token_id"]) if hf.get("pad_token_id") is not None else defaults.pad_id,
     )
+    if hf.get("quantization_config") is not None:  # an FP8 export (nemojax.convert.compressed_tensors)
+        from nemojax.config import QuantConfig
+        from nemojax.convert.compressed_tensors import quant_from_hf_config
+
+        cfg.quant = QuantConfig(mode=quant_from_hf_config(hf["quantization_config"]))
     cfg.validate("model (from config.json)")
     return cfg
 
@@ -347,12 +352,29 @@ class SafetensorsReader:
     def get(self, name: str) -> np.ndarray:
         import jax
 
+        handle = self._open(self.weight_map[name])
+        if handle.get_slice(name).get_dtype() == "F8_E4M3":  # safetensors' numpy/flax readers have no fp8
+            return self._get_fp8(name)
         with jax.default_device(jax.devices("cpu")[0]):  # never stage weights on an accelerator
-            return np.asarray(self._open(self.weight_map[name]).get_tensor(name))
+            return np.asarray(handle.get_tensor(name))
+
+    def _get_fp8(self, name: str) -> np.ndarray:
+        """An F8_E4M3 tensor read from its byte range (header: 8-byte length, JSON, then the data)."""
+        import ml_dtypes
+
+        path = self.file_of(name)
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            entry = json.loads(f.read(n))[name]
+            start, end = entry["data_offsets"]
+            f.seek(8 + n + start)
+            data = f.read(end - start)
+        return np.frombuffer(data, dtype=ml_dtypes.float8_e4m3fn).reshape(entry["shape"])
 
 
 def _expected_hf_tensors(cfg: ModelConfig) -> list[tuple[TensorMap, int | None, str, tuple[int, ...]]]:
-    """(map, layer, HF name, HF shape) for every tensor a Nemotron checkpoint of `cfg` holds."""
+    """(map, layer, HF name, HF shape) for every tensor a Nemotron checkpoint of `cfg` holds
+    (a quantized cfg's projections also have a `weight_scale`: `_scale_tensors`)."""
     shapes = param_shapes(cfg)
     out = []
     for tm in TENSOR_MAPS:
@@ -365,13 +387,32 @@ def _expected_hf_tensors(cfg: ModelConfig) -> list[tuple[TensorMap, int | None, 
     return out
 
 
+def _is_quantized(cfg: ModelConfig, tm: TensorMap) -> bool:
+    from nemojax.model.quant import QUANT_TARGETS
+
+    return cfg.quant.enabled and tm.path[0] == "blocks" and tm.path[1] in QUANT_TARGETS
+
+
+def _scale_tensors(cfg: ModelConfig) -> list[tuple[TensorMap, int, str, tuple[int, ...]]]:
+    """(map, layer, HF name, HF shape [out, groups]) of every weight_scale of a quantized cfg."""
+    from nemojax.model.quant import scale_name
+
+    shapes = param_shapes(cfg)
+    out = []
+    for tm, layer, name, shape in _expected_hf_tensors(cfg):
+        if _is_quantized(cfg, tm):
+            groups = math.prod(shapes[("blocks", scale_name(tm.path[1]))][1:1 + tm.n_in])
+            out.append((tm, layer, name + "_scale", (shape[0], groups)))
+    return out
+
+
 def check_hf_tensors(reader: SafetensorsReader, cfg: ModelConfig, *, tied: bool = False) -> None:
     """Compare every tensor's presence and shape with `cfg` before any weight is read.
 
     Checking first means a wrong checkpoint fails in seconds, not after loading 300 GB.
     """
     problems = []
-    expected = _expected_hf_tensors(cfg)
+    expected = _expected_hf_tensors(cfg) + _scale_tensors(cfg)
     names = set(reader.names())
     for _, _, name, shape in expected:
         if name not in names:
@@ -394,13 +435,16 @@ def check_hf_tensors(reader: SafetensorsReader, cfg: ModelConfig, *, tied: bool 
 
 def iter_hf_params(hf_dir: str | Path, cfg: ModelConfig, *, tied: bool = False,
                    progress: bool = True) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Yield (params-tree path, numpy array in nemojax layout and cfg.param_dtype), one at a time.
+    """Yield (params-tree path, numpy array in nemojax layout and cfg.param_dtype), one at a time
+    (an FP8 export's projections: float8 values, each preceded by its stacked fp32 scale).
 
     Each stacked parameter is one preallocated buffer filled layer by layer; the caller should
     drop (or hand to the device) each array before asking for the next, so peak host memory
     is the converted model plus one parameter.
     """
     from tqdm.auto import tqdm
+
+    import ml_dtypes
 
     dtype = _np_dtype(cfg.param_dtype)
     shapes = param_shapes(cfg)
@@ -410,7 +454,10 @@ def iter_hf_params(hf_dir: str | Path, cfg: ModelConfig, *, tied: bool = False,
         bar = tqdm(total=total, desc=f"reading {Path(hf_dir).name}", unit="tensor", disable=not progress)
         for tm in TENSOR_MAPS:
             shape = shapes[tm.path]
-            buf = np.empty(shape, dtype)
+            quantized = _is_quantized(cfg, tm)
+            buf = np.empty(shape, ml_dtypes.float8_e4m3fn if quantized else dtype)
+            if quantized:  # an FP8 export: the scales first, one stacked parameter like the values
+                yield _read_scales(reader, cfg, tm, shapes)
             if tm.layered:
                 for i in range(cfg.num_layers):
                     buf[i] = tm.to_ours(reader.get(tm.hf_name.format(i=i)), shape[1:])
@@ -425,6 +472,19 @@ def iter_hf_params(hf_dir: str | Path, cfg: ModelConfig, *, tied: bool = False,
             yield tm.path, buf
             del buf
         bar.close()
+
+
+def _read_scales(reader: SafetensorsReader, cfg: ModelConfig, tm: TensorMap,
+                 shapes: dict[tuple[str, ...], tuple[int, ...]]) -> tuple[tuple[str, ...], np.ndarray]:
+    """The stacked nemojax scale of projection `tm` from its per-layer `weight_scale` tensors."""
+    from nemojax.model.quant import scale_name
+
+    path = ("blocks", scale_name(tm.path[1]))
+    buf = np.empty(shapes[path], np.float32)
+    for i in range(cfg.num_layers):
+        hf = np.asarray(reader.get(tm.hf_name.format(i=i) + "_scale"), np.float32)
+        buf[i] = hf.T.reshape(shapes[path][1:])
+    return path, buf
 
 
 def load_hf_params(hf_dir: str | Path, cfg: ModelConfig, *, tied: bool = False, sharding: Any = None,
