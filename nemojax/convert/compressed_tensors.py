@@ -76,13 +76,13 @@ def quant_from_hf_config(qc: Any) -> str:
     ok = ok and qc.get("format") in ("naive-quantized", "float-quantized") and \
         set(qc.get("ignore") or []) <= {"lm_head", "re:.*lm_head"}
     if not ok:
-        raise ConfigError(f"{where} describes a scheme nemojax does not compute ({json_short(qc)}); it reads "
+        raise ConfigError(f"{where} describes a scheme nemojax does not compute ({_json_short(qc)}); it reads "
                           f"weight-only FP8 (float, 8 bits, symmetric, static, strategy 'channel', one group "
                           f"targeting Linear, no input activations)")
     return "fp8"
 
 
-def json_short(obj: Any, limit: int = 300) -> str:
+def _json_short(obj: Any, limit: int = 300) -> str:
     import json
 
     text = json.dumps(obj, sort_keys=True)

@@ -128,16 +128,6 @@ def quantize(w: jax.Array, mode: str, n_in: int, block_size: int = 0, *, layered
         values = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return QArray(values, scale)
 
-
-def values_shape(shape: tuple[int, ...], mode: str) -> tuple[int, ...]:
-    """The stored values' shape for a weight of `shape` (NF4 packs the last dim in pairs)."""
-    if mode == "nf4":
-        if shape[-1] % 2:
-            raise ValueError(f"nf4 packs pairs along the last dim; {shape} has an odd last dim")
-        return (*shape[:-1], shape[-1] // 2)
-    return tuple(shape)
-
-
 def decode_values(values: jax.Array) -> jax.Array:
     """The stored numbers as float32 (NF4: codes unpacked and looked up in the level table)."""
     if values.dtype == jnp.uint8:
@@ -158,16 +148,16 @@ def per_channel(w: QArray, contracted: tuple[int, ...]) -> bool:
     return all(w.scale.shape[a] == 1 for a in contracted)
 
 
-def einsum(spec: str, x: jax.Array, w: jax.Array | QArray, dtype: Any = None) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` for a plain or quantized weight, result in x's dtype (or `dtype`).
+def einsum(spec: str, x: jax.Array, w: jax.Array | QArray) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` for a plain or quantized weight, in x's dtype (the compute dtype).
 
     Quantized, one scale per output channel: (x @ values) * scale; blocked: x @ dequantize(w).
     """
-    out_dtype = dtype or x.dtype
+    out_dtype = x.dtype
     if not isinstance(w, QArray):
         return jnp.einsum(spec, x, w.astype(out_dtype))
     ins, out = spec.replace(" ", "").split("->")
-    xl, wl = ins.split(",")
+    wl = ins.split(",")[1]
     contracted = tuple(i for i, c in enumerate(wl) if c not in out)
     if not per_channel(w, contracted):
         return jnp.einsum(spec, x, dequantize(w, out_dtype))
@@ -191,20 +181,6 @@ def gather(p: dict[str, jax.Array]) -> dict[str, Any]:
 def compute_weights(p: dict[str, jax.Array], dtype: Any) -> dict[str, Any]:
     """`gather(p)` with the plain arrays cast to the compute dtype (QArrays stay as stored)."""
     return {k: (v if isinstance(v, QArray) else v.astype(dtype)) for k, v in gather(p).items()}
-
-
-def is_quantized(p: dict[str, Any]) -> bool:
-    return any(k.endswith(SCALE_SUFFIX) for k in p)
-
-
-def quantize_blocks(blocks: dict[str, Any], mode: str, block_size: int = 0) -> dict[str, Any]:
-    """The stacked block params (`params["blocks"]`) with every target quantized and its scale added."""
-    out = dict(blocks)
-    for t in QUANT_TARGETS:
-        qa = quantize(blocks[t], mode, N_IN[t], block_size, layered=True)
-        out[t], out[scale_name(t)] = qa.values, qa.scale
-    return out
-
 
 def dequantize_blocks(blocks: dict[str, Any], dtype: Any) -> dict[str, Any]:
     """The stacked block params with every quantized target dequantized to `dtype`, scales dropped."""
