@@ -387,6 +387,9 @@ class Config:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+        if self.model.quant.enabled and self.stage.kind == "pretrain":
+            raise ConfigError(f"model.quant.mode={self.model.quant.mode} trains LoRA adapters on a frozen quantized base "
+                              f"(QLoRA), a post-training stage: set stage.kind (sft, reward, dpo, ...) or drop model.quant")
         if self.model.quant.enabled and not self.model.lora.rank:
             raise ConfigError(f"model.quant.mode={self.model.quant.mode}: a quantized base is frozen, so a run trains "
                               f"LoRA adapters on it (QLoRA): set model.lora.rank > 0. To serve quantized weights, "

@@ -74,9 +74,11 @@ def test_adapters_on_a_quantized_base_equal_dequantized_weights_plus_delta(mode,
     np.testing.assert_allclose(forward(merged, IDS), forward(ref, IDS), rtol=1e-5, atol=1e-5)
 
 
-def test_a_quantized_run_needs_adapters():
+def test_a_quantized_run_is_a_post_training_stage_with_adapters():
     with pytest.raises(ConfigError, match="a quantized base is frozen.*model.lora.rank > 0"):
-        load_config("configs/tiny.yaml", ["model.quant.mode=int8"])
+        load_config("configs/dpo.yaml", ["model.quant.mode=int8"])
+    with pytest.raises(ConfigError, match="QLoRA.*a post-training stage: set stage.kind"):
+        load_config("configs/tiny.yaml", ["model.quant.mode=int8", "model.lora.rank=4"])
 
 
 def test_qlora_dpo_stage_keeps_the_quantized_base_frozen(tmp_path):

@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     out = info(cfg.model, args.seq_len or cfg.model.max_seq_len)
     if devices:
         from nemojax.train.build import training_state_bytes
+        from nemojax.train.tasks import stage_task
 
-        out["memory"] = training_state_bytes(cfg, devices)
+        out["memory"] = training_state_bytes(cfg, devices, stage_task(cfg))  # LoRA stages: adapters train
         from nemojax.parallel.serving_memory import weights_by_mode
 
         out["weights_by_quantization"] = weights_by_mode(cfg, devices)
