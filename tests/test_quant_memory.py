@@ -93,3 +93,27 @@ def test_agreement_metrics_equal_numpy():
     assert g == {"identical": pytest.approx(1 / 3), "prefix_match": pytest.approx((0.5 + 1 + 0) / 3), "outputs": 3}
     with pytest.raises(ValueError, match="2 reference outputs but 1"):
         greedy_agreement([[1], [2]], [[1]])
+
+
+def test_info_shows_qlora_training_state_and_weights_per_quantization(capsys):
+    """`nemojax info` of a LoRA stage: gradients and optimizer state for the adapters alone, the frozen
+    base's bytes shrinking with its quantization; and the weights in bf16 / fp8 / int8 per device."""
+    from nemojax.cli import main
+
+    def info(*extra):
+        argv = ["info", "tiny", "stage.kind=sft", "stage.train=configs/data/sft_general.jsonl", "model.lora.rank=4",
+                "model.param_dtype=bfloat16", *extra, "--mesh-devices", "2", "mesh.data=1", "mesh.tensor=2"]
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    bf16, int8 = info(), info("model.quant.mode=int8")
+    m = load_config("tiny").model
+    per_layer = m.hidden_size * (m.num_heads * m.head_dim + 2 * m.num_kv_heads * m.head_dim) \
+        + m.num_heads * m.head_dim * m.hidden_size + 2 * m.hidden_size * m.ffn_hidden_size
+    saved = m.num_layers * per_layer // 2  # one byte less per projection weight, split over tensor=2
+    b, q = bf16["memory"]["per_device_bytes"], int8["memory"]["per_device_bytes"]
+    assert q["gradients"] == b["gradients"] < b["params"] / 10  # adapters only
+    assert 0 < b["params"] - q["params"] <= saved  # minus what the fp32 scales take back
+    assert b["params"] - q["params"] > 0.9 * saved
+    w = bf16["weights_by_quantization"]["per_device"]
+    assert w["fp8"]["bytes"] == w["int8"]["bytes"] < w["bf16"]["bytes"]
