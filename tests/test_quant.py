@@ -292,3 +292,32 @@ def test_eval_and_the_sdg_engine_client_quantize_at_load(tmp_path):
     assert engine.cfg.quant == QuantConfig(mode="fp8") and engine.weights["layers"][0]["up"].dtype == jnp.float8_e4m3fn
     with pytest.raises(CfgError, match="quantize='nf4'"):
         ClientConfig(checkpoint="x", quantize="nf4").validate("clients.gen")
+
+
+def test_scales_shard_like_the_output_dims_and_tensor_parallel_decode_matches(quantized_models):
+    """Placed by logical-axis rules over a 2-device tensor axis, the values shard like the float
+    weights and the scales like their output dims; the sharded engine layout decodes the same logits."""
+    from jax.sharding import Mesh, NamedSharding
+
+    from nemojax.inference.forward import decode_one_token, engine_weights
+    from nemojax.model.axes import logical_to_spec
+    from nemojax.model.transformer import logical_axes
+
+    model = quantized_models["fp8"]
+    cfg = model.cfg
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tensor",))
+    rules = {"heads": ("tensor",), "kv_heads": ("tensor",), "mlp": ("tensor",), "vocab": ("tensor",)}
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    axes = jax.tree.leaves(logical_axes(model), is_leaf=lambda x: isinstance(x, tuple))
+    placed = [jax.device_put(x, NamedSharding(mesh, logical_to_spec(a, rules, mesh))) for x, a in zip(leaves, axes)]
+    sharded = nnx.merge(graphdef, jax.tree.unflatten(treedef, placed))
+    up_scale = sharded.blocks.up_qscale[...]
+    assert up_scale.sharding.spec == logical_to_spec(("layers", "quant_block", "mlp"), rules, mesh)
+    assert up_scale.addressable_shards[0].data.shape == (cfg.num_layers, 1, cfg.ffn_hidden_size // 2)
+    weights = engine_weights(sharded, "split")
+    toks, pos = jnp.asarray([7, 9]), jnp.asarray([0, 0])
+    k = jnp.zeros((cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim))
+    got = jax.jit(lambda w, t, p, k, v: decode_one_token(cfg, w, t, p, k, v))(weights, toks, pos, k, k)[0]
+    want = forward(model, toks[:, None])[:, 0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
