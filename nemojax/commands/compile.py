@@ -107,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"pipeline.microbatches={args.microbatches}")
     if args.virtual_stages:
         overrides.append(f"pipeline.virtual_stages={args.virtual_stages}")
+    if (args.quantize or args.tensor) and not args.decode:
+        from nemojax.config import ConfigError
+
+        raise ConfigError("--quantize and --tensor apply to the decode program: add --decode BATCHxCONTEXT")
     cfg = load_config(args.config, overrides)
     print(f"nemojax compile: {args.config} for {args.topology} ...", file=sys.stderr, flush=True)
     if args.decode:
