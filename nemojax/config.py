@@ -82,6 +82,7 @@ class ModelConfig:
     pad_id: int = 0
     reward: RewardConfig = field(default_factory=lambda: RewardConfig())  # reward head, see RewardConfig
     lora: LoraConfig = field(default_factory=lambda: LoraConfig())  # low-rank adapters, see LoraConfig
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig())  # quantized block weights, see QuantConfig
 
     @property
     def rotary_dim(self) -> int:
@@ -127,6 +128,22 @@ class ModelConfig:
                               f"padding after it), got {self.attention_max_segments}")
         if self.init_std <= 0:
             raise ConfigError(f"{prefix}.init_std must be positive, got {self.init_std}")
+        self.quant.validate(f"{prefix}.quant")
+        if self.quant.mode == "nf4" and any(d % 2 for d in (self.hidden_size, self.ffn_hidden_size, self.head_dim)):
+            raise ConfigError(f"{prefix}.quant.mode=nf4 packs two 4-bit codes per byte along each weight's last dim: "
+                              f"hidden_size, ffn_hidden_size and head_dim must be even")
+        if self.quant.block_size:
+            dims = {"hidden_size": self.hidden_size, "ffn_hidden_size": self.ffn_hidden_size,
+                    "num_heads * head_dim": self.num_heads * self.head_dim}
+            bad = {k: v for k, v in dims.items() if v % self.quant.block_size}
+            if bad:
+                raise ConfigError(f"{prefix}.quant.block_size={self.quant.block_size} must divide every projection's "
+                                  f"input size, but not {bad}; pick a divisor of all of {sorted(set(dims.values()))} "
+                                  f"(or 0: one scale per output channel)")
+            if self.head_dim % self.quant.block_size and self.quant.block_size % self.head_dim:
+                raise ConfigError(f"{prefix}.quant.block_size={self.quant.block_size}: a block of the attention "
+                                  f"output projection's input (heads x head_dim) must cover whole heads or divide "
+                                  f"head_dim={self.head_dim}")
 
 
 MESH_AXIS_NAMES = ("data", "fsdp", "pipeline", "tensor")
@@ -382,6 +399,13 @@ class Config:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+        if self.model.quant.enabled and self.stage.kind == "pretrain":
+            raise ConfigError(f"model.quant.mode={self.model.quant.mode} trains LoRA adapters on a frozen quantized base "
+                              f"(QLoRA), a post-training stage: set stage.kind (sft, reward, dpo, ...) or drop model.quant")
+        if self.model.quant.enabled and not self.model.lora.rank:
+            raise ConfigError(f"model.quant.mode={self.model.quant.mode}: a quantized base is frozen, so a run trains "
+                              f"LoRA adapters on it (QLoRA): set model.lora.rank > 0. To serve quantized weights, "
+                              f"use --quantize or `nemojax convert quantize` on the trained checkpoint")
 
     @property
     def data_seed(self) -> int:
@@ -645,6 +669,46 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank if self.rank else 0.0
+
+
+QUANT_MODES = ("none", "int8", "fp8", "nf4")
+
+
+@dataclass
+class QuantConfig:
+    """model.quant: weight-only quantization of the block projections (nemojax.model.quant).
+
+    The six projections of every block (q, k, v, o, MLP up and down) are stored as low-precision
+    values with fp32 scales and dequantized inside their matmuls; embeddings, the LM head and the
+    norms keep `param_dtype`; activations and the KV cache keep `compute_dtype`. A quantized base
+    is frozen: with `model.lora.rank > 0` it is QLoRA (only the adapters train); without adapters
+    a quantized model is for inference (`nemojax generate/serve/eval --quantize`).
+    """
+
+    # none | int8 (symmetric, scale = absmax / 127) | fp8 (float8 e4m3fn, scale = absmax / 448) |
+    # nf4 (QLoRA's 4-bit NormalFloat codes, scale = absmax; needs block_size)
+    mode: str = "none"
+    # Input elements that share one scale, per output channel; 0 = one scale per output channel
+    # (the whole input). A block runs along the flattened input (heads x head_dim for the
+    # attention output). QLoRA's NF4 uses 64.
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "model.quant") -> None:
+        if self.mode not in QUANT_MODES:
+            raise ConfigError(f"{prefix}.mode={self.mode!r} is unknown; choose one of {list(QUANT_MODES)}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
+            raise ConfigError(f"{prefix}.block_size must be an integer >= 0 (0 = per output channel), "
+                              f"got {self.block_size!r}")
+        if self.mode == "nf4" and not self.block_size:
+            raise ConfigError(f"{prefix}.mode=nf4 needs {prefix}.block_size > 0 (QLoRA uses 64): one absmax per "
+                              f"whole input row leaves too few of the 16 levels for most weights")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
 
 
 # --------------------------------------------------------------------------- post-training stages

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shortcut for pipeline.microbatches=N (pipeline microbatches per step)")
     p.add_argument("--virtual-stages", type=int, default=0, help="shortcut for pipeline.virtual_stages=N")
     p.add_argument("--output", default="", help="also write the JSON to this file")
+    g = p.add_argument_group("serving (nemojax.inference.aot_decode)")
+    g.add_argument("--decode", default="", metavar="BATCHxCONTEXT",
+                   help="compile the sampling engine's decode program (BATCH slots over CONTEXT cache rows, "
+                        "tensor parallel) instead of the train step, e.g. 32x4096")
+    g.add_argument("--quantize", choices=["fp8", "int8"], default=None,
+                   help="with --decode: fp8 / int8 block weights (bf16 elsewhere; default: model.param_dtype)")
+    g.add_argument("--tensor", type=int, default=0, help="with --decode: devices to shard over (default: all)")
 
 
 def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, Any]:
@@ -102,10 +110,25 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"pipeline.microbatches={args.microbatches}")
     if args.virtual_stages:
         overrides.append(f"pipeline.virtual_stages={args.virtual_stages}")
+    if (args.quantize or args.tensor) and not args.decode:
+        from nemojax.config import ConfigError
+
+        raise ConfigError("--quantize and --tensor apply to the decode program: add --decode BATCHxCONTEXT")
     cfg = load_config(args.config, overrides)
     print(f"nemojax compile: {args.config} for {args.topology} ...", file=sys.stderr, flush=True)
-    result = {"config": str(args.config), "overrides": overrides,
-              **compile_training(cfg, args.topology, args.num_slices)}
+    if args.decode:
+        from nemojax.inference.aot_decode import compile_decode, parse_decode_shape
+
+        batch, context = parse_decode_shape(args.decode)
+        result = {"config": str(args.config), "overrides": overrides,
+                  **compile_decode(cfg, args.topology, batch=batch, context=context, tensor=args.tensor or None,
+                                   quantize=args.quantize, num_slices=args.num_slices)}
+    else:
+        from nemojax.parallel.serving_memory import weights_by_mode
+
+        result = {"config": str(args.config), "overrides": overrides,
+                  **compile_training(cfg, args.topology, args.num_slices)}
+        result["weights_by_quantization"] = weights_by_mode(cfg, math.prod(result["mesh"].values()))
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -71,6 +71,7 @@ class EvalSpec:
     batch_slots: int = 32
     max_len: int = 512
     limit: int = 0
+    quantize: str = ""  # int8 | fp8: quantize the checkpoint's projections at load ("" = as stored)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -178,7 +179,7 @@ def evaluate_model(spec: EvalSpec, *, model: Any = None, tokenizer: Any = None) 
     if spec.checkpoint and model is None:
         from nemojax.checkpoint import load_model
 
-        model = load_model(spec.checkpoint)
+        model = load_model(spec.checkpoint, quantize=spec.quantize or None)
     if tokenizer is None and (spec.checkpoint or spec.tokenizer):
         tokenizer = _tokenizer(spec)
     results = asyncio.run(_run(spec, model, tokenizer))

@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nemojax.config import ModelConfig
 from nemojax.model.attention import cached_attention, self_attention
+from nemojax.model import quant
 from nemojax.model.layers import apply_partial_rope, layernorm1p, rope_tables, squared_relu_mlp
 from nemojax.model.lora import adapter_params, merge_adapters
 from nemojax.model.axes import constrain
@@ -93,6 +94,7 @@ class Blocks(nnx.Module):
         self.mlp_norm_bias = _const((L, D), BLOCK_AXES["mlp_norm_bias"], dt)
         self.up = _param(rngs, (L, D, F), std, BLOCK_AXES["up"], dt)
         self.down = _param(rngs, (L, F, D), out_std, BLOCK_AXES["down"], dt)
+        self.quant_names = _quantize_projections(self, cfg) if cfg.quant.enabled else ()
         adapters = adapter_params(cfg, rngs, dt)  # LoRA (model.lora): {target}_lora_a/_b, or none
         for name, param in adapters.items():
             setattr(self, name, param)
@@ -101,8 +103,23 @@ class Blocks(nnx.Module):
 
     def arrays(self) -> dict[str, jax.Array]:
         """The stacked weights, plus the LoRA adapters (merged per layer by `block`) when enabled."""
-        names = (*BLOCK_AXES, *(self.adapter_names if self.lora_enabled else ()))
+        names = (*BLOCK_AXES, *self.quant_names, *(self.adapter_names if self.lora_enabled else ()))
         return {name: getattr(self, name)[...] for name in names}
+
+
+def _quantize_projections(blocks: Blocks, cfg: ModelConfig) -> tuple[str, ...]:
+    """Replace the projections of `blocks` by their quantized values (model.quant) and add one
+    scale param per projection (`{target}_qscale`, see nemojax.model.quant); returns the scale names."""
+    names = []
+    for t in quant.QUANT_TARGETS:
+        axes = BLOCK_AXES[t]
+        n_in = quant.N_IN[t]
+        qa = quant.quantize(getattr(blocks, t)[...], cfg.quant.mode, n_in, cfg.quant.block_size, layered=True)
+        setattr(blocks, t, nnx.Param(qa.values, logical_axes=axes))
+        scale_axes = (axes[0], *(quant.SCALE_IN_AXIS,) * n_in, *axes[1 + n_in:])
+        setattr(blocks, quant.scale_name(t), nnx.Param(qa.scale, logical_axes=scale_axes))
+        names.append(quant.scale_name(t))
+    return tuple(names)
 
 
 def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.Array,
@@ -118,11 +135,11 @@ def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.A
     """
     cdt = DTYPES[cfg.compute_dtype]
     p = merge_adapters(cfg, p)  # LoRA: W + (alpha/rank) A @ B for this layer only
-    w = {k: v.astype(cdt) for k, v in p.items()}
+    w = quant.compute_weights(p, cdt)  # quantized projections stay QArrays (model.quant)
     h = layernorm1p(x, p["attn_norm_scale"], p["attn_norm_bias"], cfg.norm_eps)
-    q = jnp.einsum("bsd,dhk->bshk", h, w["q"])
-    k = jnp.einsum("bsd,dhk->bshk", h, w["k"])
-    v = jnp.einsum("bsd,dhk->bshk", h, w["v"])
+    q = quant.einsum("bsd,dhk->bshk", h, w["q"])
+    k = quant.einsum("bsd,dhk->bshk", h, w["k"])
+    v = quant.einsum("bsd,dhk->bshk", h, w["v"])
     q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
     q = apply_partial_rope(q, cos, sin)
     k = apply_partial_rope(k, cos, sin)
@@ -137,7 +154,7 @@ def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.A
         cv = cv.at[rows, q_index].set(v.astype(cv.dtype), mode="drop")
         new_cache = (ck, cv)
         attn = cached_attention(q, ck.astype(cdt), cv.astype(cdt), q_index=q_index)
-    attn_out = jnp.einsum("bshk,hkd->bsd", attn, w["o"])
+    attn_out = quant.einsum("bshk,hkd->bsd", attn, w["o"])
     attn_out = checkpoint_name(attn_out, "attn_out")
     x = x + attn_out
     h = layernorm1p(x, p["mlp_norm_scale"], p["mlp_norm_bias"], cfg.norm_eps)

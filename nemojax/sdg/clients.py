@@ -30,7 +30,7 @@ def make_engine(c: ClientConfig) -> tuple[Any, Any]:
 
     tok = _tokenizer(c.tokenizer, c.checkpoint)
     dtype_kw = {"param_dtype": c.dtype, "compute_dtype": c.dtype} if c.dtype else {}
-    model = load_model(c.checkpoint, **dtype_kw)
+    model = load_model(c.checkpoint, quantize=c.quantize or None, **dtype_kw)
     if tok.vocab_size > model.cfg.vocab_size:
         print(f"nemojax sdg: warning: tokenizer has {tok.vocab_size} pieces but the model only "
               f"{model.cfg.vocab_size}", file=sys.stderr)
@@ -61,7 +61,7 @@ def build_clients(cfg: PipelineConfig) -> dict[str, LLM]:
                                   max_retries=c.max_retries, seed=cfg.seed)
         else:
             key = (str(Path(c.checkpoint).resolve()), c.tokenizer, c.max_slots, c.max_len, c.decode_steps,
-                   c.max_prefill_batch, c.batch_invariant, c.min_bucket, c.program_cache, c.dtype)
+                   c.max_prefill_batch, c.batch_invariant, c.min_bucket, c.program_cache, c.dtype, c.quantize)
             if key not in engines:
                 engines[key] = make_engine(c)
             engine, tok = engines[key]

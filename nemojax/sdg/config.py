@@ -52,6 +52,7 @@ class ClientConfig:
     min_bucket: int = 16  # smallest prompt-length bucket / attention window (= max_len: fewest compiles)
     program_cache: bool = True  # reuse the engine's compiled programs from disk across runs
     dtype: str = ""  # float32 | bfloat16 (default: the checkpoint's)
+    quantize: str = ""  # int8 | fp8: weight-only quantization of the block projections at load ("" = as stored)
     # --- openai
     base_url: str = ""  # e.g. http://localhost:8000/v1 (nemojax serve), https://integrate.api.nvidia.com/v1
     model: str = ""  # the model id the server expects
@@ -71,6 +72,8 @@ class ClientConfig:
             raise ConfigError(f"{key}.checkpoint is required for an engine client (e.g. runs/tiny)")
         if self.max_prefill_batch < 1:
             raise ConfigError(f"{key}.max_prefill_batch must be >= 1")
+        if self.quantize not in ("", "int8", "fp8"):
+            raise ConfigError(f"{key}.quantize={self.quantize!r}: choose int8, fp8 or leave it empty (as stored)")
         if self.type == "openai" and not (self.base_url and self.model):
             raise ConfigError(f"{key}: an openai client needs base_url (e.g. http://localhost:8000/v1) and model")
         for i, rule in enumerate(self.rules):

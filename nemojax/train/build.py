@@ -131,7 +131,7 @@ def plan_state(cfg: Config, mesh: Mesh | AbstractMesh, task: TrainTask = PRETRAI
     check_divisible(abstract_params, axes, rules, mesh, cfg.model)
     if tx is None:
         tx = make_optimizer(cfg.optimizer, total_steps if total_steps is not None else cfg.steps)
-    if needs_fp32_master(abstract_params):
+    if needs_fp32_master(split_trainable(abstract_params, task.trainable)[0]):  # frozen (e.g. quantized) params need none
         tx = with_fp32_master(tx)
 
     def init(seed: Any) -> TrainState:
