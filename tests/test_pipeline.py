@@ -85,11 +85,14 @@ def test_microbatch_split_roundtrip() -> None:
 def test_validate_pipeline_messages() -> None:
     with pytest.raises(ConfigError, match="virtual_stages"):
         validate_pipeline(8, 4, 3, 4)
-    with pytest.raises(ConfigError, match="microbatches >= 4"):
-        validate_pipeline(8, 4, 2, 2)
-    with pytest.raises(ConfigError, match="not divisible by pipeline.microbatches"):
+    with pytest.raises(ConfigError, match="set pipeline.microbatches to a multiple of 4"):
+        validate_pipeline(8, 4, 2, 6)  # interleaved: groups of P microbatches
+    with pytest.raises(ConfigError, match="does not split into pipeline.microbatches=3"):
         validate_pipeline(8, 2, 1, 3, batch=8)
-    validate_pipeline(8, 2, 1, 1, batch=8)  # V == 1 needs no M >= P
+    with pytest.raises(ConfigError, match="a multiple of 8 "):
+        validate_pipeline(8, 2, 1, 4, batch=4, batch_split=2)  # 2 rows per device, 4 microbatches
+    validate_pipeline(8, 2, 1, 1, batch=8)  # V == 1 needs no multiple of P
+    validate_pipeline(8, 2, 1, 3, batch=12, batch_split=2)
 
 
 # --------------------------------------------------------------------------- forward + gradient

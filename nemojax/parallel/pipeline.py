@@ -53,7 +53,7 @@ from jax.sharding import PartitionSpec as PS
 from nemojax.config import Config, ConfigError, ModelConfig
 from nemojax.model.axes import active_rules, logical_to_spec, mesh_shape, spec_axes
 from nemojax.model.layers import layernorm1p, rope_tables
-from nemojax.model.transformer import DTYPES, REMAT_POLICIES, block
+from nemojax.model.transformer import DTYPES, REMAT_POLICIES, block, embed_tokens
 
 PIPELINE_AXIS = "pipeline"
 _STAGE_WEIGHTS = "pipeline_stage_weights"
@@ -72,23 +72,28 @@ def num_iterations(P: int, V: int, M: int) -> int:
     return V * M + P - 1
 
 
-def validate_pipeline(num_layers: int, P: int, V: int, M: int, batch: int | None = None) -> None:
-    """Raise ConfigError (naming the keys) if the layout cannot run this model and batch."""
+def validate_pipeline(num_layers: int, P: int, V: int, M: int, batch: int | None = None,
+                      batch_split: int = 1) -> None:
+    """Raise ConfigError (naming the keys) if the layout cannot run this model and batch.
+
+    batch: the per-slice micro batch; batch_split: the devices it is split over (data x fsdp),
+    each of which cuts its rows into the M microbatches."""
     if num_layers % (P * V):
         divs = [v for v in range(1, num_layers + 1) if num_layers % (P * v) == 0]
         raise ConfigError(
             f"model.num_layers={num_layers} is not divisible by mesh.pipeline * pipeline.virtual_stages = "
             f"{P} * {V} = {P * V}: every virtual stage needs the same number of layers; with "
             f"pipeline={P} valid pipeline.virtual_stages are {divs or 'none (change mesh.pipeline)'}")
-    if V > 1 and M < P:
+    if V > 1 and M % P:
         raise ConfigError(
-            f"pipeline.microbatches={M} < mesh.pipeline={P} with pipeline.virtual_stages={V}: the interleaved "
-            f"schedule recirculates microbatches, so it needs at least as many microbatches as "
-            f"stages; set pipeline.microbatches >= {P}")
-    if batch is not None and batch % M:
+            f"pipeline.microbatches={M} is not a multiple of mesh.pipeline={P} with pipeline.virtual_stages={V}: "
+            f"the interleaved schedule runs microbatches through the virtual stages in groups of {P}; "
+            f"set pipeline.microbatches to a multiple of {P}")
+    if batch is not None and batch % (M * batch_split):
         raise ConfigError(
-            f"the per-step micro batch of {batch} sequences is not divisible by pipeline.microbatches={M}; "
-            f"choose a batch size that is a multiple of pipeline.microbatches")
+            f"the per-slice micro batch of {batch} sequences does not split into pipeline.microbatches={M} "
+            f"on each of the {batch_split} devices the batch is split over; choose a micro batch that is "
+            f"a multiple of {M * batch_split}")
 
 
 def to_stages(stacked: dict[str, jax.Array], P: int, V: int) -> dict[str, jax.Array]:
@@ -99,43 +104,44 @@ def to_stages(stacked: dict[str, jax.Array], P: int, V: int) -> dict[str, jax.Ar
     return jax.tree.map(f, stacked)
 
 
-def _relayout_interleaved(a: jax.Array, P: int, V: int, mesh: Mesh) -> jax.Array:
-    """[L, ...] sharded in contiguous blocks over `pipeline` -> [V, P, Lc, ...] sharded on P.
+def relayout_local(x: jax.Array, P: int, V: int) -> jax.Array:
+    """Inside a region manual over `pipeline`: this stage's storage slice [L/P, ...] (chunks
+    dV .. dV+V-1, canonical layer order) -> its run layout [V, Lc, ...] (chunks d, d+P, d+2P, ...).
 
-    Storage keeps the canonical layer order (checkpoints and the plain forward stay valid), so
-    pipeline device d holds chunks dV..dV+V-1 but runs chunks d, d+P, d+2P, ... . Letting XLA
-    reshard that reshape all-gathers the whole stack on every device (P x the weights); here the
-    chunks move point to point instead: in round k (k = 1..P-1) every device ppermutes to
-    device d+k the (at most ceil(V/P)) chunks destined there. Peak extra memory is one copy of the
-    device's own chunks; the backward pass is the transposed (reverse) permutation.
+    Letting XLA reshard the global reshape all-gathers the whole stack on every stage (P x the
+    weights); here chunks move point to point: in round k (k = 1..P-1) every stage ppermutes to
+    stage d+k the (at most ceil(V/P)) chunks destined there. Linear, so its transpose
+    (`jax.linear_transpose`) moves gradients back the reverse way. With V = 1 it is a reshape.
     """
-    L = a.shape[0]
-    Lc = L // (P * V)
+    Lc = x.shape[0] // V
+    if V == 1:
+        return x.reshape(1, *x.shape)
     J = -(-V // P)  # chunks per (device, round) at most
+    d = jax.lax.axis_index(PIPELINE_AXIS)
+    x = x.reshape(V, Lc, *x.shape[1:])  # slot v holds chunk d*V + v
+    out = jnp.zeros_like(x)  # slot r will hold chunk r*P + d
+    for k in range(P):
+        src = (d - k) % P  # the device this round receives from (sender side: d sends to d+k)
+        # Sender side: my slots v with (d*V + v - d) % P == k.
+        v0 = jnp.mod(k - d * (V - 1), P)
+        vs = v0 + P * jnp.arange(J)
+        send = x[jnp.minimum(vs, V - 1)]
+        if k:
+            send = jax.lax.ppermute(send, PIPELINE_AXIS, [(i, (i + k) % P) for i in range(P)])
+        # Receiver side: the same slots as computed by the sender `src`, landing at r = c // P.
+        rv = jnp.mod(k - src * (V - 1), P) + P * jnp.arange(J)
+        valid = rv < V
+        r = jnp.where(valid, (src * V + rv) // P, V + jnp.arange(J))  # >= V: out of range, dropped
+        out = out.at[r].set(send, mode="drop", unique_indices=True)  # distinct chunks: transposable
+    return out
 
-    def local(x: jax.Array) -> jax.Array:
-        d = jax.lax.axis_index(PIPELINE_AXIS)
-        x = x.reshape(V, Lc, *x.shape[1:])  # slot v holds chunk d*V + v
-        out = jnp.zeros_like(x)  # slot r will hold chunk r*P + d
-        for k in range(P):
-            src = (d - k) % P  # the device this round receives from (sender side: d sends to d+k)
-            # Sender side: my slots v with (d*V + v - d) % P == k.
-            v0 = jnp.mod(k - d * (V - 1), P)
-            vs = v0 + P * jnp.arange(J)
-            send = x[jnp.minimum(vs, V - 1)]
-            if k:
-                send = jax.lax.ppermute(send, PIPELINE_AXIS, [(i, (i + k) % P) for i in range(P)])
-            # Receiver side: the same slots as computed by the sender `src`, landing at r = c // P.
-            rv = jnp.mod(k - src * (V - 1), P) + P * jnp.arange(J)
-            valid = rv < V
-            r = jnp.where(valid, (src * V + rv) // P, V)  # V = out of range: dropped
-            out = out.at[r].set(send, mode="drop")
-        return out[:, None]
 
-    spec_in = PS(PIPELINE_AXIS)
-    spec_out = PS(None, PIPELINE_AXIS)
-    return jax.shard_map(local, mesh=mesh, in_specs=spec_in, out_specs=spec_out,
-                         axis_names=frozenset({PIPELINE_AXIS}), check_vma=False)(a)
+def _relayout_interleaved(a: jax.Array, P: int, V: int, mesh: Mesh) -> jax.Array:
+    """[L, ...] sharded in contiguous blocks over `pipeline` -> [V, P, Lc, ...] sharded on P
+    (`relayout_local` on every stage)."""
+    return jax.shard_map(lambda x: relayout_local(x, P, V)[:, None], mesh=mesh, in_specs=PS(PIPELINE_AXIS),
+                         out_specs=PS(None, PIPELINE_AXIS), axis_names=frozenset({PIPELINE_AXIS}),
+                         check_vma=False)(a)
 
 
 def stage_weights(stacked: dict[str, jax.Array], P: int, V: int, mesh: Mesh | None,
@@ -281,7 +287,7 @@ def pipelined_hidden(model: nnx.Module, input_ids: jax.Array, *, positions: jax.
     b, s = input_ids.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x = jnp.take(model.embed[...], input_ids, axis=0).astype(DTYPES[cfg.compute_dtype])
+    x = embed_tokens(cfg, model.embed[...], input_ids)
     seg = None if segment_ids is None else split_microbatches(segment_ids, M)
     y = pipelined_blocks(cfg, model.blocks.arrays(), split_microbatches(x, M),
                          positions=split_microbatches(positions, M), segment_ids=seg, P=P, V=V,
@@ -321,6 +327,7 @@ class Schedule(NamedTuple):
 
 
 _ACTIVE = threading.local()
+_HOOK = threading.local()
 
 
 @contextlib.contextmanager
@@ -338,6 +345,19 @@ def active_schedule() -> Schedule | None:
     return getattr(_ACTIVE, "value", None)
 
 
+@contextlib.contextmanager
+def hidden_states_hook(fn: Any) -> Iterator[None]:
+    """While tracing under this context, `hidden_states(model, ids, positions=..., segment_ids=...)`
+    returns `fn(model, ids, positions, segment_ids)`: how the 1F1B step splits an objective around
+    its hidden states (nemojax.parallel.pipeline_grads). Thread-local."""
+    prev = getattr(_HOOK, "value", None)
+    _HOOK.value = fn
+    try:
+        yield
+    finally:
+        _HOOK.value = prev
+
+
 def hidden_states(model: nnx.Module, input_ids: jax.Array, *, positions: jax.Array | None = None,
                   segment_ids: jax.Array | None = None) -> jax.Array:
     """Final-normed hidden states [B, S, D] of a NemotronLM, through the active pipeline schedule
@@ -347,6 +367,9 @@ def hidden_states(model: nnx.Module, input_ids: jax.Array, *, positions: jax.Arr
     result is re-sharded over `pipeline` as well as the data axes, so whatever follows (LM head,
     a reward head, the loss) is computed once, split P ways, not redundantly on every stage.
     """
+    hook = getattr(_HOOK, "value", None)
+    if hook is not None:
+        return hook(model, input_ids, positions, segment_ids)
     sched = active_schedule()
     if sched is None:
         return model.hidden(input_ids, positions=positions, segment_ids=segment_ids)[0]
@@ -366,15 +389,16 @@ def schedule_summary(P: int, V: int, M: int, num_layers: int) -> dict[str, Any]:
     }
 
 
-def pipeline_schedule(cfg: Config, mesh: Mesh | Any, micro_batches: Iterable[int] = ()) -> Schedule | None:
+def pipeline_schedule(cfg: Config, mesh: Mesh | Any, micro_batches: Iterable[int] = (),
+                      batch_split: int = 1) -> Schedule | None:
     """The schedule for `cfg` on `mesh`, with P from the RESOLVED mesh (so `mesh.pipeline=-1`
-    counts), validated against the model and each of the step's `micro_batches` sizes; None when
-    the mesh has a single pipeline stage."""
+    counts), validated against the model and each of the step's `micro_batches` sizes (split over
+    `batch_split` devices); None when the mesh has a single pipeline stage."""
     P = mesh_shape(mesh).get(PIPELINE_AXIS, 1)
     if P == 1:
         return None
     V, M = cfg.pipeline.virtual_stages, cfg.pipeline.microbatches
     validate_pipeline(cfg.model.num_layers, P, V, M)
     for micro in micro_batches:
-        validate_pipeline(cfg.model.num_layers, P, V, M, micro)
+        validate_pipeline(cfg.model.num_layers, P, V, M, micro, batch_split)
     return Schedule(P, V, M, mesh if isinstance(mesh, Mesh) else None)

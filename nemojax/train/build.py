@@ -56,7 +56,8 @@ from nemojax.parallel.memory import tree_shard_bytes
 from nemojax.parallel.mesh import make_abstract_mesh
 from nemojax.parallel.pipeline import Schedule, pipeline_schedule, use_pipeline
 from nemojax.parallel.rules import Rules, check_divisible, resolve_rules
-from nemojax.parallel.state_sharding import (model_logical_axes, optimizer_state_specs, param_specs,
+from nemojax.parallel.data_parallel import GradientLayout, gradient_layout
+from nemojax.parallel.state_sharding import (gradient_specs, model_logical_axes, optimizer_state_specs, param_specs,
                                              tree_param_specs)
 from nemojax.train.optim import learning_rate_schedule, make_optimizer, needs_fp32_master, with_fp32_master
 from nemojax.train.rampup import BatchSchedule
@@ -169,6 +170,7 @@ class Training:
     state_specs: TrainState  # PartitionSpecs
     state_shardings: TrainState  # NamedShardings
     batch_sharding: NamedSharding  # of every batch field
+    gradient_layout: GradientLayout | None  # where gradients are reduced by hand (None: one device / pure FSDP)
     init_jit: Any  # jitted: uint32 seed -> sharded TrainState (for .lower() / AOT)
     step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted, donates the state
     gradients: Callable[[Any, dict], tuple[Any, dict]]  # jitted: params, batch -> (fp32 grads, sums)
@@ -224,7 +226,6 @@ def build_training(cfg: Config, mesh: Mesh, *, task: TrainTask = PRETRAIN,
     plan = plan_state(cfg, mesh, task, tx, total)
     sched = BatchSchedule(cfg.data)
     shapes = sched.distinct_shapes()
-    schedule = pipeline_schedule(cfg, mesh, [m for _, m in shapes])
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), plan.state_specs, is_leaf=_is_spec)
     bsharding = NamedSharding(mesh, plan.batch_spec)
     divisor = shards_per_dim(plan.batch_spec, 2, mesh_shape(mesh))[1]
@@ -234,7 +235,13 @@ def build_training(cfg: Config, mesh: Mesh, *, task: TrainTask = PRETRAIN,
                 "data.global_batch_size (or a data.rampup batch_size)"
             raise ConfigError(f"{key}: micro batch {micro} is not divisible by {divisor}, the number of "
                               f"devices the batch is split over (mesh axes {plan.batch_spec[1]})")
+    schedule = pipeline_schedule(cfg, mesh, [m for _, m in shapes], divisor)
     rules, graphdef = plan.rules, plan.graphdef
+    train_abstract = split_trainable(plan.abstract_state.params, task.trainable)[0]
+    grad_specs = gradient_specs(train_abstract, split_trainable(plan.state_specs.params, task.trainable)[0], mesh,
+                                cfg.sharding.zero2)
+    layout = gradient_layout(mesh, rules, plan.state_specs.params, grad_specs, plan.batch_spec,
+                             pipelined=schedule is not None)
     lr_schedule = learning_rate_schedule(cfg.optimizer, total)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -246,21 +253,22 @@ def build_training(cfg: Config, mesh: Mesh, *, task: TrainTask = PRETRAIN,
 
     init_jit = jax.jit(plan.init, out_shardings=shardings)
     step = jax.jit(traced(make_train_step(graphdef, plan.tx, task.loss_sums, trainable=task.trainable,
-                                          lr_schedule=lr_schedule)),
+                                          lr_schedule=lr_schedule, layout=layout)),
                    in_shardings=(shardings, bsharding), out_shardings=(shardings, replicated), donate_argnums=0)
-    trainable_shardings = split_trainable(shardings.params, task.trainable)[0]
+    grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), grad_specs, is_leaf=_is_spec)
 
     def gradients(params: Any, batch: dict) -> tuple[Any, dict]:
-        g, num, den, extras = accumulate_gradients(graphdef, task.loss_sums, params, batch, task.trainable)
+        g, num, den, extras = accumulate_gradients(graphdef, task.loss_sums, params, batch, task.trainable, layout)
         return g, {"numerator": num, "denominator": den, **extras}
 
     grads_jit = jax.jit(traced(gradients), in_shardings=(shardings.params, bsharding),
-                        out_shardings=(trainable_shardings, replicated))
+                        out_shardings=(grad_shardings, replicated))
     eval_jit = jax.jit(traced(make_eval_sums(graphdef, task.loss_sums)),
                        in_shardings=(shardings.params, bsharding), out_shardings=replicated)
     return Training(cfg=cfg, task=task, mesh=mesh, rules=rules, schedule=schedule, graphdef=graphdef, tx=plan.tx,
                     lr_schedule=lr_schedule, abstract_state=plan.abstract_state, state_specs=plan.state_specs,
-                    state_shardings=shardings, batch_sharding=bsharding, init_jit=init_jit, step=step,
+                    state_shardings=shardings, batch_sharding=bsharding, gradient_layout=layout,
+                    init_jit=init_jit, step=step,
                     gradients=grads_jit, eval_sums=eval_jit)
 
 
