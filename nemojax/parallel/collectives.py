@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
@@ -258,12 +259,16 @@ def spmd_partitioned_hlo(lowered: Any) -> str:
     The partitioner's choice of collectives and dtypes, before a backend rewrites them (the CPU
     backend promotes bf16 all-reduces to f32; the persistent cache would skip the compile)."""
     with tempfile.TemporaryDirectory(prefix="nemojax_hlo_") as d:
+        # Dump flags are not part of the persistent cache's key: a cached executable would skip
+        # the compile, and so the dump. The cache reads its on/off flag once; reset makes it reread.
         prev = jax.config.jax_enable_compilation_cache
         jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
         try:
             lowered.compile(compiler_options={"xla_dump_to": d, "xla_dump_hlo_pass_re": "spmd-partitioning"})
         finally:
             jax.config.update("jax_enable_compilation_cache", prev)
+            compilation_cache.reset_cache()
         files = sorted(glob.glob(os.path.join(d, "*after_spmd-partitioning*.txt")))
         if not files:
             raise RuntimeError("XLA wrote no module after spmd-partitioning (was the pass renamed?)")
