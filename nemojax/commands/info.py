@@ -2,12 +2,14 @@
 
 With `--mesh-devices N` it adds the per-device bytes of params, gradients, optimizer state
 and fp32 master copy for the config's mesh over N devices, computed abstractly (no devices).
+When the mesh has pipeline stages it prints the training schedule and its bubble fraction.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from nemojax.config import load_config
 
@@ -22,6 +24,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="N [key=value ...]",
                    help="also report per-device training-state bytes for the config's mesh "
                         "(mesh.* overrides) over N devices; no devices needed")
+
+
+def pipeline_summary(cfg: Any, devices: int) -> dict[str, Any] | None:
+    """The training step's pipeline schedule and bubble for the config's largest batch (the final
+    ramp-up stage), when the mesh (resolved over `devices`, else as written) has pipeline stages."""
+    from nemojax.parallel.mesh import axis_sizes
+    from nemojax.parallel.pipeline import validate_pipeline
+    from nemojax.parallel.pipeline_table import schedule_summary
+    from nemojax.train.rampup import BatchSchedule
+
+    P = axis_sizes(cfg.mesh, devices)["pipeline"] if devices else cfg.mesh.pipeline
+    if P <= 1:
+        return None
+    accum, micro = max(BatchSchedule(cfg.data).distinct_shapes(), key=lambda s: s[0] * s[1])
+    V, M = cfg.pipeline.virtual_stages, cfg.pipeline.microbatches
+    validate_pipeline(cfg.model.num_layers, P, V, M, micro)
+    return schedule_summary(P, V, M, accum, cfg.model.num_layers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         overrides += args.mesh_devices[1:]
     cfg = load_config(args.config, overrides)
     out = info(cfg.model, args.seq_len or cfg.model.max_seq_len)
+    pipeline = pipeline_summary(cfg, devices)
+    if pipeline is not None:
+        out["pipeline"] = pipeline
     if devices:
         from nemojax.train.build import training_state_bytes
 

@@ -1,40 +1,36 @@
-"""Interleaved (circular) pipeline parallelism over the mesh axis `pipeline`, in one jitted step.
+"""Interleaved pipeline parallelism over the mesh axis `pipeline`: layout, forward schedule, selection.
 
 Layout. The model's `L` stacked layers are cut into `P * V` chunks of `Lc = L / (P * V)`
 consecutive layers (`P` = size of the `pipeline` mesh axis, `V` = `pipeline.virtual_stages`).
 Chunk `c` runs on pipeline stage `c % P` as that stage's virtual stage (repeat) `c // P`, as in
-Megatron's interleaved schedule. For the computation the block weights are viewed as
-`[V, P, Lc, ...]` (a reshape of the `[L, ...]` stack) with the `P` dim sharded over `pipeline`.
+Megatron's interleaved schedule. Storage keeps the canonical layer order, split over `pipeline`
+in contiguous blocks (checkpoints and the plain forward stay valid); `relayout_local` moves each
+stage's chunks into its run layout, point to point.
 
-Schedule ("stacked stages + vmap + roll"). The pipeline state is one activation slot per stage,
-`[P, micro, seq, hidden]`, sharded over `pipeline`. Each of the `T = V * M + P - 1` iterations
+Training (gradients) does not go through this module's forward: the train step runs the 1F1B
+schedule of nemojax.parallel.pipeline_table / pipeline_grads (forward and backward per chunk, all
+the step's microbatches in one flush, live activations bounded by the pipeline depth).
+
+Forward-only passes (evaluation, reference log-probs) run the circular schedule below
+("stacked stages + vmap + roll"). The state is one activation slot per stage, `[P, micro, seq,
+hidden]`, sharded over `pipeline`. Each of the `T = V * M + P - 1` iterations
  1. feeds stage 0 from a circular buffer of the `M` microbatches (fresh embeddings for repeat 0,
     stage `P-1`'s earlier output for later repeats),
  2. runs every stage's current chunk at once: `vmap` over the stage dim, so under GSPMD each
-    device runs only its own chunk (a `lax.scan` over its `Lc` layers with the model's remat),
+    device runs only its own chunk (a `lax.scan` over its `Lc` layers),
  3. stores stage `P-1`'s output in the buffer and rotates the state by one stage
     (`jnp.roll` on the sharded dim, which XLA lowers to a collective-permute to the neighbour).
-Stage `p` at iteration `t` works on microbatch `(t - p) mod M`, repeat `(t - p) // M`; it is
-busy for `V * M` of the `T` iterations, so the bubble (idle) fraction is
+Stage `p` at iteration `t` works on microbatch `(t - p) mod M`, repeat `(t - p) // M`.
+Recirculation needs `M >= P` when `V > 1`; the training schedule needs `M` to be a multiple of
+`P` then, which the config validation asks for. Other mesh axes (data, fsdp, tensor) are left to
+the rules: the sharding constraints name only `pipeline`.
 
-    bubble_fraction(P, V, M) = (P - 1) / (V * M + P - 1)
-
-the same as Megatron's interleaved 1F1B (its bubble is (P-1)/(V*M) of the useful time, i.e.
-(P-1)/(V*M+P-1) of the total). Backward is JAX autodiff of the scan, so it runs the same schedule
-in reverse: this is the all-forward-then-all-backward (GPipe-order) variant, which keeps
-`V * M` chunk inputs per device alive (with remat, only the per-layer checkpoints) instead of
-1F1B's `P`; it buys simplicity and exact equivalence with the unpipelined model.
-
-Recirculation needs `M >= P` when `V > 1` (stage P-1's output of microbatch m must land in the
-buffer before stage 0 needs it again, `P - 1` iterations later and `M` iterations after it
-first used it). Other mesh axes (data, fsdp, tensor) are not touched here: the sharding
-constraints name only `pipeline` and leave the other dims UNCONSTRAINED for the rules to set.
-
-Use. A training objective asks for hidden states with `hidden_states(lm, input_ids, ...)`
-instead of `lm.hidden(...)`; while a step is traced under `use_pipeline(P, V, M, mesh)` (the
-train-step builder enters it whenever the resolved mesh has `pipeline > 1`) that runs the
-blocks through this schedule, otherwise it is exactly `lm.hidden`. So any objective built on a
-NemotronLM (language modelling, a reward head, preference losses) is pipelined without knowing.
+Use. An objective asks for hidden states with `hidden_states(lm, input_ids, ...)` instead of
+`lm.hidden(...)`; while a step is traced under `use_pipeline(schedule)` (the train-step builder
+enters it whenever the resolved mesh has `pipeline > 1`) that runs the blocks through the
+pipeline, otherwise it is exactly `lm.hidden`; under `hidden_states_hook` (the 1F1B step) it is
+what the hook says. So any objective built on a NemotronLM (language modelling, a reward head,
+preference losses) is pipelined without knowing, provided it calls `hidden_states` once.
 """
 
 from __future__ import annotations
@@ -60,15 +56,8 @@ _STAGE_WEIGHTS = "pipeline_stage_weights"
 _U = PS.UNCONSTRAINED
 
 
-def bubble_fraction(P: int, V: int, M: int) -> float:
-    """Fraction of stage-iterations that are idle in the circular schedule: (P-1)/(V*M+P-1)."""
-    if P < 1 or V < 1 or M < 1:
-        raise ValueError(f"P, V, M must be >= 1, got {P}, {V}, {M}")
-    return (P - 1) / (V * M + P - 1)
-
-
 def num_iterations(P: int, V: int, M: int) -> int:
-    """Iterations of the circular schedule (each runs one chunk on every stage)."""
+    """Iterations of the circular forward schedule (each runs one chunk on every stage)."""
     return V * M + P - 1
 
 
@@ -376,17 +365,6 @@ def hidden_states(model: nnx.Module, input_ids: jax.Array, *, positions: jax.Arr
     h = pipelined_hidden(model, input_ids, positions=positions, segment_ids=segment_ids,
                          P=sched.P, V=sched.V, M=sched.M, mesh=sched.mesh)
     return _spread_over_pipeline(h, sched.mesh)
-
-
-def schedule_summary(P: int, V: int, M: int, num_layers: int) -> dict[str, Any]:
-    """What `nemojax compile` / `info` print about the pipeline schedule."""
-    return {
-        "stages": P, "virtual_stages": V, "microbatches": M,
-        "layers_per_chunk": num_layers // (P * V) if num_layers % (P * V) == 0 else None,
-        "iterations": num_iterations(P, V, M),
-        "bubble_fraction": round(bubble_fraction(P, V, M), 6),
-        "schedule": "circular interleaved (vmap+roll), GPipe-order backward via autodiff",
-    }
 
 
 def pipeline_schedule(cfg: Config, mesh: Mesh | Any, micro_batches: Iterable[int] = (),

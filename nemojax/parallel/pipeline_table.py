@@ -35,7 +35,7 @@ same flush). Stash slots (where a unit's input waits for its B) are assigned her
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -126,4 +126,19 @@ def live_units_bound(P: int, V: int, N: int) -> int:
     return min((V - 1) * group_size(P, V, N) + 2 * (P - 1) + 1, N * V)
 
 
-__all__ = ["COL", "FIELDS", "TickTable", "bubble_fraction", "build", "group_size", "live_units_bound", "validate"]
+def schedule_summary(P: int, V: int, M: int, accum: int, num_layers: int) -> dict[str, Any]:
+    """What `nemojax compile` / `info` print about the training step's pipeline schedule."""
+    N = M * accum
+    table = build(P, V, N)
+    return {
+        "schedule": "interleaved 1F1B, one flush per optimizer step" if V > 1 else "1F1B, one flush per optimizer step",
+        "stages": P, "virtual_stages": V, "microbatches_per_slice": M, "accumulation_slices": accum,
+        "microbatches_per_flush": N,
+        "layers_per_chunk": num_layers // (P * V) if num_layers % (P * V) == 0 else None,
+        "ticks": table.ticks,
+        "live_chunk_inputs_per_stage": table.slots,
+        "bubble_fraction": round(bubble_fraction(P, V, N), 6),
+    }
+
+
+__all__ = ["schedule_summary", "COL", "FIELDS", "TickTable", "bubble_fraction", "build", "group_size", "live_units_bound", "validate"]

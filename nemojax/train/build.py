@@ -278,7 +278,8 @@ def _is_master(path: tuple[Any, ...]) -> bool:
 
 def training_state_bytes(cfg: Config, num_devices: int, task: TrainTask = PRETRAIN) -> dict[str, Any]:
     """Per-device bytes of params, the fp32 gradient accumulator, optimizer state and fp32 master
-    copy for `cfg`'s mesh over `num_devices` devices, computed abstractly (no devices needed).
+    copy (and the reduced gradient) for `cfg`'s mesh over `num_devices` devices, computed
+    abstractly (no devices needed).
 
     The numbers come from the same plan the trainer shards with. Activations are not included:
     they depend on the batch, remat policy and schedule (use `nemojax compile` for those).
@@ -289,8 +290,9 @@ def training_state_bytes(cfg: Config, num_devices: int, task: TrainTask = PRETRA
     params = tree_shard_bytes(plan.abstract_state.params, plan.state_specs.params, sizes)
     train_p = split_trainable(plan.abstract_state.params, task.trainable)[0]
     train_specs = split_trainable(plan.state_specs.params, task.trainable)[0]
-    grads = tree_shard_bytes(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), train_p),
-                             train_specs, sizes)
+    grads32 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), train_p)
+    grads = tree_shard_bytes(grads32, train_specs, sizes)
+    reduced = tree_shard_bytes(grads32, gradient_specs(train_p, train_specs, mesh, cfg.sharding.zero2), sizes)
     opt_leaves = jax.tree_util.tree_flatten_with_path(plan.abstract_state.opt_state)[0]
     opt_specs = jax.tree.leaves(plan.state_specs.opt_state, is_leaf=_is_spec)
     out = {"params": params, "gradients": grads, "optimizer_state": 0, "master_weights": 0}
@@ -298,12 +300,16 @@ def training_state_bytes(cfg: Config, num_devices: int, task: TrainTask = PRETRA
         key = "master_weights" if _is_master(path) else "optimizer_state"
         out[key] += tree_shard_bytes(leaf, spec, sizes)
     out["total"] = sum(out.values())
+    out["reduced_gradients"] = reduced
     return {
         "mesh": sizes,
         "zero1": cfg.sharding.zero1,
+        "zero2": cfg.sharding.zero2,
         "per_device_bytes": out,
         "per_device_gib": {k: round(v / 2**30, 3) for k, v in out.items()},
-        "note": "training state only; activations depend on batch, remat and schedule",
+        "note": "training state only; activations depend on batch, remat and schedule. gradients: each "
+                "device's fp32 accumulator over the step's micro-batches; reduced_gradients: what the "
+                "once-per-step reduction leaves (the ZeRO-2 shard with sharding.zero2), not in total",
     }
 
 
