@@ -102,7 +102,7 @@ def pipeline_gradient_sums(graphdef: Any, loss_sums: LossSums, params: Any, batc
     table = jnp.asarray(tick_table.table)
 
     # What is trained: block arrays by name, the embedding, and the other (post) leaves by path.
-    train_p = params if trainable is None else params.split(trainable, ...)[0]
+    train_p = params if trainable is None else nnx.split_state(params, trainable, ...)[0]
     train_flat, train_def = jax.tree_util.tree_flatten_with_path(train_p)
     train_keys = [_path_key(p) for p, _ in train_flat]
     storage = model.blocks.arrays()  # name -> [L/P, ...] (this stage's storage slice)

@@ -54,7 +54,7 @@ def split_trainable(params: Any, trainable: Any = None) -> tuple[Any, Any]:
     """(trainable params, frozen params); with `trainable=None` everything is trainable."""
     if trainable is None:
         return params, None
-    return params.split(trainable, ...)
+    return nnx.split_state(params, trainable, ...)
 
 
 def join_trainable(trainable: Any, frozen: Any) -> Any:
