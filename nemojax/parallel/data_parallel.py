@@ -25,7 +25,6 @@ rules shard a parameter over `data` has no such axis and is left entirely to the
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -33,8 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nemojax.model.axes import Rules, mesh_shape, spec_axes, use_rules
-
-PIPELINE_AXIS = "pipeline"
+from nemojax.parallel.pipeline import PIPELINE_AXIS
 
 
 class GradientLayout(NamedTuple):

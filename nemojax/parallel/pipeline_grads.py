@@ -37,7 +37,7 @@ from jax.extend.core import Literal
 
 from nemojax.config import ConfigError
 from nemojax.model.axes import constrain
-from nemojax.model.layers import rope_tables
+from nemojax.model.layers import layernorm1p, rope_tables
 from nemojax.model.transformer import ACT_AXES, DTYPES, REMAT_POLICIES, block, embed_tokens
 from nemojax.parallel.pipeline import (PIPELINE_AXIS, Schedule, hidden_states_hook, relayout_local,
                                        split_microbatches)
@@ -151,8 +151,6 @@ def pipeline_gradient_sums(graphdef: Any, loss_sums: LossSums, params: Any, batc
     # The objective after hidden_states, as a function of the trained post leaves and h.
     def post(pp: dict[tuple[str, ...], jax.Array], h: jax.Array, mb: dict):
         def inject(mdl: Any, ids: jax.Array, positions: Any, segment_ids: Any) -> jax.Array:
-            from nemojax.model.layers import layernorm1p
-
             return layernorm1p(h, mdl.final_norm_scale[...], mdl.final_norm_bias[...], mdl.cfg.norm_eps)
 
         with hidden_states_hook(inject):
