@@ -6,7 +6,10 @@ still passes). Here each layout runs 2 plain SGD steps (no momentum, no clipping
 sharded train step (`Training.step`, what `nemojax train` runs) with 2 gradient-accumulation
 slices, and every parameter's gradient of each step, read back from the update
 (g = (w_before - w_after) / lr, on the fp32 weights or the fp32 master copy), is compared with a
-single-device run (jit on device 0, nothing from nemojax.parallel) of the same step:
+single-device reference written here from the formula: `jax.grad` of the mean token loss of the
+whole batch in one forward (no accumulation, nothing from nemojax.train or nemojax.parallel),
+and the SGD update written out (fp32 weights, or an fp32 copy rounded to bf16 after each step).
+A scale error in the shared accumulation or reduction code therefore cannot cancel out:
 
 * fp32 weights and compute: per parameter max |g - g_ref| <= 2e-5 * max |g_ref| (reduction-order
   noise of fp32 sums), plus the resolution of reading g back from fp32 weights (half an ulp of
@@ -16,7 +19,7 @@ single-device run (jit on device 0, nothing from nemojax.parallel) of the same s
   roundoff u = 2^-8), and a layout rounds different partial sums (rows split over data, heads
   over tensor, all-reduced bf16 activations) than one device does. How far that moves a
   gradient is measured, per parameter, as the distance e_ref = ||g_bf16 - g_fp32|| / ||g_fp32||
-  between the single-device bf16 run and the same gradient computed in fp32 from the same
+  between the reference's bf16 gradient and the same gradient computed in fp32 from the same
   (bf16) weights -- about 1% here, i.e. a few u accumulated over the forward and backward
   passes. A layout is a different bf16 rounding of the same sum, so its distance to the
   single-device bf16 run is at most its own error plus e_ref; the test allows 2.5 e_ref per
@@ -27,6 +30,9 @@ single-device run (jit on device 0, nothing from nemojax.parallel) of the same s
   reduction (dividing by the slices twice: x 1/2, a mean instead of a sum over data: x 1/8)
   moves every gradient by >= 50%, i.e. ~50 e_ref.
 
+Mutants tried and killed: the step's gradient divided by the slice count twice
+(nemojax.train.step), the data-parallel all-reduce replaced by a mean (pmean: the reduction's
+scale lost), the pipeline's head/norm gradients overwritten per microbatch instead of added.
 `test_a_misscaled_gradient_is_caught` applies such a mutant (the objective scaled by
 1/slices, as if the sums were divided by the slice count twice) to the mixed-precision ZeRO-2
 data-parallel step and checks that both the gradient and the parameter comparisons fail, and that
@@ -52,8 +58,7 @@ from nemojax.config import config_from_dict
 from nemojax.model.transformer import NemotronLM
 from nemojax.parallel.mesh import make_mesh
 from nemojax.train.build import PRETRAIN, build_training
-from nemojax.train.optim import with_fp32_master
-from nemojax.train.step import accumulate_gradients, create_train_state, lm_loss_sums, make_train_step
+from nemojax.train.step import create_train_state, lm_loss_sums, make_train_step
 from reference_run import flat_params, packed_batch
 
 SEQ, MICRO, ACCUM, STEPS = 32, 8, 2, 2
@@ -117,31 +122,53 @@ def sgd_run(step: Any, state: Any, batch: Any) -> dict[str, Any]:
     return {"grads": grads, "resolution": resolution, "losses": losses, "state": state}
 
 
-def single_device(model: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    """(graphdef, initial state, SGD run) on device 0 without nemojax.parallel."""
+def full_batch_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """The step's mean next-token loss over ALL its rows in one forward, written here from the
+    formula (no accumulation, no nemojax.train): -sum(log softmax(logits)[target] * mask) / sum(mask)."""
+    b = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+    logits = nnx.merge(graphdef, params)(b["input_ids"], positions=b["positions"], segment_ids=b["segment_ids"])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, b["targets"][..., None], axis=-1)[..., 0]
+    return -jnp.sum(picked * b["loss_mask"]) / jnp.sum(b["loss_mask"])
+
+
+def single_device(model: dict[str, Any]) -> dict[str, Any]:
+    """STEPS plain SGD steps on device 0 on the full-batch gradient, the update written out: an
+    fp32 copy w of the weights moves by -lr * g and the stored weights are w in their dtype.
+    Independent of the step under test: a scale error in its accumulation or reduction cannot
+    cancel against the same error here."""
     cfg = make_cfg({"mesh": dict(data=1)}, model)
-    lm = NemotronLM(cfg.model, rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
-    tx = with_fp32_master(optax.sgd(LR)) if model else optax.sgd(LR)
-    graphdef, state = create_train_state(lm, tx)
-    state = jax.device_put(state, jax.devices()[0])
-    batch = jax.device_put(make_batch(), jax.devices()[0])
-    return graphdef, state, sgd_run(jax.jit(make_train_step(graphdef, tx)), state, batch)
+    graphdef, params = nnx.split(NemotronLM(cfg.model, rngs=nnx.Rngs(params=jax.random.key(cfg.seed))), nnx.Param)
+    dev = jax.devices()[0]
+    params, batch = jax.device_put(params, dev), jax.device_put(make_batch(), dev)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: full_batch_loss(graphdef, p, b)))
+    start = params
+    master = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    grads, resolution, losses = [], [], []
+    for _ in range(STEPS):
+        loss, g = value_and_grad(params, batch)
+        master = jax.tree.map(lambda w, d: w - LR * d.astype(jnp.float32), master, g)
+        params = jax.tree.map(lambda w, p: w.astype(p.dtype), master, params)
+        grads.append({k: v.astype(np.float32) for k, v in flat_params(g).items()})
+        resolution.append({k: np.spacing(np.abs(v)) / (2 * LR) for k, v in flat_params(master).items()})
+        losses.append(float(loss))
+    return {"grads": grads, "resolution": resolution, "losses": losses, "final": flat_params(master),
+            "start": start, "value_and_grad": value_and_grad}
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, Any]:
     """fp32 and bf16 single-device runs, and e_ref: the bf16 run's first gradient against the
     same gradient computed in fp32 from the same (bf16-valued) weights."""
-    graphdef32, _, run32 = single_device({})
-    _, state16, run16 = single_device(BF16)
+    run32, run16 = single_device({}), single_device(BF16)
     assert run32["losses"][1] < run32["losses"][0], "the reference must learn"
-    grad_fn = jax.jit(lambda p, b: accumulate_gradients(graphdef32, lm_loss_sums, p, b)[0])
-    exact = flat_params(grad_fn(jax.tree.map(lambda a: a.astype(jnp.float32), state16.params),
-                                jax.device_put(make_batch(), jax.devices()[0])))
+    batch = jax.device_put(make_batch(), jax.devices()[0])
+    exact = flat_params(run32["value_and_grad"](jax.tree.map(lambda a: a.astype(jnp.float32), run16["start"]),
+                                                batch)[1])
     g16 = run16["grads"][0]
     e_ref = {k: float(np.linalg.norm(g16[k] - exact[k]) / np.linalg.norm(exact[k])) for k in exact}
     assert 0 < max(e_ref.values()) < 0.05, e_ref  # bf16 noise: present, and a few u
-    return {"fp32": run32, "bf16": run16, "e_ref": e_ref, "graphdef32": graphdef32}
+    return {"fp32": run32, "bf16": run16, "e_ref": e_ref}
 
 
 def assert_grads_match(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], what: str,
@@ -237,7 +264,7 @@ def test_a_misscaled_gradient_is_caught(reference) -> None:
     with pytest.raises(AssertionError, match="gradient of"):
         assert_grads_match(out["grads"][0], ref["grads"][0], "x 1/2", e_ref)
     final = weights(out["state"])
-    expected = weights(ref["state"])
+    expected = ref["final"]
     worst = max(float(np.linalg.norm(final[k] - expected[k])) for k in final)
     assert worst > 10 * max(float(np.linalg.norm(LR * BF16_FACTOR * e_ref[k] * ref["grads"][0][k]))
                             for k in final), "the halved gradient left the parameters where they should be"
