@@ -3,7 +3,8 @@
 Read from the HLO right after SPMD partitioning (`collectives.spmd_partitioned_hlo`: the CPU
 backend later promotes bf16 all-reduces to f32, which would hide the partitioner's dtype) of the
 whole train step that `nemojax train` runs: a tiny model in the 15B/340B presets' precision (bf16
-weights and compute, fp32 master, ZeRO-2) on 8 fake devices. Collectives inside loops are counted
+weights and compute, fp32 master, ZeRO-2) on 8 fake devices. The dump needs a real compile each
+time (the persistent cache is bypassed), so the model is as small as the point allows. Collectives inside loops are counted
 once per iteration, so a reduction inside the accumulation loop shows up as growing with the
 number of accumulation slices.
 
@@ -35,14 +36,15 @@ from nemojax.parallel.mesh import make_mesh
 from nemojax.parallel.pipeline_table import build
 from nemojax.train.build import build_training
 
-MODEL = dict(vocab_size=128, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+MODEL = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
              ffn_hidden_size=128, max_seq_len=32, param_dtype="bfloat16", compute_dtype="bfloat16")
 MICRO = 8
 TRAINED_LEAVES = 14  # embed, lm_head, 2 final norms, 10 stacked block arrays
 
 
-def collectives(mesh_cfg: dict[str, int], accum: int, pipeline: dict[str, int] | None = None) -> dict[str, Any]:
-    cfg = config_from_dict({"model": MODEL, "mesh": mesh_cfg, "sharding": {"zero1": True, "zero2": True},
+def collectives(mesh_cfg: dict[str, int], accum: int, pipeline: dict[str, int] | None = None,
+                layers: int = 2) -> dict[str, Any]:
+    cfg = config_from_dict({"model": dict(MODEL, num_layers=layers), "mesh": mesh_cfg, "sharding": {"zero1": True, "zero2": True},
                             "pipeline": pipeline or {}, "steps": 2,
                             "data": dict(seq_len=32, global_batch_size=MICRO * accum, micro_batch_size=MICRO)})
     training = build_training(cfg, make_mesh(cfg.mesh))
@@ -91,7 +93,7 @@ def test_data_parallel_gradients_reduced_once_in_fp32(data_fsdp_tensor) -> None:
 @pytest.mark.slow
 def test_pipelined_gradients_reduced_and_relaid_once() -> None:
     mesh, pipe = dict(data=2, pipeline=2, tensor=2), dict(virtual_stages=2, microbatches=2)
-    one, two = collectives(mesh, 1, pipe), collectives(mesh, 2, pipe)
+    one, two = collectives(mesh, 1, pipe, layers=4), collectives(mesh, 2, pipe, layers=4)
     check_data_parallel(one, two)
     relayout = [sorted(c.bytes for c in run["all"] if c.kind == "collective-permute" and c.count == 1)
                 for run in (one, two)]
