@@ -351,6 +351,14 @@ def test_info_reports_per_device_bytes_without_devices() -> None:
     assert params == (total - norms) * 4 // 8 + norms * 4
     # zero1 off: mu and nu sharded like the params, plus a few int32 step counts
     assert 0 < mem["per_device_bytes"]["optimizer_state"] - 2 * params <= 4 * 4
+    # the pipelined step's schedule and bubble: 2 stages, 2 slices x 4 microbatches in one flush
+    rc, out, _ = _info("tiny", "--mesh-devices", "8", "mesh.pipeline=2", "pipeline.microbatches=4",
+                       "data.global_batch_size=32", "data.micro_batch_size=16")
+    pipe = json.loads(out)["pipeline"]
+    assert rc == 0 and pipe["microbatches_per_flush"] == 8 and pipe["bubble_fraction"] == round(1 / 9, 6)
+    rc, _, err = _info("tiny", "--mesh-devices", "8", "mesh.pipeline=2", "pipeline.microbatches=4",
+                       "data.global_batch_size=8")  # 8 rows over data 4: 2 per device, not 4 microbatches
+    assert rc == 2 and "multiple of 16" in err
     rc, _, err = _info("tiny", "--mesh-devices", "64", "mesh.tensor=4")
     assert rc == 2 and "model.num_kv_heads=2 is not divisible by mesh.tensor=4" in err
     rc, _, err = _info("tiny", "--mesh-devices", "6", "mesh.tensor=4")

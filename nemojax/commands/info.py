@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 from nemojax.config import load_config
@@ -30,16 +31,20 @@ def pipeline_summary(cfg: Any, devices: int) -> dict[str, Any] | None:
     """The training step's pipeline schedule and bubble for the config's largest batch (the final
     ramp-up stage), when the mesh (resolved over `devices`, else as written) has pipeline stages."""
     from nemojax.parallel.mesh import axis_sizes
+    from nemojax.parallel.rules import resolve_rules
     from nemojax.parallel.pipeline import validate_pipeline
     from nemojax.parallel.pipeline_table import schedule_summary
     from nemojax.train.rampup import BatchSchedule
 
-    P = axis_sizes(cfg.mesh, devices)["pipeline"] if devices else cfg.mesh.pipeline
+    sizes = axis_sizes(cfg.mesh, devices) if devices else None
+    P = sizes["pipeline"] if sizes else cfg.mesh.pipeline
     if P <= 1:
         return None
     accum, micro = max(BatchSchedule(cfg.data).distinct_shapes(), key=lambda s: s[0] * s[1])
     V, M = cfg.pipeline.virtual_stages, cfg.pipeline.microbatches
-    validate_pipeline(cfg.model.num_layers, P, V, M, micro)
+    # the devices the batch is split over (known once the mesh is resolved)
+    split = math.prod(sizes[a] for a in resolve_rules(cfg.sharding)["batch"]) if sizes else 1
+    validate_pipeline(cfg.model.num_layers, P, V, M, micro, split)
     return schedule_summary(P, V, M, accum, cfg.model.num_layers)
 
 

@@ -10,9 +10,13 @@ pipeline stages and hosts add them up and the step divides once, so the update i
 however the batch is split. `extra_metric_sums` (may be empty) are summed the same way and
 reported divided by the step's denominator.
 
-Precision (Megatron): each microbatch's gradient is added into an fp32 accumulator; the fp32
-average goes to the optimizer as is (clipping and AdamW run in fp32; with bf16 weights on an
-fp32 master copy, nemojax.train.optim.with_fp32_master). `grad_norm` is the norm before clipping.
+Precision and reduction (Megatron): each microbatch's gradient is added into an fp32
+accumulator; in the sharded step (`layout`) every device accumulates its own rows' sums and they
+are reduced across devices once per step, in fp32 (nemojax.parallel.data_parallel: a ZeRO-2
+reduce-scatter into the optimizer state's shards, or an all-reduce); the pipelined step gets its
+sums from the 1F1B schedule (nemojax.parallel.pipeline_grads). The fp32 average goes to the
+optimizer as is (clipping and AdamW run in fp32; with bf16 weights on an fp32 master copy,
+nemojax.train.optim.with_fp32_master). `grad_norm` is the norm before clipping.
 
 Trainable subset (e.g. LoRA adapters): with a `trainable` nnx filter only those parameters get
 gradients and optimizer state; the rest are carried in `state.params` unchanged.
