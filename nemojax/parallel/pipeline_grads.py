@@ -165,6 +165,13 @@ def pipeline_gradient_sums(graphdef: Any, loss_sums: LossSums, params: Any, batc
     embed_trained = ("embed",) in train_keys
     _, (_, extras0) = jax.eval_shape(lambda pp, h: post(pp, h, mb_at(jnp.int32(0))), post_leaves, probe_h)
 
+    def embed_like(g: jax.Array) -> jax.Array:
+        """Laid out like the embedding parameter: conditional branches must agree on it."""
+        return constrain(g, ("vocab", "embed"))
+
+    def embed_zeros() -> jax.Array:
+        return embed_like(jnp.zeros_like(model.embed[...]))
+
     def tick(carry, t):
         fwd_in, bwd_in, stash, acc_w, acc_embed, acc_post, sums = carry
         row = jax.lax.dynamic_index_in_dim(jax.lax.dynamic_index_in_dim(table, t, 0, False), stage, 0, False)
@@ -183,41 +190,51 @@ def pipeline_gradient_sums(graphdef: Any, loss_sums: LossSums, params: Any, batc
             f["f_slot"], 0)
 
         # Loss on the last chunk's output: sums, post-leaf gradients, and B's starting cotangent.
-        def loss(acc_post, sums):
+        # The conditionals return this tick's contributions (in the weights' dtype); they are added
+        # into the fp32 accumulators outside, in place: an accumulator passed through a
+        # conditional is copied (measured: a second copy of every accumulator).
+        def loss(_):
             mb = mb_at(f["f_mb"])
             pp = {k: post_leaves[k] for k in post_used}
             num, vjp, (den, extras) = jax.vjp(lambda q, h: post({**post_leaves, **q}, h, mb), pp, y_f,
                                               has_aux=True)
             g_pp, dh = vjp(jnp.ones_like(num))
             got = {"numerator": num, "denominator": den, **extras}
-            return (dh.astype(cdt), {k: acc_post[k] + g_pp[k].astype(jnp.float32) for k in acc_post},
-                    {k: sums[k] + jnp.asarray(got[k], jnp.float32) for k in sums})
+            return dh.astype(cdt), g_pp, {k: jnp.asarray(got[k], jnp.float32) for k in sums}
 
-        dh, acc_post, sums = jax.lax.cond((f["f_valid"] > 0) & (f["f_last"] > 0), loss,
-                                          lambda a, s: (jnp.zeros_like(y_f), a, s), acc_post, sums)
+        def no_loss(_):
+            return (jnp.zeros_like(y_f), {k: jnp.zeros_like(post_leaves[k]) for k in post_used},
+                    {k: jnp.zeros((), jnp.float32) for k in sums})
 
-        # B: this stage's backward unit, recomputing the chunk from its stashed input; its
-        # gradients go straight into the accumulators (a B-less tick leaves them untouched).
-        def backward(acc_w, acc_embed):
+        dh, g_post, got = jax.lax.cond((f["f_valid"] > 0) & (f["f_last"] > 0), loss, no_loss, None)
+        acc_post = {k: acc_post[k] + g_post[k].astype(jnp.float32) for k in acc_post}
+        sums = {k: sums[k] + got[k] for k in sums}
+
+        # B: this stage's backward unit, recomputing the chunk from its stashed input.
+        def backward(_):
             ids, pos, seg = inputs(mb_at(f["b_mb"]))
             x = jax.lax.dynamic_index_in_dim(stash, f["b_slot"], 0, False)
             dy = jnp.where(f["b_last"] > 0, dh, bwd_in)
-            r = f["b_rep"]
-            frozen_r = at_rep(frozen_w, r)
-            _, vjp = jax.vjp(lambda w, xx: chunk({**frozen_r, **w}, xx, pos, seg), at_rep(train_w, r), x)
+            frozen_r = at_rep(frozen_w, f["b_rep"])
+            _, vjp = jax.vjp(lambda w, xx: chunk({**frozen_r, **w}, xx, pos, seg), at_rep(train_w, f["b_rep"]), x)
             dw, dx = vjp(dy)
-            acc_w = {k: jax.lax.dynamic_update_index_in_dim(
-                a, jax.lax.dynamic_index_in_dim(a, r, 0, False) + dw[k].astype(jnp.float32), r, 0)
-                for k, a in acc_w.items()}
-            if embed_trained:
-                def add_embed(acc):
-                    _, evjp = jax.vjp(lambda e: embed_tokens(cfg, e, ids).astype(cdt), model.embed[...])
-                    return acc + evjp(dx)[0].astype(jnp.float32)
-                acc_embed = jax.lax.cond(f["b_first"] > 0, add_embed, lambda acc: acc, acc_embed)
-            return dx, acc_w, acc_embed
+            if not embed_trained:
+                return dw, dx, None
+            _, evjp = jax.vjp(lambda e: embed_tokens(cfg, e, ids).astype(cdt), model.embed[...])
+            de = jax.lax.cond(f["b_first"] > 0, lambda: embed_like(evjp(dx)[0]), embed_zeros)
+            return dw, dx, de
 
-        dx, acc_w, acc_embed = jax.lax.cond(f["b_valid"] > 0, backward, lambda a, e: (bwd_in, a, e),
-                                            acc_w, acc_embed)
+        def idle(_):
+            zeros = {k: jnp.zeros(a.shape[1:], a.dtype) for k, a in train_w.items()}
+            return zeros, bwd_in, embed_zeros() if embed_trained else None
+
+        dw, dx, de = jax.lax.cond(f["b_valid"] > 0, backward, idle, None)
+        r = f["b_rep"]
+        acc_w = {k: jax.lax.dynamic_update_index_in_dim(
+            a, jax.lax.dynamic_index_in_dim(a, r, 0, False) + dw[k].astype(jnp.float32), r, 0)
+            for k, a in acc_w.items()}
+        if embed_trained:
+            acc_embed = acc_embed + de.astype(jnp.float32)
 
         fwd_next = jax.lax.ppermute(y_f, PIPELINE_AXIS, [(i, (i + 1) % P) for i in range(P)])
         bwd_next = jax.lax.ppermute(dx, PIPELINE_AXIS, [(i, (i - 1) % P) for i in range(P)])
