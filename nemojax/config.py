@@ -209,6 +209,12 @@ class ShardingConfig:
     # params) additionally sharded over `data`; params stay replicated over `data`.
     # false = optimizer state sharded exactly like the params.
     zero1: bool = True
+    # ZeRO-2: the fp32 gradient is reduce-scattered over `data` (once per step, after every
+    # micro-batch has been accumulated) into the shard of it the ZeRO-1 optimizer state holds;
+    # clipping and the update run on that shard and the new weights are all-gathered once.
+    # false: the gradient is all-reduced over `data` (also once per step, in fp32) and every
+    # data replica holds all of it. Needs zero1 (the shard is the optimizer state's).
+    zero2: bool = False
     # Shard activations between blocks along the sequence over `tensor` (rules.length=tensor).
     sequence_parallel: bool = False
     # Logical axis -> mesh axis, list of mesh axes, or null (replicated); overrides
@@ -216,6 +222,9 @@ class ShardingConfig:
     rules: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, prefix: str = "sharding") -> None:
+        if self.zero2 and not self.zero1:
+            raise ConfigError(f"{prefix}.zero2=true needs {prefix}.zero1=true: the gradient is scattered into "
+                              f"the optimizer state's shards; set {prefix}.zero1=true or {prefix}.zero2=false")
         if not isinstance(self.rules, dict):
             raise ConfigError(f"{prefix}.rules must be a mapping of logical axis -> mesh axis")
         for k, v in self.rules.items():

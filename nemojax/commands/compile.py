@@ -67,7 +67,7 @@ def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, 
     from nemojax.model.attention import resolve_backend
     from nemojax.parallel.aot import compile_report, state_bytes, topology_devices
     from nemojax.parallel.mesh import make_mesh, mesh_shape
-    from nemojax.parallel.pipeline import schedule_summary
+    from nemojax.parallel.pipeline_table import schedule_summary
     from nemojax.train.build import build_training
     from nemojax.train.rampup import BatchSchedule
     from nemojax.train.tasks import stage_task
@@ -84,17 +84,17 @@ def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, 
     out: dict[str, Any] = {"target": target, "mesh": mesh_shape(mesh)}
     if training.schedule is not None:
         s = training.schedule
-        out["pipeline"] = schedule_summary(s.P, s.V, s.M, cfg.model.num_layers)
+        out["pipeline"] = schedule_summary(s.P, s.V, s.M, accum, cfg.model.num_layers)
     out["state_bytes_per_device"] = state_bytes(training.abstract_sharded_state())
     out["stage"] = cfg.stage.kind
     out["attention_backend"] = resolve_backend(cfg.model.attention_backend, platform=devices[0].platform,
                                                dtype=cfg.model.compute_dtype)  # what `auto` became
     out.update({"remat_policy": cfg.model.remat_policy, "compute_dtype": cfg.model.compute_dtype,
                 "param_dtype": cfg.model.param_dtype, "fp32_master_weights": cfg.model.param_dtype != "float32",
-                "zero1": cfg.sharding.zero1, "seq_len": cfg.data.seq_len,
+                "zero1": cfg.sharding.zero1, "zero2": cfg.sharding.zero2, "seq_len": cfg.data.seq_len,
                 "global_batch_size": cfg.data.global_batch_size, "micro_batch_size": micro,
                 "accumulation_steps": accum})
-    report = compile_report(lowered, target.get("hbm_gib"))
+    report = compile_report(lowered, target.get("hbm_gib"), mesh)
     out.update(report)
     out["seconds"] = {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2),
                       "compile": report.get("compile_s", report.get("compile_until_oom_s"))}

@@ -5,12 +5,15 @@ and fp32 master copy for the config's mesh over N devices, computed abstractly (
 the per-device weight bytes in bf16 / fp8 / int8 (`weights_by_quantization`). With `--serve N`
 it adds the sampling engine's footprint sharded N ways (tensor parallel): weights per
 quantization plus the KV cache of --serve-batch slots x --serve-context tokens, against --hbm-gb.
+When the mesh has pipeline stages it prints the training schedule and its bubble fraction.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+from typing import Any
 
 from nemojax.config import load_config
 
@@ -33,6 +36,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hbm-gb", type=float, default=80.0, help="device memory in GB (1e9 bytes) --serve checks against")
 
 
+def pipeline_summary(cfg: Any, devices: int) -> dict[str, Any] | None:
+    """The training step's pipeline schedule and bubble for the config's largest batch (the final
+    ramp-up stage), when the mesh (resolved over `devices`, else as written) has pipeline stages."""
+    from nemojax.parallel.mesh import axis_sizes
+    from nemojax.parallel.rules import resolve_rules
+    from nemojax.parallel.pipeline import validate_pipeline
+    from nemojax.parallel.pipeline_table import schedule_summary
+    from nemojax.train.rampup import BatchSchedule
+
+    sizes = axis_sizes(cfg.mesh, devices) if devices else None
+    P = sizes["pipeline"] if sizes else cfg.mesh.pipeline
+    if P <= 1:
+        return None
+    accum, micro = max(BatchSchedule(cfg.data).distinct_shapes(), key=lambda s: s[0] * s[1])
+    V, M = cfg.pipeline.virtual_stages, cfg.pipeline.microbatches
+    # the devices the batch is split over (known once the mesh is resolved)
+    split = math.prod(sizes[a] for a in resolve_rules(cfg.sharding)["batch"]) if sizes else 1
+    validate_pipeline(cfg.model.num_layers, P, V, M, micro, split)
+    return schedule_summary(P, V, M, accum, cfg.model.num_layers)
+
+
 def run(args: argparse.Namespace) -> int:
     from nemojax.model.flops import info
 
@@ -49,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         overrides += args.mesh_devices[1:]
     cfg = load_config(args.config, overrides)
     out = info(cfg.model, args.seq_len or cfg.model.max_seq_len)
+    pipeline = pipeline_summary(cfg, devices)
+    if pipeline is not None:
+        out["pipeline"] = pipeline
     if devices:
         from nemojax.train.build import training_state_bytes
         from nemojax.train.tasks import stage_task

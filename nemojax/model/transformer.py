@@ -162,6 +162,15 @@ def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.A
     return x + mlp_out, new_cache
 
 
+def embed_tokens(cfg: ModelConfig, table: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """Embedding lookup in the compute dtype. The table is first gathered over the mesh axes of its
+    `embed` dim (FSDP gathers a weight before use), so the lookup is a vocab-parallel gather whose
+    rows follow the batch: a table still split over the batch's own axes makes the partitioner
+    replicate it (and, inside a partially manual region, fail)."""
+    table = constrain(table, ("vocab", None))
+    return constrain(jnp.take(table, input_ids, axis=0).astype(DTYPES[cfg.compute_dtype]), ACT_AXES)
+
+
 def run_blocks(cfg: ModelConfig, stacked: dict[str, jax.Array], x: jax.Array, *,
                positions: jax.Array, q_index: jax.Array, segment_ids: jax.Array | None,
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -216,8 +225,7 @@ class NemotronLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         q_index = positions if cache is not None else jnp.broadcast_to(jnp.arange(s), (b, s))
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(DTYPES[self.cfg.compute_dtype])
-        x = constrain(x, ACT_AXES)
+        x = embed_tokens(self.cfg, self.embed[...], input_ids)
         x, cache = run_blocks(self.cfg, self.blocks.arrays(), x, positions=positions, q_index=q_index,
                               segment_ids=segment_ids, cache=cache)
         x = layernorm1p(x, self.final_norm_scale[...], self.final_norm_bias[...], self.cfg.norm_eps)
