@@ -20,9 +20,11 @@ work before then. Three parts, on the first device:
    read once per step, so tokens/s <= batch x bandwidth / bytes per step. Bandwidth from
    HBM_BYTES_PER_S by device kind, or --hbm-tbps.
 
---quantize selects the decode weights' format; only `none` (the compute dtype) exists yet. The
-quantization work adds its modes to QUANT_MODES and their transform to `decode_weights`; the
-byte count and the bound follow from the arrays it returns.
+--quantize lists the decode weight formats timed side by side (default none,fp8): `none` is
+every weight in the compute dtype; `fp8` / `int8` store the block projections as one byte per
+weight with an fp32 scale per output channel (model.quant, what `nemojax serve --quantize`
+serves), everything else in the compute dtype. The byte count, and so the bound, follow from
+the arrays each mode holds.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ HBM_BYTES_PER_S: tuple[tuple[str, float], ...] = (
     ("tpu v5", 2.765e12),
     ("tpu v4", 1.2e12),
 )
-QUANT_MODES = ("none",)  # decode weight formats; see `decode_weights`
+QUANT_MODES = ("none", "fp8", "int8")  # decode weight formats; see `decode_weights`
 CANDIDATES = {"cuda": ("cudnn", "xla"), "tpu": ("splash", "xla"), "rocm": ("xla", "dot_product"),
               "cpu": ("xla", "dot_product")}
 TINY_MODEL = ["model.vocab_size=256", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
@@ -72,11 +74,26 @@ def hbm_bandwidth(kind: str, override_tbps: float) -> float | None:
     return next((bw for key, bw in HBM_BYTES_PER_S if key in kind), None)
 
 
-def decode_weights(weights: dict[str, Any], mode: str) -> dict[str, Any]:
-    """The decode weights in format `mode` (the quantization hook: only "none" exists)."""
+def decode_weights(cfg: Any, mode: str, seed: int) -> dict[str, Any]:
+    """The engine's stacked decode weights in format `mode`: quantized projections (values and
+    fp32 scales) as model.quant stores them, every other weight in the compute dtype."""
+    import dataclasses
+
+    import jax
+
+    from nemojax.config import QuantConfig
+    from nemojax.inference.forward import engine_weights
+    from nemojax.model import quant
+    from nemojax.model.transformer import DTYPES, init_model
+
     if mode not in QUANT_MODES:
         raise ValueError(f"--quantize {mode!r} is not available; modes: {QUANT_MODES}")
-    return weights
+    qcfg = cfg if mode == "none" else dataclasses.replace(cfg, quant=QuantConfig(mode=mode))
+    cdt = DTYPES[cfg.compute_dtype]
+    weights = engine_weights(init_model(qcfg, seed), "stacked")
+    stored = {n for t in quant.QUANT_TARGETS for n in (t, quant.scale_name(t))} if mode != "none" else set()
+    return {k: ({n: (a if n in stored else a.astype(cdt)) for n, a in v.items()} if k == "stacked"
+                else v.astype(cdt)) for k, v in weights.items()}
 
 
 def packed_rows(rng: Any, rows: int, seq: int, vocab: int, doc_range: tuple[int, int]) -> dict[str, Any]:
@@ -189,14 +206,11 @@ def measure_decode(cfg: Any, batches: list[int], window: int, steps: int, quanti
     import jax
     import jax.numpy as jnp
 
-    from nemojax.inference.forward import decode_one_token, engine_weights
-    from nemojax.model.transformer import DTYPES, init_model
+    from nemojax.inference.forward import decode_one_token
+    from nemojax.model.transformer import DTYPES
 
     cdt = DTYPES[cfg.compute_dtype]
-    model = init_model(cfg, seed)
-    weights = jax.tree.map(lambda a: a.astype(cdt), engine_weights(model, "stacked"))
-    del model
-    weights = decode_weights(weights, quantize)
+    weights = decode_weights(cfg, quantize, seed)
     table = weights["embed"]
     weight_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(weights)) - int(table.nbytes)
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cdt).itemsize
@@ -248,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-batches", default="1,8,32,64")
     p.add_argument("--decode-window", type=int, default=2048, help="cache rows each decode step attends over")
     p.add_argument("--decode-steps", type=int, default=64)
-    p.add_argument("--quantize", default="none", choices=QUANT_MODES, help="decode weight format")
+    p.add_argument("--quantize", default="none,fp8",
+                   help=f"comma-separated decode weight formats, timed in turn (of {', '.join(QUANT_MODES)})")
     p.add_argument("--hbm-tbps", type=float, default=0.0, help="HBM bandwidth per device (TB/s) instead of the table")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak bf16 TFLOP/s per device instead of the table")
     p.add_argument("--budget-s", type=float, default=450.0, help="skip parts that would start after this many seconds")
@@ -269,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--decode-batches must be comma-separated integers, got {args.decode_batches!r}")
     if not decode_batches or min(decode_batches) < 1 or args.decode_steps >= args.decode_window:
         p.error("--decode-batches must be positive and --decode-steps below --decode-window")
+    modes = [m for m in args.quantize.split(",") if m]
+    if not modes or any(m not in QUANT_MODES for m in modes):
+        p.error(f"--quantize: choose among {', '.join(QUANT_MODES)} (comma-separated), got {args.quantize!r}")
 
     t_start = time.perf_counter()
     # JAX preallocates 75% of GPU memory by default; the no-remat 1B step wants more of the 80 GB.
@@ -360,19 +378,23 @@ def main(argv: list[str] | None = None) -> int:
                                                        "tflops_maxtext", "tflops_megatron", "remat_policy")}
                           if best else {})}
 
-    # 3. decode against the HBM bound
-    if not over_budget("decode"):
+    # 3. decode against the HBM bound, per weight format
+    out["decode"] = {}
+    for mode in modes:
+        if over_budget(f"decode[{mode}]"):
+            continue
         try:
-            out["decode"] = measure_decode(cfg.model, decode_batches, args.decode_window, args.decode_steps,
-                                           args.quantize, bandwidth, args.seed)
-        except Exception as e:  # noqa: BLE001
-            out["decode"] = {"error": _error(e)}
+            out["decode"][mode] = measure_decode(cfg.model, decode_batches, args.decode_window, args.decode_steps,
+                                                 mode, bandwidth, args.seed)
+        except Exception as e:  # noqa: BLE001 - an unsupported dtype on this device is a result
+            out["decode"][mode] = {"error": _error(e)}
+        gc.collect()
     out["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     text = json.dumps(out, indent=2)
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
-    return 0 if best is not None and "results" in out.get("decode", {}) else 1
+    return 0 if best is not None and any("results" in d for d in out["decode"].values()) else 1
 
 
 if __name__ == "__main__":

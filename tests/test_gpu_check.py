@@ -75,18 +75,44 @@ def test_training_reports_both_flop_counts_and_the_fastest_backend(tiny):
 
 
 def test_decode_bytes_and_bound_from_the_model_shape(tiny):
-    dec = tiny["decode"]
-    # every weight but the embedding table (rows are gathered), fp32 in the tiny config
-    weights = L * (D * H * HD + 2 * D * KV * HD + H * HD * D + 2 * D * F + 4 * D) + 2 * D + D * V
-    assert dec["weight_bytes"] == 4 * weights
-    assert dec["kv_bytes_per_token"] == 2 * L * KV * HD * 4
-    assert [r["batch"] for r in dec["results"]] == [1, 4]
-    for r in dec["results"]:
-        b = r["batch"]
-        assert r["bytes_per_step"] == dec["weight_bytes"] + b * D * 4 + b * dec["window"] * dec["kv_bytes_per_token"]
-        assert r["bound_tokens_per_sec"] == pytest.approx(b * HBM_TBPS * 1e12 / r["bytes_per_step"])
-        assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_sec"] / r["bound_tokens_per_sec"])
-        assert r["tokens_per_sec"] > 0
+    """Mutants: a quantized mode that reads its projections as floats (or drops the scales from
+    the byte count); a bound not from batch x bandwidth / bytes."""
+    assert set(tiny["decode"]) == {"none", "fp8"}  # the default formats, side by side
+    projections = L * (D * H * HD + 2 * D * KV * HD + H * HD * D + 2 * D * F)
+    rest = L * 4 * D + 2 * D + D * V  # norms, final norm, LM head: the compute dtype (fp32 here)
+    channels = L * (H * HD + 2 * KV * HD + D + F + D)  # one fp32 scale per output channel
+    expect = {"none": 4 * (projections + rest), "fp8": projections + 4 * channels + 4 * rest}
+    for mode, dec in tiny["decode"].items():
+        assert dec["quantize"] == mode
+        assert dec["weight_bytes"] == expect[mode]
+        assert dec["kv_bytes_per_token"] == 2 * L * KV * HD * 4
+        assert [r["batch"] for r in dec["results"]] == [1, 4]
+        for r in dec["results"]:
+            b = r["batch"]
+            assert r["bytes_per_step"] == dec["weight_bytes"] + b * D * 4 + b * dec["window"] * dec["kv_bytes_per_token"]
+            assert r["bound_tokens_per_sec"] == pytest.approx(b * HBM_TBPS * 1e12 / r["bytes_per_step"])
+            assert r["fraction_of_bound"] == pytest.approx(r["tokens_per_sec"] / r["bound_tokens_per_sec"])
+            assert r["tokens_per_sec"] > 0
+
+
+def test_quantized_decode_weights_are_what_the_engine_serves():
+    """The fp8 / int8 decode weights hold the block projections as model.quant stores them (one
+    byte per weight, fp32 scales) and decode to within the format's rounding of the bf16 weights."""
+    mod = _load_module()
+    from nemojax.config import load_config
+    from nemojax.model import quant
+
+    cfg = load_config("tiny", [*mod.TINY_MODEL, "data.seq_len=64"]).model
+    plain = mod.decode_weights(cfg, "none", 0)["stacked"]
+    for mode, dtype, tol in (("fp8", "float8_e4m3fn", 2 ** -3), ("int8", "int8", 1 / 127)):
+        w = mod.decode_weights(cfg, mode, 0)["stacked"]
+        for t in quant.QUANT_TARGETS:
+            assert str(w[t].dtype) == dtype and str(w[quant.scale_name(t)].dtype) == "float32"
+            back = np.asarray(quant.dequantize(quant.QArray(w[t], w[quant.scale_name(t)])))
+            ref = np.asarray(plain[t], np.float32)
+            amax = np.abs(ref).max()
+            assert np.abs(back - ref).max() <= tol * amax, (mode, t)
+        assert w["attn_norm_scale"].dtype == plain["attn_norm_scale"].dtype  # the rest: compute dtype
 
 
 def test_budget_bounds_the_run_and_bad_options_are_refused():
@@ -94,10 +120,10 @@ def test_budget_bounds_the_run_and_bad_options_are_refused():
     out = json.loads(proc.stdout)
     assert proc.returncode == 1  # nothing measured is not a success
     assert {s.split(":")[0] for s in out["skipped"]} == {"attention_check", "training[xla]",
-                                                          "training[dot_product]", "decode"}
+                                                          "training[dot_product]", "decode[none]", "decode[fp8]"}
     assert out["training"]["best_backend"] is None
-    proc = _run("--tiny", "--quantize", "fp8")
-    assert proc.returncode == 2 and "--quantize" in proc.stderr and "'none'" in proc.stderr
+    proc = _run("--tiny", "--quantize", "none,fp4")
+    assert proc.returncode == 2 and "--quantize" in proc.stderr and "fp4" in proc.stderr
     proc = _run("--tiny", "--backends", "xla,flash")
     assert proc.returncode == 2 and "flash" in proc.stderr
 
