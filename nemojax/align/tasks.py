@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -397,6 +398,18 @@ def _defines_f(source: str) -> bool:
 
 _results: dict[tuple[str, str, str], bool] = {}
 _RESULTS_MAX = 65536
+# One sandboxed program per CPU at a time in the whole process: verifiers run on several threads at
+# once (the SDG's verify stages), each with its own event loop, and a program's timeout must
+# measure the program, not a queue for a core.
+_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+
+
+async def _sandboxed(code: str, limits: SandboxLimits, isolation: str) -> bool:
+    await asyncio.to_thread(_SLOTS.acquire)
+    try:
+        return (await run_python(code, limits, isolation=isolation)).passed
+    finally:
+        _SLOTS.release()
 
 
 def run_code_checks(jobs: Sequence[tuple[str, str, list[Any]]], *, limits: SandboxLimits = CODE_LIMITS
@@ -414,9 +427,8 @@ def run_code_checks(jobs: Sequence[tuple[str, str, list[Any]]], *, limits: Sandb
         isolation = os.environ.get(CODE_SANDBOX_ENV, "auto")
 
         async def run_all() -> list[bool]:
-            results = await asyncio.gather(*(run_python(code_check_program(src, ref, json.loads(tests)), limits,
-                                                        isolation=isolation) for src, ref, tests in todo))
-            return [r.passed for r in results]
+            return list(await asyncio.gather(*(_sandboxed(code_check_program(src, ref, json.loads(tests)), limits,
+                                                          isolation) for src, ref, tests in todo)))
 
         verdicts = _run_async(run_all)
         if len(_results) + len(todo) > _RESULTS_MAX:
