@@ -147,3 +147,19 @@ def test_toy_world_is_deterministic_and_decontaminated(tmp_path):
     assert (tmp_path / "a/tokenizer/tokenizer.model").is_file()
     # a second build with the same spec is a no-op; another spec rebuilds
     assert build_toy_world(tmp_path / "a", spec) == a
+
+
+def test_code_checks_from_many_threads_share_one_event_loop():
+    """The SDG verifies items on several threads at once: all their programs run on one loop (one
+    program per CPU process-wide; no per-call loop torn down with programs in flight, which hung)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(k: int) -> list[bool]:
+        return run_code_checks([(f"def f(x):\n    return x * {k}", f"x * {k}", [1, 2]),
+                                (f"def f(x):\n    return x + {k}", f"x * {k}", [1, 2])])
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(check, range(3, 9)))
+    assert results == [[True, False]] * 6
+    assert [t.name for t in threading.enumerate()].count("nemojax-code-checks") == 1

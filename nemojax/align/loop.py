@@ -43,6 +43,8 @@ kept aside in `<sdg>/leak_removed.jsonl` and counted. `summary.json["leak_audit"
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import glob
 import hashlib
 import json
@@ -71,6 +73,17 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def outside_event_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), on a helper thread when this thread runs an event loop (a notebook kernel's):
+    the evaluation starts an event loop of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def fingerprint(obj: Any) -> str:
@@ -215,7 +228,7 @@ class AlignLoop:
         spec = EvalSpec(suites={k: self._fill(v, **fill) for k, v in e.suites.items()}, checkpoint=str(checkpoint),
                         tokenizer=self.tokenizer, max_tokens=e.max_tokens, batch_slots=e.batch_slots,
                         max_len=e.max_len, limit=e.limit)
-        report = evaluate_model(spec)
+        report = outside_event_loop(evaluate_model, spec)
         if not report["complete"]:  # a failure is never recorded as a result
             raise AlignError(f"evaluation of {checkpoint} is incomplete: {report['failed_requests']} request(s) "
                              f"failed ({report['errors'][:2]})")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import concurrent.futures
 import functools
 import json
 import os
@@ -33,7 +32,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from nemojax.sdg.sandbox import SandboxLimits, run_python
+from nemojax.sdg.sandbox import SandboxError, SandboxLimits, run_python
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea")
@@ -398,18 +397,32 @@ def _defines_f(source: str) -> bool:
 
 _results: dict[tuple[str, str, str], bool] = {}
 _RESULTS_MAX = 65536
-# One sandboxed program per CPU at a time in the whole process: verifiers run on several threads at
-# once (the SDG's verify stages), each with its own event loop, and a program's timeout must
-# measure the program, not a queue for a core.
-_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _sandbox_loop() -> asyncio.AbstractEventLoop:
+    """The event loop every code check of this process runs on, in a thread of its own: verifiers
+    are called from many threads at once (the SDG's verify stages, an evaluation's event loop),
+    and one loop means the sandbox's one-program-per-CPU bound holds process-wide (a program's
+    timeout measures the program, not a queue for a core) and no loop is ever torn down with
+    programs in flight."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="nemojax-code-checks", daemon=True).start()
+            _loop = loop
+        return _loop
 
 
 async def _sandboxed(code: str, limits: SandboxLimits, isolation: str) -> bool:
-    await asyncio.to_thread(_SLOTS.acquire)
+    """One program's verdict; a failure of the sandbox itself (not the program) is retried once,
+    then raised, never counted as a wrong answer."""
     try:
         return (await run_python(code, limits, isolation=isolation)).passed
-    finally:
-        _SLOTS.release()
+    except SandboxError:
+        return (await run_python(code, limits, isolation=isolation)).passed
 
 
 def run_code_checks(jobs: Sequence[tuple[str, str, list[Any]]], *, limits: SandboxLimits = CODE_LIMITS
@@ -420,32 +433,25 @@ def run_code_checks(jobs: Sequence[tuple[str, str, list[Any]]], *, limits: Sandb
     a time; verdicts are remembered per (source, reference, tests), since an SDG run checks the
     same responses for rejection sampling and again for preference pairs. Raises
     `SandboxUnavailable` (naming how to enable isolation or opt out) or `SandboxError` (the
-    sandbox itself failed: never recorded as a wrong answer)."""
+    sandbox itself failed twice: never recorded as a wrong answer)."""
     keys = [(src, ref, json.dumps(list(tests))) for src, ref, tests in jobs]
     todo = sorted({k for k in keys if k not in _results and _defines_f(k[0])})
     if todo:
         isolation = os.environ.get(CODE_SANDBOX_ENV, "auto")
 
-        async def run_all() -> list[bool]:
+        async def run_all() -> list[Any]:  # every program finishes (no task is left to cancel)
             return list(await asyncio.gather(*(_sandboxed(code_check_program(src, ref, json.loads(tests)), limits,
-                                                          isolation) for src, ref, tests in todo)))
+                                                          isolation) for src, ref, tests in todo),
+                                             return_exceptions=True))
 
-        verdicts = _run_async(run_all)
+        verdicts = asyncio.run_coroutine_threadsafe(run_all(), _sandbox_loop()).result()
+        failed = next((v for v in verdicts if isinstance(v, BaseException)), None)
+        if failed is not None:
+            raise failed
         if len(_results) + len(todo) > _RESULTS_MAX:
             _results.clear()
         _results.update(zip(todo, verdicts))
     return [_results.get(k, False) for k in keys]
-
-
-def _run_async(make: Callable[[], Any]) -> Any:
-    """asyncio.run(make()), also when this thread already runs an event loop (an async caller,
-    e.g. the evaluation suite): then on a helper thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 def sample_tasks(families: Iterable[str], levels: Sequence[int], n: int, seed: int) -> list[Task]:
