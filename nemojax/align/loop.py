@@ -457,10 +457,11 @@ class AlignLoop:
                 f"seed={self.cfg.seed * 1000 + k}"]
         resolved = asdict(load_pipeline(args[2], args[3:]))
         resolved.pop("run_dir", None)
+        made_by = {"generator": gen.get("fingerprint", {}).get("train", "")}
+        if judge is not None:  # the data depends on the judge too
+            made_by["judge"] = judge.get("fingerprint", {}).get("train", "")
         train_fp = fingerprint({"config": self._portable(json.dumps(resolved, sort_keys=True, default=str)),
-                                "generator": gen.get("fingerprint", {}).get("train", ""),
-                                "judge": (judge or {}).get("fingerprint", {}).get("train", ""),
-                                "world": self.world_fingerprint})
+                                **made_by, "world": self.world_fingerprint})
         done = self._check(label, step_dir, train_fp, None)
         if self._dry:
             return done or {"step": label, "fingerprint": {"train": train_fp}}
