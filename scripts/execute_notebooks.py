@@ -41,6 +41,16 @@ def small_outputs(nb) -> None:
     nb.metadata.pop("widgets", None)
 
 
+def _backend(nb) -> str:
+    """The JAX backend the notebook printed ("JAX <version> on <backend> ..."), else unknown."""
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            text = out.get("text", "") if out.get("output_type") == "stream" else ""
+            if text.startswith("JAX ") and " on " in text:
+                return text.split(" on ", 1)[1].split()[0]
+    return "unknown"
+
+
 def execute(path: Path, quick: bool, timeout: int) -> bool:
     import nbformat
     from nbclient import NotebookClient
@@ -65,6 +75,8 @@ def execute(path: Path, quick: bool, timeout: int) -> bool:
         os.environ.clear()
         os.environ.update(saved)
     small_outputs(nb)
+    nb.metadata["nemojax_execution"] = {"settings": "quick" if quick else "full", "seconds": round(time.time() - t0),
+                                        "date": time.strftime("%Y-%m-%d"), "backend": _backend(nb)}
     nbformat.write(nb, path)
     print(f"{path}: ran in {time.time() - t0:.0f} s, saved with its outputs ({path.stat().st_size / 1024:.0f} KiB)")
     return True
