@@ -46,8 +46,10 @@ class Recorder:
             pool = _jsonl(w / "prompts/pool_1.jsonl")[:20]
             seeds, code_seeds = _jsonl(w / "seed/sft.jsonl"), _jsonl(w / "seed/code_sft.jsonl")
             synthetic = [{"messages": [{"role": "user", "content": t["prompt"]},
-                                       {"role": "assistant", "content": t["answer"]}]} for t in pool[:5]]
-            files = {"prompts": pool, "seeds": seeds, "code_seeds": code_seeds, "sft": seeds + synthetic,
+                                       {"role": "assistant", "content": t["answer"]}], "merged_from": "synthetic_sft"}
+                         for t in pool[:5]]
+            merged = [{**r, "merged_from": "seeds"} for r in seeds]  # as the SDG merge stage marks them
+            files = {"prompts": pool, "seeds": seeds, "code_seeds": code_seeds, "sft": merged + synthetic,
                      "code_sft": code_seeds, "preference": [{"prompt": t["prompt"], "chosen": t["answer"], "rejected": "x"}
                                                             for t in pool[5:8]]}
             for name, rows in files.items():
@@ -110,6 +112,7 @@ def test_random_gold_data_matches_the_sdg_counts_with_gold_answers(tmp_path, mon
     seeds, pool = _jsonl(sdg / "seeds.jsonl"), {t["prompt"]: Task.from_json(t) for t in _jsonl(sdg / "prompts.jsonl")}
     sft = _jsonl(data / "sft.jsonl")
     assert sft[:len(seeds)] == seeds and len(sft) == len(_jsonl(sdg / "sft.jsonl"))  # as many answers as the SDG kept
+    assert len(sft) == len(seeds) + 5
     gold = sft[len(seeds):]
     assert all(verify(pool[r["messages"][0]["content"]], r["messages"][1]["content"]) for r in gold)
     pairs = _jsonl(data / "preference.jsonl")

@@ -86,10 +86,12 @@ def test_audit_counts_the_oracles_verdicts_on_the_judges_decisions(tmp_path, mon
     conv = lambda t, r: {"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": r}]}  # noqa: E731
     (tmp_path / "responses.jsonl").write_text("".join(
         json.dumps({**t.to_json(), "responses": [conv(t, t.answer), conv(t, w)]}) + "\n" for t, w in zip(tasks, wrong)))
-    seeds = [conv(Task("lists", 1, "What is the smallest number of 1, 2?", "", {}), "1")]
-    (tmp_path / "seeds.jsonl").write_text(json.dumps(seeds[0]) + "\n")
-    # trained on: the seeds, the judge's one kept answer (task 2's wrong one), one pair (task 1, right order)
-    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [seeds[0], conv(tasks[1], "cat")]))
+    seed = conv(tasks[0], tasks[0].answer)  # a seed conversation may ask a pool prompt too; it is no judged answer
+    (tmp_path / "seeds.jsonl").write_text(json.dumps(seed) + "\n")
+    # trained on: the seeds, the judge's one kept answer (task 2's wrong one), one pair (task 1, right order);
+    # the SDG merge marks where each record came from
+    sft = [{**seed, "merged_from": "seeds"}, {**conv(tasks[1], "cat"), "merged_from": "synthetic_sft"}]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     (tmp_path / "preference.jsonl").write_text(json.dumps({"prompt": tasks[0].prompt, "chosen": tasks[0].answer,
                                                            "rejected": wrong[0]}) + "\n")
     liked = {tasks[0].answer, "cat"}  # the scripted judge: task 1's right answer and task 2's wrong one
@@ -114,3 +116,24 @@ def test_audit_counts_the_oracles_verdicts_on_the_judges_decisions(tmp_path, mon
     assert s["oracle_would_keep_prompts"] == 3 and s["threshold"] == 4.5
     assert out["by_family"]["strings"]["precision"] == 0.0 and out["by_family"]["lists"]["precision"] == 1.0
     assert out["final_answer_precision"] == pytest.approx(1 / 2)
+
+
+def test_a_stage_without_training_records_passes_its_model_on(tmp_path, monkeypatch):
+    """A judge may keep no preference pair: the stage is recorded as skipped (the model it starts
+    from goes on, with its evaluation), not a failed run after hours of work."""
+    rec = Recorder(monkeypatch)
+    real = rec._run
+
+    def no_pairs(loop, what, args, step_dir):
+        out = real(loop, what, args, step_dir)
+        if args[0] == "sdg":
+            (step_dir / "preference.jsonl").write_text("")
+        return out
+
+    monkeypatch.setattr(AlignLoop, "_run", lambda loop, *a: no_pairs(loop, *a))
+    cfg = load_align_config("configs/align/toy.yaml", [f"run_dir={tmp_path / 'run'}", WORLD, BASES,
+                                                       "iterations=[{base: strong}]", "pipeline=[general_sft, dpo]"])
+    summary = AlignLoop(cfg, log=lambda s: None).run()
+    sft, dpo = summary["iterations"][0]["stages"]
+    assert "no training records" in dpo["skipped"] and dpo["checkpoint"] == sft["checkpoint"]
+    assert dpo["eval"] == sft["eval"] and "iteration 1 dpo" not in [w for w, _ in rec.ran]

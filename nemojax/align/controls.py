@@ -65,7 +65,7 @@ def random_gold_data(sdg_dir: Path, out_dir: Path, seed: int) -> dict[str, Any]:
         raise FileNotFoundError(f"random_gold control: the SDG run {sdg_dir} has no {', '.join(missing)}")
     files = {n: _read_jsonl(sdg_dir / f"{n}.jsonl") for n in need}
     pool = [Task.from_json(r) for r in files["prompts"]]
-    n_sft = len(files["sft"]) - len(files["seeds"])
+    n_sft = sum(r.get("merged_from") != "seeds" for r in files["sft"])
     n_pairs = len(files["preference"])
     if max(n_sft, n_pairs) > len(pool):
         raise ValueError(f"random_gold control: {max(n_sft, n_pairs)} gold answers asked of a pool of {len(pool)}")
@@ -79,9 +79,8 @@ def random_gold_data(sdg_dir: Path, out_dir: Path, seed: int) -> dict[str, Any]:
         {"prompt": t.prompt, "chosen": t.answer, "rejected": wrong_answer(t, rng), "chosen_reward": 1.0,
          "rejected_reward": 0.0} for t in paired])
     by_prompt = {t.prompt: t.family for t in pool}
-    seeds = {json.dumps(r, sort_keys=True) for r in files["seeds"]}
     flywheel = collections.Counter(by_prompt.get(r["messages"][0]["content"], "?") for r in files["sft"]
-                                   if json.dumps(r, sort_keys=True) not in seeds)
+                                   if r.get("merged_from") != "seeds")  # the SDG merge marks each record's source
     return {"gold_answers": n_sft, "pairs": n_pairs, "pool": len(pool),
             "gold_by_family": dict(sorted(collections.Counter(t.family for t in picked).items())),
             "flywheel_by_family": dict(sorted(flywheel.items()))}

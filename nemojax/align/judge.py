@@ -123,8 +123,7 @@ def judge_audit(sdg_dir: Path, checkpoint: Path, tokenizer: str, pipeline: Any) 
                          "auc": auc([rewards[i] for i in idx], [strict[i] for i in idx])}
     # what the iteration then trains on: the synthetic SFT answers and the pairs
     tasks = {it["prompt"]: Task.from_json(it) for it in items}
-    seeds = {json.dumps(r, sort_keys=True) for r in _jsonl(sdg_dir / "seeds.jsonl")}
-    sft = [r for r in _jsonl(sdg_dir / "sft.jsonl") if json.dumps(r, sort_keys=True) not in seeds]
+    sft = [r for r in _jsonl(sdg_dir / "sft.jsonl") if r.get("merged_from") != "seeds"]  # the synthetic answers
     sft_ok = [verify_record_strict(tasks[r["messages"][0]["content"]].to_json(), [r["messages"][-1]["content"]])[0]
               for r in sft if r["messages"][0]["content"] in tasks]
     pairs = [p for p in _jsonl(sdg_dir / "preference.jsonl") if p.get("prompt") in tasks]

@@ -344,6 +344,19 @@ class AlignLoop:
                 self.log(f"[align] {label}: done before (score {done.get('eval', {}).get('score')}), skipped")
             return done
         audit = self._audit(label, training_files(resolved))
+        train_file = Path(resolved.stage.train) if resolved.stage.kind != "pretrain" and resolved.stage.train else None
+        if init is not None and train_file is not None and train_file.is_file() and not train_file.read_text().strip():
+            # e.g. a judge that kept no pair: nothing to train on, the model it starts from goes on unchanged
+            step_dir.mkdir(parents=True, exist_ok=True)
+            record = {"step": label, "checkpoint": init["checkpoint"], "skipped": f"no training records in {train_file}",
+                      "fingerprint": {"train": train_fp, "eval": eval_fp}, "leak_audit": audit}
+            if evaluate:
+                record.update({k: init[k] for k in ("eval", "eval_rows") if k in init})
+                if "eval" not in record:
+                    self._record_eval(record, Path(init["checkpoint"]), step_dir, **fill)
+            self.log(f"[align] {label}: skipped, {record['skipped']}")
+            _write_json(step_dir / "step.json", record)
+            return record
         self._start(step_dir, train_fp)
         self.log(f"[align] {label}: training ({args[1]}) in {step_dir}")
         seconds = self._run(label, args, step_dir)
