@@ -1,13 +1,16 @@
 """The toy world's verifiable tasks and files: verifiers accept the reference answers and reject
 wrong ones, the code sandbox contains bad programs, and the world is deterministic and clean."""
 
+import asyncio
+import dataclasses
 import json
 import random
 
 import pytest
 
-from nemojax.align.tasks import (FAMILIES, FORMAT_INSTRUCTIONS, MAX_LEVEL, Task, extract_number, make_task,
-                                 run_code_checks, verify, verify_many, verify_record, verify_record_strict)
+from nemojax.align.tasks import (CODE_LIMITS, FAMILIES, FORMAT_INSTRUCTIONS, MAX_LEVEL, Task, code_check_program,
+                                 extract_number, make_task, run_code_checks, verify, verify_many, verify_record,
+                                 verify_record_strict)
 from nemojax.align.toy_world import ToyWorldSpec, build_toy_world, reward_record
 
 
@@ -73,15 +76,40 @@ def test_extract_number_gsm8k_style():
     assert extract_number("no digits") is None
 
 
-def test_sandbox_rejects_imports_loops_and_wrong_code():
+def test_code_checks_run_in_the_sandbox_and_count_only_asserts_that_ran():
+    """Each response runs alone in nemojax.sdg.sandbox with the tests appended as top-level asserts;
+    an import is harmless there (the namespaces hold it), what counts is the function's outputs."""
     ref, tests = "x + 1", [1, 2, 3]
-    jobs = [("def f(x):\n    return x + 1", ref, tests),
-            ("import os\ndef f(x):\n    return x + 1", ref, tests),
-            ("def f(x):\n    while True:\n        pass", ref, tests),
-            ("def f(x):\n    return x + 2", ref, tests),
-            ("this is not python", ref, tests),
-            ("def f(x):\n    return open('/etc/passwd').read()", ref, tests)]
-    assert run_code_checks(jobs) == [True, False, False, False, False, False]
+    cases = {
+        "right": ("def f(x):\n    return x + 1", True),
+        "right, with an import": ("import os\ndef f(x):\n    return x + 1", True),
+        "a lambda": ("f = lambda x: x + 1", True),
+        "wrong on every input": ("def f(x):\n    return x + 2", False),
+        "right on two inputs only": ("def f(x):\n    return x + 1 if x < 3 else 0", False),
+        "not python": ("this is not python", False),
+        "no f": ("def g(x):\n    return x + 1", False),
+        "a float, not the int": ("def f(x):\n    return x + 1.0", False),
+        "an object equal to everything": ("class A:\n    def __eq__(s, o):\n        return True\n"
+                                          "def f(x):\n    return A()", False),
+        "exits before the asserts": ("import os\ndef f(x):\n    return x + 1\nos._exit(0)", False),
+        "reads a host file": ("def f(x):\n    return open('/etc/hostname').read()", False),
+        "loops forever": ("def f(x):\n    while True:\n        pass", False),
+    }
+    jobs = [(src, ref, tests) for src, _ in cases.values()]
+    got = run_code_checks(jobs, limits=dataclasses.replace(CODE_LIMITS, timeout_s=2.0))
+    assert dict(zip(cases, got)) == {k: want for k, (_, want) in cases.items()}
+    # the program the sandbox runs: the expected values computed outside it, one assert per input
+    program = code_check_program("def f(x):\n    return x", "''.join(sorted(x))", ["ba", "c"])
+    assert program.count("\nassert type(_got) is str and _got == ") == 2 and "'ab'" in program
+
+
+def test_code_checks_inside_a_running_event_loop():
+    """The evaluation suite verifies from inside its event loop."""
+    async def check():
+        return verify_many([Task("code", 1, "p", "", {"kind": "code", "tests": [1, 2], "reference": "x * 2"})] * 2,
+                           ["def f(x):\n    return 2 * x", "def f(x):\n    return x + 2"])
+
+    assert asyncio.run(check()) == [True, False]
 
 
 def test_task_round_trip_and_bad_inputs():
@@ -119,3 +147,19 @@ def test_toy_world_is_deterministic_and_decontaminated(tmp_path):
     assert (tmp_path / "a/tokenizer/tokenizer.model").is_file()
     # a second build with the same spec is a no-op; another spec rebuilds
     assert build_toy_world(tmp_path / "a", spec) == a
+
+
+def test_code_checks_from_many_threads_share_one_event_loop():
+    """The SDG verifies items on several threads at once: all their programs run on one loop (one
+    program per CPU process-wide; no per-call loop torn down with programs in flight, which hung)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(k: int) -> list[bool]:
+        return run_code_checks([(f"def f(x):\n    return x * {k}", f"x * {k}", [1, 2]),
+                                (f"def f(x):\n    return x + {k}", f"x * {k}", [1, 2])])
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(check, range(3, 9)))
+    assert results == [[True, False]] * 6
+    assert [t.name for t in threading.enumerate()].count("nemojax-code-checks") == 1

@@ -32,6 +32,24 @@
     sdg:                           the data-generation pipeline each iteration runs first
       config: ""                   an SDG pipeline YAML (nemojax sdg run)
       overrides: []                key=value overrides; placeholders below are filled in
+    judge:                         what picks the SDG data (nemojax.align.judge)
+      kind: verifier               verifier = the SDG config's program verifier (the oracle); reward_model =
+                                   a reward model trained in the loop each iteration (stage `stage`, from
+                                   `init`) on the world's scored responses, filtering through `sdg_config`;
+                                   the oracle then only measures it (summary: iteration's judge_audit)
+      stage: ""                    reward_model: the stage (under stages:) that trains it
+      init: base                   reward_model: base = the iteration's base (as Nemotron-4-340B-Reward
+                                   started from the base model) | generator = the iteration's generator
+      sdg_config: ""               reward_model: the SDG pipeline YAML that filters with {reward_model}
+      sdg_overrides: []            reward_model: extra overrides of that pipeline
+    controls: []                   control arms run beside every iteration (nemojax.align.controls), each
+                                   evaluated like a stage: seed_only (the iteration's base with the
+                                   generator's seed-only stages), random_gold (the iteration's base on the
+                                   seed conversations plus as many gold answers to random prompts of the
+                                   same pool as the SDG kept), generator_base (the generator's own base on the
+                                   iteration's SDG data), same_base (iterations 2+ on iteration 1's base)
+    control_stages: []             the stages a control aligns with ([] = the iteration's stages; seed_only
+                                   always uses generator.stages)
     eval:                          run after every stage (and on the generator and the bases)
       suites: {tasks: "{world}/eval/tasks.jsonl"}   suite -> file (nemojax eval); the first is the headline
       max_tokens: 96
@@ -41,7 +59,8 @@
 
 Placeholders in overrides and suite paths: {run_dir}, {world}, {iteration} (1, 2, ...),
 {iter_dir} ({run_dir}/iter_<k>), {sdg} (the iteration's SDG run dir), {generator} (the
-checkpoint that generates this iteration's data), {seed}, {tokenizer}.
+checkpoint that generates this iteration's data), {seed}, {tokenizer}, {reward_model} (the
+iteration's reward-model judge).
 """
 
 from __future__ import annotations
@@ -94,6 +113,20 @@ class SDGConfig:
     overrides: list[str] = field(default_factory=list)
 
 
+JUDGES = ("verifier", "reward_model")
+JUDGE_INITS = ("base", "generator")
+CONTROLS = ("seed_only", "random_gold", "generator_base", "same_base")
+
+
+@dataclass
+class JudgeConfig:
+    kind: str = "verifier"
+    stage: str = ""
+    init: str = "base"
+    sdg_config: str = ""
+    sdg_overrides: list[str] = field(default_factory=list)
+
+
 @dataclass
 class EvalConfig:
     suites: dict[str, str] = field(default_factory=dict)
@@ -116,6 +149,9 @@ class AlignConfig:
     pipeline: list[str] = field(default_factory=lambda: ["code_sft", "general_sft", "dpo", "rpo"])
     stages: dict[str, StageConfig] = field(default_factory=dict)
     sdg: SDGConfig = field(default_factory=SDGConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    controls: list[str] = field(default_factory=list)
+    control_stages: list[str] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
@@ -139,7 +175,22 @@ class AlignConfig:
         for i, it in enumerate(self.iterations):
             if it.base not in self.bases:
                 raise ConfigError(f"iterations[{i}].base={it.base!r} names no base; bases: {', '.join(self.bases) or 'none'}")
+        j = self.judge
+        if j.kind not in JUDGES:
+            raise ConfigError(f"judge.kind={j.kind!r}: choose one of {', '.join(JUDGES)}")
+        if j.kind == "reward_model":
+            if not j.stage or not j.sdg_config:
+                raise ConfigError("judge.kind=reward_model needs judge.stage (the stage training the reward model) "
+                                  "and judge.sdg_config (the SDG pipeline filtering with it)")
+            if j.init not in JUDGE_INITS:
+                raise ConfigError(f"judge.init={j.init!r}: choose one of {', '.join(JUDGE_INITS)}")
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if unknown:
+            raise ConfigError(f"controls: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(CONTROLS)}")
+        if "seed_only" in self.controls and not g.stages:
+            raise ConfigError("controls: seed_only aligns the iteration's base with generator.stages, which is empty")
         used = set(g.stages) | set(self.pipeline) | {s for it in self.iterations for s in it.stages}
+        used |= set(self.control_stages) | ({j.stage} if j.kind == "reward_model" else set())
         for name in sorted(used):
             if name not in self.stages:
                 raise ConfigError(f"stage {name!r} is used but not defined under stages:; defined: "

@@ -43,6 +43,8 @@ kept aside in `<sdg>/leak_removed.jsonl` and counted. `summary.json["leak_audit"
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import glob
 import hashlib
 import json
@@ -71,6 +73,17 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def outside_event_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), on a helper thread when this thread runs an event loop (a notebook kernel's):
+    the evaluation starts an event loop of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def fingerprint(obj: Any) -> str:
@@ -215,7 +228,7 @@ class AlignLoop:
         spec = EvalSpec(suites={k: self._fill(v, **fill) for k, v in e.suites.items()}, checkpoint=str(checkpoint),
                         tokenizer=self.tokenizer, max_tokens=e.max_tokens, batch_slots=e.batch_slots,
                         max_len=e.max_len, limit=e.limit)
-        report = evaluate_model(spec)
+        report = outside_event_loop(evaluate_model, spec)
         if not report["complete"]:  # a failure is never recorded as a result
             raise AlignError(f"evaluation of {checkpoint} is incomplete: {report['failed_requests']} request(s) "
                              f"failed ({report['errors'][:2]})")
@@ -331,6 +344,19 @@ class AlignLoop:
                 self.log(f"[align] {label}: done before (score {done.get('eval', {}).get('score')}), skipped")
             return done
         audit = self._audit(label, training_files(resolved))
+        train_file = Path(resolved.stage.train) if resolved.stage.kind != "pretrain" and resolved.stage.train else None
+        if init is not None and train_file is not None and train_file.is_file() and not train_file.read_text().strip():
+            # e.g. a judge that kept no pair: nothing to train on, the model it starts from goes on unchanged
+            step_dir.mkdir(parents=True, exist_ok=True)
+            record = {"step": label, "checkpoint": init["checkpoint"], "skipped": f"no training records in {train_file}",
+                      "fingerprint": {"train": train_fp, "eval": eval_fp}, "leak_audit": audit}
+            if evaluate:
+                record.update({k: init[k] for k in ("eval", "eval_rows") if k in init})
+                if "eval" not in record:
+                    self._record_eval(record, Path(init["checkpoint"]), step_dir, **fill)
+            self.log(f"[align] {label}: skipped, {record['skipped']}")
+            _write_json(step_dir / "step.json", record)
+            return record
         self._start(step_dir, train_fp)
         self.log(f"[align] {label}: training ({args[1]}) in {step_dir}")
         seconds = self._run(label, args, step_dir)
@@ -348,6 +374,7 @@ class AlignLoop:
         t0 = time.perf_counter()
         record["eval"] = self._evaluate(checkpoint, step_dir, **fill)
         record["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        record["eval_rows"] = str(step_dir / "eval_rows.jsonl")  # per-task results (paired comparisons)
 
     # ------------------------------------------------------------------ phases
 
@@ -407,6 +434,15 @@ class AlignLoop:
         inherited = self.architecture(b.init_from) if b.init_from else []
         return inherited + [o for o in b.overrides if o.split("=", 1)[0].strip().startswith("model.")]
 
+    def generator_architecture(self, k: int) -> list[str]:
+        """The `model.*` overrides of iteration k's generator (k = 1: the first generator)."""
+        cfg = self.cfg
+        if k > 1:
+            return self.architecture(cfg.iterations[k - 2].base)
+        if cfg.generator.base:
+            return self.architecture(cfg.generator.base)
+        return checkpoint_shape(Path(self._fill(cfg.generator.checkpoint)))
+
     def _stages(self, label: str, names: list[str], start: dict[str, Any], out_dir: Path, arch: list[str],
                 inputs: tuple[str, ...] = (), **fill: Any) -> list[dict[str, Any]]:
         records, current = [], start
@@ -419,20 +455,26 @@ class AlignLoop:
         return records
 
     def _sdg(self, k: int, extra: list[str], gen: dict[str, Any], stage_names: list[str], base_arch: list[str],
-             **fill: Any) -> dict[str, Any]:
+             *, label: str = "", judge: dict[str, Any] | None = None, **fill: Any) -> dict[str, Any]:
+        """Iteration k's SDG step into fill["sdg"] with generator `gen`; `judge`: the record of a
+        reward-model judge (its pipeline is judge.sdg_config, and its filtering is measured)."""
         from nemojax.config import load_config
         from nemojax.sdg.config import load_pipeline
 
         step_dir = Path(fill["sdg"])
-        label = f"iteration {k} SDG"
-        overrides = [self._fill(o, **fill) for o in (*self.cfg.sdg.overrides, *extra)]
-        args = ["sdg", "run", self._fill(self.cfg.sdg.config, **fill), *overrides, f"run_dir={step_dir}",
+        label = label or f"iteration {k} SDG"
+        config = self.cfg.judge.sdg_config if judge is not None else self.cfg.sdg.config
+        judge_overrides = self.cfg.judge.sdg_overrides if judge is not None else []
+        overrides = [self._fill(o, **fill) for o in (*self.cfg.sdg.overrides, *judge_overrides, *extra)]
+        args = ["sdg", "run", self._fill(config, **fill), *overrides, f"run_dir={step_dir}",
                 f"seed={self.cfg.seed * 1000 + k}"]
         resolved = asdict(load_pipeline(args[2], args[3:]))
         resolved.pop("run_dir", None)
+        made_by = {"generator": gen.get("fingerprint", {}).get("train", "")}
+        if judge is not None:  # the data depends on the judge too
+            made_by["judge"] = judge.get("fingerprint", {}).get("train", "")
         train_fp = fingerprint({"config": self._portable(json.dumps(resolved, sort_keys=True, default=str)),
-                                "generator": gen.get("fingerprint", {}).get("train", ""),
-                                "world": self.world_fingerprint})
+                                **made_by, "world": self.world_fingerprint})
         done = self._check(label, step_dir, train_fp, None)
         if self._dry:
             return done or {"step": label, "fingerprint": {"train": train_fp}}
@@ -452,10 +494,16 @@ class AlignLoop:
         generated = sorted(f for f in trained_on if f.parent == step_dir)
         summary = step_dir / "summary.json"
         groups = {p.name[:-len(".by_group.json")]: json.loads(p.read_text()) for p in sorted(step_dir.glob("*.by_group.json"))}
-        rec = {"step": f"iteration {k} sdg", "seconds": round(seconds, 1),
+        rec = {"step": label, "seconds": round(seconds, 1),
                "summary": json.loads(summary.read_text()) if summary.exists() else None,
                "decontamination": groups, "leak_audit": audit,
                "leak_removed": self._remove_leaks(generated, step_dir), "fingerprint": {"train": train_fp}}
+        if judge is not None:  # how well the learned judge picked: measured with the oracle verifier
+            from nemojax.align.judge import judge_audit
+
+            rec["judge_audit"] = judge_audit(step_dir, Path(judge["checkpoint"]), self.tokenizer,
+                                             load_pipeline(args[2], args[3:]))
+            self.log(f"[align] {label}: judge audit {json.dumps(rec['judge_audit']['summary'])}")
         _write_json(step_dir / "step.json", rec)
         return rec
 
@@ -474,19 +522,30 @@ class AlignLoop:
                                 self.architecture(cfg.generator.base))
             gen = recs[-1] if recs else bases[cfg.generator.base]
             summary["generator"] = {"base": cfg.generator.base, "stages": recs}
+        from nemojax.align.controls import Controls
+        from nemojax.align.judge import train_judge
+
+        controls = Controls(self, bases)
         for k, it in enumerate(cfg.iterations, start=1):
             iter_dir = self.run_dir / f"iter_{k}"
             fill = {"iteration": k, "iter_dir": str(iter_dir), "sdg": str(iter_dir / "sdg"),
                     "generator": gen["checkpoint"]}
             names = it.stages or cfg.pipeline
             arch = self.architecture(it.base)
-            sdg = self._sdg(k, it.sdg_overrides, gen, names, arch, **fill)
+            judge = train_judge(self, k, it, gen, bases, fill) if cfg.judge.kind == "reward_model" else None
+            fill["reward_model"] = judge["checkpoint"] if judge else ""
+            sdg = self._sdg(k, it.sdg_overrides, gen, names, arch, judge=judge, **fill)
             base = self.base_checkpoint(it.base, bases)
             recs = self._stages(f"iteration {k}", names, base, iter_dir, arch,
                                 inputs=(sdg["fingerprint"]["train"],), **fill)
-            summary["iterations"].append({
-                "iteration": k, "generator": {"checkpoint": gen["checkpoint"], "eval": gen.get("eval")},
-                "sdg": sdg, "base": {"name": it.base, **bases[it.base]}, "stages": recs})
+            entry = {"iteration": k, "generator": {"checkpoint": gen["checkpoint"], "eval": gen.get("eval"),
+                                                   "eval_rows": gen.get("eval_rows")},
+                     "sdg": sdg, "base": {"name": it.base, **bases[it.base]}, "stages": recs}
+            if judge is not None:
+                entry["judge"] = judge
+            if cfg.controls:
+                entry["controls"] = controls.run(k, it, sdg, recs, fill, judge)
+            summary["iterations"].append(entry)
             gen = recs[-1] if recs else bases[it.base]
             if not self._dry:
                 summary["bases"] = bases
@@ -577,7 +636,11 @@ def leak_summary(summary: dict[str, Any]) -> dict[str, Any]:
         add(rec)
     for it in summary.get("iterations", []):
         add(it["sdg"])
+        add(it.get("judge"))
         for rec in it["stages"]:
             add(rec)
+        for arm in (it.get("controls") or {}).values():
+            for rec in [arm.get("sdg"), arm.get("data"), *arm.get("stages", [])]:
+                add(rec)
     return {"hits": sum(f.get("hits", 0) for f in files.values()), "files_audited": len(files), "files": files,
             "generated_records_removed": sum(r["removed"] for r in removed.values()), "removed": removed}

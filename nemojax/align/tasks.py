@@ -14,21 +14,25 @@ scores held-out accuracy. Families:
     format       one of the other families plus an IFEval instruction (lowercase, quotes,
                  end phrase, no commas, title), checked by nemojax.sdg.instructions
     code         "Write a Python function f(x) that ..." checked by running f on test inputs
-                 in a sandboxed subprocess (see `run_code_checks`)
+                 in the sandbox of generated code (see `run_code_checks`)
 
 Everything is a pure function of a `random.Random`: the same seed gives the same tasks.
 """
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import functools
 import json
+import os
 import random
 import re
-import subprocess
-import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
+
+from nemojax.sdg.sandbox import SandboxError, SandboxLimits, run_python
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea")
@@ -338,8 +342,8 @@ def verify(task: Task, response: str) -> bool:
     return _check_text(task, response)
 
 
-def verify_many(tasks: Sequence[Task], responses: Sequence[str], *, timeout_s: float = 20.0) -> list[bool]:
-    """Verify many responses at once; all code tasks share one sandboxed subprocess."""
+def verify_many(tasks: Sequence[Task], responses: Sequence[str]) -> list[bool]:
+    """Verify many responses at once; the code tasks' sandboxed programs run side by side."""
     if len(tasks) != len(responses):
         raise ValueError(f"{len(tasks)} tasks but {len(responses)} responses")
     out = [False] * len(tasks)
@@ -349,55 +353,105 @@ def verify_many(tasks: Sequence[Task], responses: Sequence[str], *, timeout_s: f
             out[i] = verify(t, r)
     if code_idx:
         results = run_code_checks([(responses[i], tasks[i].check["reference"], tasks[i].check["tests"])
-                                   for i in code_idx], timeout_s=timeout_s)
+                                   for i in code_idx])
         for i, ok in zip(code_idx, results):
             out[i] = ok
     return out
 
 
-# The sandbox: a fresh interpreter (-I: isolated, no site, no user paths) with CPU-time and
-# memory limits, no builtins beyond arithmetic and strings, and an alarm per program.
-_SANDBOX = r"""
-import json, resource, signal, sys
-resource.setrlimit(resource.RLIMIT_AS, (512 * 2**20, 512 * 2**20))
-resource.setrlimit(resource.RLIMIT_CPU, (int(sys.argv[1]), int(sys.argv[1]) + 1))
-SAFE = {n: __builtins__.__dict__[n] if hasattr(__builtins__, "__dict__") else __builtins__[n]
-        for n in ("len", "sorted", "str", "int", "abs", "min", "max", "sum", "range", "list", "reversed")}
-def alarm(*_):
-    raise TimeoutError
-signal.signal(signal.SIGALRM, alarm)
-jobs = json.load(sys.stdin)
-out = []
-for src, ref, tests in jobs:
-    ok = False
-    try:
-        signal.alarm(1)
-        env = {"__builtins__": SAFE}
-        exec(compile(src, "<response>", "exec"), env)
-        want_env = {"__builtins__": SAFE}
-        ok = all(env["f"](t) == eval(ref, want_env, {"x": t}) for t in tests)
-    except BaseException:
-        ok = False
-    finally:
-        signal.alarm(0)
-    out.append(bool(ok))
-json.dump(out, sys.stdout)
-"""
+# Code checks run each response as its own program in nemojax.sdg.sandbox (PID, mount and network
+# namespaces, a memory+pids cgroup, rlimits, capped output): generated code may loop, fork, allocate
+# or write anywhere, and none of it reaches the host. Where namespaces are unavailable (some
+# notebook runtimes) the check refuses unless NEMOJAX_CODE_SANDBOX=unsafe-process-group opts out.
+CODE_SANDBOX_ENV = "NEMOJAX_CODE_SANDBOX"
+CODE_LIMITS = SandboxLimits(timeout_s=5.0, memory_mb=256, max_processes=8, max_output_kb=64)
 
 
-def run_code_checks(jobs: Sequence[tuple[str, str, list[Any]]], *, timeout_s: float = 20.0) -> list[bool]:
-    """For each (source, reference expression in x, test inputs): does the source define an
-    `f` that equals the reference on every input? Runs in one isolated subprocess with
-    resource limits; a crash or timeout of the whole batch counts every job as failed."""
-    if not jobs:
-        return []
+def reference_outputs(reference: str, tests: Sequence[Any]) -> list[Any]:
+    """The reference expression in `x` (the world's own, never a model's) on each test input."""
+    return [eval(reference, {"__builtins__": {"sorted": sorted}}, {"x": t}) for t in tests]  # noqa: S307
+
+
+def code_check_program(source: str, reference: str, tests: Sequence[Any]) -> str:
+    """The program the sandbox runs for one response: the response executed in a namespace of its
+    own, then one top-level assert per test input (the sandbox counts a test only when the module
+    ran to its end, so every assert ran). An output must be of the reference value's exact type
+    (an int or a str, not an object whose `==` always holds) and equal it."""
+    lines = ["_ns = {}", f"exec(compile({source!r}, '<response>', 'exec'), _ns)", "_f = _ns['f']"]
+    for x, want in zip(tests, reference_outputs(reference, tests)):
+        lines += [f"_got = _f({x!r})", f"assert type(_got) is {type(want).__name__} and _got == {want!r}"]
+    return "\n".join(lines) + "\n"
+
+
+def _defines_f(source: str) -> bool:
+    """Does the source parse and define a top-level `f`? (Parsing runs nothing; a response that
+    fails this cannot pass and needs no sandbox.)"""
     try:
-        proc = subprocess.run([sys.executable, "-I", "-c", _SANDBOX, str(max(1, int(timeout_s)))],
-                              input=json.dumps(list(jobs)), capture_output=True, text=True, timeout=timeout_s)
-        results = json.loads(proc.stdout)
-    except (subprocess.TimeoutExpired, json.JSONDecodeError):
-        return [False] * len(jobs)
-    return [bool(r) for r in results] if len(results) == len(jobs) else [False] * len(jobs)
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(n, (ast.FunctionDef, ast.Lambda)) and getattr(n, "name", "") == "f" or
+               isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "f" for t in n.targets)
+               for n in tree.body)
+
+
+_results: dict[tuple[str, str, str], bool] = {}
+_RESULTS_MAX = 65536
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _sandbox_loop() -> asyncio.AbstractEventLoop:
+    """The event loop every code check of this process runs on, in a thread of its own: verifiers
+    are called from many threads at once (the SDG's verify stages, an evaluation's event loop),
+    and one loop means the sandbox's one-program-per-CPU bound holds process-wide (a program's
+    timeout measures the program, not a queue for a core) and no loop is ever torn down with
+    programs in flight."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="nemojax-code-checks", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+async def _sandboxed(code: str, limits: SandboxLimits, isolation: str) -> bool:
+    """One program's verdict; a failure of the sandbox itself (not the program) is retried once,
+    then raised, never counted as a wrong answer."""
+    try:
+        return (await run_python(code, limits, isolation=isolation)).passed
+    except SandboxError:
+        return (await run_python(code, limits, isolation=isolation)).passed
+
+
+def run_code_checks(jobs: Sequence[tuple[str, str, list[Any]]], *, limits: SandboxLimits = CODE_LIMITS
+                    ) -> list[bool]:
+    """For each (source, reference expression in x, test inputs): does the source define an `f`
+    that equals the reference on every input? Each source runs alone in the sandbox (one
+    response's crash, loop or tampering cannot touch another's verdict), at most one per CPU at
+    a time; verdicts are remembered per (source, reference, tests), since an SDG run checks the
+    same responses for rejection sampling and again for preference pairs. Raises
+    `SandboxUnavailable` (naming how to enable isolation or opt out) or `SandboxError` (the
+    sandbox itself failed twice: never recorded as a wrong answer)."""
+    keys = [(src, ref, json.dumps(list(tests))) for src, ref, tests in jobs]
+    todo = sorted({k for k in keys if k not in _results and _defines_f(k[0])})
+    if todo:
+        isolation = os.environ.get(CODE_SANDBOX_ENV, "auto")
+
+        async def run_all() -> list[Any]:  # every program finishes (no task is left to cancel)
+            return list(await asyncio.gather(*(_sandboxed(code_check_program(src, ref, json.loads(tests)), limits,
+                                                          isolation) for src, ref, tests in todo),
+                                             return_exceptions=True))
+
+        verdicts = asyncio.run_coroutine_threadsafe(run_all(), _sandbox_loop()).result()
+        failed = next((v for v in verdicts if isinstance(v, BaseException)), None)
+        if failed is not None:
+            raise failed
+        if len(_results) + len(todo) > _RESULTS_MAX:
+            _results.clear()
+        _results.update(zip(todo, verdicts))
+    return [_results.get(k, False) for k in keys]
 
 
 def sample_tasks(families: Iterable[str], levels: Sequence[int], n: int, seed: int) -> list[Task]:

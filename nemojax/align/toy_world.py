@@ -114,7 +114,7 @@ def pretraining_documents(rng: random.Random, n: int, families: Iterable[str], l
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 
 
-def _corrupt(task: Task, rng: random.Random) -> str:
+def wrong_answer(task: Task, rng: random.Random) -> str:
     """A wrong answer, of one of the kinds a judge meets (equally likely):
 
     * off-topic: the right answer to another question of the same family and level;
@@ -205,7 +205,7 @@ def reward_record(task: Task, rng: random.Random, correct: bool | None = None) -
     """
     if correct is None:
         correct = rng.random() < 0.5
-    response = task.answer if correct else _corrupt(task, rng)
+    response = task.answer if correct else wrong_answer(task, rng)
     rambling = rng.random() < 0.25
     if rambling:
         response = response + " " + " ".join(rng.choice(("um", "well", "so", "anyway", "hmm")) for _ in range(rng.randint(3, 12)))
@@ -219,7 +219,7 @@ def reward_record(task: Task, rng: random.Random, correct: bool | None = None) -
 
 
 def preference_record(task: Task, rng: random.Random) -> dict[str, Any]:
-    return {"prompt": task.prompt, "chosen": task.answer, "rejected": _corrupt(task, rng),
+    return {"prompt": task.prompt, "chosen": task.answer, "rejected": wrong_answer(task, rng),
             "chosen_reward": 4.0, "rejected_reward": 0.0}
 
 

@@ -1,0 +1,98 @@
+"""Paired statistics for comparing two models on the same evaluation tasks, within one run and over
+runs (seeds that vary the world, the bases and the align seed).
+
+Per run, each model has a 0/1 result per task; a comparison is their per-task difference:
+
+* `paired_bootstrap`: a percentile confidence interval of the accuracy difference, resampling tasks
+  (the same tasks for both models: the pairing removes the variance both share);
+* `mcnemar`: the exact McNemar test on the discordant tasks (b: only A right, c: only B right), a
+  two-sided binomial test of b against b + c at 1/2;
+* over runs: the mean difference with its sample standard deviation (n - 1), a t interval over the
+  per-run differences (df n - 1: the runs are the unit a claim about the method generalises over),
+  and a two-stage bootstrap that resamples runs and then tasks within each drawn run (both sources of
+  variance). `compare` calls a difference established only when both intervals exclude 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+LEVEL = 0.95
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 4000, seed: int = 0,
+                     level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval of mean(a) - mean(b), resampling task indices (pairs kept together)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if d.size == 0:
+        raise ValueError("paired_bootstrap: no tasks")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, (n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
+    """Exact two-sided McNemar test: b_only = tasks only A gets right, c_only = only B."""
+    b_only = sum(1 for x, y in zip(a, b) if x and not y)
+    c_only = sum(1 for x, y in zip(a, b) if y and not x)
+    n, k = b_only + c_only, min(b_only, c_only)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return {"a_only": b_only, "b_only": c_only, "p": p}
+
+
+def t_interval(diffs: Sequence[float], level: float = LEVEL) -> tuple[float, float] | None:
+    """Student-t interval of the mean of per-run differences; None for fewer than two runs."""
+    from scipy.stats import t
+
+    x = np.asarray(diffs, np.float64)
+    if x.size < 2:
+        return None
+    half = t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def two_stage_bootstrap(runs: Sequence[tuple[Sequence[float], Sequence[float]]], *, n_boot: int = 4000,
+                        seed: int = 0, level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval of the mean over runs of mean(a) - mean(b): each replicate draws runs
+    with replacement and, for each drawn run, its tasks with replacement."""
+    diffs = [np.asarray(a, np.float64) - np.asarray(b, np.float64) for a, b in runs]
+    if not diffs or any(d.size == 0 for d in diffs):
+        raise ValueError("two_stage_bootstrap: every run needs tasks")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(diffs), (n_boot, len(diffs)))
+    totals = np.zeros(n_boot)
+    for r, d in enumerate(diffs):  # every (replicate, slot) that drew run r resamples its tasks afresh
+        slots = np.argwhere(picks == r)
+        if len(slots):
+            means = d[rng.integers(0, d.size, (len(slots), d.size))].mean(axis=1)
+            np.add.at(totals, slots[:, 0], means)
+    lo, hi = np.quantile(totals / len(diffs), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def compare(runs: Sequence[tuple[Sequence[bool], Sequence[bool]]], *, seed: int = 0) -> dict:
+    """Everything a reader needs about A - B over runs (each run: A's and B's per-task results on
+    the same tasks, in the same order)."""
+    per_run = []
+    for i, (a, b) in enumerate(runs):
+        a_f, b_f = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        lo, hi = paired_bootstrap(a_f, b_f, seed=seed + i)
+        per_run.append({"a": float(a_f.mean()), "b": float(b_f.mean()), "diff": float(a_f.mean() - b_f.mean()),
+                        "ci": [lo, hi], "n": int(a_f.size), **mcnemar(a, b)})
+    diffs = [r["diff"] for r in per_run]
+    out: dict = {"runs": per_run, "n_runs": len(per_run), "mean_diff": float(np.mean(diffs)),
+                 "sd": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
+                 "positive_runs": sum(d > 0 for d in diffs), "negative_runs": sum(d < 0 for d in diffs)}
+    if len(per_run) > 1:
+        out["t_ci"] = list(t_interval(diffs))
+        out["bootstrap_ci"] = list(two_stage_bootstrap(runs, seed=seed))
+        intervals = [out["t_ci"], out["bootstrap_ci"]]
+    else:
+        intervals = [per_run[0]["ci"]]
+    out["established"] = (all(lo > 0 for lo, _ in intervals) and "positive") or \
+        (all(hi < 0 for _, hi in intervals) and "negative") or "not established"
+    return out

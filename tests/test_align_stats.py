@@ -1,0 +1,134 @@
+"""Paired statistics of align comparisons (nemojax.align.stats) against independent computations
+(scipy's binomial test, the t formula with a tabulated quantile, a normal approximation, a loop
+implementation of the two-stage bootstrap), and the report's per-task pairing of runs
+(nemojax.align.report, scripts/align_report.py) on hand-made runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from nemojax.align.stats import compare, mcnemar, paired_bootstrap, t_interval, two_stage_bootstrap
+
+
+def test_mcnemar_is_the_exact_binomial_test_on_discordant_tasks():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.random(60) < 0.4, rng.random(60) < 0.3
+        out = mcnemar(list(a), list(b))
+        only_a, only_b = int(np.sum(a & ~b)), int(np.sum(b & ~a))
+        assert (out["a_only"], out["b_only"]) == (only_a, only_b)
+        want = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+        assert out["p"] == pytest.approx(want, rel=1e-9)
+
+
+def test_t_interval_by_the_formula():
+    d = [0.10, 0.20, 0.30, 0.00, 0.10]
+    mean, sd = float(np.mean(d)), float(np.std(d, ddof=1))
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t_{0.975, 4} from a table
+    assert t_interval(d) == pytest.approx((mean - half, mean + half))
+    assert t_interval([0.1]) is None
+
+
+def test_paired_bootstrap_matches_the_normal_approximation_for_many_tasks():
+    rng = np.random.default_rng(1)
+    a, b = rng.random(3000) < 0.45, rng.random(3000) < 0.40
+    d = a.astype(float) - b
+    lo, hi = paired_bootstrap(a, b, n_boot=4000)
+    se = d.std(ddof=1) / math.sqrt(d.size)
+    assert lo == pytest.approx(d.mean() - 1.96 * se, abs=0.004) and hi == pytest.approx(d.mean() + 1.96 * se, abs=0.004)
+
+
+def test_two_stage_bootstrap_matches_a_loop_and_widens_with_run_variance():
+    rng = np.random.default_rng(2)
+    runs = [(rng.random(200) < p, rng.random(200) < 0.3) for p in (0.30, 0.45, 0.35, 0.55, 0.40)]
+    lo, hi = two_stage_bootstrap(runs, n_boot=4000, seed=3)
+    ref_rng, means = np.random.default_rng(99), []
+    for _ in range(4000):  # the definition, one replicate at a time
+        picked = ref_rng.integers(0, len(runs), len(runs))
+        means.append(np.mean([np.mean((runs[r][0].astype(float) - runs[r][1])[ref_rng.integers(0, 200, 200)])
+                              for r in picked]))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])), abs=0.012)
+    # the same tasks in every run give a narrower interval than runs that differ
+    same = [runs[0]] * 5
+    s_lo, s_hi = two_stage_bootstrap(same, n_boot=4000, seed=3)
+    assert s_hi - s_lo < hi - lo
+
+
+def test_compare_states_a_difference_only_when_both_intervals_agree():
+    rng = np.random.default_rng(4)
+    up = [(rng.random(240) < 0.5, rng.random(240) < 0.2) for _ in range(5)]
+    out = compare(up)
+    assert out["established"] == "positive" and out["positive_runs"] == 5 and out["sd"] is not None
+    down = [(b, a) for a, b in up]
+    assert compare(down)["established"] == "negative"
+    mixed = [(rng.random(240) < 0.3, rng.random(240) < 0.3) for _ in range(5)]
+    assert compare(mixed)["established"] == "not established"
+    one = compare(up[:1])
+    assert one["sd"] is None and "t_ci" not in one and one["established"] == "positive"
+
+
+# ------------------------------------------------------------------------------------------ the report
+
+
+def _world(run: Path, tasks: list[dict]) -> None:
+    (run / "world/eval").mkdir(parents=True)
+    (run / "world/eval/tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+
+
+def _model(run: Path, name: str, tasks: list[dict], responses: list[str], correct: list[bool]) -> dict:
+    d = run / name
+    d.mkdir(parents=True)
+    (d / "eval_rows.jsonl").write_text("".join(json.dumps({"suite": "tasks", "family": t["family"], "level": 1,
+                                                          "prompt": t["prompt"], "response": r, "correct": c}) + "\n"
+                                               for t, r, c in zip(tasks, responses, correct)))
+    return {"step": f"iteration 1 {name.split('/')[-1]}", "checkpoint": str(d),
+            "eval": {"score": sum(correct) / len(correct), "suites": {}}}
+
+
+def test_report_pairs_tasks_within_a_world_and_a_judge_run_with_its_world(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from align_report import format_report, report
+
+    fmt = {"family": "format", "level": 1, "prompt": 'Repeat the word "cat". Wrap your entire response with double '
+           "quotation marks.", "answer": '"cat"',
+           "check": {"kind": "text", "value": "cat", "instruction_id": "startend:quotation", "instruction_kwargs": {}}}
+    lists = [{"family": "lists", "level": 1, "prompt": f"What is the largest number of {i}, 9?", "answer": "9",
+              "check": {"kind": "number", "value": 9}} for i in range(3)]
+    tasks = [fmt, *lists]
+    runs = []
+    for seed, (gen_ok, student_ok) in enumerate([([0, 0, 0, 0], [1, 1, 1, 0]), ([0, 1, 0, 0], [1, 1, 1, 1])]):
+        run = tmp_path / f"s{seed}"
+        _world(run, [dict(t, prompt=t["prompt"] + " " * seed) for t in tasks])  # another world per seed
+        ts = [dict(t, prompt=t["prompt"] + " " * seed) for t in tasks]
+        gen = _model(run, "generator/seed_sft", ts, ["cat", "9", "9", "9"], [bool(x) for x in gen_ok])
+        sft = _model(run, "iter_1/general_sft", ts, ['"cat"', "9", "9", "9"], [bool(x) for x in student_ok])
+        base = _model(run, "bases/strong", ts, ["", "", "", ""], [False] * 4)
+        (run / "summary.json").write_text(json.dumps({"iterations": [
+            {"iteration": 1, "generator": gen, "base": {"name": "strong", **base}, "stages": [sft]}]}))
+        runs.append(run)
+    judge = tmp_path / "j0"
+    _world(judge, tasks)
+    jt = _model(judge, "iter_1/general_sft", tasks, ['"cat"', "1", "1", "9"], [True, False, False, True])
+    jg = _model(judge, "generator/seed_sft", tasks, ["cat", "9", "9", "9"], [False] * 4)
+    (judge / "summary.json").write_text(json.dumps({"iterations": [
+        {"iteration": 1, "generator": jg, "base": {"name": "strong"}, "stages": [jt], "sdg": {}}]}))
+    rep = report(runs, [judge])
+    by = {c["label"]: c for c in rep["comparisons"]}
+    w2s = by["student - generator"]["metrics"]
+    assert [r["diff"] for r in w2s["score"]["runs"]] == [0.75, 0.75]  # 3 of 4 more right in both runs
+    assert w2s["score"]["sd"] == 0.0 and w2s["score"]["mean_diff"] == 0.75
+    # IFEval prompt-level strict from the responses: '"cat"' follows the quotation instruction, 'cat' does not
+    assert [r["diff"] for r in w2s["ifeval"]["runs"]] == [1.0, 1.0]
+    assert [r["diff"] for r in w2s["family/lists"]["runs"]] == [pytest.approx(2 / 3), pytest.approx(2 / 3)]
+    # the judge run pairs with s0 (the same evaluation tasks), not s1
+    jv = by["judge: student - verifier student"]["metrics"]["score"]
+    assert jv["n_runs"] == 1 and jv["runs"][0]["diff"] == pytest.approx(2 / 4 - 3 / 4)
+    text = format_report(rep)
+    assert "student - generator" in text and "judge: student - generator" in text
