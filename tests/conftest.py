@@ -14,3 +14,10 @@ import jax  # noqa: E402
 _cache = Path(os.environ.get("NEMOJAX_TEST_CACHE", Path(__file__).resolve().parent.parent / ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", str(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): one worker per core, at most 4. Each worker is a JAX
+    process with 8 fake devices and its own compiled programs (~2 GB); past 4 workers the suite
+    is bound by its longest test files, not by cores."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
