@@ -8,7 +8,10 @@ Each notebook runs in a fresh kernel with the repository as its working director
 who cloned it would); `--quick` sets NEMOJAX_COLAB_QUICK=1 (the test suite's small settings). Long
 text outputs are cut to their first and last lines so that a saved notebook stays small; images
 are kept. A notebook whose cell fails is not saved (the error is printed) and the exit code is 1.
-Needs nbclient, nbformat and ipykernel (the `dev` extra).
+Needs nbclient, nbformat and ipykernel (the `dev` extra). The kernel inherits this process's
+environment: on a machine without an accelerator whose JAX has a TPU or GPU plugin installed, run it
+with `JAX_PLATFORMS=cpu` so that the plugin's failed probe does not land in the saved outputs (the
+metadata records the backend the notebook printed).
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ def _backend(nb) -> str:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             text = out.get("text", "") if out.get("output_type") == "stream" else ""
-            if text.startswith("JAX ") and " on " in text:
-                return text.split(" on ", 1)[1].split()[0]
+            for line in text.splitlines():  # one stream output holds every line a cell printed
+                if line.startswith("JAX ") and " on " in line:
+                    return line.split(" on ", 1)[1].split()[0]
     return "unknown"
 
 
