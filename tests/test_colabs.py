@@ -1,5 +1,8 @@
 """Every notebook under colabs/ runs top to bottom on a CPU (shell/magic lines skipped).
 
+Running them is the `colab` marker's set (`python -m pytest -m colab`, about 3 CPU-minutes of
+training): .ci/run runs it after the default suite, which checks the saved notebooks only.
+
 Conventions every notebook follows, so that CI can run it as a script in a fresh process:
 
 * Small settings: the child runs with `NEMOJAX_COLAB_QUICK=1`; a notebook reads it
@@ -37,6 +40,7 @@ def notebook_script(path: Path) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.colab
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     script = tmp_path / "nb.py"
