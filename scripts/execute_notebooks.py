@@ -33,9 +33,25 @@ def trim(text: str) -> str:
     return "".join(lines[:HEAD]) + f"... ({len(lines) - HEAD - TAIL} lines left out)\n" + "".join(lines[-TAIL:])
 
 
+def merged_streams(outputs: list) -> list:
+    """Consecutive stream outputs of one stream (a kernel sends one per flush) as one, as a notebook
+    front end shows them, so that a long log is cut once, not line by line."""
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and prev is not None and prev.get("output_type") == "stream"
+                and prev.get("name") == out.get("name")):
+            prev["text"] += out["text"]
+        else:
+            merged.append(out)
+    return merged
+
+
 def small_outputs(nb) -> None:
     """Cut long streams and plain-text results; keep images; drop widget state."""
     for cell in nb.cells:
+        if "outputs" in cell:
+            cell["outputs"] = merged_streams(cell["outputs"])
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream":
                 out["text"] = trim(out["text"])

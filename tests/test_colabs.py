@@ -28,6 +28,10 @@ import jax
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "colabs").glob("*.ipynb"))
+# Notebooks not (yet) saved with their full run: name -> why, with the time measured so far. Every
+# other notebook must be saved with its full run (test_notebook_is_saved_with_its_full_run).
+NOT_YET_SAVED: dict[str, str] = {}
+SAVED = [p for p in NOTEBOOKS if p.name not in NOT_YET_SAVED]
 
 
 def notebook_script(path: Path) -> str:
@@ -60,11 +64,20 @@ def test_there_is_a_notebook():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_is_saved_with_its_full_run_and_runs_anywhere(path):
+def test_notebook_runs_anywhere(path):
+    """The first code cell installs nemojax on a fresh runtime, and nothing forces JAX onto the CPU
+    (a GPU or TPU runtime uses its accelerator; only the sharding notebook falls back to fake CPU
+    devices, and not on a TPU)."""
+    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    source = "\n".join("".join(c["source"]) for c in code)
+    assert 'importlib.util.find_spec("nemojax") is None' in "".join(code[0]["source"])
+    assert "JAX_PLATFORMS" not in source
+
+
+@pytest.mark.parametrize("path", SAVED, ids=[p.name for p in SAVED])
+def test_notebook_is_saved_with_its_full_run(path):
     """A reader sees the full run's tables and plots without running anything
-    (scripts/execute_notebooks.py), the saved file stays small, the first code cell installs
-    nemojax on a fresh runtime, and nothing forces JAX onto the CPU (a GPU or TPU runtime uses its
-    accelerator; only the sharding notebook falls back to fake CPU devices, and not on a TPU)."""
+    (scripts/execute_notebooks.py), and the saved file stays small."""
     nb = json.loads(path.read_text())
     assert nb["metadata"].get("nemojax_execution", {}).get("settings") == "full", \
         f"{path.name}: run it with `python scripts/execute_notebooks.py {path.relative_to(path.parent.parent)}`"
@@ -73,6 +86,14 @@ def test_notebook_is_saved_with_its_full_run_and_runs_anywhere(path):
     images = [o for c in code for o in c["outputs"] if "image/png" in o.get("data", {})]
     assert images, f"{path.name}: no plot saved"
     assert path.stat().st_size < 1_500_000, f"{path.name}: {path.stat().st_size} bytes; keep outputs small"
-    source = "\n".join("".join(c["source"]) for c in code)
-    assert 'importlib.util.find_spec("nemojax") is None' in "".join(code[0]["source"])
-    assert "JAX_PLATFORMS" not in source
+
+
+def test_not_yet_saved_is_current():
+    """NOT_YET_SAVED names real notebooks that are in fact saved without a full run: one saved since
+    must leave the list (and so come under the test above)."""
+    names = {p.name for p in NOTEBOOKS}
+    for name in NOT_YET_SAVED:
+        assert name in names, f"NOT_YET_SAVED names {name}, which is not a notebook under colabs/"
+        nb = json.loads((NOTEBOOKS[0].parent / name).read_text())
+        assert nb["metadata"].get("nemojax_execution", {}).get("settings") != "full", \
+            f"{name} is saved with its full run: remove it from NOT_YET_SAVED in {Path(__file__).name}"
