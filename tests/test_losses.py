@@ -197,3 +197,71 @@ def test_loss_sums_for_the_train_step() -> None:
     scores, labels = jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([[0.0, 2.0], [0.0, 0.0]])
     total, count, stats = reward_loss_sums(scores, labels, jnp.ones((2, 2)), example_mask=jnp.array([1.0, 0.0]))
     assert float(total) == 1.0 and float(count) == 2.0 and stats["n"].tolist() == [1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- guards and defaults
+# The tests below were written for the mutants `python scripts/mutation.py losses` found alive
+# (docs/TESTING.md); each names the mutants it kills.
+
+
+@pytest.mark.filterwarnings("error")  # a 0/0 the guards should have avoided is a RuntimeWarning
+def test_reward_metrics_guards_and_float64_host_math() -> None:
+    """`reward_metrics` where its guards decide, against numpy on the raw labels: an attribute with
+    three labels whose n * sum(p^2) - sum(p)^2 cancels in fp32 (a), exactly two labels with a
+    variance below 1 (b), one label (c), none (d), constant predictions (e), and no labels at all.
+
+    Kills: `np.float64` -> the sums' own fp32 (`np.asarray(v, None)` / `np.asarray(v, )`);
+    `n >= 2` -> `n > 2` / `n >= 3`; `var > 0` -> `var > 1` / `var >= 0`; `and` -> `or`; a guard
+    dropped (`... or True`: 0/0); `float("nan")` -> `float(None)` / `float("XXnanXX")`; the overall
+    `mse` dropped, renamed, or computed as `sum * total`.
+    """
+    nan = float("nan")
+    p = np.array([[3000, 0.0, 1, 9, 2], [3002, 0.5, 9, 9, 2], [3004, 9, 9, 9, 2]], np.float32)
+    y = np.array([[1, 0.0, 2, 9, 1], [2, 0.25, 9, 9, 2], [3, 9, 9, 9, 4]], np.float32)
+    mask = np.array([[1, 1, 1, 0, 1], [1, 1, 0, 0, 1], [1, 0, 0, 0, 1]], np.float32)
+    m = reward_metrics(reward_stat_sums(jnp.asarray(p), jnp.asarray(y), jnp.asarray(mask)), list("abcde"))
+    keep = mask > 0
+    for i, a in enumerate("abcde"):
+        sq = (p[keep[:, i], i].astype(np.float64) - y[keep[:, i], i]) ** 2
+        assert m[f"mse/{a}"] == (pytest.approx(sq.mean(), rel=1e-6) if len(sq) else pytest.approx(nan, nan_ok=True))
+    assert m["pearson/a"] == pytest.approx(np.corrcoef(p[:, 0], y[:, 0])[0, 1], rel=1e-6)  # 1: y = (p - 2998) / 2
+    assert m["pearson/b"] == pytest.approx(1.0, rel=1e-6)  # two labels on a line, variance 1/64 * 1/4
+    assert all(math.isnan(m[f"pearson/{a}"]) for a in "cde")  # one label, none, constant predictions
+    sq_all = ((p.astype(np.float64) - y) ** 2)[keep]
+    assert m["mse"] == pytest.approx(sq_all.mean(), rel=1e-6)
+    empty = reward_metrics(reward_stat_sums(jnp.asarray(p), jnp.asarray(y), jnp.zeros_like(jnp.asarray(mask))),
+                           list("abcde"))
+    assert all(math.isnan(v) for v in empty.values())
+
+
+def test_pairwise_accuracy_masks_pairs_and_divides_by_their_count() -> None:
+    """Kills: the example mask ignored (`example_mask is None or True`), `hit * m` -> `hit / m`,
+    `jnp.maximum(sum(m), 1.0)` -> `2.0` (one pair)."""
+    chosen, rejected = jnp.array([2.0, 1.0, 3.0, 5.0]), jnp.array([1.0, 1.0, 4.0, 0.0])
+    assert float(pairwise_accuracy(chosen, rejected, jnp.array([1.0, 1.0, 1.0, 0.0]))) == pytest.approx(1 / 3)
+    assert float(pairwise_accuracy(jnp.array([2.0]), jnp.array([1.0]))) == 1.0
+    assert float(pairwise_accuracy(chosen, rejected, jnp.zeros(4))) == 0.0
+
+
+def test_missing_labels_contribute_nothing_whatever_they_hold() -> None:
+    """A missing label (mask 0) may hold anything (NeMo's -100, NaN): neither the loss nor its
+    gradient sees it, and one present label is its own mean. Kills: `mask > 0` -> `mask >= 0` in
+    `reward_regression_sums` (NaN * 0 is NaN), `jnp.maximum(count, 1.0)` -> `2.0` in `reward_mse`."""
+    pred = jnp.array([[1.0, 2.0], [0.5, 3.0]])
+    labels = jnp.array([[2.0, jnp.nan], [-100.0, jnp.inf]])
+    mask = jnp.array([[1.0, 0.0], [0.0, 0.0]])
+    total, count = reward_regression_sums(pred, labels, mask)
+    assert (float(total), float(count)) == (1.0, 1.0)
+    assert float(reward_mse(pred, labels, mask)) == 1.0
+    grad = jax.grad(lambda q: reward_regression_sums(q, labels, mask)[0])(pred)
+    np.testing.assert_array_equal(grad, [[-2.0, 0.0], [0.0, 0.0]])
+
+
+def test_preference_loss_sums_defaults_are_no_sft_term_and_eta_one() -> None:
+    """Called without them, `preference_loss_sums` has eta = 1 and no SFT term (NeMo-Aligner's
+    defaults). Kills the defaults `eta: float = 1.0` -> `2.0` and `sft_weight: float = 0.0` -> `1.0`."""
+    from nemojax.train.losses import preference_loss_sums
+
+    mask = jnp.ones(1)
+    num, den, _ = preference_loss_sums("rpo_sq", **PAIR, beta=0.5, example_mask=mask, **REWARDS)
+    assert float(num) == pytest.approx((0.5 * 1.5 - 1.0) ** 2, rel=1e-6) and float(den) == 1.0

@@ -1,0 +1,415 @@
+"""Mutation testing of the modules that define correctness, one area at a time (docs/TESTING.md).
+
+    python scripts/mutation.py losses             # mutate the area's modules, run only its tests
+    python scripts/mutation.py --list             # the areas: modules, tests, tool
+    python scripts/mutation.py losses --confirm-only   # re-check the last run's survivors (new tests)
+    python scripts/mutation.py --table            # the docs/TESTING.md table from docs/mutation/*.json
+
+Each area mutates its modules and runs only that area's test files, in the order listed (cheap
+hand-value tests first: with `-x` most mutants die there). The work happens in a copy of the
+working tree (.mutation/<area>/, git-ignored), never in it. Results go to docs/mutation/<area>.json:
+per module the mutant counts by status, the kill ratio, and every surviving mutant with its diff.
+
+Tools (the `mutation` extra pins both):
+
+* mutmut: every mutant of a module is compiled in next to the original behind a trampoline and
+  selected by an environment variable, so one copy serves all mutants. Each mutant runs in a
+  process forked from a fork server that has imported nothing but pytest (`forkserver_warmup =
+  "none"`): JAX is imported fresh per mutant, after the fork (JAX's threads do not survive a fork,
+  and an in-memory jit cache inherited from a clean run would replay unmutated programs). mutmut
+  runs, per mutant, only the area's tests that called the mutated function in its stats run; a
+  test that reused a program compiled by an earlier test never calls it there. So every mutant
+  mutmut does not kill (survived, no tests, suspicious) is *confirmed*: applied to the copy's
+  source and checked by the area's whole test command in a fresh process. The reported
+  survivors are those that pass the whole command.
+* cosmic-ray, for a module that runs as a script in a child process (`sandbox_child.py`, started
+  as `python -I sandbox_child.py`): mutmut's trampolines dispatch by module name, which a script
+  does not have; cosmic-ray rewrites the file on disk and runs the test command per mutant.
+
+Kill ratio = (killed + timeout) / all mutants checked; "no tests" and "suspicious" mutants that
+the confirmation run does not kill count as survivors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / ".mutation"
+REPORTS = REPO / "docs" / "mutation"
+PYTHON = sys.executable
+
+
+@dataclass(frozen=True)
+class Area:
+    """Modules mutated together and the test files that guard them (cheap ones first)."""
+
+    modules: tuple[str, ...]
+    tests: tuple[str, ...]
+    what: str
+    # fnmatch globs over mutmut's mutant names: only these parts of the modules (default: all)
+    functions: tuple[str, ...] = ()
+    tool: str = "mutmut"
+
+
+_SERVE_APP = "nemojax.serve.app."
+AREAS: dict[str, Area] = {
+    "losses": Area(("nemojax/train/losses.py",), ("tests/test_losses.py", "tests/test_stage_objectives.py"),
+                   "every training loss, as pure functions"),
+    "tasks": Area(("nemojax/train/tasks.py",),
+                  ("tests/test_stage_objectives.py", "tests/test_reference_cache.py", "tests/test_reward_reading.py"),
+                  "each stage's objective, batch fields and trainable set"),
+    "step": Area(("nemojax/train/step.py",), ("tests/test_optim.py", "tests/test_stage_objectives.py"),
+                 "the train step: gradient accumulation, division, update"),
+    "reward": Area(("nemojax/model/reward.py", "nemojax/inference/reward.py"),
+                   ("tests/test_reward_model.py", "tests/test_reward_reading.py", "tests/test_reward_cli.py"),
+                   "the reward model and RewardScorer"),
+    "sampling": Area(("nemojax/inference/sampling.py",), ("tests/test_sampling.py", "tests/test_engine.py"),
+                     "sampling filters and the seeded sampler"),
+    "prefix_cache": Area(("nemojax/inference/prefix_cache.py",), ("tests/test_prefix_cache.py", "tests/test_engine.py"),
+                         "the prefix cache's block index"),
+    "serve": Area(("nemojax/serve/app.py", "nemojax/serve/protocol.py"),
+                  ("tests/test_serve_limits.py", "tests/test_serve.py"),
+                  "the server's auth and limits: API key, body size, queue, timeouts, disconnects, request checks",
+                  functions=tuple(_SERVE_APP + f for f in (
+                      "xǁTicketǁ*", "xǁServerǁretry_after__*", "xǁServerǁ_full__*", "xǁServerǁrefuse_early__*",
+                      "xǁServerǁadmit__*", "xǁServerǁadmit_generation__*", "xǁServerǁqueue_depth__*",
+                      "xǁServerǁdeadline__*", "xǁServerǁtimeout_error__*", "xǁServerǁevents__*",
+                      "xǁServerǁuntil_done__*", "x__disconnected__*", "x__wait_for_disconnect__*", "xǁ_Guardǁ*",
+                      "x__too_large__*", "x__limited__*")) + ("nemojax.serve.protocol.*",)),
+    "sandbox": Area(("nemojax/sdg/sandbox.py",), ("tests/test_sdg_sandbox.py",), "the SDG code sandbox's runner"),
+    "sandbox_child": Area(("nemojax/sdg/sandbox_child.py",), ("tests/test_sdg_sandbox.py",),
+                          "the SDG code sandbox's launcher (namespaces, cgroups, limits)", tool="cosmic-ray"),
+    "judges": Area(("nemojax/sdg/judge_replies.py", "nemojax/sdg/stages/judges.py"), ("tests/test_sdg_judges.py",),
+                   "SDG judges: reward filter, LLM-as-judge, preference pairs"),
+    "instructions": Area(("nemojax/sdg/instructions/checkers.py", "nemojax/sdg/instructions/text.py"),
+                         ("tests/test_sdg_instructions.py", "tests/test_sdg_instructions_reference.py"),
+                         "IFEval instruction checkers"),
+}
+
+# mutmut's exit codes (mutmut.stats.status_by_exit_code), folded into the statuses reported here
+_KILLED, _TIMEOUT = {1, 3}, {36, 24, -24, 152, 255, -9}
+_SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
+PYTEST_FLAGS = ("-x", "-q", "-p", "no:cacheprovider")
+
+# cosmic-ray's operators, narrowed to one plausible slip per site (as mutmut's are): replacing an
+# arithmetic operator by a shift, a bitwise or a modulo only makes a TypeError or nonsense that
+# any test kills, and `is` for `==` on numbers is an identity test nobody writes by mistake.
+COSMIC_RAY_EXCLUDE = (
+    r"core/ReplaceBinaryOperator_(Add|Sub|Mul|Div|FloorDiv|Mod|Pow)_(FloorDiv|Mod|Pow|RShift|LShift|BitOr|BitAnd|BitXor)",
+    r"core/ReplaceBinaryOperator_(LShift|RShift)_.*",
+    r"core/ReplaceBinaryOperator_(BitOr|BitAnd|BitXor)_(Add|Sub|Mul|Div|FloorDiv|Mod|Pow|RShift|LShift)",
+    r"core/ReplaceBinaryOperator_(BitOr_BitXor|BitXor_BitOr)",
+    r"core/ReplaceComparisonOperator_(Eq|NotEq|Lt|LtE|Gt|GtE|In|NotIn)_(Is|IsNot)",
+    r"core/ReplaceUnaryOperator_.*_(Invert|Not)",
+    r"core/VariableReplacer", r"core/VariableInserter", r"core/RemoveDecorator",
+)
+
+
+# --------------------------------------------------------------------------- the work copy
+
+
+def make_work_copy(area: str, a: Area, keep_mutants: bool = False, debug: bool = False) -> Path:
+    """.mutation/<area>/: the working tree's files as git sees them (tracked and new, not ignored)."""
+    work = WORK / area
+    if work.exists() and not keep_mutants:
+        shutil.rmtree(work)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        if keep_mutants and not f.startswith("tests/"):
+            continue  # --confirm-only: the mutated modules stay as they were, the tests are today's
+        src, dst = REPO / f, work / f
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    if a.tool == "mutmut":
+        (work / "pyproject.toml").write_text(_area_pyproject(a, debug))
+    return work
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)  # strings (TOML basic strings are JSON strings here) and numbers
+
+
+def _area_pyproject(a: Area, debug: bool = False) -> str:
+    """The repo's pyproject with its [tool.mutmut] settings plus the area's modules and tests."""
+    text = (REPO / "pyproject.toml").read_text()
+    settings = dict(tomllib.loads(text)["tool"]["mutmut"])
+    settings.update(only_mutate=list(a.modules), pytest_add_cli_args_test_selection=list(a.tests), debug=debug)
+    body = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)
+    return body.rstrip() + "\n\n[tool.mutmut]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items())
+
+
+def _env(work: Path, python_path: list[Path], order: tuple[str, ...]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MUTANT_UNDER_TEST", "PYTHONPATH")}
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in python_path)
+    env["NEMOJAX_TEST_CACHE"] = str(REPO / ".jax_cache")  # compiled programs are keyed by their HLO
+    env["NEMOJAX_MUTATION_TEST_ORDER"] = ",".join(order)
+    env["PATH"] = str(Path(PYTHON).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def test_command(a: Area) -> list[str]:
+    return [PYTHON, "-m", "pytest", *PYTEST_FLAGS, *a.tests]
+
+
+# --------------------------------------------------------------------------- mutmut
+
+
+def _status(code: int | None) -> str:
+    if code is None:
+        return "not checked"
+    if code in _KILLED:
+        return "killed"
+    if code in _TIMEOUT:
+        return "timeout"
+    if code == 37:
+        return "killed"  # caught by the type check (none is configured)
+    return _SURVIVED.get(code, "suspicious")
+
+
+def _selected(a: Area, name: str) -> bool:
+    return not a.functions or any(fnmatch.fnmatch(name, g) for g in a.functions)
+
+
+def mutmut_results(work: Path, a: Area) -> dict[str, dict[str, str]]:
+    """{module: {mutant name: status}} from mutmut's per-file .meta records (the area's functions only)."""
+    out = {}
+    for module in a.modules:
+        meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
+        out[module] = {k: _status(v) for k, v in meta["exit_code_by_key"].items() if _selected(a, k)}
+    return out
+
+
+def run_mutmut(work: Path, a: Area, jobs: int, log) -> None:
+    # on PYTHONPATH for the tests' own subprocesses; created first: a sys.path entry that does not
+    # exist when Python starts is cached as absent for the life of the process (and its forks)
+    (work / "mutants").mkdir(exist_ok=True)
+    env = _env(work, [work / "mutants", REPO / "scripts"], a.tests)
+    cmd = [PYTHON, "-m", "mutmut", "run", "--max-children", str(jobs), *a.functions]
+    rc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"mutmut run failed (exit {rc}); see {log.name}")
+
+
+def confirm(work: Path, a: Area, module: str, name: str, timeout: float, log) -> str:
+    """Apply one mutant to the copy's source and run the area's whole test command in a fresh process."""
+    path = work / module
+    original = path.read_text()
+    try:
+        subprocess.run([PYTHON, "-m", "mutmut", "apply", name], cwd=work, check=True, capture_output=True,
+                       env=_env(work, [work], a.tests))
+        if path.read_text() == original:
+            raise RuntimeError(f"mutmut apply {name} changed nothing in {module}")
+        log.write(f"\n== confirm {name}\n")
+        log.flush()
+        try:
+            rc = subprocess.run(test_command(a), cwd=work, env=_env(work, [work], a.tests), stdout=log,
+                                stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+        if rc in (2, 4):
+            raise RuntimeError(f"the test command could not run for {name} (pytest exit {rc}); see {log.name}")
+        return "killed" if rc != 0 else "survived"
+    finally:
+        path.write_text(original)
+
+
+def mutant_diff(work: Path, name: str) -> str:
+    out = subprocess.run([PYTHON, "-m", "mutmut", "show", name], cwd=work, capture_output=True, text=True,
+                         env=_env(work, [work], ())).stdout
+    return "\n".join(line for line in out.splitlines()[1:] if line.strip())
+
+
+# --------------------------------------------------------------------------- cosmic-ray
+
+
+def run_cosmic_ray(work: Path, a: Area, timeout: float, log) -> dict[str, dict[str, str]]:
+    """{module: {mutant id: status}}; diffs are kept in the session database."""
+    (module,) = a.modules
+    cfg = work / "cosmic-ray.toml"
+    cfg.write_text(
+        "[cosmic-ray]\n"
+        f"module-path = {json.dumps(module)}\n"
+        f"timeout = {timeout}\n"
+        "excluded-modules = []\n"
+        f"test-command = {json.dumps(' '.join(['python', '-m', 'pytest', *PYTEST_FLAGS, *a.tests]))}\n"
+        "[cosmic-ray.distributor]\nname = \"local\"\n"
+        "[cosmic-ray.filters.operators-filter]\n"
+        f"exclude-operators = {_toml_value(list(COSMIC_RAY_EXCLUDE))}\n")
+    db = work / "session.sqlite"
+    env = _env(work, [work], a.tests)
+    for cmd in (["cosmic-ray", "init", cfg.name, db.name, "--force"], ["cr-filter-operators", db.name, cfg.name],
+                ["cr-filter-pragma", db.name], ["cosmic-ray", "baseline", cfg.name],
+                ["cosmic-ray", "exec", cfg.name, db.name]):
+        rc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed (exit {rc}); see {log.name}")
+    return {module: {job: status for job, status, _ in cosmic_ray_rows(db)}}
+
+
+def cosmic_ray_rows(db: Path) -> list[tuple[str, str, str]]:
+    """(mutant id, status, diff) of every mutant cosmic-ray ran (filtered ones are 'skipped')."""
+    rows = sqlite3.connect(db).execute(
+        "SELECT s.job_id, s.operator_name, s.occurrence, s.start_pos_row, r.worker_outcome, r.test_outcome, "
+        "r.output, r.diff FROM mutation_specs s JOIN work_results r ON r.job_id = s.job_id").fetchall()
+    out = []
+    for job, op, occ, row, worker, test, output, diff in rows:
+        if worker == "skipped":
+            continue
+        if test == "killed":
+            status = "timeout" if (output or "").strip() == "timeout" else "killed"
+        elif test == "survived":
+            status = "survived"
+        else:
+            status = "suspicious"  # incompetent: the mutant does not even run
+        out.append((f"{op}#{occ}@L{row}:{job[:8]}", status, diff or ""))
+    return out
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def counts(statuses: dict[str, str]) -> dict[str, float]:
+    c = {s: sum(v == s for v in statuses.values())
+         for s in ("killed", "timeout", "survived", "suspicious", "not checked")}
+    checked = len(statuses) - c["not checked"]
+    c["mutants"] = len(statuses)
+    c["kill_ratio"] = round((c["killed"] + c["timeout"]) / checked, 4) if checked else None
+    return c
+
+
+def git_commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
+def tool_version(tool: str) -> str:
+    from importlib.metadata import version
+
+    return f"{tool} {version(tool)}"
+
+
+def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bool = False) -> dict:
+    a = AREAS[area]
+    report_path = REPORTS / f"{area}.json"
+    previous = json.loads(report_path.read_text()) if confirm_only else None
+    if confirm_only and (previous is None or not (WORK / area).exists()):
+        raise SystemExit(f"--confirm-only needs a previous run of {area} (.mutation/{area} and {report_path})")
+    started = time.monotonic()
+    work = make_work_copy(area, a, keep_mutants=confirm_only, debug=debug)
+    log = open(work / "mutation.log", "a")
+    print(f"[{area}] work copy {work}, log {log.name}", flush=True)
+    diffs: dict[str, str] = {}
+    if a.tool == "cosmic-ray":
+        if confirm_only:
+            raise SystemExit("--confirm-only is for mutmut areas; re-run the cosmic-ray area")
+        statuses = run_cosmic_ray(work, a, timeout, log)
+        diffs = {job: diff for job, _, diff in cosmic_ray_rows(work / "session.sqlite")}
+        confirmed: dict[str, str] = {}
+    else:
+        if confirm_only:
+            statuses = {m: dict(v["statuses"]) for m, v in previous["modules"].items()}
+            confirmed = dict(previous.get("confirmed", {}))
+        else:
+            run_mutmut(work, a, jobs, log)
+            statuses = mutmut_results(work, a)
+            confirmed = {}
+        for module, by_name in statuses.items():
+            open_names = [n for n, s in by_name.items() if s in ("survived", "no tests", "suspicious")]
+            for i, name in enumerate(open_names):
+                print(f"[{area}] confirming {i + 1}/{len(open_names)} {name}", flush=True)
+                by_name[name] = confirmed[name] = confirm(work, a, module, name, timeout, log)
+        for module, by_name in statuses.items():
+            for name, s in by_name.items():
+                if s == "survived":
+                    diffs[name] = mutant_diff(work, name)
+    wall = time.monotonic() - started
+    report = {
+        "area": area, "what": a.what, "tool": tool_version(a.tool), "modules_tested_by": list(a.tests),
+        "command": f"python scripts/mutation.py {area}", "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "wall_s": round(wall + (previous["wall_s"] if previous else 0.0), 1),
+        "confirm_only_runs": (previous.get("confirm_only_runs", 0) + 1) if previous else 0,
+        "modules": {m: {**counts(s), "statuses": s} for m, s in statuses.items()},
+        "total": counts({f"{m}:{k}": v for m, s in statuses.items() for k, v in s.items()}),
+        "confirmed": confirmed,
+        "survivors": {name: diffs.get(name, "") for s in statuses.values() for name, v in s.items()
+                      if v == "survived"},
+    }
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    t = report["total"]
+    print(f"[{area}] {t['mutants']} mutants: {t['killed']} killed, {t['timeout']} timeout, {t['survived']} survived, "
+          f"kill ratio {t['kill_ratio']}; {wall:.0f} s; {report_path}", flush=True)
+    return report
+
+
+def table() -> str:
+    """The docs/TESTING.md table: one row per module, from docs/mutation/*.json."""
+    lines = ["| area | module | tests | mutants | killed | timeout | survived | kill ratio | tool, commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for area in AREAS:
+        path = REPORTS / f"{area}.json"
+        if not path.exists():
+            lines.append(f"| {area} | {', '.join(AREAS[area].modules)} | | not run | | | | | |")
+            continue
+        r = json.loads(path.read_text())
+        tests = ", ".join(Path(t).name for t in r["modules_tested_by"])
+        for module, c in r["modules"].items():
+            ratio = "n/a" if c["kill_ratio"] is None else f"{100 * c['kill_ratio']:.1f}%"
+            lines.append(f"| {area} | {module} | {tests} | {c['mutants']} | {c['killed']} | {c['timeout']} | "
+                         f"{c['survived']} | {ratio} | {r['tool']}, {r['commit'][:10]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("areas", nargs="*", help=f"areas to run ({', '.join(AREAS)}) or 'all'")
+    p.add_argument("--list", action="store_true", help="print the areas and exit")
+    p.add_argument("--table", action="store_true", help="print the markdown table of the last reports")
+    p.add_argument("--confirm-only", action="store_true",
+                   help="re-check only the last run's survivors against today's tests (after adding tests)")
+    p.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1: a shared machine)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds one confirmation (or cosmic-ray) test run may take before it counts as a timeout")
+    p.add_argument("--debug", action="store_true", help="mutmut's debug output (every pytest command) in the log")
+    args = p.parse_args(argv)
+    if args.list:
+        for name, a in AREAS.items():
+            print(f"{name}: {a.what}\n  modules: {' '.join(a.modules)}\n  tests:   {' '.join(a.tests)}\n"
+                  f"  tool:    {a.tool}{' (selected functions)' if a.functions else ''}")
+        return 0
+    if args.table:
+        print(table())
+        return 0
+    areas = list(AREAS) if args.areas == ["all"] else args.areas
+    unknown = [x for x in areas if x not in AREAS]
+    if unknown or not areas:
+        p.error(f"name one or more areas of: {', '.join(AREAS)} (or 'all'); unknown: {unknown}")
+    for area in areas:
+        run_area(area, args.jobs, args.confirm_only, args.timeout, args.debug)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
