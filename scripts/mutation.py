@@ -69,7 +69,8 @@ AREAS: dict[str, Area] = {
     "losses": Area(("nemojax/train/losses.py",), ("tests/test_losses.py", "tests/test_stage_objectives.py"),
                    "every training loss, as pure functions"),
     "tasks": Area(("nemojax/train/tasks.py",),
-                  ("tests/test_stage_objectives.py", "tests/test_reference_cache.py", "tests/test_reward_reading.py"),
+                  ("tests/test_stage_objectives.py", "tests/test_stage_weights.py", "tests/test_reference_cache.py",
+                   "tests/test_reward_reading.py"),
                   "each stage's objective, batch fields and trainable set"),
     "step": Area(("nemojax/train/step.py",), ("tests/test_optim.py", "tests/test_stage_objectives.py"),
                  "the train step: gradient accumulation, division, update"),
@@ -121,21 +122,27 @@ COSMIC_RAY_EXCLUDE = (
 # --------------------------------------------------------------------------- the work copy
 
 
-def make_work_copy(area: str, a: Area, keep_mutants: bool = False, debug: bool = False) -> Path:
-    """.mutation/<area>/: the working tree's files as git sees them (tracked and new, not ignored)."""
+def make_work_copy(area: str, a: Area, mode: str = "fresh", debug: bool = False) -> Path:
+    """.mutation/<area>/: the working tree's files as git sees them (tracked and new, not ignored).
+
+    mode "fresh": a new copy; "tests": only tests/ copied again (--confirm-only: today's tests
+    against the mutants of the last run); "resume": the copy as it is (--resume).
+    """
     work = WORK / area
-    if work.exists() and not keep_mutants:
+    if mode == "resume":
+        return work
+    if mode == "fresh" and work.exists():
         shutil.rmtree(work)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for f in filter(None, files):
-        if keep_mutants and not f.startswith("tests/"):
-            continue  # --confirm-only: the mutated modules stay as they were, the tests are today's
+        if mode == "tests" and not f.startswith("tests/"):
+            continue
         src, dst = REPO / f, work / f
         if src.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    if a.tool == "mutmut":
+    if a.tool == "mutmut" and mode == "fresh":
         (work / "pyproject.toml").write_text(_area_pyproject(a, debug))
     return work
 
@@ -309,14 +316,17 @@ def tool_version(tool: str) -> str:
     return f"{tool} {version(tool)}"
 
 
-def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bool = False) -> dict:
+def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bool = False,
+             resume: bool = False) -> dict:
     a = AREAS[area]
     report_path = REPORTS / f"{area}.json"
     previous = json.loads(report_path.read_text()) if confirm_only else None
     if confirm_only and (previous is None or not (WORK / area).exists()):
         raise SystemExit(f"--confirm-only needs a previous run of {area} (.mutation/{area} and {report_path})")
     started = time.monotonic()
-    work = make_work_copy(area, a, keep_mutants=confirm_only, debug=debug)
+    if resume and not (WORK / area / "mutants").exists():
+        raise SystemExit(f"--resume needs an interrupted run of {area} (.mutation/{area}/mutants)")
+    work = make_work_copy(area, a, "resume" if resume else "tests" if confirm_only else "fresh", debug)
     log = open(work / "mutation.log", "a")
     print(f"[{area}] work copy {work}, log {log.name}", flush=True)
     diffs: dict[str, str] = {}
@@ -392,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1: a shared machine)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds one confirmation (or cosmic-ray) test run may take before it counts as a timeout")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: mutants that already have a result are not run again")
     p.add_argument("--debug", action="store_true", help="mutmut's debug output (every pytest command) in the log")
     args = p.parse_args(argv)
     if args.list:
@@ -407,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not areas:
         p.error(f"name one or more areas of: {', '.join(AREAS)} (or 'all'); unknown: {unknown}")
     for area in areas:
-        run_area(area, args.jobs, args.confirm_only, args.timeout, args.debug)
+        run_area(area, args.jobs, args.confirm_only, args.timeout, args.debug, args.resume)
     return 0
 
 
