@@ -69,7 +69,7 @@ AREAS: dict[str, Area] = {
     "losses": Area(("nemojax/train/losses.py",), ("tests/test_losses.py", "tests/test_stage_objectives.py"),
                    "every training loss, as pure functions"),
     "tasks": Area(("nemojax/train/tasks.py",),
-                  ("tests/test_stage_objectives.py", "tests/test_stage_weights.py", "tests/test_reference_cache.py",
+                  ("tests/test_stage_objectives.py", "tests/test_stage_task.py", "tests/test_reference_cache.py",
                    "tests/test_reward_reading.py"),
                   "each stage's objective, batch fields and trainable set"),
     "step": Area(("nemojax/train/step.py",), ("tests/test_optim.py", "tests/test_stage_objectives.py"),

@@ -1,13 +1,15 @@
-"""`init_from` for a post-training stage (`nemojax.train.tasks.load_stage_weights`), by value.
+"""What `stage_task` builds besides the objective: a stage's `init_from` weights and its batch fields.
 
-What the base checkpoint has comes from the base; what it lacks (a reward head, LoRA adapters) is
+`init_from` (`nemojax.train.tasks.load_stage_weights`), by value: what the base checkpoint has comes from the base; what it lacks (a reward head, LoRA adapters) is
 exactly what a run of the same config without `init_from` starts from (`Training.init_state(seed)`,
 the public path, not the function under test), and lands with the sharding the caller asked for
 (2-way fsdp, so a leaf's placement is not trivially the single device's).
 
-Written for the mutants `python scripts/mutation.py tasks` found alive (docs/TESTING.md): the
-fresh part seeded differently or not computed at all (`if not missing` inverted), a fresh leaf put
-under the wrong name, and the requested shardings ignored (`out_shardings` None).
+Batch fields: the step (and `nemojax compile`, which lowers it from `Training.abstract_batch`)
+takes exactly the rows the stage's data holds, per-row shape and dtype.
+
+Written for the mutants `python scripts/mutation.py tasks` found alive (docs/TESTING.md); each
+test names those it kills.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import pytest
 from flax import nnx
 
 from nemojax.checkpoint import save_model
-from nemojax.config import config_from_dict
+from nemojax.config import config_from_dict, load_config
+from nemojax.data.stage_data import load_stage_data
+from nemojax.data.tokenizer import load_tokenizer
 from nemojax.model.reward import make_model
 from nemojax.parallel.mesh import make_mesh
 from nemojax.train.build import build_training
@@ -47,6 +51,8 @@ def flat(tree: dict, prefix: str = "") -> dict[str, jax.Array]:
     ("dpo", dict(lora=LORA), {"blocks.q_lora_a", "blocks.q_lora_b", "blocks.up_lora_a", "blocks.up_lora_b"}),
 ])
 def test_base_weights_where_the_base_has_them_a_fresh_init_where_it_lacks_them(tmp_path, kind, extra, lacking):
+    """Kills: the fresh part not computed (`if not missing` inverted) or seeded otherwise, a fresh
+    leaf put under the wrong name (`_put` / `_get` mutants), the requested shardings ignored."""
     base_cfg = config("sft").model
     base = make_model(base_cfg, seed=11)  # another seed than the stage's: a base leaf is not a fresh one
     save_model(base, base_cfg, tmp_path / "base")
@@ -66,3 +72,17 @@ def test_base_weights_where_the_base_has_them_a_fresh_init_where_it_lacks_them(t
     for name in lacking:
         assert got[name].sharding.is_equivalent_to(wanted[name], got[name].ndim), name
     assert any(len(wanted[n].device_set) == 2 and not wanted[n].is_fully_replicated for n in lacking)
+
+
+@pytest.mark.parametrize("config_name", ["sft_general", "reward", "dpo"])
+def test_batch_fields_are_the_rows_the_stage_data_holds(config_name):
+    """Every field a stage's step takes is in the rows its data yields, with the same per-row shape
+    and dtype; the reference log-probs (added by the reference pass) are one fp32 per pair. Kills
+    `BatchField(jnp.int32, L)` -> `BatchField(None, L)` / `BatchField(jnp.int32, None)` and the like."""
+    cfg = load_config(f"configs/{config_name}.yaml", ["data.seq_len=64", "model.max_seq_len=64", "stage.validation="])
+    rows = load_stage_data(cfg, load_tokenizer("builtin")).train.fields
+    fields = stage_task(cfg).batch_fields(cfg)
+    assert fields and set(fields) - set(rows) <= {"ref_chosen_logps", "ref_rejected_logps"}
+    for name, f in fields.items():
+        shape, dtype = rows.get(name, ((), np.float32))
+        assert (f.trailing, np.dtype(f.dtype)) == (shape, np.dtype(dtype)), name
