@@ -265,3 +265,24 @@ def test_preference_loss_sums_defaults_are_no_sft_term_and_eta_one() -> None:
     mask = jnp.ones(1)
     num, den, _ = preference_loss_sums("rpo_sq", **PAIR, beta=0.5, example_mask=mask, **REWARDS)
     assert float(num) == pytest.approx((0.5 * 1.5 - 1.0) ** 2, rel=1e-6) and float(den) == 1.0
+
+
+def test_average_log_probs_of_a_one_token_response_is_that_token() -> None:
+    """`average=True` divides by the response's token count, floored at 1 only for an empty
+    response. Kills `jnp.maximum(sum(mask), 1.0)` -> `2.0` in `sequence_log_probs`."""
+    logits = jnp.array([[[0.0, math.log(3.0)], [2.0, 2.0]]])
+    avg = sequence_log_probs(logits, jnp.array([[1, 0]]), jnp.array([[1.0, 0.0]]), average=True)
+    assert float(avg[0]) == pytest.approx(math.log(0.75), abs=1e-6)
+
+
+def test_preference_losses_compute_in_fp32_whatever_the_input_dtype() -> None:
+    """bf16 log-probs (a bf16 forward) are upcast before Delta is formed: (-256) - (-1.0078125) is
+    -254.9921875 in fp32 but -255 in bf16. Kills `jnp.asarray(x, f32)` -> `jnp.asarray(x, None)` /
+    `jnp.asarray(x, )` (and `f32 = None`) in `preference_loss`, and the same in `sft_loss`."""
+    bf = dict(chosen_logps=jnp.array([-256.0], jnp.bfloat16), rejected_logps=jnp.array([-2.0], jnp.bfloat16),
+              ref_chosen_logps=jnp.array([-1.0078125], jnp.bfloat16), ref_rejected_logps=jnp.array([-2.0], jnp.bfloat16))
+    delta = -256.0 + 1.0078125  # exact in fp32 (and in float64)
+    for kind, want in (("ipo", (delta - 1.0) ** 2), ("rpo_sq", (0.5 * delta - 1.0) ** 2)):
+        loss = preference_loss(kind, **bf, beta=0.5, **REWARDS)
+        assert loss.dtype == jnp.float32 and float(loss[0]) == pytest.approx(want, rel=1e-7), kind
+    assert sft_loss(bf["chosen_logps"]).dtype == jnp.float32
