@@ -254,3 +254,82 @@ def test_multi_turn_instructions_judge_every_turn(tmp_path):
         "judge": {"kind": "instructions", "chosen_from": "clean", "rejected_from": "early_comma",
                   "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "chosen_follows": [True],
                   "rejected_follows": [False], "turn": 1}} for q in ("Q one?", "Q two?")]
+
+
+# --------------------------------------------------------------------------- mutants found alive
+# Written for the mutants `python scripts/mutation.py judges` found alive (docs/TESTING.md); each
+# test names those it kills.
+
+# (response text, the answer `final_answer` reads from it, worked out by hand)
+FINAL_ANSWERS = [
+    ("so \\boxed{1,234}.", "1234"), ("first \\boxed{2}, finally \\boxed{3/4}", "0.75"),  # the last box
+    ("The Answer IS $12.50, not 13", "12.5"),  # "answer is", any case; $ and the trailing zero dropped
+    ("\\boxed{7} (checked on 3 cases)", "7"),  # the box, not the last number
+    ("answer: 7 apples, then 9 more", "7"),  # the number after "answer:", not the last number
+    ("x = 3, so 5.", "5"), ("\\boxed{ABC}", "abc"), ("\\boxed{x + 1}", "x+1"),  # not a number: lower, no spaces
+    ("\\boxed{1/3}", "0.333333"), ("\\boxed{1/0}", "1/0"), ("\\boxed{.5}", "0.5"), ("\\boxed{3.}", "3"),
+    ("\\boxed{1 000}", "1000"), ("\\boxed{$5$}", "5"), ("\\boxed{-2.50}", "-2.5"),
+]
+
+
+def test_final_answer_of_hand_written_responses():
+    """Kills: `re.IGNORECASE` dropped and the "answer is" / "\\boxed" patterns broken (the fallback to
+    the last number answers otherwise), `rstrip(".")` -> `lstrip`, the `,` / `$` / ` ` removals
+    broken, `round(value, 6)` -> `7`, `a.lower()` -> `a.upper()`."""
+    wrong = [(text, want, final_answer(text)) for text, want in FINAL_ANSWERS if final_answer(text) != want]
+    assert not wrong
+
+
+def test_llm_judge_keeps_every_agreed_pair_after_a_dropped_one(tmp_path):
+    """Three responses per prompt, so three pairs (max_pairs=3), judged in `combinations` order:
+    (good, bad) is dropped (a tie, no verdict, or a positional judge), then (good, meh) and
+    (bad, meh) are kept, the first with the better response shown as A first. Kills: `continue` ->
+    `break` after a dropped pair (the later pairs lost), chosen/rejected read the wrong way round
+    when the first verdict is A (`first == "A"` broken), and the prompt shown to the judge from
+    multi-message prompts (`m['content']`)."""
+    reasons = {"tie": "Both are equally good.", "unparseable": "I cannot say.", "positional": "A"}
+    src = write(tmp_path / "p.jsonl", [{"prompt": [{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": p}]} for p in reasons])
+    rank = {"good": 2, "meh": 1, "bad": 0}
+
+    def judge(req, i):
+        text = req.messages[-1]["content"]
+        assert "system: Be brief.\nuser: " in text  # a multi-message prompt is shown role by role
+        a = text.split("Response A:\n")[1].split("\n")[0]
+        b = text.split("Response B:\n")[1].split("\n")[0]
+        if {a, b} == {"good", "bad"}:
+            return next(r for p, r in reasons.items() if f"user: {p}" in text)
+        return "A" if rank[a] > rank[b] else "B"
+
+    run, summary = run_pipeline(tmp_path, {
+        "prompts": {"kind": "read", "path": src},
+        "answers": {"kind": "respond", "clients": ["good", "bad", "meh"]},
+        "pairs": {"kind": "preference", "judge": "llm", "client": "judge", "max_pairs": 3},
+    }, {name: ScriptedLLM(lambda r, i, name=name: name) for name in rank} | {"judge": ScriptedLLM(judge)})
+    pairs = strip_ids(read(run, "pairs"))
+    got = sorted((p["prompt"][-1]["content"], p["chosen"], p["rejected"], tuple(p["judge"]["verdicts"]))
+                 for p in pairs)
+    assert got == sorted([(p, "good", "meh", ("A", "B")) for p in reasons] +
+                         [(p, "meh", "bad", ("B", "A")) for p in reasons])
+    assert summary["pairs"]["dropped"] == {"judge_tie": 1, "judge_unparseable": 1, "judge_disagrees": 1}
+
+
+def test_math_judge_drops_by_reason_and_reads_the_last_message(tmp_path):
+    """Prompts with a system message (so a response's conversation has three messages), one
+    without a reference answer, one no response gets right. Kills: the drop reasons
+    `no_reference_answer` / `no_correct_response` renamed or lost, and the answer read from
+    `messages[+1]` (the user's prompt, which holds the reference number) instead of `messages[-1]`."""
+    rows = [{"prompt": [{"role": "system", "content": "Think."}, {"role": "user", "content": q}], **extra}
+            for q, extra in (("What is 6 * 7? (42 is a guess)", {"answer": 42}), ("Pick a number", {}),
+                             ("What is 2 + 3?", {"answer": 5}))]
+    src = write(tmp_path / "p.jsonl", rows)
+    run, summary = run_pipeline(tmp_path, {
+        "prompts": {"kind": "read", "path": src},
+        "answers": {"kind": "respond", "clients": ["a", "b"]},
+        "pairs": {"kind": "preference", "judge": "math"},
+    }, {"a": ScriptedLLM(lambda r, i: "The answer is 42." if "6 * 7" in r.messages[-1]["content"] else "7"),
+        "b": ScriptedLLM(lambda r, i: "I get \\boxed{41}" if "6 * 7" in r.messages[-1]["content"] else "6")})
+    pairs = strip_ids(read(run, "pairs"))
+    assert [(p["chosen"], p["rejected"], p["judge"]["reference"]) for p in pairs] == [
+        ("The answer is 42.", "I get \\boxed{41}", "42")]
+    assert summary["pairs"]["dropped"] == {"no_reference_answer": 1, "no_correct_response": 1}
