@@ -86,3 +86,48 @@ def test_batch_fields_are_the_rows_the_stage_data_holds(config_name):
     for name, f in fields.items():
         shape, dtype = rows.get(name, ((), np.float32))
         assert (f.trailing, np.dtype(f.dtype)) == (shape, np.dtype(dtype)), name
+
+
+def _placed(seq: list[int], width: int, left: bool) -> dict[str, np.ndarray]:
+    """One row holding `seq` at the start (right padding) or at the end (left padding): its
+    positions restart at 0 where the sequence starts, padding is segment 0."""
+    pad = width - len(seq)
+    ids = [0] * pad + seq if left else seq + [0] * pad
+    pos = [0] * pad + list(range(len(seq))) if left else list(range(len(seq))) + [0] * pad
+    seg = [0] * pad + [1] * len(seq) if left else [1] * len(seq) + [0] * pad
+    return {"input_ids": np.array([ids], np.int32), "positions": np.array([pos], np.int32),
+            "segment_ids": np.array([seg], np.int32), "start": pad if left else 0}
+
+
+def test_stage_objectives_read_a_sequence_wherever_it_sits_in_its_row():
+    """The reward score and a pair's response log-probs of a sequence are the same whether its
+    row is right- or left-padded: the step passes the rows' segment ids to the model, so padding
+    is never attended. (With right padding only, dropping them changes nothing: causal attention
+    at the last token never sees the padding after it.) Kills `segment_ids=` dropped or None in
+    `reward_scores` and `pair_log_probs`. Dropping `positions=` is an equivalent mutant: RoPE
+    sees only position differences within a segment, which a per-row shift leaves unchanged."""
+    from nemojax.train.tasks import pair_log_probs, reward_scores, stage_model
+
+    width, seq = 12, [5, 9, 17, 3, 22, 41, 7]
+    rows = {left: _placed(seq, width, left) for left in (False, True)}
+    cfg = config("reward", reward={"enabled": True})
+    model = stage_model(cfg, nnx.Rngs(params=1))
+    score = jax.jit(lambda mb: reward_scores(model, mb))  # one compile for both rows (eager: one per op)
+    scores = {left: np.asarray(score({
+        **{k: jax.numpy.asarray(v) for k, v in r.items() if k != "start"},
+        "last_index": jax.numpy.asarray([r["start"] + len(seq) - 1])})) for left, r in rows.items()}
+    np.testing.assert_allclose(scores[True], scores[False], rtol=1e-5, atol=1e-6)
+
+    lm = stage_model(config("dpo"), nnx.Rngs(params=1))
+    log_probs = jax.jit(lambda mb: pair_log_probs(lm, mb, average=False))
+    logps = {}
+    for left, r in rows.items():
+        targets = np.roll(r["input_ids"], -1, axis=1)
+        mask = np.zeros((1, width), np.float32)
+        mask[0, r["start"] + 3:r["start"] + len(seq) - 1] = 1.0  # the "response": tokens 4.. of the sequence
+        side = {"input_ids": r["input_ids"], "targets": targets, "positions": r["positions"],
+                "segment_ids": r["segment_ids"], "loss_mask": mask}
+        mb = {f"{s}_{k}": jax.numpy.asarray(v) for s in ("chosen", "rejected") for k, v in side.items()}
+        logps[left] = np.asarray(log_probs(mb))
+    np.testing.assert_allclose(logps[True], logps[False], rtol=1e-5, atol=1e-5)
+    assert np.all(logps[False] < 0)
