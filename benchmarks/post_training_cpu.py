@@ -13,7 +13,8 @@ with exact verifiers, so every label is known by construction):
       -> RPO x 3 rounds        configs/rpo.yaml          pairs on prompt pool 2, one third per round,
                                                          rewards scored by the reward model above
 
-Each stage is the user's command (`python train.py configs/<stage>.yaml key=value ...`, a
+Every file a stage trains on is audited against the held-out tasks first (nemojax.align.leaks;
+`leak_audit` in results.json, 0 hits or nothing trains). Each stage is the user's command (`python train.py configs/<stage>.yaml key=value ...`, a
 subprocess, timed wall-clock including compilation); a rerun skips finished stages and resumes
 an interrupted one. Then every language-model checkpoint (base, code SFT, general SFT, DPO, each
 RPO round) is evaluated on the same held-out data with the same code
@@ -51,7 +52,10 @@ def _jsonl(path: Path, rows) -> Path:
 
 
 def build_data(out: Path, seed: int) -> dict[str, str]:
-    """The toy world plus the DPO / RPO pair files; returns the paths the stages read."""
+    """The toy world plus the DPO / RPO pair files; returns the paths the stages read. Every
+    training record is checked against the held-out tasks (nemojax.align.leaks), and
+    `leak_audit` below audits the files again."""
+    from nemojax.align.leaks import EvalItem, LeakIndex
     from nemojax.align.tasks import Task, make_task
     from nemojax.align.toy_world import ToyWorldSpec, build_toy_world, preference_record, reward_record
 
@@ -60,24 +64,28 @@ def build_data(out: Path, seed: int) -> dict[str, str]:
                         reward_records=3000)
     build_toy_world(w, spec)
     read = lambda p: [json.loads(x) for x in p.read_text().splitlines() if x.strip()]  # noqa: E731
+    index = LeakIndex([EvalItem(t["prompt"], t["answer"]) for t in read(w / "eval/tasks.jsonl")])
+    clean = lambda r: not index.check_record(r)  # noqa: E731  (a wrong answer may be another task's answer)
     code = read(w / "seed/code_sft.jsonl")
     general = [r for r in read(w / "seed/sft.jsonl") if r not in code]
     rng = random.Random(seed)
-    pool1 = [preference_record(Task.from_json(t), rng) for t in read(w / "prompts/pool_1.jsonl")]
-    pool2 = [preference_record(Task.from_json(t), rng) for t in read(w / "prompts/pool_2.jsonl")]
+    pool1 = [r for r in (preference_record(Task.from_json(t), rng) for t in read(w / "prompts/pool_1.jsonl")) if clean(r)]
+    pool2 = [r for r in (preference_record(Task.from_json(t), rng) for t in read(w / "prompts/pool_2.jsonl")) if clean(r)]
     # Reward training records as HelpSteer2 has them, several responses per prompt: here one right
-    # and one wrong response for each of 1500 training prompts (never a held-out prompt). The
-    # held-out records are the world's own reward/val.jsonl (one response per prompt).
-    banned = {t["prompt"] for t in read(w / "eval/tasks.jsonl")}
+    # and one wrong response for each of 1500 training prompts (never a held-out task in any form).
+    # The held-out records are the world's own reward/val.jsonl (one response per held-out task).
     reward_rows, fams = [], list(spec.families)
     while len(reward_rows) < 3000:
         task = make_task(fams[len(reward_rows) // 2 % len(fams)], rng, rng.choice(spec.train_levels))
-        if task.prompt not in banned:
-            reward_rows += [reward_record(task, rng, correct=True), reward_record(task, rng, correct=False)]
+        pair = [reward_record(task, rng, correct=True), reward_record(task, rng, correct=False)]
+        if not index.task_leaks(task.prompt, task.answer) and all(map(clean, pair)):
+            reward_rows += pair
     rng.shuffle(reward_rows)
     d = out / "data"
     third = len(pool2) // 3
     return {
+        "eval_tasks": str(w / "eval/tasks.jsonl"),
+        "corpus": str(w / "pretrain/corpus.jsonl"),
         "code_sft": str(w / "seed/code_sft.jsonl"),
         "general_sft": str(_jsonl(d / "general_sft.jsonl", general)),
         "sft_val": str(w / "eval/sft.jsonl"),
@@ -88,6 +96,19 @@ def build_data(out: Path, seed: int) -> dict[str, str]:
         **{f"rpo_round_{r + 1}": str(_jsonl(d / f"rpo_pairs_{r + 1}.jsonl", pool2[r * third:(r + 1) * third]))
            for r in range(3)},
     }
+
+
+TRAINING_FILES = ("code_sft", "general_sft", "reward_train", "dpo_train", "rpo_round_1", "rpo_round_2", "rpo_round_3")
+
+
+def leak_audit(data: dict[str, str]) -> dict:
+    """Every file a stage trains on against the held-out tasks (the base's corpus is runs/tiny's,
+    not the world's)."""
+    from nemojax.align.leaks import LeakIndex, audit_files, eval_items_from_files
+
+    index = LeakIndex(eval_items_from_files([data["eval_tasks"]]))
+    report = audit_files(index, [data[k] for k in TRAINING_FILES])
+    return {k: v for k, v in report.items() if k != "examples"} | {"examples": report["examples"][:3]}
 
 
 def stage_overrides(name: str, data: dict[str, str], runs: dict[str, Path], base: str) -> list[str]:
@@ -155,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = build_data(out, args.seed)
     timings["toy_world"] = timings.get("toy_world", round(time.perf_counter() - t0, 1))
+    results["leak_audit"] = leak_audit(data)
+    if results["leak_audit"]["hits"]:
+        results_path.write_text(json.dumps(results, indent=1))
+        raise SystemExit(f"leak audit: held-out tasks in training files: {results['leak_audit']['examples']}")
     base = Path(args.base).absolute()
     if not (base / "checkpoints").is_dir() and not (base / "params").is_dir():
         timings["base"] = round(run_stage("tiny", base, [], extra.get("base", []), out / "base.log"), 1)

@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -240,6 +240,58 @@ def _restore_params(params_dir: Path, cfg: ModelConfig, *, sharding: Any, option
     parameter the model does not have is an error unless some parameter is optional (then the
     read is partial, as when a reward model starts from a language model's checkpoint).
     """
+    import orbax.checkpoint as ocp
+
+    target, wrapped, partial, absent = _plan_restore(params_dir, cfg, sharding=sharding, optional=optional, what=what)
+    if partial:
+        restored = _partial_restore(params_dir, target)
+    else:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params_dir, target)
+    return (_unwrap(restored) if wrapped else restored), absent
+
+
+def _partial_restore(params_dir: Path, target: dict[str, Any]) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.PyTreeCheckpointer()
+    return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+
+
+def iter_params(params_dir: str | Path, cfg: ModelConfig, *, sharding: Any = None, optional: Any = None,
+                ) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Yield (params-tree path, array) of a params/ checkpoint of `cfg`'s model, one array at a time.
+
+    Checked against `cfg` like `load_params` before anything is read (parameters for which
+    `optional(keys)` is true may be absent and are then skipped); each array is read alone, so
+    a caller that transforms and drops each one (quantization at load) never holds the
+    checkpoint's full-precision weights at once.
+    """
+    import jax
+
+    params_dir = Path(params_dir).absolute()
+    with _quiet_item_metadata():
+        target, wrapped, _, _ = _plan_restore(params_dir, cfg, sharding=sharding,
+                                              optional=optional or (lambda keys: False), what="its config.yaml")
+        for path, _ in jax.tree_util.tree_flatten_with_path(_abstract_params(cfg))[0]:
+            keys = tuple(k.key for k in path)
+            leaf = _lookup(target, keys)
+            if leaf is None:  # an optional parameter the checkpoint does not have
+                continue
+            one: dict[str, Any] = {}
+            node = one
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = leaf
+            got = _lookup(_partial_restore(params_dir, one), keys + (("value",) if wrapped else ()))
+            yield keys, got
+
+
+def _plan_restore(params_dir: Path, cfg: ModelConfig, *, sharding: Any, optional: Any, what: str,
+                  ) -> tuple[dict[str, Any], bool, bool, list[str]]:
+    """(restore target, leaves wrapped as {"value": ...}, partial read, absent optional names) after
+    checking the stored tree against `cfg`'s parameters (CheckpointError naming each problem)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -280,14 +332,7 @@ def _restore_params(params_dir: Path, cfg: ModelConfig, *, sharding: Any, option
                         + " (a reward or LoRA checkpoint read with a plain model config?)")
     if problems:
         raise CheckpointError(f"checkpoint {params_dir} does not match {what}:\n  " + "\n  ".join(problems))
-    if partial:
-        ckptr = ocp.PyTreeCheckpointer()
-        restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    else:
-        with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(params_dir, target)
-    return (_unwrap(restored) if wrapped else restored), absent
+    return target, wrapped, partial, absent
 
 
 def _leaf_keys(tree: Any, wrapped: bool, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -319,34 +364,42 @@ def _unwrap(tree: Any) -> Any:
 
 
 def load_model(path: str | Path, *, param_dtype: str | None = None, compute_dtype: str | None = None,
-               sharding: Any = None, progress: bool = True, merge_lora: bool = True, **overrides: Any) -> Any:
+               sharding: Any = None, progress: bool = True, merge_lora: bool = True, quantize: str | None = None,
+               quant_block_size: int = 0, **overrides: Any) -> Any:
     """The model of any checkpoint kind (see `resolve_checkpoint`).
 
     A `NemotronLM` (`model(ids)` -> logits), or a `NemotronRewardModel` (`model(ids)` ->
     attribute scores) for a reward checkpoint. LoRA adapters are folded into the weights
     (`merge_lora=False` keeps them, e.g. to continue training them).
     param_dtype / compute_dtype: "float32" or "bfloat16" instead of the checkpoint's own.
+    quantize: "int8" / "fp8" (/ "nf4") quantizes the block projections while reading, one
+    parameter at a time (nemojax.convert.quantize; `quant_block_size` input elements per scale,
+    0 = per output channel). A quantized checkpoint loads quantized without it.
     sharding: one `jax.sharding.Sharding` for all weights, a params-shaped dict of them, or
     None (first device). Other keyword arguments override ModelConfig fields that do not change
     shapes, e.g. attention_backend="dot_product" or scan_layers=False.
     """
-    from flax import nnx
-
+    from nemojax.convert.quantize import build, quant_target, quantize_model, quantize_stream
     from nemojax.model.lora import merge_lora as fold_adapters
-    from nemojax.model.reward import make_abstract_model
 
     kind, where, cfg_path = resolve_checkpoint(path)
     if kind == "hf":
         from nemojax.convert.hf import load_hf_model
 
-        return load_hf_model(where, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                             sharding=sharding, progress=progress, **overrides)
+        return load_hf_model(where, param_dtype=param_dtype, compute_dtype=compute_dtype, sharding=sharding,
+                             progress=progress, quantize=quantize, quant_block_size=quant_block_size, **overrides)
     cfg = read_model_config(cfg_path)
     cfg = with_overrides(cfg, {"param_dtype": param_dtype, "compute_dtype": compute_dtype, **overrides})
-    params = load_params(where, cfg, sharding=sharding)
-    graphdef, state = nnx.split(make_abstract_model(cfg))
-    nnx.replace_by_pure_dict(state, params)
-    model = nnx.merge(graphdef, state)
+    target = quant_target(cfg, quantize, quant_block_size, where=str(path))
+    if target is not None and cfg.lora.rank:  # adapters merge into full-precision weights first
+        if not merge_lora:
+            raise ConfigError(f"{path} has LoRA adapters: quantizing at load merges them (merge_lora=True)")
+        model = fold_adapters(build(cfg, load_params(where, cfg, sharding=sharding)))
+        return quantize_model(model, target.mode, target.block_size, sharding=sharding)
+    if target is not None:
+        qcfg = dataclasses.replace(cfg, quant=target)
+        return build(qcfg, quantize_stream(iter_params(where, cfg, sharding=sharding), target, sharding))
+    model = build(cfg, load_params(where, cfg, sharding=sharding))
     return fold_adapters(model) if merge_lora else model
 
 
@@ -369,6 +422,8 @@ def load_base_params(path: str | Path, cfg: ModelConfig, *, sharding: Any = None
     which the caller initialises (e.g. from `make_model(cfg)`). Shape mismatches and any other
     absent parameter raise CheckpointError naming them.
     """
+    if cfg.quant.enabled:
+        return _load_quantized_base(path, cfg, sharding=sharding, progress=progress)
     kind, where, cfg_path = resolve_checkpoint(path)
     if kind == "nemojax":
         src_cfg = read_model_config(cfg_path)
@@ -377,16 +432,86 @@ def load_base_params(path: str | Path, cfg: ModelConfig, *, sharding: Any = None
                             what=f"the model being initialised from it ({path})")
         source = _params_tree(load_model(path, merge_lora=True))
     else:
-        from nemojax.convert.hf import hf_config_and_tied, iter_hf_params
-
-        src_cfg, tied = hf_config_and_tied(where)
         source = {}
-        for keys, arr in iter_hf_params(where, src_cfg, tied=tied, progress=progress):
+        for keys, arr in _hf_full_precision(where, progress):
             node = source
             for k in keys[:-1]:
                 node = node.setdefault(k, {})
             node[keys[-1]] = arr
     return _pick(source, cfg, sharding, str(path))
+
+
+def _hf_full_precision(where: Path, progress: bool) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, array) of a Hugging Face directory's parameters one at a time, an FP8 export's
+    projections dequantized to its param_dtype (a base for another model is read in full precision)."""
+    import numpy as np
+
+    from nemojax.convert.hf import hf_config_and_tied, iter_hf_params
+    from nemojax.model import quant
+    from nemojax.model.transformer import DTYPES
+
+    src_cfg, tied = hf_config_and_tied(where)
+    scales: dict[str, Any] = {}
+    for keys, arr in iter_hf_params(where, src_cfg, tied=tied, progress=progress):
+        if keys[-1].endswith(quant.SCALE_SUFFIX):  # comes right before its values
+            scales[keys[-1][:-len(quant.SCALE_SUFFIX)]] = arr
+            continue
+        if keys[0] == "blocks" and keys[-1] in scales:
+            arr = np.asarray(quant.dequantize(quant.QArray(arr, scales.pop(keys[-1])), DTYPES[src_cfg.param_dtype]))
+        yield keys, arr
+
+
+def _load_quantized_base(path: str | Path, cfg: ModelConfig, *, sharding: Any, progress: bool,
+                         ) -> tuple[dict[str, Any], list[str]]:
+    """`load_base_params` for a quantized model (QLoRA, `model.quant`): the base is read one
+    parameter at a time in `param_dtype` and its projections quantized as they arrive, so the
+    full-precision base is never held at once; a base already quantized the same way is read as is."""
+    import jax
+    import jax.numpy as jnp
+
+    from nemojax.config import QuantConfig
+    from nemojax.convert.quantize import quantize_stream
+
+    base_cfg = dataclasses.replace(cfg, quant=QuantConfig())
+    kind, where, cfg_path = resolve_checkpoint(path)
+    if kind == "nemojax":
+        src_cfg = read_model_config(cfg_path)
+        if src_cfg.quant.enabled and not src_cfg.lora.rank:
+            if src_cfg.quant != cfg.quant:
+                raise CheckpointError(f"{path} is quantized as {src_cfg.quant.mode} (block_size "
+                                      f"{src_cfg.quant.block_size}) but this model needs {cfg.quant.mode} (block_size "
+                                      f"{cfg.quant.block_size}); start from the full-precision checkpoint")
+            return _restore(where, cfg, sharding=sharding, optional=_is_new_in_post_training,
+                            what=f"the model being initialised from it ({path})")
+        if not src_cfg.lora.rank:
+            items: Any = iter_params(where, base_cfg, sharding=sharding, optional=_is_new_in_post_training)
+        else:  # adapters are merged into (dequantized) full-precision weights first
+            merged = _params_tree(load_model(path, merge_lora=True))
+            items = ((tuple(k.key for k in p), x) for p, x in jax.tree_util.tree_flatten_with_path(merged)[0])
+    else:
+        items = _hf_full_precision(where, progress)
+    expected = {tuple(k.key for k in p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(
+        _abstract_params(base_cfg))[0]}
+    seen: set[tuple[str, ...]] = set()
+    problems: list[str] = []
+
+    def checked() -> Iterator[tuple[tuple[str, ...], Any]]:
+        for keys, arr in items:
+            leaf = expected.get(keys)
+            if leaf is None:  # e.g. an LM head when initialising a reward model
+                continue
+            if tuple(arr.shape) != tuple(leaf.shape):
+                problems.append(f"{'.'.join(keys)} has shape {list(arr.shape)}, the model needs {list(leaf.shape)}")
+                continue
+            seen.add(keys)
+            yield keys, jnp.asarray(arr, leaf.dtype)
+
+    params = quantize_stream(checked(), cfg.quant, sharding)
+    absent = [k for k in expected if k not in seen]
+    problems += [".".join(k) for k in absent if not _is_new_in_post_training(k)]
+    if problems:
+        raise CheckpointError(f"{path} cannot initialise this model: " + "; ".join(problems[:8]))
+    return params, [".".join(k) for k in absent]
 
 
 def _pick(source: dict[str, Any], cfg: ModelConfig, sharding: Any, where: str) -> tuple[dict[str, Any], list[str]]:

@@ -67,13 +67,22 @@ class ModelConfig:
     param_dtype: str = "float32"  # float32 | bfloat16
     compute_dtype: str = "float32"  # matmul/activation dtype: float32 | bfloat16
     remat_policy: str = "none"  # one of REMAT_POLICY_NAMES (below)
-    attention_backend: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention; cuDNN on GPU) | cudnn
+    # Self-attention kernel (nemojax.model.attention): auto = splash on TPU, cudnn on CUDA GPUs
+    # with bfloat16 compute, xla elsewhere; xla (einsum reference, materialises seq x seq scores)
+    # | splash (Pallas TPU flash kernel, segment ids) | cudnn (cuDNN flash, packed rows as ragged
+    # sequences; bfloat16) | dot_product (jax.nn.dot_product_attention, XLA, dense mask).
+    # The KV-cached decode always uses the xla formula.
+    attention_backend: str = "auto"
+    # cudnn only: the most segment runs (packed documents, padding) one row may hold on the flash
+    # path; a batch with a fuller row takes cuDNN's dense-mask path (slower, same result).
+    attention_max_segments: int = 64
     scan_layers: bool = True  # one compiled block scanned over stacked layer params
     bos_id: int = 2
     eos_id: int = 3
     pad_id: int = 0
     reward: RewardConfig = field(default_factory=lambda: RewardConfig())  # reward head, see RewardConfig
     lora: LoraConfig = field(default_factory=lambda: LoraConfig())  # low-rank adapters, see LoraConfig
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig())  # quantized block weights, see QuantConfig
 
     @property
     def rotary_dim(self) -> int:
@@ -110,11 +119,31 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICY_NAMES:
             raise ConfigError(f"{prefix}.remat_policy={self.remat_policy!r} is unknown; choose one of "
                               f"{sorted(REMAT_POLICY_NAMES)}")
-        if self.attention_backend not in ("xla", "dot_product", "cudnn"):
+        backends = ("auto", "xla", "splash", "cudnn", "dot_product")  # nemojax.model.attention.BACKENDS
+        if self.attention_backend not in backends:
             raise ConfigError(f"{prefix}.attention_backend={self.attention_backend!r} is unknown; choose "
-                              f"xla, dot_product or cudnn")
+                              f"one of {', '.join(backends)}")
+        if self.attention_max_segments < 2:
+            raise ConfigError(f"{prefix}.attention_max_segments must be >= 2 (a document and the "
+                              f"padding after it), got {self.attention_max_segments}")
         if self.init_std <= 0:
             raise ConfigError(f"{prefix}.init_std must be positive, got {self.init_std}")
+        self.quant.validate(f"{prefix}.quant")
+        if self.quant.mode == "nf4" and any(d % 2 for d in (self.hidden_size, self.ffn_hidden_size, self.head_dim)):
+            raise ConfigError(f"{prefix}.quant.mode=nf4 packs two 4-bit codes per byte along each weight's last dim: "
+                              f"hidden_size, ffn_hidden_size and head_dim must be even")
+        if self.quant.block_size:
+            dims = {"hidden_size": self.hidden_size, "ffn_hidden_size": self.ffn_hidden_size,
+                    "num_heads * head_dim": self.num_heads * self.head_dim}
+            bad = {k: v for k, v in dims.items() if v % self.quant.block_size}
+            if bad:
+                raise ConfigError(f"{prefix}.quant.block_size={self.quant.block_size} must divide every projection's "
+                                  f"input size, but not {bad}; pick a divisor of all of {sorted(set(dims.values()))} "
+                                  f"(or 0: one scale per output channel)")
+            if self.head_dim % self.quant.block_size and self.quant.block_size % self.head_dim:
+                raise ConfigError(f"{prefix}.quant.block_size={self.quant.block_size}: a block of the attention "
+                                  f"output projection's input (heads x head_dim) must cover whole heads or divide "
+                                  f"head_dim={self.head_dim}")
 
 
 MESH_AXIS_NAMES = ("data", "fsdp", "pipeline", "tensor")
@@ -180,6 +209,12 @@ class ShardingConfig:
     # params) additionally sharded over `data`; params stay replicated over `data`.
     # false = optimizer state sharded exactly like the params.
     zero1: bool = True
+    # ZeRO-2: the fp32 gradient is reduce-scattered over `data` (once per step, after every
+    # micro-batch has been accumulated) into the shard of it the ZeRO-1 optimizer state holds;
+    # clipping and the update run on that shard and the new weights are all-gathered once.
+    # false: the gradient is all-reduced over `data` (also once per step, in fp32) and every
+    # data replica holds all of it. Needs zero1 (the shard is the optimizer state's).
+    zero2: bool = False
     # Shard activations between blocks along the sequence over `tensor` (rules.length=tensor).
     sequence_parallel: bool = False
     # Logical axis -> mesh axis, list of mesh axes, or null (replicated); overrides
@@ -187,6 +222,9 @@ class ShardingConfig:
     rules: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, prefix: str = "sharding") -> None:
+        if self.zero2 and not self.zero1:
+            raise ConfigError(f"{prefix}.zero2=true needs {prefix}.zero1=true: the gradient is scattered into "
+                              f"the optimizer state's shards; set {prefix}.zero1=true or {prefix}.zero2=false")
         if not isinstance(self.rules, dict):
             raise ConfigError(f"{prefix}.rules must be a mapping of logical axis -> mesh axis")
         for k, v in self.rules.items():
@@ -370,6 +408,13 @@ class Config:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+        if self.model.quant.enabled and self.stage.kind == "pretrain":
+            raise ConfigError(f"model.quant.mode={self.model.quant.mode} trains LoRA adapters on a frozen quantized base "
+                              f"(QLoRA), a post-training stage: set stage.kind (sft, reward, dpo, ...) or drop model.quant")
+        if self.model.quant.enabled and not self.model.lora.rank:
+            raise ConfigError(f"model.quant.mode={self.model.quant.mode}: a quantized base is frozen, so a run trains "
+                              f"LoRA adapters on it (QLoRA): set model.lora.rank > 0. To serve quantized weights, "
+                              f"use --quantize or `nemojax convert quantize` on the trained checkpoint")
 
     @property
     def data_seed(self) -> int:
@@ -633,6 +678,46 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank if self.rank else 0.0
+
+
+QUANT_MODES = ("none", "int8", "fp8", "nf4")
+
+
+@dataclass
+class QuantConfig:
+    """model.quant: weight-only quantization of the block projections (nemojax.model.quant).
+
+    The six projections of every block (q, k, v, o, MLP up and down) are stored as low-precision
+    values with fp32 scales and dequantized inside their matmuls; embeddings, the LM head and the
+    norms keep `param_dtype`; activations and the KV cache keep `compute_dtype`. A quantized base
+    is frozen: with `model.lora.rank > 0` it is QLoRA (only the adapters train); without adapters
+    a quantized model is for inference (`nemojax generate/serve/eval --quantize`).
+    """
+
+    # none | int8 (symmetric, scale = absmax / 127) | fp8 (float8 e4m3fn, scale = absmax / 448) |
+    # nf4 (QLoRA's 4-bit NormalFloat codes, scale = absmax; needs block_size)
+    mode: str = "none"
+    # Input elements that share one scale, per output channel; 0 = one scale per output channel
+    # (the whole input). A block runs along the flattened input (heads x head_dim for the
+    # attention output). QLoRA's NF4 uses 64.
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "model.quant") -> None:
+        if self.mode not in QUANT_MODES:
+            raise ConfigError(f"{prefix}.mode={self.mode!r} is unknown; choose one of {list(QUANT_MODES)}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
+            raise ConfigError(f"{prefix}.block_size must be an integer >= 0 (0 = per output channel), "
+                              f"got {self.block_size!r}")
+        if self.mode == "nf4" and not self.block_size:
+            raise ConfigError(f"{prefix}.mode=nf4 needs {prefix}.block_size > 0 (QLoRA uses 64): one absmax per "
+                              f"whole input row leaves too few of the 16 levels for most weights")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
 
 
 # --------------------------------------------------------------------------- post-training stages

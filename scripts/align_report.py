@@ -5,7 +5,7 @@
         --plot docs/align_toy.png --json docs/align_toy.json
 
 Prints, as JSON: per model (generator, base, every stage of every iteration) the headline score
-of each run with mean and standard deviation, per-family accuracy means, and the weak-to-strong
+of each run with mean and sample standard deviation, per-family accuracy means, and the weak-to-strong
 comparison (generator vs student) per iteration with how many runs the student won. With
 --plot, one bar group per model (mean over runs, each run's score as a dot).
 """
@@ -24,7 +24,8 @@ from nemojax.align.report import stage_rows, weak_to_strong  # noqa: E402
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+    """Mean, the sample standard deviation (n - 1; None for a single run) and the range."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "min": min(values), "max": max(values), "n": len(values)}
 
 
@@ -66,7 +67,7 @@ def plot(report: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(models)), 4.2))
     xs = range(len(models))
     colors = [f"C{m['iteration'] % 10}" for m in models]
-    ax.bar(xs, [m["mean"] for m in models], yerr=[m["std"] for m in models], color=colors, alpha=0.7, capsize=3)
+    ax.bar(xs, [m["mean"] for m in models], yerr=[m["std"] or 0.0 for m in models], color=colors, alpha=0.7, capsize=3)
     for x, m in zip(xs, models):
         ax.scatter([x] * len(m["scores"]), m["scores"], color="black", s=10, zorder=3)
     ax.set_xticks(list(xs), labels, rotation=55, ha="right", fontsize=8)

@@ -2,7 +2,8 @@
 """Plot the post-training measurement: `python scripts/plot_alignment.py RESULTS_DIR [-o out.png]`.
 
 RESULTS_DIR is what benchmarks/post_training_cpu.py wrote (results.json + one run dir per stage),
-or what benchmarks/reward_model_cpu.py wrote (then only the first panel is drawn).
+or what benchmarks/reward_model_cpu.py wrote (then only the first panel is drawn: the validation
+split's r by step, and the test split's r as a star once `--test` measured it).
 Three panels: the reward model's held-out Pearson r per attribute and of the weighted reward
 against step; held-out assistant-token loss and preference accuracy of every language-model
 checkpoint (base -> code SFT -> general SFT -> DPO -> RPO rounds, evaluated on the same data);
@@ -57,7 +58,13 @@ def plot(results_dir: Path, out: Path) -> None:
     if "held_out" not in res:  # benchmarks/reward_model_cpu.py: the reward model alone
         fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
         reward_panel(ax, paths["reward"])
-        ax.set_title(f"reward model ({res.get('family', '')} family): held-out Pearson r")
+        split = "validation split" if "validation_curve" in res else "held-out"
+        ax.set_title(f"reward model ({res.get('family', '')} family): {split} Pearson r", fontsize=9)
+        if "test" in res:  # the test split, measured once with the recipe frozen
+            step = res["validation"]["step"]
+            ax.plot([step], [res["test"]["pearson/reward"]], "r*", ms=12,
+                    label=f"test r {res['test']['pearson/reward']:.3f} (once)")
+            ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out)

@@ -78,16 +78,26 @@ def test_compile_interleaved_pipeline_for_v5p(capsys) -> None:
     assert r["target"]["devices"] == 8
     assert r["mesh"]["pipeline"] == 2
     pipe = r["pipeline"]
-    assert (pipe["stages"], pipe["virtual_stages"], pipe["microbatches"]) == (2, 2, 2)
-    assert pipe["bubble_fraction"] == pytest.approx(1 / 5)
+    assert (pipe["stages"], pipe["virtual_stages"], pipe["microbatches_per_flush"]) == (2, 2, 2)
+    assert pipe["bubble_fraction"] == pytest.approx(1 / 5)  # (P-1) / (N*V + P-1)
     _check_memory(r)
+    # the activation and cotangent of every 1F1B tick cross the pipeline axis
+    rows = r["collectives_per_step"]["collectives"]
+    assert any(row["kind"] == "collective-permute" and row["axes"] == "pipeline" and row["per_step"] >= pipe["ticks"]
+               for row in rows), rows
 
 
 def test_compile_for_cpu_is_labelled(capsys) -> None:
-    r = _compile(capsys, "--topology", "cpu", *TINY, "mesh.data=-1")
+    r = _compile(capsys, "--topology", "cpu", *TINY, "mesh.data=-1", "sharding.zero2=true")
     assert r["target"]["platform"] == "cpu" and "NOT a TPU" in r["target"]["note"]
     assert "fits" not in r
     _check_memory(r)
+    # collective bytes per step: ZeRO-2 over data 8 reduce-scatters the fp32 gradient once (the
+    # 4-layer tiny model's parameters, 1/8 each) and all-gathers the new weights once
+    col = r["collectives_per_step"]
+    scatter = [row for row in col["collectives"] if row["kind"] == "reduce-scatter" and row["axes"] == "data"]
+    assert scatter and all(row["dtype"] == "f32" and row["per_step"] == row["ops"] for row in scatter)
+    assert col["bytes_per_step"] >= sum(row["bytes_per_step"] for row in scatter) > 0
 
 
 def test_bad_topology_is_a_config_error(capsys) -> None:

@@ -39,6 +39,7 @@ def test_typo_names_key_and_closest_matches():
     ("model.rotary_percentage=0.3", "even integer"),
     ("model.remat_policy=sometimes", "remat_policy"),
     ("model.attention_backend=flash9", "attention_backend"),
+    ("model.attention_max_segments=1", "attention_max_segments must be >= 2"),
     ("model.num_layers=two", "must be an integer"),
     ("model.param_dtype=float16", "float32 or bfloat16"),
     ("mesh.fsdp=-1", "at most one axis"),

@@ -379,13 +379,18 @@ def test_prefetch_keeps_batches_and_exact_resume(builtin_cfg: DataConfig, tmp_pa
     got += [next(pf)["input_ids"] for _ in range(4)]
     np.testing.assert_array_equal(np.stack(got), np.stack(want))
     pf.close()
-    # Errors raised in the worker surface in the consumer.
-    p = tmp_path / "bad.jsonl"
-    p.write_text('{"body": 1}\n')
-    bad = make_batch_iterator(DataConfig(sources=[DataSourceConfig(path=str(p))], validation_fraction=0.0),
-                              batch_size=1, seq_len=8, seed=0)
-    with pytest.raises(DataError, match=r"bad\.jsonl:1"):
-        next(Prefetch(bad))
+    # Errors raised in the worker surface in the consumer (a document with ids outside the
+    # vocabulary is found when it is read, after the first batch), at the last good state.
+    write_array_record(tmp_path / "bad.arrayrecord", [[5, 6, 7, 8, 9, 10, 11]] + [[5, 99999]] * 3)
+    bad = make_batch_iterator(DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "bad.arrayrecord"))],
+                                         validation_fraction=0.0), batch_size=1, seq_len=9, seed=0)
+    bad.streams[0].order = [0, 1, 2, 3]  # the good document first
+    pf = Prefetch(bad, depth=2)
+    assert next(pf)["input_ids"].tolist() == [[BOS, 5, 6, 7, 8, 9, 10, 11, EOS]]
+    good = pf.get_state()
+    with pytest.raises(DataError, match="99999.*vocabulary"):
+        next(pf)
+    assert pf.get_state() == good == bad.get_state()
 
 
 def test_pad_mode_pipeline_invariants() -> None:

@@ -118,3 +118,68 @@ def test_read_jsonl_rejects_non_objects(tmp_path):
     p = write(tmp_path / "x.jsonl", [[1, 2]])
     with pytest.raises(EvalDataError, match=r"x.jsonl:1: expected a JSON object"):
         read_jsonl(p)
+
+
+def test_failed_requests_are_counted_not_scored_as_answers():
+    from nemojax.sdg.llm import LLMError
+
+    def flaky(req, i):
+        if req.messages[-1]["content"].startswith("What is 2"):
+            raise LLMError("HTTP 503: overloaded", "http_error")
+        return reply(req, i)
+
+    r = asyncio.run(tasks_suite(ScriptedLLM(flaky), TASKS))
+    assert r.failed == 1 and r.metrics["failed"] == 1 and "overloaded" in r.errors[0]
+    assert [row["response"] is None for row in r.rows] == [True, False, False]
+    assert r.score == 0.0  # the failed request is not a right answer, the others are scored as before
+
+
+class _Server:
+    """A local HTTP server: GET /v1/models answers 200, POST (chat completions) answers 400."""
+
+    def __enter__(self) -> str:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b'{"data": []}')
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(400)
+                self.end_headers()
+                self.wfile.write(b'{"error": "model not loaded"}')
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_eval_cli_exits_nonzero_on_unreachable_endpoint_and_failed_requests(tmp_path, capsys):
+    import socket
+
+    tasks = write(tmp_path / "tasks.jsonl", [t.to_json() for t in TASKS])
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    rc = main(["eval", "--endpoint", f"http://127.0.0.1:{closed}/v1", "--model", "m", "--suite", f"tasks={tasks}"])
+    assert rc == 2 and "cannot be reached" in capsys.readouterr().err
+    out = tmp_path / "report.json"
+    with _Server() as url:
+        rc = main(["eval", "--endpoint", url, "--model", "m", "--suite", f"tasks={tasks}", "--output", str(out)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "3 request(s) failed" in err and "INCOMPLETE" in err
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["failed_requests"] == 3
+    assert report["suites"]["tasks"]["metrics"]["failed"] == 3 and "model not loaded" in report["errors"][0]

@@ -51,6 +51,9 @@ PRIVATE_ALLOWED = {
     # a thread-local switch for the persistent compilation cache: public JAX only has the global
     # jax.config.update("jax_enable_compilation_cache", ...), which would race other threads
     ("inference/programs.py", "jax._src"),
+    # cuDNN's packed (ragged) flash attention: jax.nn.dot_product_attention calls this function
+    # but does not pass its q_offsets/kv_offsets, the only way to give cuDNN packed documents
+    ("model/cudnn_attention.py", "jax._src.cudnn"),
 }
 
 

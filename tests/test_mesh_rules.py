@@ -28,7 +28,7 @@ MODEL = dict(vocab_size=128, hidden_size=64, num_layers=4, num_heads=8, num_kv_h
              ffn_hidden_size=256, max_seq_len=32)
 
 
-SHARDING_KEYS = ("zero1", "sequence_parallel", "rules")
+SHARDING_KEYS = ("zero1", "zero2", "sequence_parallel", "rules")
 
 
 def cfg_for(mesh: dict, **model) -> object:
@@ -295,6 +295,24 @@ def test_bf16_params_get_zero1_sharded_fp32_master() -> None:
     assert est_off["per_device_bytes"]["master_weights"] == 2 * est["params"]
 
 
+def test_zero2_gradient_is_the_optimizer_states_shard() -> None:
+    """ZeRO-2: the reduced fp32 gradient of every parameter is sharded exactly like its ZeRO-1
+    optimizer state (so the update needs no resharding), 1/data of the local accumulator where
+    data divides; without ZeRO-2 it is sharded like the parameter. zero2 needs zero1."""
+    cfg = cfg_for({**MIXED, "zero2": True}, param_dtype="bfloat16")
+    st = build_training(cfg, make_mesh(cfg.mesh))
+    grad_specs = st.gradient_layout.grad_specs
+    assert st.gradient_layout.manual == ("data",)  # fsdp shards parameters: left to the partitioner
+    for path, spec in jax.tree_util.tree_flatten_with_path(grad_specs, is_leaf=lambda x: isinstance(x, P))[0]:
+        assert spec == EXPECTED_ZERO1[_param_name(path)], _name(path)
+    est = training_state_bytes(cfg, 8)["per_device_bytes"]
+    assert est["reduced_gradients"] < est["gradients"] / 1.9  # data = 2 (norm vectors too: 64 / 2)
+    off = training_state_bytes(cfg_for(MIXED, param_dtype="bfloat16"), 8)["per_device_bytes"]
+    assert off["reduced_gradients"] == off["gradients"]
+    with pytest.raises(ConfigError, match="sharding.zero2=true needs sharding.zero1=true"):
+        cfg_for({**MIXED, "zero1": False, "zero2": True})
+
+
 def test_fp32_master_rounds_from_fp32_not_from_bf16() -> None:
     tx = with_fp32_master(optax.sgd(1.0))
     params = {"w": jnp.asarray([1.0, 1.0], jnp.bfloat16)}
@@ -333,6 +351,14 @@ def test_info_reports_per_device_bytes_without_devices() -> None:
     assert params == (total - norms) * 4 // 8 + norms * 4
     # zero1 off: mu and nu sharded like the params, plus a few int32 step counts
     assert 0 < mem["per_device_bytes"]["optimizer_state"] - 2 * params <= 4 * 4
+    # the pipelined step's schedule and bubble: 2 stages, 2 slices x 4 microbatches in one flush
+    rc, out, _ = _info("tiny", "--mesh-devices", "8", "mesh.pipeline=2", "pipeline.microbatches=4",
+                       "data.global_batch_size=32", "data.micro_batch_size=16")
+    pipe = json.loads(out)["pipeline"]
+    assert rc == 0 and pipe["microbatches_per_flush"] == 8 and pipe["bubble_fraction"] == round(1 / 9, 6)
+    rc, _, err = _info("tiny", "--mesh-devices", "8", "mesh.pipeline=2", "pipeline.microbatches=4",
+                       "data.global_batch_size=8")  # 8 rows over data 4: 2 per device, not 4 microbatches
+    assert rc == 2 and "multiple of 16" in err
     rc, _, err = _info("tiny", "--mesh-devices", "64", "mesh.tensor=4")
     assert rc == 2 and "model.num_kv_heads=2 is not divisible by mesh.tensor=4" in err
     rc, _, err = _info("tiny", "--mesh-devices", "6", "mesh.tensor=4")

@@ -229,6 +229,7 @@ def test_large_presets_default_to_mixed_precision():
     for preset in ("nemotron4-15b", "nemotron4-340b"):
         cfg = load_config(preset, ["mesh.tensor=8", "mesh.data=-1"])
         assert (cfg.model.param_dtype, cfg.model.compute_dtype) == ("bfloat16", "bfloat16"), preset
+        assert cfg.sharding.zero1 and cfg.sharding.zero2, preset  # Megatron's distributed optimizer
         est = training_state_bytes(cfg, 64)["per_device_bytes"]
         assert est["master_weights"] > 0, preset  # fp32 master in the optimizer state
         assert est["gradients"] == 2 * est["params"], preset  # fp32 accumulator, bf16 weights

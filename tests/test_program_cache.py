@@ -23,6 +23,7 @@ from nemojax.checkpoint import save_model
 from nemojax.config import ModelConfig
 from nemojax.inference.programs import Programs
 from nemojax.model.transformer import init_model
+from xla_flags import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -66,7 +67,8 @@ from nemojax.sdg.clients import make_engine
 from nemojax.sdg.config import ClientConfig
 
 ckpt = sys.argv[1]
-settings = dict(max_slots=2, max_len=64, decode_steps=4, max_prefill_batch=2, min_bucket=64)
+settings = dict(max_slots=2, max_len=64, decode_steps=4, min_bucket=64)
+invariant = dict(max_prefill_batch=1, prefix_cache_tokens=0, min_window=64)  # what make_engine's default adds
 requests = [Request("greedy", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=6)),
             Request("sampled", [9, 10, 11], SamplingParams(temperature=1.0, max_tokens=6, seed=3, n=2))]
 report = {"devices": len(jax.devices()), "engines": []}
@@ -76,7 +78,8 @@ for placement in sys.argv[2:]:
     else:  # nemojax.load-style placement on another device of the host
         device = jax.devices()[int(placement[len("device"):])]
         model = load_model(ckpt, progress=False, sharding=jax.sharding.SingleDeviceSharding(device))
-        engine = Engine(model, **settings, stop_token_ids=sorted({model.cfg.eos_id, load_tokenizer("builtin").eos_id}))
+        engine = Engine(model, **settings, **invariant,
+                        stop_token_ids=sorted({model.cfg.eos_id, load_tokenizer("builtin").eos_id}))
     outs = engine.generate_all(requests)
     stats = engine.compile_stats()
     report["engines"].append({"outputs": [c.output_ids for c in outs], "compiled": stats["compiled"],
@@ -86,7 +89,7 @@ print("REPORT " + json.dumps(report))
 
 
 def _run(ckpt: Path, cache: Path, *placements: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(cache))
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ckpt), *placements], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

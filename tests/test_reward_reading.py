@@ -53,8 +53,6 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "Rome, which is also the largest city of Italy."}],
 ]
 ATOL = 2e-5  # fp32 paths vs float64 numpy; scores are O(1)
-# The step's program at XLA's lowest CPU optimisation level: half the compile time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +101,7 @@ def test_the_train_step_and_the_validation_read_the_reward_token(world: dict[str
         one = {k: rows[k] for k in fields} | {"example_mask": (np.arange(4) == i).astype(np.float32)}
         batch = training.global_batch(one, 1, 4)
         if grads is None:
-            grads = training.gradients.lower(params, batch).compile(compiler_options=FAST_COMPILE)
+            grads = training.gradients.lower(params, batch).compile()
         g, sums = grads(params, batch)
         step_scores = np.asarray(g["reward_head"]["bias"]) * n_attr / 2.0
         np.testing.assert_allclose(step_scores, world["scores"][i], atol=ATOL, err_msg=f"conversation {i}")

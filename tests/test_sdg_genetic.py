@@ -140,11 +140,13 @@ def test_min_fitness_is_inclusive(tmp_path):
 
 
 def test_contaminated_candidates_never_join(tmp_path):
-    """Mutant: Genetic Instruct without decontamination (a candidate sharing a 13-word n-gram
-    with the evaluation set joins the population and the output)."""
-    leaked = "Write a function that returns the number of vowels in the string given as its only argument"
+    """Mutant: Genetic Instruct without decontamination (a candidate holding a 20-word span of an
+    evaluation prompt, 8 of its distinctive 13-grams, joins the population and the output)."""
+    leaked = ("Write a function that returns the number of vowels in the string given as its only argument "
+              "and treats the letter y as a vowel only at the end of a word")
     evals = tmp_path / "eval.jsonl"
-    evals.write_text(json.dumps({"prompt": f"Problem 7. {leaked}, ignoring case."}) + "\n")
+    evals.write_text(json.dumps({"prompt": f"Problem 7. {leaked}, ignoring case. Return 0 for an empty string "
+                                           "and raise TypeError when the argument is not a string."}) + "\n")
     stages = {
         "seeds": {"kind": "read", "path": seeds(tmp_path, ["Reverse a list.", leaked])},
         "gi": {"kind": "genetic_instruct", "colonies": 1, "generations": 1, "offspring": 6, "target_size": 50,
@@ -184,3 +186,38 @@ def test_genetic_judge_reads_scores_with_the_shared_parser():
 
     assert genetic.judge_score("On a scale of 1 to 10: 7") == 7
     assert genetic.judge_score("7 or 8") is None
+
+
+def test_a_transport_failure_is_retried_not_recorded(tmp_path):
+    """Mutants: a candidate whose backend call failed for a transport reason written to the
+    candidate ledger as a drop (a rerun would replay the drop instead of asking again), or the
+    unfinished generation snapshotted (a rerun would skip the generation)."""
+    from nemojax.sdg.llm import LLMError
+    from nemojax.sdg.runner import StageIncomplete
+
+    stages = {
+        "seeds": {"kind": "read", "path": seeds(tmp_path, ["Reverse a list.", "Sum a list."])},
+        "gi": {"kind": "genetic_instruct", "colonies": 1, "generations": 2, "offspring": 3, "target_size": 50,
+               "crossover_rate": 0.0, "coder": "coder", "judge": "judge", "min_fitness": 0.1},
+    }
+    asked: list[str] = []
+
+    def flaky_coder(req, i):
+        asked.append(req.messages[-1]["content"])
+        if "Reverse" in req.messages[-1]["content"] and len(asked) <= 3:
+            raise LLMError("connection refused", "http_error", transport=True)
+        return coder(req, i)
+
+    clients = {"gen": ScriptedLLM(instructor), "coder": ScriptedLLM(flaky_coder), "judge": ScriptedLLM(judge)}
+    with pytest.raises(StageIncomplete):
+        run_pipeline(tmp_path, stages, clients)
+    work = tmp_path / "run" / ".work" / "gi"
+    assert not (work / "generation_0.jsonl").exists()
+    assert all(c["reason"] != "transport" for c in candidates(tmp_path / "run"))
+    recorded = len(candidates(tmp_path / "run"))
+    assert recorded < 3  # the failed candidates are not in the ledger
+    run, summary = run_pipeline(tmp_path, stages, clients)  # the backend is back: only those are asked again
+    want, _ = run_pipeline(tmp_path / "clean", stages, {"gen": ScriptedLLM(instructor),
+                                                         "coder": ScriptedLLM(coder), "judge": ScriptedLLM(judge)})
+    assert read(run, "gi") == read(want, "gi")
+    assert "http_error" not in summary["gi"]["dropped"]

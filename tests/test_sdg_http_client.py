@@ -6,70 +6,14 @@ reward response shape."""
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from nemojax.sdg.http_client import OpenAILLM
 from nemojax.sdg.llm import GenRequest, LLMError
 from nemojax.sdg.reward import HTTPReward
-
-
-class FakeServer:
-    """Answers POSTs from a per-test `plan(path, body, attempt) -> (status, headers, body, delay)`."""
-
-    def __init__(self, plan):
-        self.plan = plan
-        self.requests = []
-        self.lock = threading.Lock()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append((self.path, body, dict(self.headers)))
-                    attempt = sum(1 for p, b, _ in server.requests if p == self.path and b == body)
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    status, headers, payload, delay = server.plan(self.path, body, attempt)
-                    time.sleep(delay)
-                    data = json.dumps(payload).encode()
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    try:
-                        self.wfile.write(data)
-                    except BrokenPipeError:
-                        pass
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def chat_ok(text):
-    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+from tests.fake_openai import FakeServer, chat_ok
 
 
 @pytest.fixture
@@ -167,3 +111,30 @@ def test_reward_api_shape(server):
     assert scores["helpfulness"] == 3.0
     assert scores["reward"] == pytest.approx(0.3 * 3 + 0.74 * 2 + 0.46 * 4 + 0.47 * 1 - 0.33 * 2)
     assert s.requests[0][1]["messages"] == conv
+
+
+def test_failures_are_classified_as_transport_or_as_the_requests_own(server):
+    """400/413/422 say the request itself is wrong (an outcome of the item, reason bad_request);
+    retries exhausted, 401/403/404 and a body that is not JSON are transport failures, which the
+    SDG runner never records as results. Mutants killed: any of them classified the other way."""
+    status = {"bad": 400, "large": 413, "auth": 401, "gone": 404, "busy": 503}
+
+    def plan(path, body, attempt):
+        key = body["messages"][0]["content"]
+        if key == "html":
+            return 200, {}, "<html>proxy error</html>", 0
+        return status[key], {}, {"error": {"message": key}}, 0
+    s = server(plan)
+    llm = OpenAILLM(s.url, "m", max_retries=1, backoff_s=0.01, api_key_env=None)
+
+    async def go():
+        out = {}
+        for key in [*status, "html"]:
+            with pytest.raises(LLMError) as e:
+                await llm.generate(GenRequest(messages=[{"role": "user", "content": key}]))
+            out[key] = (e.value.reason, e.value.transport)
+        await llm.aclose()
+        return out
+    got = asyncio.run(go())
+    assert got == {"bad": ("bad_request", False), "large": ("bad_request", False), "auth": ("http_error", True),
+                   "gone": ("http_error", True), "busy": ("http_error", True), "html": ("bad_response", True)}

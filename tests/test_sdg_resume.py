@@ -134,3 +134,43 @@ def test_changed_stage_config_is_refused_and_config_errors_name_the_key(tmp_path
     assert main(["sdg", "run", str(path), f"run_dir={tmp_path / 'other'}", "clients.b.type=engine",
                  "clients.b.checkpoint=/nonexistent", "--no-progress"]) == 2
     assert main(["sdg", "run", str(path), "--only", "nope", "--no-progress"]) == 2
+
+
+def test_sigterm_stops_like_train_and_a_rerun_resumes(tmp_path):
+    """SIGTERM mid-stage: exit 0 (as `nemojax train` on SIGTERM) with "received SIGTERM ... Rerun
+    the same command to resume", the finished items kept in the ledger, no stage output; the
+    rerun completes the stage with the bytes of an uninterrupted run. Mutants killed: a SIGTERM
+    handler that does not stop the stage, or that exits non-zero / silently."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}"}) + "\n" for i in range(N)))
+
+    def small(run_dir: Path) -> Path:
+        cfg = {"run_dir": str(run_dir), "seed": 3, "max_in_flight": 2, "progress": False,
+               "clients": {"a": {"type": "scripted", "delay_s": 0.05, "rules": [["Question (\\d+)", "Fact \\1"]]}},
+               "stages": {"prompts": {"kind": "read", "path": str(prompts)}, "answers": {"kind": "respond"}}}
+        path = tmp_path / f"{run_dir.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    from nemojax.cli import main
+
+    assert main(["sdg", "run", str(small(tmp_path / "ref")), "--no-progress"]) == 0
+    run_dir = tmp_path / "run"
+    path = small(run_dir)
+    ledger = run_dir / ".work" / "answers.ledger.jsonl"
+    proc = cli(path)
+    deadline = time.time() + 120
+    while lines(ledger) < 4:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    message = err.decode().strip().splitlines()[-1]
+    assert message.startswith("nemojax sdg: received SIGTERM: stopped in stage 'answers' with ")
+    assert message.endswith(f"of {N} items done (what finished is kept on disk); exiting. Rerun the same command "
+                            f"to resume.")
+    done = int(message.split(" with ")[1].split(" of ")[0])
+    assert 3 <= done < N and lines(ledger) == done + 1 and not (run_dir / "answers.jsonl").exists()
+    assert main(["sdg", "run", str(path), "--no-progress"]) == 0
+    assert outputs(run_dir) == outputs(tmp_path / "ref")

@@ -19,6 +19,7 @@ import pytest
 from nemojax.sdg.config import build_pipeline
 from nemojax.sdg.runner import Runner
 from tests.sdg_helpers import read, save_random_lm
+from xla_flags import xla_flags
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -34,7 +35,7 @@ def free_port() -> int:
 def server(tmp_path_factory):
     ckpt = save_random_lm(tmp_path_factory.mktemp("serve") / "lm")
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "nemojax.cli", "serve", "--checkpoint", str(ckpt), "--port",

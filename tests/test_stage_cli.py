@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from xla_flags import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16",
@@ -30,7 +31,7 @@ FAST = ["log_every=1", "eval_every=4", "eval_batches=2", "checkpoint_every=2", "
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+    env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                JAX_COMPILATION_CACHE_DIR=str(Path(os.environ.get("NEMOJAX_TEST_CACHE", REPO / ".jax_cache"))),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))

@@ -175,7 +175,13 @@ def test_cli_encode_writes_pretokenized_array_record(tmp_path: Path, capsys: pyt
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     out = tmp_path / "out.arrayrecord"
     assert cli_main(["tokenizer", "encode", "--input", str(src), "--out", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out)["documents"] == 3
+    info = json.loads(capsys.readouterr().out)
+    assert info["documents"] == 3
     tok = load_tokenizer("builtin")
     f = ArrayRecordFile(out)
     assert [tok.decode(f[i].tolist()) for i in range(len(f))] == texts
+    # Its length index is kept beside it: the token count of every document.
+    from nemojax.data.length_index import read_index
+
+    assert info["index"] == f"{out}.lenidx"
+    assert read_index(Path(info["index"]))[1]["lengths"].tolist() == [len(tok.encode(t)) for t in texts]

@@ -26,6 +26,7 @@ from nemojax.train.metrics import MetricsWriter, ThroughputMeter, peak_flops_per
 from nemojax.train.optim import make_optimizer
 from nemojax.train.step import create_train_state, make_train_step
 from reference_run import numpy_equal
+from xla_flags import xla_flags
 
 VOCAB, SEQ = 64, 16
 
@@ -292,7 +293,7 @@ def test_throughput_benchmark_prints_json(tmp_path):
     import sys
 
     repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=os.environ.get("NEMOJAX_TEST_CACHE", str(repo / ".jax_cache")))
     proc = subprocess.run(
         [sys.executable, str(repo / "benchmarks/train_throughput.py"), "configs/tiny.yaml", "--warmup", "1",

@@ -4,6 +4,9 @@
     seed: 0                        passed to every training stage and the SDG pipelines
     tokenizer: ""                  tokenizer of every stage; "" = the toy world's (if any), else the
                                    training configs' own data.tokenizer
+    leak_audit: fail               check every file a step trains on against the eval suites' items
+                                   (nemojax.align.leaks): fail = a hit stops the run, warn = log and
+                                   count it, off = no audit; counted in summary.json["leak_audit"]
     world:                         optional: build the toy world (nemojax.align.toy_world) first
       enabled: false               and refer to its files as {world}/... (see ToyWorldSpec)
       spec: {...}                  ToyWorldSpec fields (seed, families, pretrain_documents, ...)
@@ -105,6 +108,7 @@ class AlignConfig:
     run_dir: str = "runs/align"
     seed: int = 0
     tokenizer: str = ""
+    leak_audit: str = "fail"
     world: WorldConfig = field(default_factory=WorldConfig)
     bases: dict[str, BaseConfig] = field(default_factory=dict)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -115,6 +119,8 @@ class AlignConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
+        if self.leak_audit not in ("fail", "warn", "off"):
+            raise ConfigError(f"leak_audit={self.leak_audit!r}: choose fail, warn or off")
         if not self.iterations:
             raise ConfigError("iterations is empty: list at least one {base: NAME}")
         for name, b in self.bases.items():

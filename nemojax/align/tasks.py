@@ -21,6 +21,7 @@ Everything is a pure function of a `random.Random`: the same seed gives the same
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -207,18 +208,26 @@ def _apply_format(answer: str, instruction_id: str, kwargs: dict[str, Any]) -> s
     raise ValueError(f"unknown format instruction {instruction_id!r}")
 
 
+@functools.lru_cache(maxsize=65536)
+def _reference_passes(instruction_id: str, answer: str, kwargs_json: str) -> bool:
+    """The instruction's checker on a reference answer, remembered: the same few hundred answers
+    come back thousands of times when a world is drawn, and the case checkers run a language
+    detector (tens of milliseconds each)."""
+    from nemojax.sdg.instructions import check as instruction_check
+
+    return bool(instruction_check(instruction_id, answer, **json.loads(kwargs_json)))
+
+
 def format_following(rng: random.Random, level: int) -> Task:
     """A base task plus one IFEval instruction. Drawn again until the reference answer passes
     the instruction's own checker (e.g. IFEval's case checks also demand text langdetect reads
     as English, which a bare sorted-letters answer is not), so every reference is correct."""
-    from nemojax.sdg.instructions import check as instruction_check
-
     for _ in range(100):
         base = rng.choice((arithmetic, strings, lists))(rng, max(1, level - 1))
         iid, sampler, text = rng.choice(FORMAT_INSTRUCTIONS)
         kwargs = sampler(rng)
         answer = _apply_format(base.answer, iid, kwargs)
-        if instruction_check(iid, answer, **kwargs):
+        if _reference_passes(iid, answer, json.dumps(kwargs, sort_keys=True)):
             break
     else:  # pragma: no cover - the arithmetic base always passes
         raise RuntimeError("could not draw a format task whose reference passes its checker")

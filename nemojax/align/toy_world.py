@@ -14,26 +14,39 @@ files it writes stand in for what a real run starts from:
     seed/code_sft.jsonl         the code family's part of it (the code SFT stage's seed data)
     eval/tasks.jsonl            held-out tasks (serialised `Task`s), never used for training
     eval/sft.jsonl              the same tasks' reference conversations (held-out loss)
-    reward/{train,val}.jsonl    HelpSteer2-style records whose attribute labels are known
+    reward/train.jsonl          HelpSteer2-style records whose attribute labels are known
+    reward/val.jsonl            the same for the held-out tasks (one response each)
     reward/preference_val.jsonl held-out preference pairs (chosen = correct answer)
     prompts/pool_<k>.jsonl      prompt pools for SDG iteration k (disjoint from eval)
 
-Held-out tasks never appear in any training file: every file is filtered by the exact
-prompt text of the eval set (`decontaminate`).
+Held out means held out in every form. The evaluation tasks are distinct: no two share a
+canonical key (nemojax.align.leaks.task_keys: the same task with its items in another order,
+or wrapped in a format instruction, is the same task). They are drawn only from a reserved
+share (`eval_share`) of each family's keys, chosen by a hash of the key, so evaluation never
+uses up a small family (two-digit lists, one-operation programs) and training keeps most of
+it. Every training task, and every training record as written (a reward record's wrong
+answer may be another task's answer), is checked against the evaluation tasks with the leak
+audit's index (`LeakIndex`: normalised prompt, reordered twin, canonical key, the answer
+asked in other words) and redrawn when it leaks; `nemojax align` audits the files again.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+from nemojax.align.leaks import EvalItem, LeakIndex, task_keys
 from nemojax.align.tasks import FAMILIES, MAX_LEVEL, Task, make_task
 
 ALL_FAMILIES = tuple(FAMILIES)
+# Bumped when the same spec writes a different world (2: evaluation tasks distinct, held out in every form)
+WORLD_VERSION = 2
 
 
 @dataclass
@@ -47,6 +60,8 @@ class ToyWorldSpec:
     pretrain_documents: int = 12000  # each a few related facts
     seed_conversations: int = 400
     eval_per_family: int = 60
+    eval_counts: dict[str, int] = field(default_factory=dict)  # per-family overrides of eval_per_family
+    eval_share: float = 0.4  # share of each family's canonical task keys reserved for evaluation
     prompts_per_pool: int = 1500
     pools: int = 2
     reward_records: int = 3000
@@ -75,18 +90,19 @@ def _fact_lines(task: Task) -> str:
 
 
 def pretraining_documents(rng: random.Random, n: int, families: Iterable[str], levels: Iterable[int],
-                          banned: set[str] = frozenset()) -> Iterator[str]:
+                          leaks: Callable[[Task], bool] = lambda t: False) -> Iterator[str]:
     """`n` documents, each 4-8 items of one family at mixed levels. An item is its fact in plain
     text or, half the time, a plain "Question: ... / Answer: ..." exchange (never in the chat
-    template, never with a format instruction, never a held-out prompt in `banned`), the way
-    web text gives a base model knowledge and question answering but not the assistant's format."""
+    template, never with a format instruction), the way web text gives a base model knowledge
+    and question answering but not the assistant's format. A task for which `leaks(task)` holds
+    (a held-out task in any form) is drawn again: it is written in no form at all."""
     fams, lv = list(families), list(levels)
     for i in range(n):
         fam = fams[i % len(fams)]
         items = []
         for _ in range(rng.randint(4, 8)):
-            task = make_task(fam, rng, rng.choice(lv))
-            if rng.random() < 0.5 and task.prompt not in banned:
+            task = _draw(lambda: make_task(fam, rng, rng.choice(lv)), leaks, f"a {fam} pretraining fact")
+            if rng.random() < 0.5:
                 items.append(f"Question: {task.prompt}\nAnswer: {task.answer}")
             else:
                 items.append(_fact_lines(task))
@@ -209,13 +225,69 @@ def preference_record(task: Task, rng: random.Random) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the world
 
+MAX_DRAWS = 10_000  # consecutive rejected draws before a family / level counts as used up
 
-def _tasks(rng: random.Random, n: int, families: list[str], levels: list[int], banned: set[str]) -> list[Task]:
+
+def _draw(make: Callable[[], Any], leaks: Callable[[Any], bool], what: str) -> Any:
+    """`make()` until the result does not leak an evaluation task."""
+    for _ in range(MAX_DRAWS):
+        x = make()
+        if not leaks(x):
+            return x
+    raise ValueError(f"could not draw {what} that leaks no evaluation task in {MAX_DRAWS} tries: the "
+                     f"evaluation set covers too much of the family; lower eval_per_family or eval_share")
+
+
+def _tasks(rng: random.Random, n: int, families: list[str], levels: list[int],
+           leaks: Callable[[Task], bool] = lambda t: False) -> list[Task]:
+    return [_draw(lambda: make_task(families[i % len(families)], rng, rng.choice(levels)), leaks,
+                  f"a {families[i % len(families)]} task") for i in range(n)]
+
+
+def task_signature(task: Task) -> set[str]:
+    """The canonical keys of a task (its prompt's and its answer's; a format task's are its base
+    task's), or its normalised prompt when no template is recognised."""
+    from nemojax.sdg.dedup import clauses
+
+    return (task_keys(task.prompt) | task_keys(task.answer)) or {
+        "prompt:" + " | ".join(" ".join(c) for c in clauses(task.prompt, items_sorted=True))}
+
+
+def _reserved(key: str, seed: int, share: float) -> bool:
+    """Is `key` in the evaluation's share of the task space? (a hash, so the same for every draw)"""
+    h = int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "big")
+    return h < share * 2 ** 64
+
+
+def evaluation_tasks(rng: random.Random, counts: dict[str, int], levels: list[int], *, share: float,
+                     seed: int) -> list[Task]:
+    """`counts[family]` distinct evaluation tasks per family, families interleaved, levels drawn
+    uniformly among those not used up. Distinct: no two share a key (`task_signature`); every key
+    is in the reserved share. A level of a family that gives MAX_DRAWS rejections in a row is used
+    up (its reserved keys taken) and the family's remaining tasks come from its other levels."""
+    order = [f for k in range(max(counts.values(), default=0)) for f in counts if k < counts[f]]
+    avail = {f: list(levels) for f in counts}
+    misses: collections.Counter[tuple[str, int]] = collections.Counter()
+    used: set[str] = set()
     out: list[Task] = []
-    while len(out) < n:
-        t = make_task(families[len(out) % len(families)], rng, rng.choice(levels))
-        if t.prompt not in banned:
-            out.append(t)
+    for fam in order:
+        while True:
+            if not avail[fam]:
+                raise ValueError(f"the toy world cannot hold {counts[fam]} distinct evaluation tasks of {fam!r} at "
+                                 f"levels {levels} with eval_share {share}: lower eval_per_family / eval_counts, "
+                                 f"raise eval_share or add levels")
+            level = rng.choice(avail[fam])
+            task = make_task(fam, rng, level)
+            keys = task_signature(task)
+            if keys & used or not all(_reserved(k, seed, share) for k in keys):
+                misses[fam, level] += 1
+                if misses[fam, level] >= MAX_DRAWS:
+                    avail[fam].remove(level)
+                continue
+            misses[fam, level] = 0
+            used |= keys
+            out.append(task)
+            break
     return out
 
 
@@ -242,6 +314,7 @@ def build_toy_world(out_dir: str | Path, spec: ToyWorldSpec | None = None) -> di
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
     spec_json = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()}
+    spec_json["world_version"] = WORLD_VERSION
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("spec") == spec_json:
@@ -251,35 +324,42 @@ def build_toy_world(out_dir: str | Path, spec: ToyWorldSpec | None = None) -> di
         raise ValueError(f"unknown task families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
     if max(spec.eval_levels + spec.train_levels) > MAX_LEVEL:
         raise ValueError(f"levels go up to {MAX_LEVEL}")
+    if not 0.0 < spec.eval_share < 1.0:
+        raise ValueError(f"eval_share must be in (0, 1), got {spec.eval_share}")
     fams = list(spec.families)
+    unknown_counts = set(spec.eval_counts) - set(fams)
+    if unknown_counts:
+        raise ValueError(f"eval_counts names families not in the world: {sorted(unknown_counts)}")
     rng = random.Random(spec.seed)
-    eval_tasks = _tasks(random.Random(rng.random()), spec.eval_per_family * len(fams), fams,
-                        list(spec.eval_levels), set())
-    banned = {t.prompt for t in eval_tasks}
-    counts: dict[str, int] = {}
-    counts["eval/tasks.jsonl"] = _write_jsonl(out / "eval/tasks.jsonl", (t.to_json() for t in eval_tasks))
-    counts["eval/sft.jsonl"] = _write_jsonl(out / "eval/sft.jsonl", (chat_record(t) for t in eval_tasks))
+    counts = {f: int(spec.eval_counts.get(f, spec.eval_per_family)) for f in fams}
+    eval_tasks = evaluation_tasks(random.Random(rng.random()), counts, list(spec.eval_levels),
+                                  share=spec.eval_share, seed=spec.seed)
+    index = LeakIndex([EvalItem(t.prompt, t.answer, f"eval/tasks.jsonl:{i + 1}") for i, t in enumerate(eval_tasks)])
+    leaks_task = lambda t: bool(index.task_leaks(t.prompt, t.answer))  # noqa: E731
+    leaks_record = lambda r: bool(index.check_record(r))  # noqa: E731
+    counts_out: dict[str, int] = {}
+    counts_out["eval/tasks.jsonl"] = _write_jsonl(out / "eval/tasks.jsonl", (t.to_json() for t in eval_tasks))
+    counts_out["eval/sft.jsonl"] = _write_jsonl(out / "eval/sft.jsonl", (chat_record(t) for t in eval_tasks))
     docs = list(pretraining_documents(random.Random(rng.random()), spec.pretrain_documents,
-                                      [f for f in fams if f != "format"] or fams, spec.train_levels, banned))
-    counts["pretrain/corpus.jsonl"] = _write_jsonl(out / "pretrain/corpus.jsonl", ({"text": d} for d in docs))
-    seeds = _tasks(random.Random(rng.random()), spec.seed_conversations, fams, list(spec.train_levels), banned)
-    counts["seed/sft.jsonl"] = _write_jsonl(out / "seed/sft.jsonl", (chat_record(t) for t in seeds))
-    counts["seed/code_sft.jsonl"] = _write_jsonl(out / "seed/code_sft.jsonl",
-                                                (chat_record(t) for t in seeds if t.family == "code"))
+                                      [f for f in fams if f != "format"] or fams, spec.train_levels, leaks_task))
+    counts_out["pretrain/corpus.jsonl"] = _write_jsonl(out / "pretrain/corpus.jsonl", ({"text": d} for d in docs))
+    seeds = _tasks(random.Random(rng.random()), spec.seed_conversations, fams, list(spec.train_levels), leaks_task)
+    counts_out["seed/sft.jsonl"] = _write_jsonl(out / "seed/sft.jsonl", (chat_record(t) for t in seeds))
+    counts_out["seed/code_sft.jsonl"] = _write_jsonl(out / "seed/code_sft.jsonl",
+                                                    (chat_record(t) for t in seeds if t.family == "code"))
     for k in range(1, spec.pools + 1):
-        pool = _tasks(random.Random(rng.random()), spec.prompts_per_pool, fams, list(spec.train_levels), banned)
-        counts[f"prompts/pool_{k}.jsonl"] = _write_jsonl(out / f"prompts/pool_{k}.jsonl", (t.to_json() for t in pool))
+        pool = _tasks(random.Random(rng.random()), spec.prompts_per_pool, fams, list(spec.train_levels), leaks_task)
+        counts_out[f"prompts/pool_{k}.jsonl"] = _write_jsonl(out / f"prompts/pool_{k}.jsonl", (t.to_json() for t in pool))
     r_rng = random.Random(rng.random())
-    r_tasks = _tasks(r_rng, spec.reward_records, fams, list(spec.train_levels), banned)
-    n_val = max(1, spec.reward_records // 10)
-    counts["reward/train.jsonl"] = _write_jsonl(out / "reward/train.jsonl",
-                                               (reward_record(t, r_rng) for t in r_tasks[n_val:]))
-    counts["reward/val.jsonl"] = _write_jsonl(out / "reward/val.jsonl",
-                                             (reward_record(t, r_rng) for t in r_tasks[:n_val]))
-    counts["reward/preference_val.jsonl"] = _write_jsonl(out / "reward/preference_val.jsonl",
-                                                        (preference_record(t, r_rng) for t in eval_tasks))
+    r_tasks = _tasks(r_rng, spec.reward_records, fams, list(spec.train_levels), leaks_task)
+    counts_out["reward/train.jsonl"] = _write_jsonl(out / "reward/train.jsonl", (
+        _draw(lambda: reward_record(t, r_rng), leaks_record, "a reward record") for t in r_tasks))
+    counts_out["reward/val.jsonl"] = _write_jsonl(out / "reward/val.jsonl", (reward_record(t, r_rng) for t in eval_tasks))
+    counts_out["reward/preference_val.jsonl"] = _write_jsonl(out / "reward/preference_val.jsonl",
+                                                            (preference_record(t, r_rng) for t in eval_tasks))
     tok_text = docs + [json.dumps(chat_record(t)) for t in seeds]
     train_tokenizer(tok_text, out / "tokenizer", vocab_size=spec.vocab_size)
-    manifest = {"spec": spec_json, "files": counts, "tokenizer": str(out / "tokenizer/tokenizer.model")}
+    manifest = {"spec": spec_json, "files": counts_out, "tokenizer": str(out / "tokenizer/tokenizer.model"),
+                "eval_levels_drawn": dict(sorted(collections.Counter(f"{t.family}/{t.level}" for t in eval_tasks).items()))}
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return manifest

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -50,15 +51,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shortcut for pipeline.microbatches=N (pipeline microbatches per step)")
     p.add_argument("--virtual-stages", type=int, default=0, help="shortcut for pipeline.virtual_stages=N")
     p.add_argument("--output", default="", help="also write the JSON to this file")
+    g = p.add_argument_group("serving (nemojax.inference.aot_decode)")
+    g.add_argument("--decode", default="", metavar="BATCHxCONTEXT",
+                   help="compile the sampling engine's decode program (BATCH slots over CONTEXT cache rows, "
+                        "tensor parallel) instead of the train step, e.g. 32x4096")
+    g.add_argument("--quantize", choices=["fp8", "int8"], default=None,
+                   help="with --decode: fp8 / int8 block weights (bf16 elsewhere; default: model.param_dtype)")
+    g.add_argument("--tensor", type=int, default=0, help="with --decode: devices to shard over (default: all)")
 
 
 def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, Any]:
     """Everything `nemojax compile` prints: target, mesh, schedule, memory, fit, times."""
     import jax
 
+    from nemojax.model.attention import resolve_backend
     from nemojax.parallel.aot import compile_report, state_bytes, topology_devices
     from nemojax.parallel.mesh import make_mesh, mesh_shape
-    from nemojax.parallel.pipeline import schedule_summary
+    from nemojax.parallel.pipeline_table import schedule_summary
     from nemojax.train.build import build_training
     from nemojax.train.rampup import BatchSchedule
     from nemojax.train.tasks import stage_task
@@ -75,15 +84,17 @@ def compile_training(cfg: Any, topology: str, num_slices: int = 1) -> dict[str, 
     out: dict[str, Any] = {"target": target, "mesh": mesh_shape(mesh)}
     if training.schedule is not None:
         s = training.schedule
-        out["pipeline"] = schedule_summary(s.P, s.V, s.M, cfg.model.num_layers)
+        out["pipeline"] = schedule_summary(s.P, s.V, s.M, accum, cfg.model.num_layers)
     out["state_bytes_per_device"] = state_bytes(training.abstract_sharded_state())
     out["stage"] = cfg.stage.kind
+    out["attention_backend"] = resolve_backend(cfg.model.attention_backend, platform=devices[0].platform,
+                                               dtype=cfg.model.compute_dtype)  # what `auto` became
     out.update({"remat_policy": cfg.model.remat_policy, "compute_dtype": cfg.model.compute_dtype,
                 "param_dtype": cfg.model.param_dtype, "fp32_master_weights": cfg.model.param_dtype != "float32",
-                "zero1": cfg.sharding.zero1, "seq_len": cfg.data.seq_len,
+                "zero1": cfg.sharding.zero1, "zero2": cfg.sharding.zero2, "seq_len": cfg.data.seq_len,
                 "global_batch_size": cfg.data.global_batch_size, "micro_batch_size": micro,
                 "accumulation_steps": accum})
-    report = compile_report(lowered, target.get("hbm_gib"))
+    report = compile_report(lowered, target.get("hbm_gib"), mesh)
     out.update(report)
     out["seconds"] = {"setup": round(t1 - t0, 2), "lower": round(t2 - t1, 2),
                       "compile": report.get("compile_s", report.get("compile_until_oom_s"))}
@@ -99,10 +110,25 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"pipeline.microbatches={args.microbatches}")
     if args.virtual_stages:
         overrides.append(f"pipeline.virtual_stages={args.virtual_stages}")
+    if (args.quantize or args.tensor) and not args.decode:
+        from nemojax.config import ConfigError
+
+        raise ConfigError("--quantize and --tensor apply to the decode program: add --decode BATCHxCONTEXT")
     cfg = load_config(args.config, overrides)
     print(f"nemojax compile: {args.config} for {args.topology} ...", file=sys.stderr, flush=True)
-    result = {"config": str(args.config), "overrides": overrides,
-              **compile_training(cfg, args.topology, args.num_slices)}
+    if args.decode:
+        from nemojax.inference.aot_decode import compile_decode, parse_decode_shape
+
+        batch, context = parse_decode_shape(args.decode)
+        result = {"config": str(args.config), "overrides": overrides,
+                  **compile_decode(cfg, args.topology, batch=batch, context=context, tensor=args.tensor or None,
+                                   quantize=args.quantize, num_slices=args.num_slices)}
+    else:
+        from nemojax.parallel.serving_memory import weights_by_mode
+
+        result = {"config": str(args.config), "overrides": overrides,
+                  **compile_training(cfg, args.topology, args.num_slices)}
+        result["weights_by_quantization"] = weights_by_mode(cfg, math.prod(result["mesh"].values()))
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -6,6 +6,10 @@
 
 Prints a table on stderr and the JSON report on stdout (or into --output). Suites and their
 file formats: nemojax/evaluation/suites.py and docs/ALIGNMENT.md.
+
+Exit status: 0 every request answered; 1 some requests failed (the report is still written,
+with `complete: false`, `failed_requests` and the first errors: not a result to record);
+2 bad input, an unreachable endpoint or an unreadable checkpoint (nothing evaluated).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per response")
     p.add_argument("--batch-slots", type=int, default=32, help="engine slots (in-process)")
     p.add_argument("--max-len", type=int, default=512, help="prompt + response tokens per slot (in-process)")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="quantize the checkpoint's block projections at load (weight-only; as `nemojax generate`)")
     p.add_argument("--limit", type=int, default=0, help="only the first N records of each file (0 = all)")
     p.add_argument("--output", default="", help="write the JSON report here instead of stdout")
     p.add_argument("--rows", action="store_true", help="include every response and verdict in the report")
@@ -52,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     spec = EvalSpec(suites=suites, checkpoint=args.checkpoint, endpoint=args.endpoint, model=args.model,
                     reward_checkpoint=args.reward_checkpoint, reward_endpoint=args.reward_endpoint,
                     reward_model=args.reward_model, tokenizer=args.tokenizer, max_tokens=args.max_tokens,
-                    batch_slots=args.batch_slots, max_len=args.max_len, limit=args.limit)
+                    batch_slots=args.batch_slots, max_len=args.max_len, limit=args.limit,
+                    quantize=args.quantize or "")
     try:
         report = evaluate_model(spec)
     except (EvalDataError, CheckpointError, TokenizerError, FileNotFoundError) as e:
@@ -67,4 +74,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text + "\n")
     else:
         print(text)
+    if not report["complete"]:
+        print(f"nemojax eval: {report['failed_requests']} request(s) failed; the scores are incomplete "
+              f"(first error: {report['errors'][0] if report['errors'] else '?'})", file=sys.stderr)
+        return 1
     return 0

@@ -239,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
 
     enable_compile_cache(args.compile_cache)
     try:
-        model, tokenizer = load_for_sampling(args.checkpoint, args.tokenizer, args.dtype)
+        model, tokenizer = load_for_sampling(args.checkpoint, args.tokenizer, args.dtype, args.quantize,
+                                             args.quant_block_size)
     except SetupError as e:
         return _fail(str(e))
     from nemojax.data.tokenizer import TokenizerError

@@ -185,7 +185,8 @@ def _serve(args: argparse.Namespace, listener: socket.socket, log: logging.Logge
     ckpt = Path(args.checkpoint)
     engine = reward = None
     try:
-        model, tokenizer = load_for_sampling(args.checkpoint, args.tokenizer, args.dtype)
+        model, tokenizer = load_for_sampling(args.checkpoint, args.tokenizer, args.dtype, args.quantize,
+                                             args.quant_block_size)
     except SetupError as e:
         if "not a language model" not in str(e):
             return fail(str(e))

@@ -4,9 +4,16 @@
     nemojax tokenizer train --builtin-corpus --vocab-size 4096 --out DIR   # the shipped model
     nemojax tokenizer stats --tokenizer builtin                             # bits/token etc.
     nemojax tokenizer encode --input data.jsonl --out data.arrayrecord      # pre-tokenize
+    nemojax tokenizer index --input data.jsonl --tokenizer builtin          # length index
 
 Inputs: .txt/.md/.py/.rst files (one document each), JSONL (--text-field, default "text")
 and Parquet files; globs and directories are expanded.
+
+`encode` writes the ArrayRecord file and its length index (`OUT.lenidx`) beside it. `index`
+writes the length index of JSONL / Parquet files (`FILE.<tokenizer fingerprint>.lenidx`, one
+full tokenization) or of ArrayRecord files without one (`FILE.lenidx`, one full read) beside
+each file, so the training processes of a multi-host run start without building it
+(nemojax.data.length_index).
 """
 
 from __future__ import annotations
@@ -43,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--input", nargs="+", required=True, metavar="FILE")
     e.add_argument("--text-field", default="text")
     e.add_argument("--out", required=True, metavar="FILE.arrayrecord")
+    x = sub.add_parser("index", help="write the length index of pretraining files beside them (token count of "
+                                     "every document), so multi-host runs plan rows without tokenizing")
+    x.add_argument("--tokenizer", default="builtin", help="'builtin' or a .model path (the one training uses)")
+    x.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL, Parquet or ArrayRecord files, "
+                   "directories or globs")
+    x.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
+    x.add_argument("--format", default="auto", choices=("auto", "jsonl", "parquet", "arrayrecord"))
 
 
 def _log(msg: str) -> None:
@@ -149,8 +163,41 @@ def _encode(args: argparse.Namespace) -> int:
                 last = time.perf_counter()
 
     n_docs = write_array_record(args.out, encoded())
-    _log(f"wrote {n_docs:,} documents, {n_tokens:,} tokens to {args.out} in {time.perf_counter() - t0:.1f}s")
-    print(json.dumps({"out": args.out, "documents": n_docs, "tokens": n_tokens, "tokenizer": tok.fingerprint}))
+    _log(f"wrote {n_docs:,} documents, {n_tokens:,} tokens to {args.out} (and its length index "
+         f"{args.out}.lenidx) in {time.perf_counter() - t0:.1f}s")
+    print(json.dumps({"out": args.out, "index": f"{args.out}.lenidx", "documents": n_docs, "tokens": n_tokens,
+                      "tokenizer": tok.fingerprint}))
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from nemojax.data.length_index import write_beside
+    from nemojax.data.sources import expand_paths, infer_format
+    from nemojax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    for pattern in args.input:
+        for f in expand_paths(pattern, "--input"):
+            fmt = infer_format(str(f)) if args.format == "auto" else args.format
+            t0 = last = time.perf_counter()
+
+            def progress(done: int, name: Path = f) -> None:
+                nonlocal last
+                if time.perf_counter() - last > 2.0:
+                    _log(f"{name}: {done:,} documents measured")
+                    last = time.perf_counter()
+
+            out, index = write_beside(Path(f), fmt, args.text_field, tok, progress)
+            seconds = time.perf_counter() - t0
+            tokens = int(np.sum(index.lengths, dtype=np.int64))
+            _log(f"{f}: {len(index.lengths):,} documents, {tokens:,} tokens in {seconds:.1f}s -> {out}")
+            print(json.dumps({"file": str(f), "index": str(out), "documents": len(index.lengths), "tokens": tokens,
+                              "format": fmt, "tokenizer": None if fmt == "arrayrecord" else tok.fingerprint,
+                              "seconds": round(seconds, 3)}))
     return 0
 
 
@@ -163,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
             return _train(args)
         if args.action == "encode":
             return _encode(args)
+        if args.action == "index":
+            return _index(args)
         print(json.dumps(corpus_stats(args.tokenizer, args.input, args.text_field), indent=2))
         return 0
     except (DataError, TokenizerError) as e:

@@ -140,6 +140,11 @@ def hf_config_to_model_config(hf: dict[str, Any], *, param_dtype: str | None = N
         eos_id=int(eos) if eos is not None else defaults.eos_id,
         pad_id=int(hf["pad_token_id"]) if hf.get("pad_token_id") is not None else defaults.pad_id,
     )
+    if hf.get("quantization_config") is not None:  # an FP8 export (nemojax.convert.compressed_tensors)
+        from nemojax.config import QuantConfig
+        from nemojax.convert.compressed_tensors import quant_from_hf_config
+
+        cfg.quant = QuantConfig(mode=quant_from_hf_config(hf["quantization_config"]))
     cfg.validate("model (from config.json)")
     return cfg
 
@@ -347,12 +352,29 @@ class SafetensorsReader:
     def get(self, name: str) -> np.ndarray:
         import jax
 
+        handle = self._open(self.weight_map[name])
+        if handle.get_slice(name).get_dtype() == "F8_E4M3":  # safetensors' numpy/flax readers have no fp8
+            return self._get_fp8(name)
         with jax.default_device(jax.devices("cpu")[0]):  # never stage weights on an accelerator
-            return np.asarray(self._open(self.weight_map[name]).get_tensor(name))
+            return np.asarray(handle.get_tensor(name))
+
+    def _get_fp8(self, name: str) -> np.ndarray:
+        """An F8_E4M3 tensor read from its byte range (header: 8-byte length, JSON, then the data)."""
+        import ml_dtypes
+
+        path = self.file_of(name)
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            entry = json.loads(f.read(n))[name]
+            start, end = entry["data_offsets"]
+            f.seek(8 + n + start)
+            data = f.read(end - start)
+        return np.frombuffer(data, dtype=ml_dtypes.float8_e4m3fn).reshape(entry["shape"])
 
 
 def _expected_hf_tensors(cfg: ModelConfig) -> list[tuple[TensorMap, int | None, str, tuple[int, ...]]]:
-    """(map, layer, HF name, HF shape) for every tensor a Nemotron checkpoint of `cfg` holds."""
+    """(map, layer, HF name, HF shape) for every tensor a Nemotron checkpoint of `cfg` holds
+    (a quantized cfg's projections also have a `weight_scale`: `_scale_tensors`)."""
     shapes = param_shapes(cfg)
     out = []
     for tm in TENSOR_MAPS:
@@ -365,13 +387,32 @@ def _expected_hf_tensors(cfg: ModelConfig) -> list[tuple[TensorMap, int | None, 
     return out
 
 
+def _is_quantized(cfg: ModelConfig, tm: TensorMap) -> bool:
+    from nemojax.model.quant import QUANT_TARGETS
+
+    return cfg.quant.enabled and tm.path[0] == "blocks" and tm.path[1] in QUANT_TARGETS
+
+
+def _scale_tensors(cfg: ModelConfig) -> list[tuple[TensorMap, int, str, tuple[int, ...]]]:
+    """(map, layer, HF name, HF shape [out, groups]) of every weight_scale of a quantized cfg."""
+    from nemojax.model.quant import scale_name
+
+    shapes = param_shapes(cfg)
+    out = []
+    for tm, layer, name, shape in _expected_hf_tensors(cfg):
+        if _is_quantized(cfg, tm):
+            groups = math.prod(shapes[("blocks", scale_name(tm.path[1]))][1:1 + tm.n_in])
+            out.append((tm, layer, name + "_scale", (shape[0], groups)))
+    return out
+
+
 def check_hf_tensors(reader: SafetensorsReader, cfg: ModelConfig, *, tied: bool = False) -> None:
     """Compare every tensor's presence and shape with `cfg` before any weight is read.
 
     Checking first means a wrong checkpoint fails in seconds, not after loading 300 GB.
     """
     problems = []
-    expected = _expected_hf_tensors(cfg)
+    expected = _expected_hf_tensors(cfg) + _scale_tensors(cfg)
     names = set(reader.names())
     for _, _, name, shape in expected:
         if name not in names:
@@ -394,13 +435,16 @@ def check_hf_tensors(reader: SafetensorsReader, cfg: ModelConfig, *, tied: bool 
 
 def iter_hf_params(hf_dir: str | Path, cfg: ModelConfig, *, tied: bool = False,
                    progress: bool = True) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Yield (params-tree path, numpy array in nemojax layout and cfg.param_dtype), one at a time.
+    """Yield (params-tree path, numpy array in nemojax layout and cfg.param_dtype), one at a time
+    (an FP8 export's projections: float8 values, each preceded by its stacked fp32 scale).
 
     Each stacked parameter is one preallocated buffer filled layer by layer; the caller should
     drop (or hand to the device) each array before asking for the next, so peak host memory
     is the converted model plus one parameter.
     """
     from tqdm.auto import tqdm
+
+    import ml_dtypes
 
     dtype = _np_dtype(cfg.param_dtype)
     shapes = param_shapes(cfg)
@@ -410,7 +454,10 @@ def iter_hf_params(hf_dir: str | Path, cfg: ModelConfig, *, tied: bool = False,
         bar = tqdm(total=total, desc=f"reading {Path(hf_dir).name}", unit="tensor", disable=not progress)
         for tm in TENSOR_MAPS:
             shape = shapes[tm.path]
-            buf = np.empty(shape, dtype)
+            quantized = _is_quantized(cfg, tm)
+            buf = np.empty(shape, ml_dtypes.float8_e4m3fn if quantized else dtype)
+            if quantized:  # an FP8 export: the scales first, one stacked parameter like the values
+                yield _read_scales(reader, cfg, tm, shapes)
             if tm.layered:
                 for i in range(cfg.num_layers):
                     buf[i] = tm.to_ours(reader.get(tm.hf_name.format(i=i)), shape[1:])
@@ -425,6 +472,19 @@ def iter_hf_params(hf_dir: str | Path, cfg: ModelConfig, *, tied: bool = False,
             yield tm.path, buf
             del buf
         bar.close()
+
+
+def _read_scales(reader: SafetensorsReader, cfg: ModelConfig, tm: TensorMap,
+                 shapes: dict[tuple[str, ...], tuple[int, ...]]) -> tuple[tuple[str, ...], np.ndarray]:
+    """The stacked nemojax scale of projection `tm` from its per-layer `weight_scale` tensors."""
+    from nemojax.model.quant import scale_name
+
+    path = ("blocks", scale_name(tm.path[1]))
+    buf = np.empty(shapes[path], np.float32)
+    for i in range(cfg.num_layers):
+        hf = np.asarray(reader.get(tm.hf_name.format(i=i) + "_scale"), np.float32)
+        buf[i] = hf.T.reshape(shapes[path][1:])
+    return path, buf
 
 
 def load_hf_params(hf_dir: str | Path, cfg: ModelConfig, *, tied: bool = False, sharding: Any = None,
@@ -458,19 +518,22 @@ def hf_config_and_tied(hf_dir: str | Path, **dtypes: str | None) -> tuple[ModelC
 
 
 def load_hf_model(hf_dir: str | Path, *, param_dtype: str | None = None, compute_dtype: str | None = None,
-                  sharding: Any = None, progress: bool = True, **overrides: Any) -> Any:
-    """A `NemotronLM` built directly from a HF Nemotron directory (converted in memory)."""
-    from flax import nnx
+                  sharding: Any = None, progress: bool = True, quantize: str | None = None,
+                  quant_block_size: int = 0, **overrides: Any) -> Any:
+    """A `NemotronLM` built directly from a HF Nemotron directory (converted in memory); with
+    `quantize`, its projections quantized tensor by tensor as they are read (nemojax.convert.quantize)."""
+    import dataclasses
 
     from nemojax.checkpoint import with_overrides
-    from nemojax.model.transformer import abstract_model
+    from nemojax.convert.quantize import build, quant_target, quantize_stream
 
     cfg, tied = hf_config_and_tied(hf_dir, param_dtype=param_dtype, compute_dtype=compute_dtype)
     cfg = with_overrides(cfg, overrides)
-    params = load_hf_params(hf_dir, cfg, tied=tied, sharding=sharding, progress=progress)
-    graphdef, state = nnx.split(abstract_model(cfg))
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    target = quant_target(cfg, quantize, quant_block_size, where=str(hf_dir))
+    if target is not None:
+        items = iter_hf_params(hf_dir, cfg, tied=tied, progress=progress)
+        return build(dataclasses.replace(cfg, quant=target), quantize_stream(items, target, sharding))
+    return build(cfg, load_hf_params(hf_dir, cfg, tied=tied, sharding=sharding, progress=progress))
 
 
 def convert_from_hf(hf_dir: str | Path, out_dir: str | Path, *, param_dtype: str | None = None,
@@ -519,6 +582,11 @@ class _Out:
     name: str
     shape: tuple[int, ...]
     produce: Callable[[], np.ndarray]
+    dtype: np.dtype | None = None  # None: the file's dtype (quantized values and scales have their own)
+    code: str | None = None
+
+    def nbytes(self, default: np.dtype) -> int:
+        return math.prod(self.shape) * (self.dtype or default).itemsize
 
 
 def _write_safetensors(path: Path, entries: list[_Out], dtype: np.dtype, dtype_code: str,
@@ -532,8 +600,9 @@ def _write_safetensors(path: Path, entries: list[_Out], dtype: np.dtype, dtype_c
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for e in entries:
-        nbytes = math.prod(e.shape) * dtype.itemsize
-        header[e.name] = {"dtype": dtype_code, "shape": list(e.shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = e.nbytes(dtype)
+        header[e.name] = {"dtype": e.code or dtype_code, "shape": list(e.shape),
+                          "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
@@ -542,7 +611,7 @@ def _write_safetensors(path: Path, entries: list[_Out], dtype: np.dtype, dtype_c
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for e in entries:
-            arr = np.ascontiguousarray(e.produce(), dtype=dtype)
+            arr = np.ascontiguousarray(e.produce(), dtype=e.dtype or dtype)
             if arr.shape != e.shape:
                 raise CheckpointError(f"internal: tensor {e.name} produced shape {arr.shape}, header says {e.shape}")
             f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
@@ -557,9 +626,21 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, hf_dir: str | Path, *, dty
 
     Writes config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards plus
     model.safetensors.index.json when the total exceeds max_shard_size. A tensor larger than
-    the shard size gets a shard of its own (tensors are never split).
+    the shard size gets a shard of its own (tensors are never split). An fp8-quantized model
+    (model.quant) is written in the compressed-tensors format (nemojax.convert.compressed_tensors):
+    its projections as F8_E4M3 values with F32 `weight_scale`s, everything else in `dtype`.
     """
+    import ml_dtypes
     from tqdm.auto import tqdm
+
+    from nemojax.convert import compressed_tensors as ct
+    from nemojax.model import quant
+
+    if cfg.quant.enabled and (cfg.quant.mode != "fp8" or cfg.quant.block_size):
+        raise CheckpointError(f"a {cfg.quant.mode} model with block_size {cfg.quant.block_size} has no Hugging Face "
+                              f"export: the quantized format vLLM documents here is FP8 with one scale per output "
+                              f"channel (compressed-tensors); export the full-precision checkpoint with --quantize "
+                              f"fp8, or unquantized")
 
     dtype = dtype or cfg.param_dtype
     np_dtype = _np_dtype(dtype)
@@ -588,10 +669,21 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, hf_dir: str | Path, *, dty
             return tm.to_hf(np.asarray(arr))
         return produce
 
+    def scale_producer(tm: TensorMap, layer: int) -> Callable[[], np.ndarray]:
+        return lambda: ct.scale_to_hf(np.asarray(leaf(("blocks", quant.scale_name(tm.path[1])))[layer]), tm.n_in)
+
     # HF order: embeddings, then each layer's tensors together, then final norm and head.
     entries: list[_Out] = []
     by_layer: dict[int | None, list[_Out]] = {}
+    fp8 = np.dtype(ml_dtypes.float8_e4m3fn)
     for tm, layer, name, shape in _expected_hf_tensors(cfg):
+        if cfg.quant.enabled and tm.path[0] == "blocks" and tm.path[1] in quant.QUANT_TARGETS:
+            scale_shape = shapes[("blocks", quant.scale_name(tm.path[1]))][1:]
+            groups = math.prod(scale_shape[:tm.n_in])
+            by_layer.setdefault(layer, []).extend([
+                _Out(name, shape, producer(tm, layer), fp8, ct.SAFETENSORS_FP8),
+                _Out(name + "_scale", (shape[0], groups), scale_producer(tm, layer), np.dtype(np.float32), "F32")])
+            continue
         by_layer.setdefault(layer, []).append(_Out(name, shape, producer(tm, layer)))
     top = by_layer.pop(None)
     entries += [e for e in top if e.name == "model.embed_tokens.weight"]
@@ -602,7 +694,7 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, hf_dir: str | Path, *, dty
     shards: list[list[_Out]] = [[]]
     size = 0
     for e in entries:
-        nbytes = math.prod(e.shape) * np_dtype.itemsize
+        nbytes = e.nbytes(np_dtype)
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -620,17 +712,22 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, hf_dir: str | Path, *, dty
         _write_safetensors(out / fname, shard, np_dtype, code, bar.update)
     bar.close()
     if n > 1:
-        index = {"metadata": {"total_size": sum(math.prod(e.shape) for e in entries) * np_dtype.itemsize},
+        index = {"metadata": {"total_size": sum(e.nbytes(np_dtype) for e in entries)},
                  "weight_map": {e.name: fname for fname, shard in zip(names, shards) for e in shard}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(model_config_to_hf_config(cfg, dtype), indent=2) + "\n")
+    hf_config = model_config_to_hf_config(cfg, dtype)
+    if cfg.quant.enabled:
+        hf_config["quantization_config"] = ct.quantization_config(cfg)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return out
-
 
 def convert_to_hf(ckpt: str | Path, hf_dir: str | Path, *, dtype: str | None = None,
                   max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
-                  overwrite: bool = False, tokenizer: Any = "auto") -> Path:
+                  overwrite: bool = False, tokenizer: Any = "auto", quantize: str | None = None) -> Path:
     """Any checkpoint `nemojax.load` accepts -> HF Nemotron directory, tokenizer included.
+
+    An fp8 checkpoint (or quantize="fp8": the projections quantized while loading) is written
+    in the compressed-tensors format vLLM loads (nemojax.convert.compressed_tensors).
 
     overwrite: write into a non-empty `hf_dir` (otherwise FileExistsError before reading any
     weights). tokenizer: a `Tokenizer`, a spec for `load_tokenizer`, "auto" (the checkpoint's
@@ -655,7 +752,7 @@ def convert_to_hf(ckpt: str | Path, hf_dir: str | Path, *, dtype: str | None = N
         auto = not own.is_file()
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)  # fail on a bad tokenizer before the weights
-    model = load_model(ckpt, progress=progress)  # LoRA adapters come merged into the weights
+    model = load_model(ckpt, progress=progress, quantize=quantize)  # LoRA adapters come merged in
     if model.cfg.reward.enabled:
         raise CheckpointError(f"{ckpt} is a reward model; Hugging Face's Nemotron classes have no reward head, "
                               f"so it has no HF form (score with `nemojax reward score` instead)")

@@ -6,9 +6,12 @@ Modules (one idea each):
 - `chat_template` Nemotron-4 chat formatting (`format_chat`)
 - `corpus`        the default corpus built from the Python stdlib (`builtin_documents`)
 - `sources`       JSONL / Parquet / ArrayRecord readers (`write_array_record`)
+- `length_index`  every document's token count per source file, so rows are planned without
+                  reading documents (`nemojax tokenizer index`)
+- `indexed_source` a source opened for host-local reading: lengths for all, tokens on demand
 - `packing`       documents -> fixed-length rows with segment ids
 - `pretrain`      the grain pipeline (`make_batch_iterator`)
-- `prefetch`      optional background thread that keeps exact resume (`Prefetch`)
+- `prefetch`      grain's background-thread prefetch, keeping exact resume (`Prefetch`)
 
 Names are re-exported lazily so `import nemojax.data` stays cheap (grain and
 sentencepiece load only when used).

@@ -5,19 +5,22 @@ and the stream position -- never of the number of processes or the mesh -- so a 
 and the same run on 64 hosts train on exactly the same batches, and a checkpoint resumes with
 any process count. Each process asks for the rows its devices hold (`rows=`, from
 `nemojax.parallel.batching`): it walks the whole stream's *plan* (which document pieces make up
-each row, known from document lengths) and reads and fills only its own rows.
+each row), which needs only document lengths, and reads and fills only its own rows.
+
+Host-local reading. Every source file has a length index (nemojax.data.length_index: written
+beside pre-tokenized files by `nemojax tokenizer encode`, beside text files by `nemojax tokenizer
+index`, else built once and cached), so planning reads no document. A process then reads
+(ArrayRecord) or tokenizes (JSONL / Parquet) only the documents of its own rows, once per batch
+and source (nemojax.data.indexed_source): with data parallelism over P hosts each reads about
+1/P of the batch's documents. `NEMOJAX_LOG_DATA_READS=1` prints what each batch read.
 
 Per source, grain does the document-level work by index arithmetic: `MapDataset.source(document
 indices of this split)`, shuffled from the seed (a fresh permutation each epoch, repeated forever:
-nemojax.data.shuffle); documents are read and tokenized in blocks of READ_BLOCK. Lengths come for
-free where the source knows them (the built-in corpus cache); otherwise the document is read
-(pre-tokenized ArrayRecord) or tokenized (JSONL / Parquet) to learn it, so a process that owns a
-small share of a text batch still tokenizes the whole batch: pre-tokenize big text corpora
-(`nemojax tokenizer encode`). Each document is framed `[bos] + tokens + [eos]` (the bos the
-model sees before every prompt in `generate` / `serve`) and each source is packed into rows
-separately (nemojax.data.packing); rows are blended by weight: row k goes to the source
-furthest behind its share (as Megatron's BlendableDataset does), so the proportions hold to
-within one row at every point.
+nemojax.data.shuffle). Each document is framed `[bos] + tokens + [eos]` (the bos the model sees
+before every prompt in `generate` / `serve`) and each source is packed into rows separately
+(nemojax.data.packing); rows are blended by weight: row k goes to the source furthest behind
+its share (as Megatron's BlendableDataset does), so the proportions hold to within one row at
+every point. Why grain's own sharding, mixing and packing are not used: docs/DATA.md.
 
 State. The whole position of the stream is, per source, (document index, token offset, rows
 emitted, the seed of its order): a few integers, identical on every process. `get_state()`
@@ -34,7 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,17 +47,18 @@ import grain
 import numpy as np
 
 from nemojax.config import ConfigError, DataConfig, DataSourceConfig
-from nemojax.data.packing import Cursor, empty_rows, fill_row, plan_row
+from nemojax.data.indexed_source import IndexedSource, ReadCounts, open_source
+from nemojax.data.packing import Cursor, Piece, empty_rows, fill_row, plan_row
 from nemojax.data.shuffle import EpochShuffle
-from nemojax.data.sources import DataError, TokenArraySource, infer_format, open_files
+from nemojax.data.sources import DataError
 from nemojax.data.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
 STATE_VERSION = 2  # 2: one global stream, bos-framed documents, per-source order seeds
-# Documents read (and tokenized) together; big enough to amortise tokenizer calls, small
-# enough that a resume reads little it will not use.
-READ_BLOCK = 64
 _VALIDATION_SEED = 0x5EED
+# Set to 1 to print, per batch and process, what the pipeline read (documents, tokens, a digest
+# of the rows it filled) on stderr: how host-local reading is observed in a multi-host run.
+LOG_READS_ENV = "NEMOJAX_LOG_DATA_READS"
 
 
 # ---------------------------------------------------------------------------- splitting
@@ -107,17 +113,15 @@ def _order_seed(seed: int, group: str, src: DataSourceConfig) -> int:
 
 @dataclass
 class _Stream:
-    """One source's documents in stream order (k = 0, 1, ... over epochs), as token arrays."""
+    """One source's documents in stream order (k = 0, 1, ... over epochs): lengths and tokens."""
 
     label: str
     key: list[str]
     weight: float
     indices: np.ndarray  # document ids of this split
-    fetch: Callable[[Sequence[int]], list[np.ndarray]]  # document ids -> token arrays
-    lengths: np.ndarray | None  # token count per document id, when the source knows it cheaply
+    source: IndexedSource  # lengths of every document; tokens of the ones read
     seed: int
     order: EpochShuffle = field(init=False)
-    _cached: tuple[int, list[np.ndarray]] | None = None
 
     def __post_init__(self) -> None:
         self.reseed(self.seed)
@@ -125,72 +129,34 @@ class _Stream:
     def reseed(self, seed: int) -> None:
         self.seed = int(seed)
         self.order = EpochShuffle(grain.MapDataset.source(self.indices), seed=self.seed)  # infinite
-        self._cached = None
 
     @property
     def docs_per_epoch(self) -> int:
         return len(self.indices)
 
-    def get_doc(self, k: int) -> np.ndarray:
-        b, j = divmod(k, READ_BLOCK)
-        if self._cached is None or self._cached[0] != b:
-            self._cached = (b, self.fetch([int(self.order[b * READ_BLOCK + i]) for i in range(READ_BLOCK)]))
-        return self._cached[1][j]
+    def doc_id(self, k: int) -> int:
+        return int(self.order[k])
 
     def doc_len(self, k: int) -> int:
-        if self.lengths is not None:
-            return int(self.lengths[int(self.order[k])])
-        return len(self.get_doc(k))
+        return int(self.source.lengths[self.doc_id(k)])
 
 
 def _source_label(i: int, src: DataSourceConfig, group: str) -> str:
     return f"data.{group}[{i}] ({src.path})"
 
 
-def _open_source(src: DataSourceConfig, label: str, tok: Tokenizer
-                 ) -> tuple[Any, Callable[[Sequence[int]], list], np.ndarray | None]:
-    """(indexable documents, fetch(indices) -> token arrays, lengths or None) for one source."""
-    fmt = infer_format(src.path) if src.format == "auto" else src.format
-    if fmt == "builtin":
-        from nemojax.data.token_cache import builtin_tokens
-
-        name = src.path.split(":", 1)[1] if src.path.startswith("builtin:") else src.path
-        try:
-            docs: Any = builtin_tokens(name, tok)
-        except ValueError as e:
-            raise DataError(f"{label}: {e}") from None
-    else:
-        docs = open_files(src.path, fmt, src.text_field, label)
-    lengths = docs.lengths() if isinstance(docs, TokenArraySource) else None
-    if isinstance(docs, TokenArraySource) or fmt == "arrayrecord":
-        vocab = tok.vocab_size
-
-        def fetch(idx: Sequence[int]) -> list[np.ndarray]:
-            out = [np.asarray(docs[int(i)], dtype=np.int32) for i in idx]
-            for i, a in zip(idx, out):
-                if a.size and (a.max() >= vocab or a.min() < 0):
-                    raise DataError(f"{label}: document {int(i)} has token id {int(a.max())} outside the "
-                                    f"tokenizer's vocabulary of {vocab}; it was tokenized with another model")
-            return out
-    else:
-        def fetch(idx: Sequence[int]) -> list[np.ndarray]:
-            ids = tok.encode_batch([docs[int(i)] for i in idx])
-            return [np.asarray(x, dtype=np.int32) for x in ids]
-    return docs, fetch, lengths
-
-
 def _build_stream(i: int, src: DataSourceConfig, group: str, *, split: str, holdout: float, seed: int,
                   tok: Tokenizer) -> _Stream | None:
     label = _source_label(i, src, group)
-    docs, fetch, lengths = _open_source(src, label, tok)
-    n = len(docs)
+    source = open_source(src.path, src.format, src.text_field, tok, label)
+    n = len(source)
     if n == 0:
         raise DataError(f"{label}: the source holds no documents")
     indices = split_indices(n, split, holdout) if holdout > 0 else np.arange(n, dtype=np.int64)
     if len(indices) == 0:
         return None  # e.g. a one-document source has nothing to give validation
-    return _Stream(label=label, key=source_key(src), weight=float(src.weight), indices=indices, fetch=fetch,
-                   lengths=lengths, seed=_order_seed(seed, group, src))
+    return _Stream(label=label, key=source_key(src), weight=float(src.weight), indices=indices, source=source,
+                   seed=_order_seed(seed, group, src))
 
 
 # ---------------------------------------------------------------------------- the iterator
@@ -222,6 +188,10 @@ class BatchIterator:
         self.cursors = [Cursor() for _ in streams]
         self.rows_per_source = np.zeros(len(streams), np.int64)
         self.rows = 0
+        # Documents read by the last batch that the next one may continue (the one at a cursor).
+        self._carry: list[dict[int, np.ndarray]] = [{} for _ in streams]
+        self.batches = 0
+        self._log_reads = os.environ.get(LOG_READS_ENV, "") not in ("", "0")
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -231,11 +201,21 @@ class BatchIterator:
         deficit = self.weights * (self.rows + 1) - self.rows_per_source
         return int(np.argmax(deficit))
 
+    def reads(self) -> ReadCounts:
+        """What this iterator's sources read for rows so far (documents, tokenized, tokens)."""
+        total = ReadCounts()
+        for s in self.streams:
+            total.add(s.source.counts)
+        return total
+
     def __next__(self) -> dict[str, np.ndarray]:
         out = empty_rows(len(self.rows_wanted), self.seq_len)
         saved = (list(self.cursors), self.rows_per_source.copy(), self.rows)
+        before = self.reads()
         bos = self.bos_id is not None
         try:
+            # Plan every row of the global batch from lengths; keep the plans of this process' rows.
+            mine: list[tuple[int, int, list[Piece]]] = []
             for r in range(self.batch_size):
                 i = self._next_source()
                 s = self.streams[i]
@@ -243,14 +223,44 @@ class BatchIterator:
                                                    mode=self.pack_mode, max_empty=s.docs_per_epoch)
                 slot = self._slot.get(r)
                 if slot is not None:
-                    fill_row(s.get_doc, pieces, out, slot, eos_id=self.eos_id, bos_id=self.bos_id)
+                    mine.append((slot, i, pieces))
                 self.rows_per_source[i] += 1
                 self.rows += 1
+            tokens = self._read(mine)
+            for slot, i, pieces in mine:
+                fill_row(tokens[i].__getitem__, pieces, out, slot, eos_id=self.eos_id, bos_id=self.bos_id)
         except BaseException:
             # A batch is all or nothing: the state stays at the last batch returned.
             self.cursors, self.rows_per_source, self.rows = saved
             raise
+        self._carry = [{k: v for k, v in t.items() if k >= c.doc} for t, c in zip(tokens, self.cursors)]
+        self.batches += 1
+        if self._log_reads:
+            self._log_batch(out, before)
         return out
+
+    def _read(self, mine: list[tuple[int, int, list[Piece]]]) -> list[dict[int, np.ndarray]]:
+        """{stream position k: tokens} per source, for the documents of this process' rows only
+        (one read per source and batch, so text is tokenized in one call)."""
+        needed: list[set[int]] = [set() for _ in self.streams]
+        for _, i, pieces in mine:
+            needed[i].update(p.doc for p in pieces)
+        tokens: list[dict[int, np.ndarray]] = []
+        for s, want, carry in zip(self.streams, needed, self._carry):
+            have = {k: carry[k] for k in want if k in carry}
+            missing = sorted(want - set(have))
+            have.update(zip(missing, s.source.read([s.doc_id(k) for k in missing])))
+            tokens.append(have)
+        return tokens
+
+    def _log_batch(self, out: dict[str, np.ndarray], before: ReadCounts) -> None:
+        now = self.reads()
+        digest = hashlib.sha256(b"".join(np.ascontiguousarray(out[k]).tobytes() for k in sorted(out)))
+        print(f"nemojax data reads: split={self.spec['split']} batch={self.batches} "
+              f"rows={len(self.rows_wanted)}/{self.batch_size} documents={now.documents - before.documents} "
+              f"tokenized={now.tokenized - before.tokenized} tokens={now.tokens - before.tokens} "
+              f"total_documents={now.documents} total_tokenized={now.tokenized} rows_sha256={digest.hexdigest()[:16]}",
+              file=sys.stderr, flush=True)
 
     def get_state(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: the stream position after the last batch returned."""
@@ -285,6 +295,7 @@ class BatchIterator:
         for s, x in zip(self.streams, state["sources"]):
             if int(x["seed"]) != s.seed:
                 s.reseed(int(x["seed"]))
+        self._carry = [{} for _ in self.streams]
         self.cursors = [Cursor(int(x["doc"]), int(x["offset"])) for x in state["sources"]]
         self.rows_per_source = np.array([int(x["rows"]) for x in state["sources"]], np.int64)
         self.rows = int(state["rows"])
@@ -304,6 +315,7 @@ class BatchIterator:
         old_spec = previous.get("spec", {})
         same_docs = all(old_spec.get(k) == self.spec.get(k) for k in ("split", "holdout", "tokenizer", "bos"))
         prev = {json.dumps(x["source"]): x for x in previous.get("sources", [])}
+        self._carry = [{} for _ in self.streams]
         notes = []
         for i, s in enumerate(self.streams):
             x = prev.get(json.dumps(s.key))

@@ -11,7 +11,10 @@ Schemas:
 - Parquet: a string column named `text_field`. The column is loaded into memory (as Arrow
   buffers) on first use, which is right for the sizes a CPU host trains on.
 - ArrayRecord: one record per document holding the token ids as little-endian int32
-  bytes (`np.asarray(ids, "<i4").tobytes()`); `write_array_record` writes such files.
+  bytes (`np.asarray(ids, "<i4").tobytes()`); `write_array_record` writes such files, and
+  keeps their length index beside them (nemojax.data.length_index).
+
+Length index files (`*.lenidx`) are never data: directory and glob listings skip them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class DataError(ValueError):
 
 
 TOKEN_DTYPE = np.dtype("<i4")
+INDEX_SUFFIX = ".lenidx"  # length index files (nemojax.data.length_index)
 
 
 def expand_paths(pattern: str, what: str = "data path") -> list[Path]:
@@ -43,6 +47,7 @@ def expand_paths(pattern: str, what: str = "data path") -> list[Path]:
         files = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
     else:
         files = sorted(Path(q) for q in globlib.glob(str(p), recursive=True) if Path(q).is_file())
+    files = [q for q in files if not q.name.endswith(INDEX_SUFFIX)]
     if not files:
         raise DataError(f"{what}: no file found at {pattern!r}" +
                         ("" if p.parent.exists() else f" (directory {p.parent} does not exist)"))
@@ -71,19 +76,29 @@ def _newline_offsets(buf: Any, size: int, chunk: int = 1 << 26) -> np.ndarray:
 
 
 class JsonlFile:
-    """One JSONL file, indexed by line offsets (found once with a vectorised newline scan)."""
+    """One JSONL file, indexed by the byte ranges of its non-blank lines.
 
-    def __init__(self, path: Path, text_field: str) -> None:
+    The ranges come from a length index (`spans`, nemojax.data.length_index) or, without one,
+    from a vectorised newline scan of the whole file.
+    """
+
+    def __init__(self, path: Path, text_field: str, spans: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.path = path
         self.text_field = text_field
         size = path.stat().st_size
-        self._buf: bytes | mmap.mmap
-        if size == 0:
-            self._buf = b""
-            starts = ends = np.zeros(0, np.int64)
-        else:
+        self._buf: bytes | mmap.mmap = b""
+        if size:
             with path.open("rb") as f:
                 self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if spans is not None:
+            self._starts, self._ends = spans
+            if len(self._ends) and int(self._ends[-1]) > size:
+                raise DataError(f"{path}: its length index lists lines past the end of the file; the file "
+                                f"changed after the index was written")
+            return
+        if size == 0:
+            starts = ends = np.zeros(0, np.int64)
+        else:
             nl = _newline_offsets(self._buf, size)
             starts = np.concatenate([[0], nl + 1])
             ends = np.concatenate([nl, [size]])
@@ -92,26 +107,35 @@ class JsonlFile:
         for i in np.flatnonzero(nonblank & (ends - starts < 8)):
             if not bytes(self._buf[starts[i]:ends[i]]).strip():
                 nonblank[i] = False
-        self._lines = np.flatnonzero(nonblank)  # 0-based line numbers of documents
-        self._starts, self._ends = starts[self._lines], ends[self._lines]
+        lines = np.flatnonzero(nonblank)  # 0-based line numbers of documents
+        self._starts, self._ends = starts[lines], ends[lines]
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return len(self._starts)
+
+    def spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends): the byte range of every document's line."""
+        return np.asarray(self._starts, np.int64), np.asarray(self._ends, np.int64)
+
+    def line_number(self, i: int) -> int:
+        """1-based line number of document i (counted on demand: only error messages need it)."""
+        start = int(self._starts[i])
+        return 1 + sum(int(np.count_nonzero(np.frombuffer(self._buf, np.uint8, min(1 << 26, start - s), s)
+                                            == ord("\n"))) for s in range(0, start, 1 << 26))
 
     def __getitem__(self, i: int) -> str:
-        raw = self._buf[self._starts[i]:self._ends[i]]
-        line_no = int(self._lines[i]) + 1
+        raw = self._buf[int(self._starts[i]):int(self._ends[i])]
         try:
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{self.path}:{line_no}: not valid JSON ({e})") from None
+            raise DataError(f"{self.path}:{self.line_number(i)}: not valid JSON ({e})") from None
         if not isinstance(obj, dict) or self.text_field not in obj:
             fields = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-            raise DataError(f"{self.path}:{line_no}: no {self.text_field!r} field (found: {fields}); "
+            raise DataError(f"{self.path}:{self.line_number(i)}: no {self.text_field!r} field (found: {fields}); "
                             f"set text_field in this data source's config")
         text = obj[self.text_field]
         if not isinstance(text, str):
-            raise DataError(f"{self.path}:{line_no}: field {self.text_field!r} must be a string, "
+            raise DataError(f"{self.path}:{self.line_number(i)}: field {self.text_field!r} must be a string, "
                             f"got {type(text).__name__}")
         return text
 
@@ -170,32 +194,45 @@ class ArrayRecordFile:
                             f"be int32 token ids (write them with nemojax.data.sources.write_array_record)")
         return np.frombuffer(rec, TOKEN_DTYPE)
 
-    def read_many(self, idx: Sequence[int]) -> list[np.ndarray]:
-        return [np.frombuffer(r, TOKEN_DTYPE) for r in self._reader.read([int(i) for i in idx])]
+    def read_many(self, idx: Iterable[int]) -> list[np.ndarray]:
+        """Several records in one call (the reader fetches them in parallel)."""
+        idx = [int(i) for i in idx]
+        recs = self._reader.read(idx) if idx else []
+        for i, rec in zip(idx, recs):
+            if len(rec) % 4:
+                raise DataError(f"{self.path}: record {i} has {len(rec)} bytes, not a multiple of 4; records "
+                                f"must be int32 token ids (write them with nemojax.data.sources.write_array_record)")
+        return [np.frombuffer(r, TOKEN_DTYPE) for r in recs]
 
 
 def write_array_record(path: str | Path, documents: Iterable[Sequence[int] | np.ndarray]) -> int:
     """Write pre-tokenized documents (sequences of token ids) to an ArrayRecord file.
 
     Returns the number of records written. Ids are stored as little-endian int32, one
-    record per document, in the order given (group_size:1 keeps random access cheap).
+    record per document, in the order given (group_size:1 keeps random access cheap). The
+    file's length index (`PATH.lenidx`) is written beside it, so pipelines plan rows from it
+    without reading the records.
     """
     from array_record.python import array_record_module
+
+    from nemojax.data.length_index import index_token_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-    n = 0
+    lengths: list[int] = []
     try:
         for doc in documents:
             arr = np.asarray(doc)
             if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-                raise DataError(f"write_array_record({path}): document {n} must be a 1-D sequence of ints")
+                raise DataError(f"write_array_record({path}): document {len(lengths)} must be a 1-D sequence "
+                                f"of ints")
             writer.write(arr.astype(TOKEN_DTYPE).tobytes())
-            n += 1
+            lengths.append(arr.size)
     finally:
         writer.close()
-    return n
+    index_token_file(path, lengths)
+    return len(lengths)
 
 
 class ConcatSource:
@@ -218,6 +255,22 @@ class ConcatSource:
         f, j = self.locate(i)
         return self.files[f][j]
 
+    def read_many(self, idx: Sequence[int]) -> list[Any]:
+        """Documents `idx` in that order, fetched per file in one call where the file can."""
+        out: list[Any] = [None] * len(idx)
+        by_file: dict[int, list[tuple[int, int]]] = {}
+        for pos, i in enumerate(idx):
+            if not 0 <= i < len(self):
+                raise IndexError(i)
+            f, j = self.locate(int(i))
+            by_file.setdefault(f, []).append((pos, j))
+        for f, wanted in by_file.items():
+            src = self.files[f]
+            docs = src.read_many([j for _, j in wanted]) if hasattr(src, "read_many") else [src[j] for _, j in wanted]
+            for (pos, _), d in zip(wanted, docs):
+                out[pos] = d
+        return out
+
 
 class TokenArraySource:
     """Documents stored as one flat token array plus offsets (the built-in corpus cache)."""
@@ -235,18 +288,6 @@ class TokenArraySource:
     def lengths(self) -> np.ndarray:
         """Token count of every document (from the offsets, without reading any token)."""
         return np.diff(self.offsets)
-
-
-def open_files(path: str, fmt: str, text_field: str, what: str) -> ConcatSource:
-    """Open every file a source path names, as one ConcatSource."""
-    files = expand_paths(path, what)
-    if fmt == "jsonl":
-        return ConcatSource([JsonlFile(f, text_field) for f in files])
-    if fmt == "parquet":
-        return ConcatSource([ParquetFile(f, text_field) for f in files])
-    if fmt == "arrayrecord":
-        return ConcatSource([ArrayRecordFile(f) for f in files])
-    raise DataError(f"{what}: unknown format {fmt!r}; use jsonl, parquet, arrayrecord or builtin")
 
 
 def iter_texts(path: str, fmt: str | None = None, text_field: str = "text") -> Iterable[str]:

@@ -7,6 +7,11 @@
 The model is either a nemojax checkpoint, served in-process by the sampling engine, or any
 OpenAI-compatible endpoint (`endpoint` + `model`). Reward suites take a reward checkpoint or a
 reward endpoint. The same report shape is what `nemojax align` stores per stage.
+
+An endpoint is tried before anything is sent (`GET <endpoint>/models`): one that cannot be
+reached raises `EvalEndpointError`. Requests that fail later (after the client's retries) are
+counted per suite and in `report["failed_requests"]`, with the first errors; `report["complete"]`
+is false when any failed, and `nemojax eval` then exits 1.
 """
 
 from __future__ import annotations
@@ -20,6 +25,25 @@ from typing import Any
 from nemojax.align.tasks import Task
 from nemojax.evaluation.suites import (EvalDataError, SuiteResult, answers_suite, ifeval_suite, loss_suite,
                                        read_jsonl, reward_suite, rewardbench_suite, tasks_suite)
+
+ENDPOINT_PROBE_TIMEOUT_S = 10.0
+
+
+class EvalEndpointError(EvalDataError):
+    """The endpoint under test (or the reward endpoint) cannot be reached."""
+
+
+def check_endpoint(url: str, timeout_s: float = ENDPOINT_PROBE_TIMEOUT_S) -> None:
+    """Raise EvalEndpointError unless `url` answers HTTP at all (`GET <url>/models`; any status
+    counts: some servers do not list models). A refused connection, an unknown host or a timeout
+    would otherwise turn into every request failing after minutes of retries."""
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/models", timeout=timeout_s)
+    except (httpx.TransportError, httpx.InvalidURL, ValueError) as e:
+        raise EvalEndpointError(f"endpoint {url} cannot be reached ({type(e).__name__}: {e}); is the server "
+                                f"running and the URL right (e.g. http://localhost:8000/v1)?") from None
 
 SUITES = ("tasks", "answers", "ifeval", "reward", "rewardbench", "loss")
 GENERATION_SUITES = ("tasks", "answers", "ifeval", "reward")
@@ -47,6 +71,7 @@ class EvalSpec:
     batch_slots: int = 32
     max_len: int = 512
     limit: int = 0
+    quantize: str = ""  # int8 | fp8: quantize the checkpoint's projections at load ("" = as stored)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -147,17 +172,23 @@ def evaluate_model(spec: EvalSpec, *, model: Any = None, tokenizer: Any = None) 
     `model` / `tokenizer` may be passed in (already loaded) to skip loading the checkpoint.
     """
     spec.validate()
+    for url in (spec.endpoint, spec.reward_endpoint):
+        if url:
+            check_endpoint(url)
     t0 = time.perf_counter()
     if spec.checkpoint and model is None:
         from nemojax.checkpoint import load_model
 
-        model = load_model(spec.checkpoint)
+        model = load_model(spec.checkpoint, quantize=spec.quantize or None)
     if tokenizer is None and (spec.checkpoint or spec.tokenizer):
         tokenizer = _tokenizer(spec)
     results = asyncio.run(_run(spec, model, tokenizer))
     first = next(iter(spec.suites))
+    failed = sum(r.failed for r in results.values())
     return {"score": results[first].score, "headline_suite": first,
             "model": spec.checkpoint or f"{spec.endpoint} ({spec.model})",
+            "complete": failed == 0, "failed_requests": failed,
+            "errors": [e for r in results.values() for e in r.errors][:5],
             "suites": {k: {"score": r.score, "metrics": r.metrics} for k, r in results.items()},
             "rows": {k: r.rows for k, r in results.items()},
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -166,6 +197,9 @@ def evaluate_model(spec: EvalSpec, *, model: Any = None, tokenizer: Any = None) 
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of every suite's headline and main metrics."""
     lines = [f"{'suite':<12} {'score':>8}  details"]
+    if report.get("failed_requests"):
+        lines.append(f"INCOMPLETE: {report['failed_requests']} request(s) failed and count as wrong; first error: "
+                     f"{report['errors'][0] if report['errors'] else '?'}")
     for name, r in report["suites"].items():
         m = r["metrics"]
         if name == "tasks":
@@ -179,5 +213,7 @@ def format_table(report: dict[str, Any]) -> str:
             detail = " ".join(f"{k}={v:.3f}" for k, v in m["mean"].items())
         else:
             detail = " ".join(f"{k}={v}" for k, v in m.items() if not isinstance(v, dict))
+        if m.get("failed"):
+            detail += f" failed={m['failed']}"
         lines.append(f"{name:<12} {r['score']:>8.4f}  {detail}")
     return "\n".join(lines)

@@ -15,7 +15,10 @@ measured the same way:
                  RewardBench-format records, per subset; headline = mean over subsets
     loss         held-out assistant-token loss (nats/token) of a checkpoint, in-process
 
-Every input file is JSONL; a malformed line raises `EvalDataError` naming file and line.
+Every input file is JSONL; a malformed line raises `EvalDataError` naming file and line. A
+request the model (or reward model) could not answer after its client's retries is a failure,
+not a wrong answer: it scores as wrong, and `metrics["failed"]` / `SuiteResult.failed` count it
+with the first errors, so a caller can refuse to record an incomplete evaluation.
 """
 
 from __future__ import annotations
@@ -40,6 +43,29 @@ class SuiteResult:
     score: float  # the one headline number (higher is better, except loss)
     metrics: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)  # per-item detail (responses, verdicts)
+    failed: int = 0  # requests that got no answer (counted as wrong in the score)
+    errors: list[str] = field(default_factory=list)  # the first few of their error messages
+
+
+MAX_ERRORS = 5
+
+
+class Failures:
+    """Requests that failed during one suite: their count and first messages."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.errors: list[str] = []
+
+    def add(self, error: Exception) -> None:
+        self.count += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(str(error)[:300])
+
+    def result(self, name: str, score: float, metrics: dict[str, Any], rows: list[dict[str, Any]] | None = None
+               ) -> SuiteResult:
+        metrics["failed"] = self.count
+        return SuiteResult(name, score, metrics, rows or [], self.count, list(self.errors))
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -79,19 +105,36 @@ def _messages(rec: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 
 async def _generate_all(llm: Any, conversations: list[list[dict[str, str]]], max_tokens: int,
-                        concurrency: int = 256) -> list[str]:
-    """Greedy responses for every conversation, many in flight at once."""
+                        failures: Failures, concurrency: int = 256) -> list[str | None]:
+    """Greedy responses for every conversation, many in flight at once; None (and a failure
+    counted) where the request failed."""
     from nemojax.sdg.llm import GenRequest, LLMError
 
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(msgs: list[dict[str, str]]) -> str:
+    async def one(msgs: list[dict[str, str]]) -> str | None:
         async with sem:
             try:
                 res = await llm.generate(GenRequest(messages=msgs, temperature=0.0, max_tokens=max_tokens))
-            except LLMError:
-                return ""
+            except LLMError as e:
+                failures.add(e)
+                return None
             return res.text
+
+    return list(await asyncio.gather(*(one(m) for m in conversations)))
+
+
+async def _score_all(reward: Any, conversations: list[list[dict[str, str]]], failures: Failures
+                     ) -> list[dict[str, float] | None]:
+    """Reward scores of every conversation; None (and a failure counted) where scoring failed."""
+    from nemojax.sdg.llm import LLMError
+
+    async def one(msgs: list[dict[str, str]]) -> dict[str, float] | None:
+        try:
+            return await reward.score(msgs)
+        except LLMError as e:
+            failures.add(e)
+            return None
 
     return list(await asyncio.gather(*(one(m) for m in conversations)))
 
@@ -101,8 +144,10 @@ def _acc(flags: Sequence[bool]) -> float:
 
 
 async def tasks_suite(llm: Any, tasks: list[Task], *, max_tokens: int = 96) -> SuiteResult:
-    responses = await _generate_all(llm, [[{"role": "user", "content": t.prompt}] for t in tasks], max_tokens)
-    ok = verify_many(tasks, responses)
+    failures = Failures()
+    got = await _generate_all(llm, [[{"role": "user", "content": t.prompt}] for t in tasks], max_tokens, failures)
+    responses = [r or "" for r in got]
+    ok = [v and r is not None for v, r in zip(verify_many(tasks, responses), got)]
     by_family: dict[str, list[bool]] = defaultdict(list)
     by_level: dict[int, list[bool]] = defaultdict(list)
     for t, v in zip(tasks, ok):
@@ -119,8 +164,8 @@ async def tasks_suite(llm: Any, tasks: list[Task], *, max_tokens: int = 96) -> S
             [{"instruction_id_list": [t.check["instruction_id"]], "kwargs": [t.check.get("instruction_kwargs", {})],
               "response": r} for t, r in fmt]).items() if k.startswith(("prompt_level", "instruction_level"))}
     rows = [{"family": t.family, "level": t.level, "prompt": t.prompt, "response": r, "correct": v}
-            for t, r, v in zip(tasks, responses, ok)]
-    return SuiteResult("tasks", metrics["accuracy"], metrics, rows)
+            for t, r, v in zip(tasks, got, ok)]
+    return failures.result("tasks", metrics["accuracy"], metrics, rows)
 
 
 def _reference_number(rec: dict[str, Any], where: str) -> int:
@@ -139,10 +184,11 @@ async def answers_suite(llm: Any, records: list[dict[str, Any]], *, source: str 
                         max_tokens: int = 128) -> SuiteResult:
     convs = [_messages(r, f"{source}:{i + 1}") for i, r in enumerate(records)]
     refs = [_reference_number(r, f"{source}:{i + 1}") for i, r in enumerate(records)]
-    responses = await _generate_all(llm, convs, max_tokens)
-    ok = [extract_number(resp) == ref for resp, ref in zip(responses, refs)]
+    failures = Failures()
+    responses = await _generate_all(llm, convs, max_tokens, failures)
+    ok = [resp is not None and extract_number(resp) == ref for resp, ref in zip(responses, refs)]
     rows = [{"response": r, "reference": ref, "correct": v} for r, ref, v in zip(responses, refs, ok)]
-    return SuiteResult("answers", _acc(ok), {"accuracy": _acc(ok), "n": len(ok)}, rows)
+    return failures.result("answers", _acc(ok), {"accuracy": _acc(ok), "n": len(ok)}, rows)
 
 
 async def ifeval_suite(llm: Any, records: list[dict[str, Any]], *, source: str = "ifeval",
@@ -153,25 +199,28 @@ async def ifeval_suite(llm: Any, records: list[dict[str, Any]], *, source: str =
         if not isinstance(r.get("instruction_id_list"), list) or not isinstance(r.get("kwargs"), list):
             raise EvalDataError(f"{source}:{i + 1}: IFEval records need `prompt`, `instruction_id_list` "
                                 f"and `kwargs` lists")
+    failures = Failures()
     responses = await _generate_all(llm, [_messages(r, f"{source}:{i + 1}") for i, r in enumerate(records)],
-                                    max_tokens)
-    try:
-        m = evaluate([dict(r, response=resp) for r, resp in zip(records, responses)])
+                                    max_tokens, failures)
+    try:  # a failed request is checked as an empty response: it follows no instruction
+        m = evaluate([dict(r, response=resp or "") for r, resp in zip(records, responses)])
     except ValueError as e:
         raise EvalDataError(f"{source}: {e}") from None
     rows = [{"prompt": r.get("prompt"), "response": resp} for r, resp in zip(records, responses)]
-    return SuiteResult("ifeval", m["prompt_level_strict"], m, rows)
+    return failures.result("ifeval", m["prompt_level_strict"], m, rows)
 
 
 async def reward_suite(llm: Any, reward: Any, records: list[dict[str, Any]], *, source: str = "reward",
                        max_tokens: int = 128) -> SuiteResult:
     convs = [_messages(r, f"{source}:{i + 1}") for i, r in enumerate(records)]
-    responses = await _generate_all(llm, convs, max_tokens)
-    scores = await asyncio.gather(*(reward.score(c + [{"role": "assistant", "content": resp}])
-                                    for c, resp in zip(convs, responses)))
-    mean = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
-    rows = [{"response": r, "scores": s} for r, s in zip(responses, scores)]
-    return SuiteResult("reward", mean["reward"], {"mean": mean, "n": len(scores)}, rows)
+    failures = Failures()
+    responses = await _generate_all(llm, convs, max_tokens, failures)
+    answered = [(c, r) for c, r in zip(convs, responses) if r is not None]
+    scores = await _score_all(reward, [c + [{"role": "assistant", "content": r}] for c, r in answered], failures)
+    ok = [s for s in scores if s is not None]
+    mean = {k: sum(s[k] for s in ok) / len(ok) for k in ok[0]} if ok else {"reward": float("nan")}
+    rows = [{"response": r, "scores": s} for (_, r), s in zip(answered, scores)]
+    return failures.result("reward", mean["reward"], {"mean": mean, "n": len(ok)}, rows)
 
 
 def _pair_messages(rec: dict[str, Any], which: str, where: str) -> list[dict[str, str]]:
@@ -191,15 +240,16 @@ def _pair_messages(rec: dict[str, Any], which: str, where: str) -> list[dict[str
 async def rewardbench_suite(reward: Any, records: list[dict[str, Any]], *, source: str = "rewardbench") -> SuiteResult:
     pairs = [(_pair_messages(r, "chosen", f"{source}:{i + 1}"), _pair_messages(r, "rejected", f"{source}:{i + 1}"))
              for i, r in enumerate(records)]
-    chosen = await asyncio.gather(*(reward.score(c) for c, _ in pairs))
-    rejected = await asyncio.gather(*(reward.score(r) for _, r in pairs))
+    failures = Failures()
+    chosen = await _score_all(reward, [c for c, _ in pairs], failures)
+    rejected = await _score_all(reward, [r for _, r in pairs], failures)
     by_subset: dict[str, list[bool]] = defaultdict(list)
-    for rec, c, r in zip(records, chosen, rejected):
-        by_subset[str(rec.get("subset", "all"))].append(c["reward"] > r["reward"])
+    for rec, c, r in zip(records, chosen, rejected):  # a pair with a failed score counts as wrong
+        by_subset[str(rec.get("subset", "all"))].append(c is not None and r is not None and c["reward"] > r["reward"])
     per = {k: _acc(v) for k, v in sorted(by_subset.items())}
     every = [v for vs in by_subset.values() for v in vs]
     metrics = {"accuracy": _acc(every), "by_subset": per, "n": len(every)}
-    return SuiteResult("rewardbench", sum(per.values()) / len(per), metrics)
+    return failures.result("rewardbench", sum(per.values()) / len(per), metrics)
 
 
 def loss_suite(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, source: str = "loss",
@@ -244,7 +294,7 @@ def loss_suite(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, sou
         s, c = jax.device_get(sums(params, jnp.asarray(ids), jnp.asarray(tgt), jnp.asarray(msk), jnp.asarray(seg)))
         nll, count = nll + float(s), count + float(c)
     loss = nll / max(count, 1.0)
-    return SuiteResult("loss", loss, {"loss": loss, "tokens": int(count), "n": len(records)})
+    return SuiteResult("loss", loss, {"loss": loss, "tokens": int(count), "n": len(records), "failed": 0})
 
 
 SuiteFn = Callable[..., Awaitable[SuiteResult]]

@@ -87,6 +87,17 @@ def _bucket(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def empty_slots(slots: int) -> dict[str, np.ndarray]:
+    """The per-slot host arrays every decode call takes (programs.decode's `slot`), all idle."""
+    S = slots
+    return {"tokens": np.zeros(S, np.int32), "positions": np.zeros(S, np.int32),
+            "token_index": np.zeros(S, np.int32), "remaining": np.zeros(S, np.int32),
+            "live": np.zeros(S, bool), "top_n": np.zeros(S, np.int32), "seed": np.zeros(S, np.uint32),
+            "sample_index": np.zeros(S, np.int32), "temperature": np.zeros(S, np.float32),
+            "top_k": np.zeros(S, np.int32), "top_p": np.ones(S, np.float32), "min_p": np.zeros(S, np.float32),
+            "stop_ids": np.full((S, MAX_STOP_IDS), -1, np.int32)}
+
+
 def default_program_dir() -> Path | None:
     """Where compiled engine programs persist: beside JAX's persistent compilation cache when
     one is configured (`jax_compilation_cache_dir`), else nowhere (memory only)."""
@@ -217,13 +228,7 @@ class Engine:
                                      (model_arrays(model),), donate=())
         self.cache = self._init_cache()
         S = self.max_slots
-        self._slot: dict[str, np.ndarray] = {
-            "tokens": np.zeros(S, np.int32), "positions": np.zeros(S, np.int32),
-            "token_index": np.zeros(S, np.int32), "remaining": np.zeros(S, np.int32),
-            "live": np.zeros(S, bool), "top_n": np.zeros(S, np.int32), "seed": np.zeros(S, np.uint32),
-            "sample_index": np.zeros(S, np.int32), "temperature": np.zeros(S, np.float32),
-            "top_k": np.zeros(S, np.int32), "top_p": np.ones(S, np.float32), "min_p": np.zeros(S, np.float32),
-            "stop_ids": np.full((S, MAX_STOP_IDS), -1, np.int32)}
+        self._slot = empty_slots(S)
         self._waiting: collections.deque[_Job] = collections.deque()
         self._slots: list[_Job | None] = [None] * S
         self._deltas: list[TokenDelta] = []

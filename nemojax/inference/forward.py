@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
+from nemojax.model import quant
 from nemojax.model.layers import apply_partial_rope, layernorm1p, rope_tables
 from nemojax.model.transformer import DTYPES, NemotronLM
 
@@ -45,17 +46,21 @@ _SPECS = {
     "split": {"qkv": "nd,hkd->nhk", "o": "nhk,dhk->nd", "up": "nd,fd->nf", "down": "nf,df->nd"},
 }
 _SPLIT_PERM = {"q": (1, 2, 0), "k": (1, 2, 0), "v": (1, 2, 0), "o": (2, 0, 1), "up": (1, 0), "down": (1, 0)}
+# A quantized projection's scale has the weight's rank (nemojax.model.quant): same permutation.
+_SPLIT_PERM.update({quant.scale_name(t): perm for t, perm in list(_SPLIT_PERM.items())})
 _BASE_BLOCK = ("attn_norm_scale", "attn_norm_bias", "q", "k", "v", "o", "mlp_norm_scale",
                "mlp_norm_bias", "up", "down")
 
 
 def model_arrays(model: NemotronLM) -> dict[str, Any]:
     """The model's weights as a plain dict: {"embed", "blocks": {name: [layers, ...]},
-    "final_norm_scale", "final_norm_bias", "lm_head"}."""
+    "final_norm_scale", "final_norm_bias", "lm_head"}; a quantized model's blocks also hold each
+    projection's scale (`{name}_qscale`, model.quant)."""
     if getattr(model.blocks, "lora_enabled", False):
         raise ValueError("the engine serves plain models; merge LoRA adapters first "
                          "(nemojax.load / checkpoint.load_model return merged weights)")
-    return {"embed": model.embed[...], "blocks": {name: getattr(model.blocks, name)[...] for name in _BASE_BLOCK},
+    names = (*_BASE_BLOCK, *getattr(model.blocks, "quant_names", ()))
+    return {"embed": model.embed[...], "blocks": {name: getattr(model.blocks, name)[...] for name in names},
             "final_norm_scale": model.final_norm_scale[...], "final_norm_bias": model.final_norm_bias[...],
             "lm_head": model.lm_head[...]}
 
@@ -72,6 +77,9 @@ def layout_weights(cfg: ModelConfig, arrays: dict[str, Any], layout: str, fuse_q
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if any(v.dtype == quant.VALUE_DTYPES["nf4"] for v in arrays["blocks"].values()):
+        raise ValueError("the engine serves int8 and fp8 weights, not nf4 (a QLoRA training format); load the "
+                         "checkpoint with its adapters merged, optionally quantized to int8 or fp8")
     stacked = arrays["blocks"]
     head = {k: arrays[k] for k in ("embed", "final_norm_scale", "final_norm_bias")}
     if layout == "stacked":
@@ -82,6 +90,9 @@ def layout_weights(cfg: ModelConfig, arrays: dict[str, Any], layout: str, fuse_q
                  for k, v in stacked.items()}
         if fuse_qkv:
             layer["qkv"] = jnp.concatenate([layer.pop("q"), layer.pop("k"), layer.pop("v")], axis=0)
+            if quant.scale_name("q") in layer:
+                layer[quant.scale_name("qkv")] = jnp.concatenate(
+                    [layer.pop(quant.scale_name(t)) for t in ("q", "k", "v")], axis=0)
         layers.append(layer)
     return {"layers": layers, **head, "lm_head": arrays["lm_head"].T}
 
@@ -123,15 +134,15 @@ def _layer(cfg: ModelConfig, spec: dict[str, str], raw: dict[str, jax.Array], i:
     B, C, D = x.shape
     KV, hd = cfg.num_kv_heads, cfg.head_dim
     H = cfg.num_heads
-    w = {k: v.astype(cdt) for k, v in raw.items()}
+    w = quant.compute_weights(raw, cdt)  # quantized projections stay QArrays (model.quant)
     h = layernorm1p(x, raw["attn_norm_scale"], raw["attn_norm_bias"], cfg.norm_eps).reshape(B * C, D)
     if "qkv" in w:  # fused (split layout, unsharded heads)
-        qkv = jnp.einsum(spec["qkv"], h, w["qkv"])
+        qkv = quant.einsum(spec["qkv"], h, w["qkv"])
         q, k, v = qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:]
     else:
-        q = jnp.einsum(spec["qkv"], h, w["q"])
-        k = jnp.einsum(spec["qkv"], h, w["k"])
-        v = jnp.einsum(spec["qkv"], h, w["v"])
+        q = quant.einsum(spec["qkv"], h, w["q"])
+        k = quant.einsum(spec["qkv"], h, w["k"])
+        v = quant.einsum(spec["qkv"], h, w["v"])
     q = apply_partial_rope(q.reshape(B, C, H, hd), cos, sin)
     k = apply_partial_rope(k.reshape(B, C, KV, hd), cos, sin)
     v = v.reshape(B, C, KV, hd)
@@ -143,10 +154,10 @@ def _layer(cfg: ModelConfig, spec: dict[str, str], raw: dict[str, jax.Array], i:
     else:
         keys, values = ck[i][slots, :window], cv[i][slots, :window]
     attn = _attend(q.reshape(B, C, KV, H // KV, hd), keys.astype(cdt), values.astype(cdt), visible, cdt)
-    x = x + jnp.einsum(spec["o"], attn.reshape(B * C, H, hd), w["o"]).reshape(B, C, D)
+    x = x + quant.einsum(spec["o"], attn.reshape(B * C, H, hd), w["o"]).reshape(B, C, D)
     h = layernorm1p(x, raw["mlp_norm_scale"], raw["mlp_norm_bias"], cfg.norm_eps).reshape(B * C, D)
-    up = jnp.square(jax.nn.relu(jnp.einsum(spec["up"], h, w["up"])))
-    return x + jnp.einsum(spec["down"], up, w["down"]).reshape(B, C, D), ck, cv
+    up = jnp.square(jax.nn.relu(quant.einsum(spec["up"], h, w["up"])))
+    return x + quant.einsum(spec["down"], up, w["down"]).reshape(B, C, D), ck, cv
 
 
 def cached_forward(cfg: ModelConfig, weights: dict[str, Any], tokens: jax.Array, positions: jax.Array,

@@ -51,7 +51,7 @@ Constrain = Callable[[jax.Array], jax.Array]
 SAMPLING_FIELDS = ("seed", "sample_index", "temperature", "top_k", "top_p", "min_p")
 # Source files whose code is traced into the programs: part of every on-disk key.
 _TRACED_SOURCES = ("inference/forward.py", "inference/programs.py", "inference/sampling.py",
-                   "model/layers.py", "model/transformer.py", "config.py")
+                   "model/layers.py", "model/quant.py", "model/transformer.py", "config.py")
 
 
 def _identity(x: jax.Array) -> jax.Array:

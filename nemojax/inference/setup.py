@@ -62,8 +62,11 @@ def resolve_tokenizer_spec(spec: str | None, checkpoint: str | Path) -> str:
 
 
 def load_for_sampling(checkpoint: str | Path, tokenizer: str | None = None, dtype: str | None = None,
-                      ) -> tuple[Any, Any]:
-    """(model, tokenizer) for the engine; SetupError with a one-line reason on failure."""
+                      quantize: str | None = None, quant_block_size: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer) for the engine; SetupError with a one-line reason on failure.
+
+    quantize: "int8" / "fp8" weight-only quantization of the block projections at load
+    (nemojax.convert.quantize); a quantized checkpoint is served quantized without it."""
     from nemojax.checkpoint import CheckpointError, load_model
     from nemojax.config import ConfigError
     from nemojax.data.tokenizer import TokenizerError, load_tokenizer
@@ -71,6 +74,8 @@ def load_for_sampling(checkpoint: str | Path, tokenizer: str | None = None, dtyp
     if not Path(checkpoint).exists():
         raise SetupError(f"checkpoint not found: {checkpoint} (give a nemojax checkpoint, a training run "
                          f"directory, a step directory or a Hugging Face Nemotron directory)")
+    if quant_block_size and not quantize:
+        raise SetupError("--quant-block-size applies to --quantize; give --quantize int8 or fp8 as well")
     spec = resolve_tokenizer_spec(tokenizer, checkpoint)
     try:
         tok = load_tokenizer(spec)
@@ -78,7 +83,7 @@ def load_for_sampling(checkpoint: str | Path, tokenizer: str | None = None, dtyp
         raise SetupError(str(e)) from None
     kw = {} if dtype is None else {"param_dtype": dtype, "compute_dtype": dtype}
     try:
-        model = load_model(checkpoint, progress=False, **kw)
+        model = load_model(checkpoint, progress=False, quantize=quantize, quant_block_size=quant_block_size, **kw)
     except (FileNotFoundError, CheckpointError, ConfigError) as e:
         raise SetupError(str(e).replace("\n", " ")) from None
     if not hasattr(model, "lm_head"):
@@ -104,9 +109,21 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, slots: int, decode_steps
                    help="tokens of prompt prefixes kept for reuse across requests (0 = off; default 2 x max-len)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute (and weight) dtype instead of the checkpoint's (default: the checkpoint's)")
+    add_quantize_arguments(g)
     g.add_argument("--compile-cache", default=None,
                    help="directory for compiled programs (default: $JAX_COMPILATION_CACHE_DIR, else "
                         "$NEMOJAX_CACHE_DIR/jax_compile, else ~/.cache/nemojax/jax_compile)")
+
+
+def add_quantize_arguments(g: Any) -> None:
+    """--quantize / --quant-block-size: weight-only quantization at load (nemojax.model.quant)."""
+    g.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="quantize the block projections at load: int8 or fp8 (e4m3) values with fp32 scales, "
+                        "dequantized inside each matmul; embeddings, LM head, activations and the KV cache keep "
+                        "--dtype (default: as stored; a checkpoint saved by `nemojax convert quantize` is "
+                        "served quantized without this)")
+    g.add_argument("--quant-block-size", type=int, default=0,
+                   help="input elements per scale for --quantize (0 = one scale per output channel)")
 
 
 def engine_from_args(model: Any, tokenizer: Any, args: argparse.Namespace, *, max_len: int | None = None,

@@ -6,8 +6,12 @@ forward, the pipeline stages and the KV-cached decode step.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from nemojax.model import quant
 
 
 def layernorm1p(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
@@ -45,8 +49,8 @@ def apply_partial_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Arra
     return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
 
 
-def squared_relu_mlp(x: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """down(relu(up(x))^2): Nemotron's gateless MLP, no biases."""
-    h = jnp.einsum("bsd,df->bsf", x, up)
+def squared_relu_mlp(x: jax.Array, up: Any, down: Any) -> jax.Array:
+    """down(relu(up(x))^2): Nemotron's gateless MLP, no biases (weights plain or `quant.QArray`)."""
+    h = quant.einsum("bsd,df->bsf", x, up)
     h = jnp.square(jax.nn.relu(h))
-    return jnp.einsum("bsf,fd->bsd", h, down)
+    return quant.einsum("bsf,fd->bsd", h, down)

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemojax.config import LORA_TARGETS, LoraConfig, ModelConfig
+from nemojax.config import LORA_TARGETS, LoraConfig, ModelConfig, QuantConfig
+from nemojax.model import quant
 
 RANK_AXIS = "lora_rank"
 SUFFIX_A, SUFFIX_B = "_lora_a", "_lora_b"
@@ -96,8 +97,17 @@ def merge_adapters(cfg: ModelConfig, p: dict[str, jax.Array]) -> dict[str, jax.A
     for k, a in p.items():
         if k.endswith(SUFFIX_A):
             t = k[:-len(SUFFIX_A)]
-            out[t] = out[t].astype(jnp.float32) + lora_delta(a, p[t + SUFFIX_B], cfg.lora.scale)
+            out[t] = _base_fp32(out, t) + lora_delta(a, p[t + SUFFIX_B], cfg.lora.scale)
     return out
+
+
+def _base_fp32(p: dict[str, jax.Array], target: str) -> jax.Array:
+    """A layer's base weight in fp32; a quantized base (QLoRA) is dequantized and its scale dropped
+    from `p` (the merged weight is a plain array)."""
+    scale = p.pop(quant.scale_name(target), None)
+    if scale is None:
+        return p[target].astype(jnp.float32)
+    return quant.dequantize(quant.QArray(p[target], scale))
 
 
 def trainable_filter(cfg: ModelConfig) -> Any:
@@ -132,13 +142,20 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     """A model of the same class without adapters whose weights are W + (alpha/rank) A @ B.
 
     The result's config has `lora.rank = 0`; a model without adapters is returned unchanged.
-    Weights keep their dtype (the merge is computed in fp32 and cast once).
+    Weights keep their dtype (the merge is computed in fp32 and cast once). A quantized base
+    (QLoRA, model.quant) gives a plain model: every projection dequantized to `param_dtype`
+    (quantize it again to serve it quantized).
     """
     cfg: ModelConfig = model.cfg
     if not cfg.lora.rank:
         return model
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     blocks = params["blocks"]
+    if cfg.quant.enabled:
+        from nemojax.model.transformer import DTYPES
+
+        blocks = quant.dequantize_blocks(blocks, DTYPES[cfg.param_dtype])
+        cfg = dataclasses.replace(cfg, quant=QuantConfig())
     merged_blocks = {k: v for k, v in blocks.items() if not (k.endswith(SUFFIX_A) or k.endswith(SUFFIX_B))}
     if model.blocks.lora_enabled:
         for t in cfg.lora.targets:

@@ -17,7 +17,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from nemojax.config import ModelConfig
-from nemojax.model.attention import attend
+from nemojax.model.attention import cached_attention, self_attention
+from nemojax.model import quant
 from nemojax.model.layers import apply_partial_rope, layernorm1p, rope_tables, squared_relu_mlp
 from nemojax.model.lora import adapter_params, merge_adapters
 from nemojax.model.axes import constrain
@@ -93,6 +94,7 @@ class Blocks(nnx.Module):
         self.mlp_norm_bias = _const((L, D), BLOCK_AXES["mlp_norm_bias"], dt)
         self.up = _param(rngs, (L, D, F), std, BLOCK_AXES["up"], dt)
         self.down = _param(rngs, (L, F, D), out_std, BLOCK_AXES["down"], dt)
+        self.quant_names = _quantize_projections(self, cfg) if cfg.quant.enabled else ()
         adapters = adapter_params(cfg, rngs, dt)  # LoRA (model.lora): {target}_lora_a/_b, or none
         for name, param in adapters.items():
             setattr(self, name, param)
@@ -101,8 +103,23 @@ class Blocks(nnx.Module):
 
     def arrays(self) -> dict[str, jax.Array]:
         """The stacked weights, plus the LoRA adapters (merged per layer by `block`) when enabled."""
-        names = (*BLOCK_AXES, *(self.adapter_names if self.lora_enabled else ()))
+        names = (*BLOCK_AXES, *self.quant_names, *(self.adapter_names if self.lora_enabled else ()))
         return {name: getattr(self, name)[...] for name in names}
+
+
+def _quantize_projections(blocks: Blocks, cfg: ModelConfig) -> tuple[str, ...]:
+    """Replace the projections of `blocks` by their quantized values (model.quant) and add one
+    scale param per projection (`{target}_qscale`, see nemojax.model.quant); returns the scale names."""
+    names = []
+    for t in quant.QUANT_TARGETS:
+        axes = BLOCK_AXES[t]
+        n_in = quant.N_IN[t]
+        qa = quant.quantize(getattr(blocks, t)[...], cfg.quant.mode, n_in, cfg.quant.block_size, layered=True)
+        setattr(blocks, t, nnx.Param(qa.values, logical_axes=axes))
+        scale_axes = (axes[0], *(quant.SCALE_IN_AXIS,) * n_in, *axes[1 + n_in:])
+        setattr(blocks, quant.scale_name(t), nnx.Param(qa.scale, logical_axes=scale_axes))
+        names.append(quant.scale_name(t))
+    return tuple(names)
 
 
 def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.Array,
@@ -111,40 +128,47 @@ def block(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, *, cos: jax.A
           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-LN decoder block on one layer's weights `p` (no leading layers axis).
 
-    With `cache` (k, v of [batch, max_len, kv_heads, head_dim]) the new keys/values are
-    written at slots `q_index` and the queries attend over the whole cache.
+    Without a cache the tokens attend causally among themselves (slots 0..seq-1, within their
+    segment) with `cfg.attention_backend`. With `cache` (k, v of [batch, max_len, kv_heads,
+    head_dim]) the new keys/values are written at slots `q_index` and the queries attend over
+    the whole cache (`cached_attention`, whatever the backend).
     """
     cdt = DTYPES[cfg.compute_dtype]
     p = merge_adapters(cfg, p)  # LoRA: W + (alpha/rank) A @ B for this layer only
-    w = {k: v.astype(cdt) for k, v in p.items()}
+    w = quant.compute_weights(p, cdt)  # quantized projections stay QArrays (model.quant)
     h = layernorm1p(x, p["attn_norm_scale"], p["attn_norm_bias"], cfg.norm_eps)
-    q = jnp.einsum("bsd,dhk->bshk", h, w["q"])
-    k = jnp.einsum("bsd,dhk->bshk", h, w["k"])
-    v = jnp.einsum("bsd,dhk->bshk", h, w["v"])
+    q = quant.einsum("bsd,dhk->bshk", h, w["q"])
+    k = quant.einsum("bsd,dhk->bshk", h, w["k"])
+    v = quant.einsum("bsd,dhk->bshk", h, w["v"])
     q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
     q = apply_partial_rope(q, cos, sin)
     k = apply_partial_rope(k, cos, sin)
     new_cache = None
     if cache is None:
-        attn = attend(q, k, v, backend=cfg.attention_backend, q_index=q_index, k_index=q_index,
-                      q_segment=segment_ids, k_segment=segment_ids,
-                      plain_causal=segment_ids is None)
+        attn = self_attention(q, k, v, backend=cfg.attention_backend, segment_ids=segment_ids,
+                              max_segments=cfg.attention_max_segments)
     else:
         ck, cv = cache
         rows = jnp.arange(x.shape[0])[:, None]
         ck = ck.at[rows, q_index].set(k.astype(ck.dtype), mode="drop")
         cv = cv.at[rows, q_index].set(v.astype(cv.dtype), mode="drop")
         new_cache = (ck, cv)
-        k_index = jnp.broadcast_to(jnp.arange(ck.shape[1]), (x.shape[0], ck.shape[1]))
-        attn = attend(q, ck.astype(cdt), cv.astype(cdt), backend=cfg.attention_backend,
-                      q_index=q_index, k_index=k_index, q_segment=None, k_segment=None,
-                      plain_causal=False)
-    attn_out = jnp.einsum("bshk,hkd->bsd", attn, w["o"])
+        attn = cached_attention(q, ck.astype(cdt), cv.astype(cdt), q_index=q_index)
+    attn_out = quant.einsum("bshk,hkd->bsd", attn, w["o"])
     attn_out = checkpoint_name(attn_out, "attn_out")
     x = x + attn_out
     h = layernorm1p(x, p["mlp_norm_scale"], p["mlp_norm_bias"], cfg.norm_eps)
     mlp_out = checkpoint_name(squared_relu_mlp(h, w["up"], w["down"]), "mlp_out")
     return x + mlp_out, new_cache
+
+
+def embed_tokens(cfg: ModelConfig, table: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """Embedding lookup in the compute dtype. The table is first gathered over the mesh axes of its
+    `embed` dim (FSDP gathers a weight before use), so the lookup is a vocab-parallel gather whose
+    rows follow the batch: a table still split over the batch's own axes makes the partitioner
+    replicate it (and, inside a partially manual region, fail)."""
+    table = constrain(table, ("vocab", None))
+    return constrain(jnp.take(table, input_ids, axis=0).astype(DTYPES[cfg.compute_dtype]), ACT_AXES)
 
 
 def run_blocks(cfg: ModelConfig, stacked: dict[str, jax.Array], x: jax.Array, *,
@@ -201,8 +225,7 @@ class NemotronLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         q_index = positions if cache is not None else jnp.broadcast_to(jnp.arange(s), (b, s))
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(DTYPES[self.cfg.compute_dtype])
-        x = constrain(x, ACT_AXES)
+        x = embed_tokens(self.cfg, self.embed[...], input_ids)
         x, cache = run_blocks(self.cfg, self.blocks.arrays(), x, positions=positions, q_index=q_index,
                               segment_ids=segment_ids, cache=cache)
         x = layernorm1p(x, self.final_norm_scale[...], self.final_norm_bias[...], self.cfg.norm_eps)

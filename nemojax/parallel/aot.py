@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ConfigError
+from nemojax.parallel.collectives import analyze, summarize
 
 # HBM per chip in GiB (public spec sheets); used only to say whether a compiled step fits.
 HBM_GIB: dict[str, float] = {"v4": 32.0, "v5p": 95.0, "v5e": 16.0, "v6e": 32.0}
@@ -162,8 +163,10 @@ def state_bytes(state: Any) -> dict[str, int]:
     return {"params": nbytes(state.params), "opt_state": nbytes(state.opt_state)}
 
 
-def compile_report(lowered: Any, hbm_gib: float | None) -> dict[str, Any]:
-    """Compile `lowered` and report per-device memory and whether it fits `hbm_gib`.
+def compile_report(lowered: Any, hbm_gib: float | None, mesh: Any = None) -> dict[str, Any]:
+    """Compile `lowered` and report per-device memory, whether it fits `hbm_gib`, and (given the
+    `mesh` it runs on) the collectives one call runs: per kind, mesh axes and dtype, how often and
+    how many bytes (nemojax.parallel.collectives, read from the optimized program).
 
     When the TPU compiler refuses a program that cannot fit, that refusal is the measurement:
     `fits: false` and `compile_error` with the required and available bytes it reported.
@@ -183,6 +186,8 @@ def compile_report(lowered: Any, hbm_gib: float | None) -> dict[str, Any]:
             oom["hbm_available_gib"] = float(m.group(3)) * unit[m.group(4)]
         return {"fits": False, "compile_error": oom, "compile_until_oom_s": round(time.perf_counter() - t0, 2)}
     out: dict[str, Any] = {"memory_per_device": _memory(compiled), "compile_s": round(time.perf_counter() - t0, 2)}
+    if mesh is not None:
+        out["collectives_per_step"] = summarize(analyze(compiled.as_text(), mesh.axis_names, mesh.devices.shape))
     total = out["memory_per_device"].get("total_bytes")
     if hbm_gib and total is not None:
         out["fits"] = bool(total <= hbm_gib * 2**30)

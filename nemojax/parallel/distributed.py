@@ -17,6 +17,11 @@ Where the settings come from, first match wins:
    on its own;
 5. none of the above: a single-process run, nothing to do.
 `NEMOJAX_DISTRIBUTED=off` skips initialization altogether.
+
+`jax.distributed.initialize` also starts JAX's preemption sync manager, which installs its own
+SIGTERM handler: from then on a SIGTERM to any process is a preemption notice for the whole job
+(nemojax.train.preemption decides when the trainer stops on it). Install no Python SIGTERM handler
+after initializing, or the notice never leaves the process that got it.
 """
 
 from __future__ import annotations

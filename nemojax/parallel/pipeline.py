@@ -1,40 +1,36 @@
-"""Interleaved (circular) pipeline parallelism over the mesh axis `pipeline`, in one jitted step.
+"""Interleaved pipeline parallelism over the mesh axis `pipeline`: layout, forward schedule, selection.
 
 Layout. The model's `L` stacked layers are cut into `P * V` chunks of `Lc = L / (P * V)`
 consecutive layers (`P` = size of the `pipeline` mesh axis, `V` = `pipeline.virtual_stages`).
 Chunk `c` runs on pipeline stage `c % P` as that stage's virtual stage (repeat) `c // P`, as in
-Megatron's interleaved schedule. For the computation the block weights are viewed as
-`[V, P, Lc, ...]` (a reshape of the `[L, ...]` stack) with the `P` dim sharded over `pipeline`.
+Megatron's interleaved schedule. Storage keeps the canonical layer order, split over `pipeline`
+in contiguous blocks (checkpoints and the plain forward stay valid); `relayout_local` moves each
+stage's chunks into its run layout, point to point.
 
-Schedule ("stacked stages + vmap + roll"). The pipeline state is one activation slot per stage,
-`[P, micro, seq, hidden]`, sharded over `pipeline`. Each of the `T = V * M + P - 1` iterations
+Training (gradients) does not go through this module's forward: the train step runs the 1F1B
+schedule of nemojax.parallel.pipeline_table / pipeline_grads (forward and backward per chunk, all
+the step's microbatches in one flush, live activations bounded by the pipeline depth).
+
+Forward-only passes (evaluation, reference log-probs) run the circular schedule below
+("stacked stages + vmap + roll"). The state is one activation slot per stage, `[P, micro, seq,
+hidden]`, sharded over `pipeline`. Each of the `T = V * M + P - 1` iterations
  1. feeds stage 0 from a circular buffer of the `M` microbatches (fresh embeddings for repeat 0,
     stage `P-1`'s earlier output for later repeats),
  2. runs every stage's current chunk at once: `vmap` over the stage dim, so under GSPMD each
-    device runs only its own chunk (a `lax.scan` over its `Lc` layers with the model's remat),
+    device runs only its own chunk (a `lax.scan` over its `Lc` layers),
  3. stores stage `P-1`'s output in the buffer and rotates the state by one stage
     (`jnp.roll` on the sharded dim, which XLA lowers to a collective-permute to the neighbour).
-Stage `p` at iteration `t` works on microbatch `(t - p) mod M`, repeat `(t - p) // M`; it is
-busy for `V * M` of the `T` iterations, so the bubble (idle) fraction is
+Stage `p` at iteration `t` works on microbatch `(t - p) mod M`, repeat `(t - p) // M`.
+Recirculation needs `M >= P` when `V > 1`; the training schedule needs `M` to be a multiple of
+`P` then, which the config validation asks for. Other mesh axes (data, fsdp, tensor) are left to
+the rules: the sharding constraints name only `pipeline`.
 
-    bubble_fraction(P, V, M) = (P - 1) / (V * M + P - 1)
-
-the same as Megatron's interleaved 1F1B (its bubble is (P-1)/(V*M) of the useful time, i.e.
-(P-1)/(V*M+P-1) of the total). Backward is JAX autodiff of the scan, so it runs the same schedule
-in reverse: this is the all-forward-then-all-backward (GPipe-order) variant, which keeps
-`V * M` chunk inputs per device alive (with remat, only the per-layer checkpoints) instead of
-1F1B's `P`; it buys simplicity and exact equivalence with the unpipelined model.
-
-Recirculation needs `M >= P` when `V > 1` (stage P-1's output of microbatch m must land in the
-buffer before stage 0 needs it again, `P - 1` iterations later and `M` iterations after it
-first used it). Other mesh axes (data, fsdp, tensor) are not touched here: the sharding
-constraints name only `pipeline` and leave the other dims UNCONSTRAINED for the rules to set.
-
-Use. A training objective asks for hidden states with `hidden_states(lm, input_ids, ...)`
-instead of `lm.hidden(...)`; while a step is traced under `use_pipeline(P, V, M, mesh)` (the
-train-step builder enters it whenever the resolved mesh has `pipeline > 1`) that runs the
-blocks through this schedule, otherwise it is exactly `lm.hidden`. So any objective built on a
-NemotronLM (language modelling, a reward head, preference losses) is pipelined without knowing.
+Use. An objective asks for hidden states with `hidden_states(lm, input_ids, ...)` instead of
+`lm.hidden(...)`; while a step is traced under `use_pipeline(schedule)` (the train-step builder
+enters it whenever the resolved mesh has `pipeline > 1`) that runs the blocks through the
+pipeline, otherwise it is exactly `lm.hidden`; under `hidden_states_hook` (the 1F1B step) it is
+what the hook says. So any objective built on a NemotronLM (language modelling, a reward head,
+preference losses) is pipelined without knowing, provided it calls `hidden_states` once.
 """
 
 from __future__ import annotations
@@ -53,42 +49,40 @@ from jax.sharding import PartitionSpec as PS
 from nemojax.config import Config, ConfigError, ModelConfig
 from nemojax.model.axes import active_rules, logical_to_spec, mesh_shape, spec_axes
 from nemojax.model.layers import layernorm1p, rope_tables
-from nemojax.model.transformer import DTYPES, REMAT_POLICIES, block
+from nemojax.model.transformer import DTYPES, REMAT_POLICIES, block, embed_tokens
 
 PIPELINE_AXIS = "pipeline"
 _STAGE_WEIGHTS = "pipeline_stage_weights"
 _U = PS.UNCONSTRAINED
 
 
-def bubble_fraction(P: int, V: int, M: int) -> float:
-    """Fraction of stage-iterations that are idle in the circular schedule: (P-1)/(V*M+P-1)."""
-    if P < 1 or V < 1 or M < 1:
-        raise ValueError(f"P, V, M must be >= 1, got {P}, {V}, {M}")
-    return (P - 1) / (V * M + P - 1)
-
-
 def num_iterations(P: int, V: int, M: int) -> int:
-    """Iterations of the circular schedule (each runs one chunk on every stage)."""
+    """Iterations of the circular forward schedule (each runs one chunk on every stage)."""
     return V * M + P - 1
 
 
-def validate_pipeline(num_layers: int, P: int, V: int, M: int, batch: int | None = None) -> None:
-    """Raise ConfigError (naming the keys) if the layout cannot run this model and batch."""
+def validate_pipeline(num_layers: int, P: int, V: int, M: int, batch: int | None = None,
+                      batch_split: int = 1) -> None:
+    """Raise ConfigError (naming the keys) if the layout cannot run this model and batch.
+
+    batch: the per-slice micro batch; batch_split: the devices it is split over (data x fsdp),
+    each of which cuts its rows into the M microbatches."""
     if num_layers % (P * V):
         divs = [v for v in range(1, num_layers + 1) if num_layers % (P * v) == 0]
         raise ConfigError(
             f"model.num_layers={num_layers} is not divisible by mesh.pipeline * pipeline.virtual_stages = "
             f"{P} * {V} = {P * V}: every virtual stage needs the same number of layers; with "
             f"pipeline={P} valid pipeline.virtual_stages are {divs or 'none (change mesh.pipeline)'}")
-    if V > 1 and M < P:
+    if V > 1 and M % P:
         raise ConfigError(
-            f"pipeline.microbatches={M} < mesh.pipeline={P} with pipeline.virtual_stages={V}: the interleaved "
-            f"schedule recirculates microbatches, so it needs at least as many microbatches as "
-            f"stages; set pipeline.microbatches >= {P}")
-    if batch is not None and batch % M:
+            f"pipeline.microbatches={M} is not a multiple of mesh.pipeline={P} with pipeline.virtual_stages={V}: "
+            f"the interleaved schedule runs microbatches through the virtual stages in groups of {P}; "
+            f"set pipeline.microbatches to a multiple of {P}")
+    if batch is not None and batch % (M * batch_split):
         raise ConfigError(
-            f"the per-step micro batch of {batch} sequences is not divisible by pipeline.microbatches={M}; "
-            f"choose a batch size that is a multiple of pipeline.microbatches")
+            f"the per-slice micro batch of {batch} sequences does not split into pipeline.microbatches={M} "
+            f"on each of the {batch_split} devices the batch is split over; choose a micro batch that is "
+            f"a multiple of {M * batch_split}")
 
 
 def to_stages(stacked: dict[str, jax.Array], P: int, V: int) -> dict[str, jax.Array]:
@@ -99,43 +93,44 @@ def to_stages(stacked: dict[str, jax.Array], P: int, V: int) -> dict[str, jax.Ar
     return jax.tree.map(f, stacked)
 
 
-def _relayout_interleaved(a: jax.Array, P: int, V: int, mesh: Mesh) -> jax.Array:
-    """[L, ...] sharded in contiguous blocks over `pipeline` -> [V, P, Lc, ...] sharded on P.
+def relayout_local(x: jax.Array, P: int, V: int) -> jax.Array:
+    """Inside a region manual over `pipeline`: this stage's storage slice [L/P, ...] (chunks
+    dV .. dV+V-1, canonical layer order) -> its run layout [V, Lc, ...] (chunks d, d+P, d+2P, ...).
 
-    Storage keeps the canonical layer order (checkpoints and the plain forward stay valid), so
-    pipeline device d holds chunks dV..dV+V-1 but runs chunks d, d+P, d+2P, ... . Letting XLA
-    reshard that reshape all-gathers the whole stack on every device (P x the weights); here the
-    chunks move point to point instead: in round k (k = 1..P-1) every device ppermutes to
-    device d+k the (at most ceil(V/P)) chunks destined there. Peak extra memory is one copy of the
-    device's own chunks; the backward pass is the transposed (reverse) permutation.
+    Letting XLA reshard the global reshape all-gathers the whole stack on every stage (P x the
+    weights); here chunks move point to point: in round k (k = 1..P-1) every stage ppermutes to
+    stage d+k the (at most ceil(V/P)) chunks destined there. Linear, so its transpose
+    (`jax.linear_transpose`) moves gradients back the reverse way. With V = 1 it is a reshape.
     """
-    L = a.shape[0]
-    Lc = L // (P * V)
+    Lc = x.shape[0] // V
+    if V == 1:
+        return x.reshape(1, *x.shape)
     J = -(-V // P)  # chunks per (device, round) at most
+    d = jax.lax.axis_index(PIPELINE_AXIS)
+    x = x.reshape(V, Lc, *x.shape[1:])  # slot v holds chunk d*V + v
+    out = jnp.zeros_like(x)  # slot r will hold chunk r*P + d
+    for k in range(P):
+        src = (d - k) % P  # the device this round receives from (sender side: d sends to d+k)
+        # Sender side: my slots v with (d*V + v - d) % P == k.
+        v0 = jnp.mod(k - d * (V - 1), P)
+        vs = v0 + P * jnp.arange(J)
+        send = x[jnp.minimum(vs, V - 1)]
+        if k:
+            send = jax.lax.ppermute(send, PIPELINE_AXIS, [(i, (i + k) % P) for i in range(P)])
+        # Receiver side: the same slots as computed by the sender `src`, landing at r = c // P.
+        rv = jnp.mod(k - src * (V - 1), P) + P * jnp.arange(J)
+        valid = rv < V
+        r = jnp.where(valid, (src * V + rv) // P, V + jnp.arange(J))  # >= V: out of range, dropped
+        out = out.at[r].set(send, mode="drop", unique_indices=True)  # distinct chunks: transposable
+    return out
 
-    def local(x: jax.Array) -> jax.Array:
-        d = jax.lax.axis_index(PIPELINE_AXIS)
-        x = x.reshape(V, Lc, *x.shape[1:])  # slot v holds chunk d*V + v
-        out = jnp.zeros_like(x)  # slot r will hold chunk r*P + d
-        for k in range(P):
-            src = (d - k) % P  # the device this round receives from (sender side: d sends to d+k)
-            # Sender side: my slots v with (d*V + v - d) % P == k.
-            v0 = jnp.mod(k - d * (V - 1), P)
-            vs = v0 + P * jnp.arange(J)
-            send = x[jnp.minimum(vs, V - 1)]
-            if k:
-                send = jax.lax.ppermute(send, PIPELINE_AXIS, [(i, (i + k) % P) for i in range(P)])
-            # Receiver side: the same slots as computed by the sender `src`, landing at r = c // P.
-            rv = jnp.mod(k - src * (V - 1), P) + P * jnp.arange(J)
-            valid = rv < V
-            r = jnp.where(valid, (src * V + rv) // P, V)  # V = out of range: dropped
-            out = out.at[r].set(send, mode="drop")
-        return out[:, None]
 
-    spec_in = PS(PIPELINE_AXIS)
-    spec_out = PS(None, PIPELINE_AXIS)
-    return jax.shard_map(local, mesh=mesh, in_specs=spec_in, out_specs=spec_out,
-                         axis_names=frozenset({PIPELINE_AXIS}), check_vma=False)(a)
+def _relayout_interleaved(a: jax.Array, P: int, V: int, mesh: Mesh) -> jax.Array:
+    """[L, ...] sharded in contiguous blocks over `pipeline` -> [V, P, Lc, ...] sharded on P
+    (`relayout_local` on every stage)."""
+    return jax.shard_map(lambda x: relayout_local(x, P, V)[:, None], mesh=mesh, in_specs=PS(PIPELINE_AXIS),
+                         out_specs=PS(None, PIPELINE_AXIS), axis_names=frozenset({PIPELINE_AXIS}),
+                         check_vma=False)(a)
 
 
 def stage_weights(stacked: dict[str, jax.Array], P: int, V: int, mesh: Mesh | None,
@@ -281,7 +276,7 @@ def pipelined_hidden(model: nnx.Module, input_ids: jax.Array, *, positions: jax.
     b, s = input_ids.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x = jnp.take(model.embed[...], input_ids, axis=0).astype(DTYPES[cfg.compute_dtype])
+    x = embed_tokens(cfg, model.embed[...], input_ids)
     seg = None if segment_ids is None else split_microbatches(segment_ids, M)
     y = pipelined_blocks(cfg, model.blocks.arrays(), split_microbatches(x, M),
                          positions=split_microbatches(positions, M), segment_ids=seg, P=P, V=V,
@@ -321,6 +316,7 @@ class Schedule(NamedTuple):
 
 
 _ACTIVE = threading.local()
+_HOOK = threading.local()
 
 
 @contextlib.contextmanager
@@ -338,6 +334,19 @@ def active_schedule() -> Schedule | None:
     return getattr(_ACTIVE, "value", None)
 
 
+@contextlib.contextmanager
+def hidden_states_hook(fn: Any) -> Iterator[None]:
+    """While tracing under this context, `hidden_states(model, ids, positions=..., segment_ids=...)`
+    returns `fn(model, ids, positions, segment_ids)`: how the 1F1B step splits an objective around
+    its hidden states (nemojax.parallel.pipeline_grads). Thread-local."""
+    prev = getattr(_HOOK, "value", None)
+    _HOOK.value = fn
+    try:
+        yield
+    finally:
+        _HOOK.value = prev
+
+
 def hidden_states(model: nnx.Module, input_ids: jax.Array, *, positions: jax.Array | None = None,
                   segment_ids: jax.Array | None = None) -> jax.Array:
     """Final-normed hidden states [B, S, D] of a NemotronLM, through the active pipeline schedule
@@ -347,6 +356,9 @@ def hidden_states(model: nnx.Module, input_ids: jax.Array, *, positions: jax.Arr
     result is re-sharded over `pipeline` as well as the data axes, so whatever follows (LM head,
     a reward head, the loss) is computed once, split P ways, not redundantly on every stage.
     """
+    hook = getattr(_HOOK, "value", None)
+    if hook is not None:
+        return hook(model, input_ids, positions, segment_ids)
     sched = active_schedule()
     if sched is None:
         return model.hidden(input_ids, positions=positions, segment_ids=segment_ids)[0]
@@ -355,26 +367,16 @@ def hidden_states(model: nnx.Module, input_ids: jax.Array, *, positions: jax.Arr
     return _spread_over_pipeline(h, sched.mesh)
 
 
-def schedule_summary(P: int, V: int, M: int, num_layers: int) -> dict[str, Any]:
-    """What `nemojax compile` / `info` print about the pipeline schedule."""
-    return {
-        "stages": P, "virtual_stages": V, "microbatches": M,
-        "layers_per_chunk": num_layers // (P * V) if num_layers % (P * V) == 0 else None,
-        "iterations": num_iterations(P, V, M),
-        "bubble_fraction": round(bubble_fraction(P, V, M), 6),
-        "schedule": "circular interleaved (vmap+roll), GPipe-order backward via autodiff",
-    }
-
-
-def pipeline_schedule(cfg: Config, mesh: Mesh | Any, micro_batches: Iterable[int] = ()) -> Schedule | None:
+def pipeline_schedule(cfg: Config, mesh: Mesh | Any, micro_batches: Iterable[int] = (),
+                      batch_split: int = 1) -> Schedule | None:
     """The schedule for `cfg` on `mesh`, with P from the RESOLVED mesh (so `mesh.pipeline=-1`
-    counts), validated against the model and each of the step's `micro_batches` sizes; None when
-    the mesh has a single pipeline stage."""
+    counts), validated against the model and each of the step's `micro_batches` sizes (split over
+    `batch_split` devices); None when the mesh has a single pipeline stage."""
     P = mesh_shape(mesh).get(PIPELINE_AXIS, 1)
     if P == 1:
         return None
     V, M = cfg.pipeline.virtual_stages, cfg.pipeline.microbatches
     validate_pipeline(cfg.model.num_layers, P, V, M)
     for micro in micro_batches:
-        validate_pipeline(cfg.model.num_layers, P, V, M, micro)
+        validate_pipeline(cfg.model.num_layers, P, V, M, micro, batch_split)
     return Schedule(P, V, M, mesh if isinstance(mesh, Mesh) else None)

@@ -68,3 +68,13 @@ def optimizer_state_specs(opt_state: Any, params: Any, specs_by_path: Mapping[tu
         return PartitionSpec()
 
     return jax.tree_util.tree_map_with_path(leaf_spec, opt_state)
+
+
+def gradient_specs(params: Any, param_specs_tree: Any, mesh: Mesh | AbstractMesh, zero2: bool) -> Any:
+    """PartitionSpecs of the reduced fp32 gradient: with ZeRO-2 the optimizer state's ZeRO-1 shard
+    of each parameter (so the update needs no resharding), else the parameter's own spec."""
+    if not zero2:
+        return param_specs_tree
+    sizes = mesh_shape(mesh)
+    return jax.tree.map(lambda p, s: add_axis_to_largest_dim(s, tuple(p.shape), sizes, "data"),
+                        params, param_specs_tree)

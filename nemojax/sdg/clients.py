@@ -30,13 +30,17 @@ def make_engine(c: ClientConfig) -> tuple[Any, Any]:
 
     tok = _tokenizer(c.tokenizer, c.checkpoint)
     dtype_kw = {"param_dtype": c.dtype, "compute_dtype": c.dtype} if c.dtype else {}
-    model = load_model(c.checkpoint, **dtype_kw)
+    model = load_model(c.checkpoint, quantize=c.quantize or None, **dtype_kw)
     if tok.vocab_size > model.cfg.vocab_size:
         print(f"nemojax sdg: warning: tokenizer has {tok.vocab_size} pieces but the model only "
               f"{model.cfg.vocab_size}", file=sys.stderr)
-    engine = Engine(model, max_slots=c.max_slots, max_len=min(c.max_len, model.cfg.max_seq_len),
-                    decode_steps=c.decode_steps, max_prefill_batch=c.max_prefill_batch,
-                    min_bucket=c.min_bucket, tokenizer=tok, **({} if c.program_cache else {"program_dir": False}),
+    max_len = min(c.max_len, model.cfg.max_seq_len)
+    # batch-invariant: nothing about a request's numbers depends on its neighbours (docs/SDG.md)
+    invariant = {"max_prefill_batch": 1, "prefix_cache_tokens": 0, "min_window": max_len} if c.batch_invariant \
+        else {"max_prefill_batch": c.max_prefill_batch}
+    engine = Engine(model, max_slots=c.max_slots, max_len=max_len, decode_steps=c.decode_steps,
+                    min_bucket=c.min_bucket, tokenizer=tok, **invariant,
+                    **({} if c.program_cache else {"program_dir": False}),
                     stop_token_ids=sorted({model.cfg.eos_id, tok.eos_id}))
     return engine, tok
 
@@ -57,7 +61,7 @@ def build_clients(cfg: PipelineConfig) -> dict[str, LLM]:
                                   max_retries=c.max_retries, seed=cfg.seed)
         else:
             key = (str(Path(c.checkpoint).resolve()), c.tokenizer, c.max_slots, c.max_len, c.decode_steps,
-                   c.max_prefill_batch, c.min_bucket, c.program_cache, c.dtype)
+                   c.max_prefill_batch, c.batch_invariant, c.min_bucket, c.program_cache, c.dtype, c.quantize)
             if key not in engines:
                 engines[key] = make_engine(c)
             engine, tok = engines[key]

@@ -40,10 +40,19 @@ class ClientConfig:
     max_slots: int = 8  # samples decoded together
     max_len: int = 1024  # prompt + completion tokens per sample
     decode_steps: int = 16  # tokens per slot per host round-trip at most
-    max_prefill_batch: int = 8
+    # true: every request's tokens are independent of the requests running beside it, so a run
+    # resumed after a kill writes the same bytes as an uninterrupted one (docs/SDG.md, "Crash
+    # safety and determinism"): one prompt per prefill call, no prefix cache across requests (the
+    # samples of one request still share its prefill), one attention window (max_len) for every
+    # decode call. false: batched prefill (max_prefill_batch), a prefix cache of 2 x max_len and
+    # windows sized to the longest running sample: faster, but a resumed run may differ from an
+    # uninterrupted one in a few sampled tokens.
+    batch_invariant: bool = True
+    max_prefill_batch: int = 8  # prompts prefilled together at most when batch_invariant is false
     min_bucket: int = 16  # smallest prompt-length bucket / attention window (= max_len: fewest compiles)
     program_cache: bool = True  # reuse the engine's compiled programs from disk across runs
     dtype: str = ""  # float32 | bfloat16 (default: the checkpoint's)
+    quantize: str = ""  # int8 | fp8: weight-only quantization of the block projections at load ("" = as stored)
     # --- openai
     base_url: str = ""  # e.g. http://localhost:8000/v1 (nemojax serve), https://integrate.api.nvidia.com/v1
     model: str = ""  # the model id the server expects
@@ -61,6 +70,10 @@ class ClientConfig:
             raise ConfigError(f"{key}.type={self.type!r}: choose engine, openai or scripted")
         if self.type == "engine" and not self.checkpoint:
             raise ConfigError(f"{key}.checkpoint is required for an engine client (e.g. runs/tiny)")
+        if self.max_prefill_batch < 1:
+            raise ConfigError(f"{key}.max_prefill_batch must be >= 1")
+        if self.quantize not in ("", "int8", "fp8"):
+            raise ConfigError(f"{key}.quantize={self.quantize!r}: choose int8, fp8 or leave it empty (as stored)")
         if self.type == "openai" and not (self.base_url and self.model):
             raise ConfigError(f"{key}: an openai client needs base_url (e.g. http://localhost:8000/v1) and model")
         for i, rule in enumerate(self.rules):

@@ -8,7 +8,21 @@ requests before the following chunk. The engine's slots therefore stay as full a
 items in flight allows. The engine (and its compiled functions) lives as long as the client, so
 every stage of a pipeline reuses the same executables.
 
-Only the engine's public API is used: submit, step, has_work, free_slots, cancel.
+Only the engine's public API is used: submit, step, has_work, free_slots, cancel (and its
+settings, read for `identity`).
+
+Determinism: every request carries a seed from the stage (stages/base.py), and the engine's
+sampling keys depend only on (seed, sample index, token index), never on the slot. What else
+runs can still change the numbers its tokens are drawn from: on XLA:CPU a matmul row's result
+depends on how many rows the call has, so a prompt prefilled together with others, or reusing
+keys/values another prompt's prefill computed (prefix cache), gets slightly different logits;
+and decode's attention sums over a window sized to the longest running sample, so a
+neighbour's length changes the rounding too (benchmarks/sdg_batch_invariance.py). Pipeline
+engine clients are therefore built batch-invariant by default (ClientConfig.batch_invariant:
+one prompt per prefill call, no prefix cache across requests, one decode window of max_len
+rows), which makes every request's tokens independent of what runs beside it, so a resumed
+stage writes the bytes an uninterrupted one does. An engine passed in from Python keeps its
+own settings.
 """
 
 from __future__ import annotations
@@ -83,7 +97,7 @@ class EngineLLM:
                     for rid, (fut, _, _) in self._running.items():
                         self.engine.cancel(rid)
                         if not fut.done():
-                            fut.set_exception(LLMError(f"engine failed: {e}"))
+                            fut.set_exception(LLMError(f"engine failed: {e}", "engine_error", transport=True))
                     self._running.clear()
                     raise
                 for c in finished:
@@ -100,8 +114,19 @@ class EngineLLM:
             await asyncio.sleep(0)
         for rid, (fut, _, _) in list(self._running.items()):  # the engine dropped them (cancelled)
             if not fut.done():
-                fut.set_exception(LLMError(f"request {rid} was dropped by the engine"))
+                fut.set_exception(LLMError(f"request {rid} was dropped by the engine", "engine_error", transport=True))
         self._running.clear()
+
+    def identity(self) -> dict[str, Any]:
+        """What about the live engine changes its answers (for the runner's stage fingerprints):
+        the model's shape and the engine settings that change numerics or admission."""
+        import dataclasses
+
+        e = self.engine
+        return {"model_config": dataclasses.asdict(e.cfg), "max_slots": e.max_slots, "max_len": e.max_len,
+                "decode_steps": e.decode_steps, "max_prefill_batch": e.batch_buckets[-1],
+                "prefix_cache_tokens": e.prefix_cache.num_blocks * e.prefix_cache.block_size,
+                "windows": list(e.window_buckets), "min_bucket": e.len_buckets[0], "bos": self.bos}
 
     def _result(self, completions: list[Any]) -> GenResult:
         completions = sorted(completions, key=lambda c: c.sample_index)

@@ -4,7 +4,11 @@ Works unchanged against `nemojax serve`, vLLM and NVIDIA NIM / build.nvidia.com:
 - at most `max_concurrency` requests in flight (an asyncio semaphore);
 - retries with exponential backoff and jitter on 408/409/429/5xx, timeouts and connection errors,
   honouring a `Retry-After` header (seconds or an HTTP date); other 4xx fail at once with the
-  server's message, since retrying a bad request cannot help;
+  server's message, since retrying them now cannot help;
+- failures are classified (LLMError.transport): 400/413/422 say the request itself is wrong
+  (reason `bad_request`, a result for that item); everything else (retries exhausted, 401/403/404,
+  a body that is not the API's JSON) is a transport failure, which the runner never records as a
+  result: the stage stays incomplete and a rerun retries those items;
 - a per-request timeout;
 - the API key is read from an environment variable (`api_key_env`), never from the config file.
 """
@@ -23,6 +27,7 @@ import httpx
 from nemojax.sdg.llm import GenRequest, GenResult, LLMError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+ITEM_STATUS = {400, 413, 422}  # the request itself is wrong: an outcome of the item, not of the transport
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -81,10 +86,13 @@ class OpenAIHTTP:
                     try:
                         return response.json()
                     except ValueError:
-                        raise LLMError(f"{path}: response is not JSON: {response.text[:200]!r}") from None
+                        raise LLMError(f"{self.base_url}{path}: response is not JSON: {response.text[:200]!r}",
+                                       "bad_response", transport=True) from None
                 last = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code in ITEM_STATUS:
+                    raise LLMError(f"{self.base_url}{path}: {last}", "bad_request")
                 if response.status_code not in RETRY_STATUS:
-                    raise LLMError(f"{self.base_url}{path}: {last}", "http_error")
+                    raise LLMError(f"{self.base_url}{path}: {last}", "http_error", transport=True)
                 wait = _retry_after(response)
             if attempt == self.max_retries:
                 break
@@ -93,7 +101,7 @@ class OpenAIHTTP:
             self.retries += 1
             await asyncio.sleep(wait)
         raise LLMError(f"{self.base_url}{path}: gave up after {self.max_retries + 1} attempts; last error: {last}",
-                       "http_error")
+                       "http_error", transport=True)
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -129,7 +137,8 @@ class OpenAILLM:
             texts = [(c["message"]["content"] if chat else c["text"]) or "" for c in choices]
             reasons = [c.get("finish_reason") or "stop" for c in choices]
         except (KeyError, TypeError) as e:
-            raise LLMError(f"unexpected response shape (missing {e}): {str(data)[:200]}", "bad_response") from None
+            raise LLMError(f"unexpected response shape (missing {e}): {str(data)[:200]}", "bad_response",
+                           transport=True) from None
         usage = data.get("usage") or {}
         return GenResult(texts, reasons, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 

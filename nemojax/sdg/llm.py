@@ -16,11 +16,20 @@ from typing import Any, Callable, Protocol
 
 
 class LLMError(RuntimeError):
-    """A request the backend could not answer (after retries); stages count it as a drop reason."""
+    """A request the backend could not answer (after retries).
 
-    def __init__(self, message: str, reason: str = "llm_error") -> None:
+    transport False: the answer is a property of the request (a prompt too long for the model,
+    parameters the server rejects with 400): stages count `reason` as a drop and the item's
+    outcome is final. transport True: the backend was unreachable or broke (refused connection,
+    timeout, HTTP 5xx / 429 after every retry, 401/403/404, an engine crash): nothing was learnt
+    about the item, so the runner records no outcome for it, marks the stage incomplete and a
+    rerun retries exactly those items.
+    """
+
+    def __init__(self, message: str, reason: str = "llm_error", *, transport: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.transport = transport
 
 
 @dataclass

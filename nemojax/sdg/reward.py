@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Protocol
 
+from nemojax.data.chat_template import ChatFormatError
 from nemojax.sdg.http_client import OpenAIHTTP
 from nemojax.sdg.llm import LLMError
 
@@ -54,7 +55,7 @@ class HTTPReward:
             scores = {e["token"]: float(e["logprob"]) for e in entries}
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise LLMError(f"reward response has no choices[0].logprobs.content scores ({e!r}): "
-                           f"{str(data)[:200]}", "bad_response") from None
+                           f"{str(data)[:200]}", "bad_response", transport=True) from None
         return with_reward(scores, self.weights)
 
     async def aclose(self) -> None:
@@ -110,15 +111,26 @@ class InProcessReward:
             batch, self._queued = self._queued[:self.batch_size], self._queued[self.batch_size:]
             try:
                 results = self.scorer.score([m for m, _ in batch])
-            except Exception as e:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(LLMError(f"reward scoring failed: {e}", "reward_error"))
-                continue
+            except ChatFormatError:  # one malformed conversation: score the others without it
+                results = [self._one(m) for m, _ in batch]
+            except Exception as e:  # the scorer broke: not an outcome of these items
+                results = [LLMError(f"reward scoring failed: {e}", "reward_error", transport=True)] * len(batch)
             for (_, fut), scores in zip(batch, results):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(scores, LLMError):
+                    fut.set_exception(scores)
+                else:
                     fut.set_result(with_reward(dict(scores), self.weights))
             await asyncio.sleep(0)
+
+    def _one(self, messages: list[dict[str, str]]) -> Any:
+        try:
+            return self.scorer.score([messages])[0]
+        except ChatFormatError as e:
+            return LLMError(f"conversation cannot be scored: {e}", "bad_conversation")
+        except Exception as e:
+            return LLMError(f"reward scoring failed: {e}", "reward_error", transport=True)
 
     async def aclose(self) -> None:
         if self._driver is not None and not self._driver.done():

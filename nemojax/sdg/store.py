@@ -88,14 +88,31 @@ def _fsync_dir(path: Path) -> None:
 class Ledger:
     """Append-only, fsynced record of processed items (see the module docstring).
 
-    The first line is a header holding the stage's fingerprint (its resolved spec); a rerun with
-    a different spec for the same stage is refused instead of mixing two configurations.
+    The first line is a header holding the stage's fingerprint (fingerprint.py: everything its
+    records depend on); a rerun with a different fingerprint for the same stage is refused
+    instead of mixing two configurations (the runner checks `recorded_fingerprint` first, to
+    name the keys that changed).
     """
 
-    def __init__(self, path: str | Path, fingerprint: str) -> None:
+    def __init__(self, path: str | Path, fingerprint: Any) -> None:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self._fd: int | None = None
+
+    def recorded_fingerprint(self) -> Any:
+        """The fingerprint in the header line, or None when there is no complete header yet."""
+        try:
+            with self.path.open("rb") as f:
+                first = f.readline()
+        except FileNotFoundError:
+            return None
+        if not first.endswith(b"\n"):
+            return None
+        try:
+            header = json.loads(first).get("header")
+        except (json.JSONDecodeError, AttributeError):
+            raise StoreError(f"{self.path}:1: corrupt ledger header; delete the file to redo this stage") from None
+        return header.get("fingerprint") if isinstance(header, dict) else None
 
     def load(self) -> dict[str, dict[str, Any]]:
         """Entries by item id; cuts a torn last line off the file first."""

@@ -56,7 +56,8 @@ from nemojax.parallel.memory import tree_shard_bytes
 from nemojax.parallel.mesh import make_abstract_mesh
 from nemojax.parallel.pipeline import Schedule, pipeline_schedule, use_pipeline
 from nemojax.parallel.rules import Rules, check_divisible, resolve_rules
-from nemojax.parallel.state_sharding import (model_logical_axes, optimizer_state_specs, param_specs,
+from nemojax.parallel.data_parallel import GradientLayout, gradient_layout
+from nemojax.parallel.state_sharding import (gradient_specs, model_logical_axes, optimizer_state_specs, param_specs,
                                              tree_param_specs)
 from nemojax.train.optim import learning_rate_schedule, make_optimizer, needs_fp32_master, with_fp32_master
 from nemojax.train.rampup import BatchSchedule
@@ -131,7 +132,7 @@ def plan_state(cfg: Config, mesh: Mesh | AbstractMesh, task: TrainTask = PRETRAI
     check_divisible(abstract_params, axes, rules, mesh, cfg.model)
     if tx is None:
         tx = make_optimizer(cfg.optimizer, total_steps if total_steps is not None else cfg.steps)
-    if needs_fp32_master(abstract_params):
+    if needs_fp32_master(split_trainable(abstract_params, task.trainable)[0]):  # frozen (e.g. quantized) params need none
         tx = with_fp32_master(tx)
 
     def init(seed: Any) -> TrainState:
@@ -169,6 +170,7 @@ class Training:
     state_specs: TrainState  # PartitionSpecs
     state_shardings: TrainState  # NamedShardings
     batch_sharding: NamedSharding  # of every batch field
+    gradient_layout: GradientLayout | None  # where gradients are reduced by hand (None: one device / pure FSDP)
     init_jit: Any  # jitted: uint32 seed -> sharded TrainState (for .lower() / AOT)
     step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # jitted, donates the state
     gradients: Callable[[Any, dict], tuple[Any, dict]]  # jitted: params, batch -> (fp32 grads, sums)
@@ -224,7 +226,6 @@ def build_training(cfg: Config, mesh: Mesh, *, task: TrainTask = PRETRAIN,
     plan = plan_state(cfg, mesh, task, tx, total)
     sched = BatchSchedule(cfg.data)
     shapes = sched.distinct_shapes()
-    schedule = pipeline_schedule(cfg, mesh, [m for _, m in shapes])
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), plan.state_specs, is_leaf=_is_spec)
     bsharding = NamedSharding(mesh, plan.batch_spec)
     divisor = shards_per_dim(plan.batch_spec, 2, mesh_shape(mesh))[1]
@@ -234,7 +235,13 @@ def build_training(cfg: Config, mesh: Mesh, *, task: TrainTask = PRETRAIN,
                 "data.global_batch_size (or a data.rampup batch_size)"
             raise ConfigError(f"{key}: micro batch {micro} is not divisible by {divisor}, the number of "
                               f"devices the batch is split over (mesh axes {plan.batch_spec[1]})")
+    schedule = pipeline_schedule(cfg, mesh, [m for _, m in shapes], divisor)
     rules, graphdef = plan.rules, plan.graphdef
+    train_abstract = split_trainable(plan.abstract_state.params, task.trainable)[0]
+    grad_specs = gradient_specs(train_abstract, split_trainable(plan.state_specs.params, task.trainable)[0], mesh,
+                                cfg.sharding.zero2)
+    layout = gradient_layout(mesh, rules, plan.state_specs.params, grad_specs, plan.batch_spec,
+                             pipelined=schedule is not None)
     lr_schedule = learning_rate_schedule(cfg.optimizer, total)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -246,21 +253,22 @@ def build_training(cfg: Config, mesh: Mesh, *, task: TrainTask = PRETRAIN,
 
     init_jit = jax.jit(plan.init, out_shardings=shardings)
     step = jax.jit(traced(make_train_step(graphdef, plan.tx, task.loss_sums, trainable=task.trainable,
-                                          lr_schedule=lr_schedule)),
+                                          lr_schedule=lr_schedule, layout=layout)),
                    in_shardings=(shardings, bsharding), out_shardings=(shardings, replicated), donate_argnums=0)
-    trainable_shardings = split_trainable(shardings.params, task.trainable)[0]
+    grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), grad_specs, is_leaf=_is_spec)
 
     def gradients(params: Any, batch: dict) -> tuple[Any, dict]:
-        g, num, den, extras = accumulate_gradients(graphdef, task.loss_sums, params, batch, task.trainable)
+        g, num, den, extras = accumulate_gradients(graphdef, task.loss_sums, params, batch, task.trainable, layout)
         return g, {"numerator": num, "denominator": den, **extras}
 
     grads_jit = jax.jit(traced(gradients), in_shardings=(shardings.params, bsharding),
-                        out_shardings=(trainable_shardings, replicated))
+                        out_shardings=(grad_shardings, replicated))
     eval_jit = jax.jit(traced(make_eval_sums(graphdef, task.loss_sums)),
                        in_shardings=(shardings.params, bsharding), out_shardings=replicated)
     return Training(cfg=cfg, task=task, mesh=mesh, rules=rules, schedule=schedule, graphdef=graphdef, tx=plan.tx,
                     lr_schedule=lr_schedule, abstract_state=plan.abstract_state, state_specs=plan.state_specs,
-                    state_shardings=shardings, batch_sharding=bsharding, init_jit=init_jit, step=step,
+                    state_shardings=shardings, batch_sharding=bsharding, gradient_layout=layout,
+                    init_jit=init_jit, step=step,
                     gradients=grads_jit, eval_sums=eval_jit)
 
 
@@ -270,7 +278,8 @@ def _is_master(path: tuple[Any, ...]) -> bool:
 
 def training_state_bytes(cfg: Config, num_devices: int, task: TrainTask = PRETRAIN) -> dict[str, Any]:
     """Per-device bytes of params, the fp32 gradient accumulator, optimizer state and fp32 master
-    copy for `cfg`'s mesh over `num_devices` devices, computed abstractly (no devices needed).
+    copy (and the reduced gradient) for `cfg`'s mesh over `num_devices` devices, computed
+    abstractly (no devices needed).
 
     The numbers come from the same plan the trainer shards with. Activations are not included:
     they depend on the batch, remat policy and schedule (use `nemojax compile` for those).
@@ -281,8 +290,9 @@ def training_state_bytes(cfg: Config, num_devices: int, task: TrainTask = PRETRA
     params = tree_shard_bytes(plan.abstract_state.params, plan.state_specs.params, sizes)
     train_p = split_trainable(plan.abstract_state.params, task.trainable)[0]
     train_specs = split_trainable(plan.state_specs.params, task.trainable)[0]
-    grads = tree_shard_bytes(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), train_p),
-                             train_specs, sizes)
+    grads32 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), train_p)
+    grads = tree_shard_bytes(grads32, train_specs, sizes)
+    reduced = tree_shard_bytes(grads32, gradient_specs(train_p, train_specs, mesh, cfg.sharding.zero2), sizes)
     opt_leaves = jax.tree_util.tree_flatten_with_path(plan.abstract_state.opt_state)[0]
     opt_specs = jax.tree.leaves(plan.state_specs.opt_state, is_leaf=_is_spec)
     out = {"params": params, "gradients": grads, "optimizer_state": 0, "master_weights": 0}
@@ -290,12 +300,16 @@ def training_state_bytes(cfg: Config, num_devices: int, task: TrainTask = PRETRA
         key = "master_weights" if _is_master(path) else "optimizer_state"
         out[key] += tree_shard_bytes(leaf, spec, sizes)
     out["total"] = sum(out.values())
+    out["reduced_gradients"] = reduced
     return {
         "mesh": sizes,
         "zero1": cfg.sharding.zero1,
+        "zero2": cfg.sharding.zero2,
         "per_device_bytes": out,
         "per_device_gib": {k: round(v / 2**30, 3) for k, v in out.items()},
-        "note": "training state only; activations depend on batch, remat and schedule",
+        "note": "training state only; activations depend on batch, remat and schedule. gradients: each "
+                "device's fp32 accumulator over the step's micro-batches; reduced_gradients: what the "
+                "once-per-step reduction leaves (the ZeRO-2 shard with sharding.zero2), not in total",
     }
 
 

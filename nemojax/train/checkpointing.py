@@ -156,6 +156,20 @@ def agree(code: int, gather: Callable[[np.ndarray], np.ndarray] | None = None) -
     return decision, [int(i) for i in np.flatnonzero(codes == decision)]
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's CheckpointManager, minus its preemption reporting.
+
+    orbax asks JAX's preemption sync manager `reached_preemption_sync_point(step)` while saving
+    and again from its save-finalising thread. Each call tells the sync manager where this
+    process is, so those global (and, from the thread, stale) steps would mix with the trainer's
+    own count; a notice arriving then could set the stop point to a step a process has already
+    passed, and it would never stop. The trainer alone reports steps and decides when a
+    preemption stops the run (nemojax.train.preemption)."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpointer:
     """Saves and restores trainer checkpoints under `<run_dir>/checkpoints`."""
 
@@ -167,7 +181,7 @@ class Checkpointer:
         self._open()
 
     def _open(self) -> None:
-        self.manager = ocp.CheckpointManager(
+        self.manager = _Manager(
             self.directory,
             item_names=("params", "opt_state", "train"),
             options=ocp.CheckpointManagerOptions(

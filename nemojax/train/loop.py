@@ -20,8 +20,9 @@ host, with any process count.
 Restarting with the same run_dir resumes from the newest intact checkpoint, bit for bit:
 the state, the data stream position and the (step-determined) batch ramp-up are restored, so
 the resumed losses equal those of an uninterrupted run. SIGTERM/SIGINT finish the current
-step, save, and exit 0. A non-finite loss or gradient norm stops the run (exit code
-EXIT_NONFINITE) without saving the bad state.
+step, save, and exit 0; on several hosts a signal to any process stops every process after the
+same step, and all of them write the one checkpoint (nemojax.train.preemption). A non-finite
+loss or gradient norm stops the run (exit code EXIT_NONFINITE) without saving the bad state.
 
 The hot loop never waits on the device except where it must: metrics are fetched every
 `log_every` steps, the non-finite check is a device-side flag read at those points and
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -47,6 +47,7 @@ from nemojax.config import Config, ConfigError, save_config
 from nemojax.train.build import PRETRAIN, TrainTask, Training, build_training
 from nemojax.train.checkpointing import CheckpointError, Checkpointer, read_data_state
 from nemojax.train.metrics import MetricsWriter, ThroughputMeter, format_progress, peak_flops_per_device
+from nemojax.train.preemption import StopSignals
 from nemojax.train.rampup import BatchSchedule
 from nemojax.train.step import TrainState
 
@@ -111,7 +112,6 @@ class Trainer:
         self._print = log or (lambda s: print(s, flush=True))
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         self.schedule = BatchSchedule(cfg.data)
-        self._stop_signal: str | None = None
         self._build()
 
     # ------------------------------------------------------------------ setup
@@ -212,53 +212,30 @@ class Trainer:
             num, den = num + float(s), den + float(c)
         return num / max(den, 1.0)
 
-    # ------------------------------------------------------------------ signals
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final save
-        self._stop_signal = signal.Signals(signum).name
-
-    def _should_stop(self, step: int, ckpt: Checkpointer) -> bool:
-        """Stop after this step? One process: our own signal flag. Several: JAX's preemption
-        sync point, so every host stops (and joins the collective save) at the same step."""
-        if self.process_count > 1:
-            return bool(ckpt.manager.reached_preemption(step))
-        return self._stop_signal is not None
-
-    def _install_signals(self) -> dict[int, Any]:
-        old = {}
-        try:
-            for s in (signal.SIGTERM, signal.SIGINT):
-                old[s] = signal.signal(s, self._on_signal)
-        except ValueError:  # not the main thread: leave the defaults alone
-            pass
-        return old
-
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = Checkpointer(self.run_dir, keep=cfg.keep_checkpoints)
-        old_handlers = self._install_signals()
         writer = None
+        stop = StopSignals(self.process_count)
+        stop.warn_if_costly()
         try:
-            state, meta = self._initial_state(ckpt)
-            start = int(meta["step"]) if meta else 0
-            if self.process_index == 0:  # after the restore: a refused resume leaves the old copy
-                save_config(cfg, self.run_dir / "config.yaml")
-            writer = MetricsWriter(self.run_dir, resume_step=start) if self.process_index == 0 else None
-            return self._loop(state, start, meta, ckpt, writer)
+            with stop:  # a signal during restore or compilation stops after the first step
+                state, meta = self._initial_state(ckpt)
+                start = int(meta["step"]) if meta else 0
+                if self.process_index == 0:  # after the restore: a refused resume leaves the old copy
+                    save_config(cfg, self.run_dir / "config.yaml")
+                writer = MetricsWriter(self.run_dir, resume_step=start) if self.process_index == 0 else None
+                return self._loop(state, start, meta, ckpt, writer, stop)
         finally:
             ckpt.close()
             if writer is not None:
                 writer.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
 
     def _loop(self, state: TrainState, start: int, meta: dict | None, ckpt: Checkpointer,
-              writer: MetricsWriter | None) -> TrainResult:
+              writer: MetricsWriter | None, stop: StopSignals) -> TrainResult:
         cfg, sched = self.cfg, self.schedule
         total = cfg.steps
         eval_batches = [] if self.validate else self._eval_batches()
@@ -352,14 +329,14 @@ class Trainer:
                     return stop_nonfinite(bad)
                 save(step)
                 t_mark, tok_mark = time.perf_counter(), 0
-            if self._should_stop(step, ckpt):
+            if stop.should_stop(step - start):
                 bad = check_finite(step)
                 if bad is not None:
                     return stop_nonfinite(bad)
                 if last_saved != step:
                     save(step)
                 ckpt.wait()
-                self.log(f"received {self._stop_signal or 'a preemption notice'}: saved checkpoint of step {step} in "
+                self.log(f"received {stop.describe()}: saved checkpoint of step {step} in "
                          f"{ckpt.directory / str(step)}; exiting. Rerun the same command to resume.")
                 return TrainResult(EXIT_OK, step, "signal", last_metrics, self.run_dir)
         ckpt.wait()

@@ -7,10 +7,15 @@ import jax.numpy as jnp
 
 
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(target) per position, [batch, seq], computed in fp32."""
+    """log p(target) per position, [batch, seq], computed in fp32.
+
+    The target's logit is picked with a one-hot mask (exact: one nonzero term per sum), not a
+    gather: with the vocabulary split over `tensor` this is the vocab-parallel cross-entropy's
+    local pick + all-reduce, and the SPMD partitioner cannot partition the gather inside the
+    data-parallel manual region (nemojax.parallel.data_parallel)."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == targets[..., None], logits, 0.0), axis=-1)
     return picked - lse
 
 

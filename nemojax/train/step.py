@@ -10,9 +10,13 @@ pipeline stages and hosts add them up and the step divides once, so the update i
 however the batch is split. `extra_metric_sums` (may be empty) are summed the same way and
 reported divided by the step's denominator.
 
-Precision (Megatron): each microbatch's gradient is added into an fp32 accumulator; the fp32
-average goes to the optimizer as is (clipping and AdamW run in fp32; with bf16 weights on an
-fp32 master copy, nemojax.train.optim.with_fp32_master). `grad_norm` is the norm before clipping.
+Precision and reduction (Megatron): each microbatch's gradient is added into an fp32
+accumulator; in the sharded step (`layout`) every device accumulates its own rows' sums and they
+are reduced across devices once per step, in fp32 (nemojax.parallel.data_parallel: a ZeRO-2
+reduce-scatter into the optimizer state's shards, or an all-reduce); the pipelined step gets its
+sums from the 1F1B schedule (nemojax.parallel.pipeline_grads). The fp32 average goes to the
+optimizer as is (clipping and AdamW run in fp32; with bf16 weights on an fp32 master copy,
+nemojax.train.optim.with_fp32_master). `grad_norm` is the norm before clipping.
 
 Trainable subset (e.g. LoRA adapters): with a `trainable` nnx filter only those parameters get
 gradients and optimizer state; the rest are carried in `state.params` unchanged.
@@ -27,7 +31,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nemojax.parallel.pipeline import hidden_states
+from nemojax.parallel.data_parallel import GradientLayout, reduce_gradients_once, shard_like_gradients
+from nemojax.parallel.pipeline import active_schedule, hidden_states
+from nemojax.parallel.pipeline_grads import pipeline_gradient_sums
 from nemojax.train.losses import lm_nll_sums
 
 LossSums = Callable[[Any, Any, dict], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
@@ -52,7 +58,7 @@ def split_trainable(params: Any, trainable: Any = None) -> tuple[Any, Any]:
     """(trainable params, frozen params); with `trainable=None` everything is trainable."""
     if trainable is None:
         return params, None
-    return params.split(trainable, ...)
+    return nnx.split_state(params, trainable, ...)
 
 
 def join_trainable(trainable: Any, frozen: Any) -> Any:
@@ -65,40 +71,64 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(split_trainable(params, trainable)[0]))
 
 
-def accumulate_gradients(graphdef: Any, loss_sums: LossSums, params: Any, batch: dict[str, jax.Array],
-                         trainable: Any = None) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
-    """(fp32 mean gradient of the trainable params, numerator sum, denominator, extra sums).
-
-    The gradient is d(sum of numerators)/d(params) / sum of denominators over all microbatches,
-    i.e. the gradient of the step's mean loss, accumulated in fp32 before any division.
-    """
+def local_gradient_sums(graphdef: Any, loss_sums: LossSums, params: Any, batch: dict[str, jax.Array],
+                        trainable: Any = None) -> tuple[Any, dict[str, jax.Array]]:
+    """(fp32 gradient SUMS of the trainable params, {"numerator", "denominator", extras}) over the
+    `[accum, micro, ...]` batch, accumulated over the slices in fp32, nothing divided or reduced
+    across devices (inside the data-parallel region these are one device's rows)."""
     train_p, frozen = split_trainable(params, trainable)
 
     def one(carry, mb):
-        g_acc, num_acc, den_acc, ex_acc = carry
+        g_acc, sums = carry
 
         def objective(p):
             num, den, extras = loss_sums(graphdef, join_trainable(p, frozen), mb)
-            return num, (num, den, extras)
+            return num, {"numerator": num, "denominator": den, **extras}
 
-        g, (num, den, extras) = jax.grad(objective, has_aux=True)(train_p)
+        g, got = jax.grad(objective, has_aux=True)(train_p)
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-        ex_acc = {k: ex_acc[k] + jnp.asarray(v, jnp.float32) for k, v in extras.items()}
-        return (g_acc, num_acc + num, den_acc + den, ex_acc), None
+        return (g_acc, {k: sums[k] + jnp.asarray(v, jnp.float32) for k, v in got.items()}), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_p)
     first = jax.tree.map(lambda a: a[0], batch)
     extra_keys = jax.eval_shape(lambda p: loss_sums(graphdef, p, first)[2], params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-            {k: jnp.zeros((), jnp.float32) for k in extra_keys})
-    (g_sum, num, den, extras), _ = jax.lax.scan(one, init, batch)
+    init = {k: jnp.zeros((), jnp.float32) for k in ("numerator", "denominator", *extra_keys)}
+    (g_sum, sums), _ = jax.lax.scan(one, (zeros, init), batch)
+    return g_sum, sums
+
+
+def accumulate_gradients(graphdef: Any, loss_sums: LossSums, params: Any, batch: dict[str, jax.Array],
+                         trainable: Any = None, layout: GradientLayout | None = None,
+                         ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(fp32 mean gradient of the trainable params, numerator sum, denominator, extra sums).
+
+    The gradient is d(sum of numerators)/d(params) / sum of denominators over all microbatches,
+    i.e. the gradient of the step's mean loss, accumulated in fp32 before any division. With a
+    `layout` (the sharded step) each device accumulates its own rows' sums and they are reduced
+    across devices once, in fp32 (nemojax.parallel.data_parallel); the pipelined step computes
+    those sums with the 1F1B schedule (nemojax.parallel.pipeline.pipeline_gradient_sums).
+    """
+    def local(p: Any, b: dict) -> tuple[Any, dict]:
+        schedule = active_schedule()
+        if schedule is not None:
+            return pipeline_gradient_sums(graphdef, loss_sums, p, b, schedule, trainable)
+        return local_gradient_sums(graphdef, loss_sums, p, b, trainable)
+
+    if layout is None:
+        g_sum, sums = local(params, batch)
+    else:
+        train_specs = split_trainable(layout.param_specs, trainable)[0]
+        g_sum, sums = reduce_gradients_once(local, params, batch, layout, split_trainable(params, trainable)[0],
+                                            train_specs)
+    num, den = sums.pop("numerator"), sums.pop("denominator")
     denom = jnp.maximum(den, 1.0)
     grads = jax.tree.map(lambda g: g / denom, g_sum)
-    return grads, num, den, extras
+    return grads, num, den, sums
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_sums: LossSums = lm_loss_sums, *,
                     trainable: Any = None, lr_schedule: optax.Schedule | None = None,
+                    layout: GradientLayout | None = None,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure step; the caller jits it (nemojax.train.build does, with shardings and donation).
 
@@ -108,10 +138,13 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, loss_sums: 
     """
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-        grads, num, den, extras = accumulate_gradients(graphdef, loss_sums, state.params, batch, trainable)
+        grads, num, den, extras = accumulate_gradients(graphdef, loss_sums, state.params, batch, trainable, layout)
         train_p, frozen = split_trainable(state.params, trainable)
         updates, opt_state = tx.update(grads, state.opt_state, train_p)
-        params = join_trainable(optax.apply_updates(train_p, updates), frozen)
+        new_p = optax.apply_updates(train_p, updates)
+        if layout is not None:  # new weights computed on the gradient's shard, then all-gathered
+            new_p = shard_like_gradients(new_p, layout)
+        params = join_trainable(new_p, frozen)
         denom = jnp.maximum(den, 1.0)
         loss, gnorm = num / denom, optax.tree.norm(grads)
         metrics = {"loss": loss, "loss_denominator": den, "grad_norm": gnorm,

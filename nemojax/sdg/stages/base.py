@@ -54,6 +54,10 @@ class Work:
 
     Every call gets a seed derived from (pipeline seed, stage, item id, call number), so an item
     samples the same tokens whenever and wherever it runs (first run or resume, any batch).
+
+    `transport` holds the first transport failure of any call (LLMError.transport: unreachable
+    server, retries exhausted, engine crash), whatever the stage then did with the error: the
+    runner then records no outcome for the item, so a rerun retries it.
     """
 
     def __init__(self, ctx: Any, stage: str, item_id: str, spec: StageSpec) -> None:
@@ -64,7 +68,13 @@ class Work:
         self.rng = random.Random(f"{ctx.seed}/{stage}/{item_id}")
         self.tokens = 0
         self.dropped: collections.Counter[str] = collections.Counter()
+        self.transport: LLMError | None = None
         self._calls = 0
+
+    def failed(self, error: LLMError) -> None:
+        """Note a backend failure: a transport failure marks the item as not done."""
+        if error.transport and self.transport is None:
+            self.transport = error
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
@@ -81,7 +91,11 @@ class Work:
         return GenRequest(messages=messages, prompt=prompt, **fields)
 
     async def generate(self, request: GenRequest, client: str | None = None) -> GenResult:
-        result = await self.ctx.llm(client or self.spec.client).generate(request)
+        try:
+            result = await self.ctx.llm(client or self.spec.client).generate(request)
+        except LLMError as e:
+            self.failed(e)
+            raise
         self.tokens += result.prompt_tokens + result.completion_tokens
         return result
 
@@ -115,6 +129,7 @@ class Work:
         try:
             return await reward.score(messages)
         except LLMError as e:
+            self.failed(e)
             self.drop(e.reason)
             return None
 

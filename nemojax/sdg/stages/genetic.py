@@ -97,6 +97,9 @@ class GeneticInstruct(Stage):
         rec: dict[str, Any] = {"cid": cid, "colony": colony, "operator": op, "parents": [p["instruction"][:200] for p in parents]}
 
         def done(reason: str) -> dict[str, Any]:
+            if work.transport is not None:  # no outcome: the caller records nothing and the run retries it
+                parent.failed(work.transport)
+                return {**rec, "accepted": False, "reason": "transport", "tokens": work.tokens, "transport": True}
             return {**rec, "accepted": reason == "accepted", "reason": reason, "tokens": work.tokens}
 
         instruction = await work.ask(text)
@@ -162,7 +165,8 @@ class GeneticInstruct(Stage):
                 return judged[cid]
             async with sem:
                 result = await self._candidate(cid, colony, population, work)
-            ledger.append({"in": cid, "out": [result], "dropped": {}, "tokens": result["tokens"]})
+            if not result.get("transport"):
+                ledger.append({"in": cid, "out": [result], "dropped": {}, "tokens": result["tokens"]})
             return result
 
         try:
@@ -171,6 +175,8 @@ class GeneticInstruct(Stage):
                     break
                 jobs = [(f"g{g}-c{c}-k{k}", c) for c in range(s.colonies) for k in range(s.offspring)]
                 results = await asyncio.gather(*(one(cid, c) for cid, c in jobs))
+                if work.transport is not None:  # the generation is unfinished: no snapshot, a rerun completes it
+                    break
                 dedup = Deduplicator(threshold=s.dedup_threshold, seed=work.ctx.seed + 1)
                 for member in population:
                     dedup.check(member["instruction"])
