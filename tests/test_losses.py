@@ -207,7 +207,9 @@ def test_loss_sums_for_the_train_step() -> None:
 @pytest.mark.filterwarnings("error")  # a 0/0 the guards should have avoided is a RuntimeWarning
 def test_reward_metrics_guards_and_float64_host_math() -> None:
     """`reward_metrics` where its guards decide, against numpy on the raw labels: an attribute with
-    three labels whose n * sum(p^2) - sum(p)^2 cancels in fp32 (a), exactly two labels with a
+    three labels whose sums are exact in fp32 but whose n * sum(p^2) - sum(p)^2 is not (a: 3 *
+    12016010 rounds to a multiple of 4 in fp32, so fp32 host math reads the variance as 16, not
+    14, and Pearson r as 0.919, not 0.982), exactly two labels with a
     variance below 1 (b), one label (c), none (d), constant predictions (e), and no labels at all.
 
     Kills: `np.float64` -> the sums' own fp32 (`np.asarray(v, None)` / `np.asarray(v, )`);
@@ -216,7 +218,7 @@ def test_reward_metrics_guards_and_float64_host_math() -> None:
     `mse` dropped, renamed, or computed as `sum * total`.
     """
     nan = float("nan")
-    p = np.array([[3000, 0.0, 1, 9, 2], [3002, 0.5, 9, 9, 2], [3004, 9, 9, 9, 2]], np.float32)
+    p = np.array([[2000, 0.0, 1, 9, 2], [2001, 0.5, 9, 9, 2], [2003, 9, 9, 9, 2]], np.float32)
     y = np.array([[1, 0.0, 2, 9, 1], [2, 0.25, 9, 9, 2], [3, 9, 9, 9, 4]], np.float32)
     mask = np.array([[1, 1, 1, 0, 1], [1, 1, 0, 0, 1], [1, 0, 0, 0, 1]], np.float32)
     m = reward_metrics(reward_stat_sums(jnp.asarray(p), jnp.asarray(y), jnp.asarray(mask)), list("abcde"))
@@ -224,7 +226,7 @@ def test_reward_metrics_guards_and_float64_host_math() -> None:
     for i, a in enumerate("abcde"):
         sq = (p[keep[:, i], i].astype(np.float64) - y[keep[:, i], i]) ** 2
         assert m[f"mse/{a}"] == (pytest.approx(sq.mean(), rel=1e-6) if len(sq) else pytest.approx(nan, nan_ok=True))
-    assert m["pearson/a"] == pytest.approx(np.corrcoef(p[:, 0], y[:, 0])[0, 1], rel=1e-6)  # 1: y = (p - 2998) / 2
+    assert m["pearson/a"] == pytest.approx(np.corrcoef(p[:, 0], y[:, 0])[0, 1], rel=1e-6)  # 9 / sqrt(14 * 6)
     assert m["pearson/b"] == pytest.approx(1.0, rel=1e-6)  # two labels on a line, variance 1/64 * 1/4
     assert all(math.isnan(m[f"pearson/{a}"]) for a in "cde")  # one label, none, constant predictions
     sq_all = ((p.astype(np.float64) - y) ** 2)[keep]
@@ -286,3 +288,18 @@ def test_preference_losses_compute_in_fp32_whatever_the_input_dtype() -> None:
         loss = preference_loss(kind, **bf, beta=0.5, **REWARDS)
         assert loss.dtype == jnp.float32 and float(loss[0]) == pytest.approx(want, rel=1e-7), kind
     assert sft_loss(bf["chosen_logps"]).dtype == jnp.float32
+
+
+def test_preference_metric_sums_without_a_mask_count_every_pair_in_fp32() -> None:
+    """No example mask means every pair is real, counted in fp32 whatever the log-probs' dtype:
+    257 bf16 pairs count 257 (bf16 holds 256 or 258). Kills, in `preference_metric_sums`, the
+    default mask dropped (`example_mask is None and False`: None.astype), built from None
+    (`jnp.ones_like(None)`, `jnp.asarray(None, f32)`, `jnp.asarray(jnp.float32)`), or in the
+    log-probs' own dtype (`jnp.asarray(chosen_logps, None)` / `jnp.asarray(chosen_logps, )`)."""
+    n = 257
+    c = jnp.full((n,), -1.0, jnp.bfloat16)
+    r = jnp.full((n,), -2.0, jnp.bfloat16)
+    ref = jnp.zeros((n,), jnp.bfloat16)
+    sums = preference_metric_sums(c, r, ref, ref, beta=0.5)
+    assert sums["pairs"].dtype == jnp.float32 and float(sums["pairs"]) == n
+    assert float(sums["accuracy"]) == n and float(sums["margin"]) == pytest.approx(0.5 * n, rel=1e-2)
