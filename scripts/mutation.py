@@ -4,6 +4,7 @@
     python scripts/mutation.py --list             # the areas: modules, tests, tool
     python scripts/mutation.py losses --confirm-only   # re-check the last run's survivors (new tests)
     python scripts/mutation.py --table            # the docs/TESTING.md table from docs/mutation/*.json
+    python scripts/mutation.py tasks --partial    # report an interrupted run: what it checked, its rate
 
 Each area mutates its modules and runs only that area's test files, in the order listed (cheap
 hand-value tests first: with `-x` most mutants die there). The work happens in a copy of the
@@ -27,7 +28,9 @@ Tools (the `mutation` extra pins both):
   does not have; cosmic-ray rewrites the file on disk and runs the test command per mutant.
 
 Kill ratio = (killed + timeout) / all mutants checked; "no tests" and "suspicious" mutants that
-the confirmation run does not kill count as survivors.
+the confirmation run does not kill count as survivors. An area stopped before the end (too slow
+for the time at hand) is reported with --partial: the mutants checked so far, unconfirmed (so
+its kill ratio is a lower bound over those), the rate and the estimated time for the rest.
 """
 
 from __future__ import annotations
@@ -145,6 +148,8 @@ def make_work_copy(area: str, a: Area, mode: str = "fresh", debug: bool = False)
             shutil.copy2(src, dst)
     if a.tool == "mutmut" and mode == "fresh":
         (work / "pyproject.toml").write_text(_area_pyproject(a, debug))
+    if mode == "fresh":  # for --partial: the rate of an interrupted run
+        (work / "started.json").write_text(json.dumps({"time": time.time(), "commit": git_commit()}))
     return work
 
 
@@ -324,7 +329,7 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     previous = json.loads(report_path.read_text()) if confirm_only else None
     if confirm_only and (previous is None or not (WORK / area).exists()):
         raise SystemExit(f"--confirm-only needs a previous run of {area} (.mutation/{area} and {report_path})")
-    started = time.monotonic()
+    started, commit = time.monotonic(), git_commit()  # the commit whose files are copied
     if resume and not (WORK / area / "mutants").exists():
         raise SystemExit(f"--resume needs an interrupted run of {area} (.mutation/{area}/mutants)")
     work = make_work_copy(area, a, "resume" if resume else "tests" if confirm_only else "fresh", debug)
@@ -357,7 +362,7 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     wall = time.monotonic() - started
     report = {
         "area": area, "what": a.what, "tool": tool_version(a.tool), "modules_tested_by": list(a.tests),
-        "command": f"python scripts/mutation.py {area}", "commit": git_commit(),
+        "command": f"python scripts/mutation.py {area}", "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "wall_s": round(wall + (previous["wall_s"] if previous else 0.0), 1),
         "confirm_only_runs": (previous.get("confirm_only_runs", 0) + 1) if previous else 0,
@@ -375,9 +380,45 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     return report
 
 
+def partial_report(area: str) -> dict:
+    """docs/mutation/<area>.json for a mutmut run stopped before the end: mutants checked so far.
+
+    mutmut's own verdicts, unconfirmed (a confirmation can only turn a survivor into a kill, so
+    the kill ratio over the checked mutants is a lower bound); the rate is mutants checked per
+    minute since the work copy was made (a --resume'd run's pause counts as time)."""
+    a = AREAS[area]
+    work = WORK / area
+    if a.tool != "mutmut" or not (work / "started.json").exists() or not (work / "mutants").exists():
+        raise SystemExit(f"--partial needs an interrupted mutmut run of {area} made by this script (.mutation/{area})")
+    started = json.loads((work / "started.json").read_text())
+    statuses = mutmut_results(work, a)
+    metas = [work / "mutants" / (m + ".meta") for m in a.modules]
+    last = max(p.stat().st_mtime for p in metas)
+    minutes = (last - started["time"]) / 60
+    total = counts({f"{m}:{k}": v for m, s in statuses.items() for k, v in s.items()})
+    checked = total["mutants"] - total["not checked"]
+    rate = checked / minutes if minutes > 0 else None
+    report = {
+        "area": area, "what": a.what, "tool": tool_version(a.tool), "modules_tested_by": list(a.tests),
+        "command": f"python scripts/mutation.py {area}", "commit": started["commit"],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(last)), "partial": True,
+        "minutes_run": round(minutes, 1), "mutants_per_minute": round(rate, 2) if rate else None,
+        "estimated_minutes_left": round(total["not checked"] / rate) if rate else None,
+        "modules": {m: {**counts(s), "statuses": s} for m, s in statuses.items()},
+        "total": total,
+        "survivors_unconfirmed": {n: mutant_diff(work, n) for s in statuses.values() for n, v in s.items()
+                                  if v in ("survived", "no tests", "suspicious")},
+    }
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    (REPORTS / f"{area}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    print(f"[{area}] partial: {checked} of {total['mutants']} mutants checked in {minutes:.0f} min, "
+          f"kill ratio so far {total['kill_ratio']}; about {report['estimated_minutes_left']} min left", flush=True)
+    return report
+
+
 def table() -> str:
     """The docs/TESTING.md table: one row per module, from docs/mutation/*.json."""
-    lines = ["| area | module | tests | mutants | killed | timeout | survived | kill ratio | tool, commit |",
+    lines = ["| area | module | tests | mutants | killed | timeout | survived | kill ratio | date, tool, commit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for area in AREAS:
         path = REPORTS / f"{area}.json"
@@ -388,8 +429,13 @@ def table() -> str:
         tests = ", ".join(Path(t).name for t in r["modules_tested_by"])
         for module, c in r["modules"].items():
             ratio = "n/a" if c["kill_ratio"] is None else f"{100 * c['kill_ratio']:.1f}%"
-            lines.append(f"| {area} | {module} | {tests} | {c['mutants']} | {c['killed']} | {c['timeout']} | "
-                         f"{c['survived']} | {ratio} | {r['tool']}, {r['commit'][:10]} |")
+            mutants = c["mutants"]
+            if r.get("partial"):
+                mutants = f"partial: {c['mutants'] - c['not checked']} of {c['mutants']} checked"
+                ratio = f">= {ratio} (unconfirmed)"
+            lines.append(f"| {area} | {module} | {tests} | {mutants} | {c['killed']} | {c['timeout']} | "
+                         f"{c['survived'] + c['suspicious']} | {ratio} | {r['date'][:16]}, {r['tool']}, "
+                         f"{r['commit'][:10]} |")
     return "\n".join(lines)
 
 
@@ -405,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds one confirmation (or cosmic-ray) test run may take before it counts as a timeout")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: mutants that already have a result are not run again")
+    p.add_argument("--partial", action="store_true",
+                   help="report the areas' interrupted runs (mutants checked so far, rate, time left)")
     p.add_argument("--debug", action="store_true", help="mutmut's debug output (every pytest command) in the log")
     args = p.parse_args(argv)
     if args.list:
@@ -420,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not areas:
         p.error(f"name one or more areas of: {', '.join(AREAS)} (or 'all'); unknown: {unknown}")
     for area in areas:
+        if args.partial:
+            partial_report(area)
+            continue
         run_area(area, args.jobs, args.confirm_only, args.timeout, args.debug, args.resume)
     return 0
 
