@@ -112,10 +112,16 @@ def test_preference_gradients_match_hand_derivations() -> None:
 
 
 def test_preference_loss_errors_name_the_fix() -> None:
-    with pytest.raises(ValueError, match="rpo_bwd_kl"):
+    """Kills, in `preference_loss`, the kinds listed as "dpoXX, XXipo..." (`'XX, XX'.join`) and
+    `chosen_rewards is None or rejected_rewards is None` -> `and` (one missing reward array then
+    reaches `jnp.asarray(None)`: a TypeError that names nothing)."""
+    with pytest.raises(ValueError, match="choose one of dpo, ipo, rpo_bwd_kl, rpo_fwd_kl, rpo_sq$"):
         preference_loss("rpo", **PAIR, beta=0.1)
     with pytest.raises(ValueError, match="chosen_rewards"):
         preference_loss("rpo_sq", **PAIR, beta=0.1)
+    for one_missing in (dict(chosen_rewards=REWARDS["chosen_rewards"]), dict(rejected_rewards=REWARDS["rejected_rewards"])):
+        with pytest.raises(ValueError, match="needs chosen_rewards and rejected_rewards"):
+            preference_loss("rpo_bwd_kl", **PAIR, beta=0.1, **one_missing)
     with pytest.raises(ValueError, match="beta"):
         preference_loss("dpo", **PAIR, beta=0.0)
 
