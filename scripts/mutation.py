@@ -5,6 +5,7 @@
     python scripts/mutation.py losses --confirm-only   # re-check the last run's survivors (new tests)
     python scripts/mutation.py --table            # the docs/TESTING.md table from docs/mutation/*.json
     python scripts/mutation.py tasks --partial    # report an interrupted run: what it checked, its rate
+    python scripts/mutation.py --survivors        # every survivor with its reason (docs/mutation/reasons.json)
 
 Each area mutates its modules and runs only that area's test files, in the order listed (cheap
 hand-value tests first: with `-x` most mutants die there). The work happens in a copy of the
@@ -416,6 +417,30 @@ def partial_report(area: str) -> dict:
     return report
 
 
+def survivors() -> str:
+    """Markdown: every confirmed survivor of every area, its changed line and why it survives.
+
+    The reasons are docs/mutation/reasons.json, {area: {mutant name: reason}}, written by whoever
+    read the mutant: "equivalent: <why no input tells it apart>" or "test to write: <which>"."""
+    reasons_path = REPORTS / "reasons.json"
+    reasons = json.loads(reasons_path.read_text()) if reasons_path.exists() else {}
+    out = []
+    for area in AREAS:
+        path = REPORTS / f"{area}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        if r.get("partial"):
+            continue
+        out.append(f"### {area} ({len(r['survivors'])} survivors)\n")
+        for name, diff in r["survivors"].items():
+            changed = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+            why = reasons.get(area, {}).get(name, "**no reason recorded**")
+            out.append(f"- `{name.rsplit('.', 1)[-1]}`: `{' / '.join(changed)}`: {why}")
+        out.append("")
+    return "\n".join(out)
+
+
 def table() -> str:
     """The docs/TESTING.md table: one row per module, from docs/mutation/*.json."""
     lines = ["| area | module | tests | mutants | killed | timeout | survived | kill ratio | date, tool, commit |",
@@ -444,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("areas", nargs="*", help=f"areas to run ({', '.join(AREAS)}) or 'all'")
     p.add_argument("--list", action="store_true", help="print the areas and exit")
     p.add_argument("--table", action="store_true", help="print the markdown table of the last reports")
+    p.add_argument("--survivors", action="store_true",
+                   help="print every survivor of the last reports with its reason (docs/mutation/reasons.json)")
     p.add_argument("--confirm-only", action="store_true",
                    help="re-check only the last run's survivors against today's tests (after adding tests)")
     p.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1: a shared machine)")
@@ -462,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.table:
         print(table())
+        return 0
+    if args.survivors:
+        print(survivors())
         return 0
     areas = list(AREAS) if args.areas == ["all"] else args.areas
     unknown = [x for x in areas if x not in AREAS]
