@@ -37,7 +37,7 @@ VERDICTS = [
     ("I prefer a shorter answer, so B.", "B"), ("U.S.A. aside: B.", "B"),
     # comparisons, either direction
     ("B is better than A.", "B"), ("A is better than B.", "A"), ("A is worse than B.", "B"),
-    ("A is slightly worse.", "B"),
+    ("A is slightly worse.", "B"), ("B is worse than A.", "A"), ("Response B is weaker.", "A"),
     ("b is better", "B"), ("B is the clear winner.", "B"), ("B wins over A", "B"), ("B is not as good as A.", "A"),
     ("Both are good, but A is a bit better.", "A"), ("A > B", "A"), ("A < B", "B"), ("I prefer B.", "B"),
     ("I'd go with Assistant B.", "B"), ("I choose response B over response A.", "B"),
@@ -73,6 +73,10 @@ SCORES = [
     ("The solution handles 3 cases. 8", 8), ("8\n\nThe solution is correct but lacks edge cases.", 8),
     ("Score: 6\nAfter review: 8", 6), ("Initial score: 5. Revised score: 8", 8),
     ("7/10 at first, but after running the tests, 9/10", 9),
+    ("Rating: 8/10.", 8), ("8 out of 10.", 8), ("Solid work: 9/10. Minor nits only.", 9),  # a sentence's full stop
+    # a skipped candidate (a fraction of something else, another scale, a hedge) before the score
+    ("3/4 of the tests pass; I give it 8/10.", 8), ("Score: 4/5 for style, but my score is 7 overall.", 7),
+    ("Score: 7 or 8 at first, then score: 8 after the fix.", 8),
     # no score
     ("0", None), ("11", None), ("Score: 15", None), ("11/10", None), ("Score: 10.5", None), ("Score: -3", None),
     ("7-8", None), ("7 or 8", None), ("Score: 7 or 8", None), ("I'd rate it 6 or 7.", None), ("Score: 6 to 8", None),
@@ -83,7 +87,8 @@ SCORES = [
 
 def test_verdicts_of_hand_labelled_replies():
     """Kills: reading the first letter-like token (the article "a" as a vote for A), taking the
-    first statement instead of the last, dropping ties into A/B, guessing when no verdict is stated."""
+    first statement instead of the last, dropping ties into A/B, guessing when no verdict is stated;
+    "B is worse" read as B or as no side (`_other` returning "B" always, "a" or "XXAXX")."""
     assert len(VERDICTS) >= 30
     wrong = [(reply, want, parse_verdict(reply)) for reply, want in VERDICTS if parse_verdict(reply) != want]
     assert not wrong, f"{len(wrong)} misread (reply, want, got): {wrong}"
@@ -93,7 +98,10 @@ def test_verdicts_of_hand_labelled_replies():
 
 def test_scores_of_hand_labelled_replies():
     """Kills: taking the first number (the 1 of "on a scale of 1 to 10"), clipping out-of-range
-    scores into the scale, reading a hedge ("7 or 8") as a score, fractions of other things as scores."""
+    scores into the scale, reading a hedge ("7 or 8") as a score, fractions of other things as scores;
+    `continue` -> `break` after a skipped candidate (a fraction of something else, a score on another
+    scale, a hedge), which loses the real score after it. A fraction closing a sentence ("Rating:
+    8/10.") was read as no score until these were written (the denominator refused any "." after it)."""
     assert len(SCORES) >= 30
     wrong = [(reply, want, judge_score(reply)) for reply, want in SCORES
              if judge_score(reply) != want or type(judge_score(reply)) is not type(want)]
@@ -269,12 +277,13 @@ FINAL_ANSWERS = [
     ("x = 3, so 5.", "5"), ("\\boxed{ABC}", "abc"), ("\\boxed{x + 1}", "x+1"),  # not a number: lower, no spaces
     ("\\boxed{1/3}", "0.333333"), ("\\boxed{1/0}", "1/0"), ("\\boxed{.5}", "0.5"), ("\\boxed{3.}", "3"),
     ("\\boxed{1 000}", "1000"), ("\\boxed{$5$}", "5"), ("\\boxed{-2.50}", "-2.5"),
+    ("\\boxed{X.}", "x"),  # a trailing full stop dropped from a non-number too
 ]
 
 
 def test_final_answer_of_hand_written_responses():
     """Kills: `re.IGNORECASE` dropped and the "answer is" / "\\boxed" patterns broken (the fallback to
-    the last number answers otherwise), `rstrip(".")` -> `lstrip`, the `,` / `$` / ` ` removals
+    the last number answers otherwise), `rstrip(".")` -> `lstrip` / `rstrip(None)` / `rstrip("XX.XX")`, the `,` / `$` / ` ` removals
     broken, `round(value, 6)` -> `7`, `a.lower()` -> `a.upper()`."""
     wrong = [(text, want, final_answer(text)) for text, want in FINAL_ANSWERS if final_answer(text) != want]
     assert not wrong
@@ -333,3 +342,52 @@ def test_math_judge_drops_by_reason_and_reads_the_last_message(tmp_path):
     assert [(p["chosen"], p["rejected"], p["judge"]["reference"]) for p in pairs] == [
         ("The answer is 42.", "I get \\boxed{41}", "42")]
     assert summary["pairs"]["dropped"] == {"no_reference_answer": 1, "no_correct_response": 1}
+
+
+def test_reward_filter_drops_records_without_a_conversation_and_skips_unscored_ones(tmp_path):
+    """A record with no assistant message is dropped as `no_conversation`; a conversation the
+    reward backend cannot score is skipped (its reason counted) and the record's next
+    conversation is still judged. Kills: the `no_conversation` reason renamed or lost, and
+    `continue` -> `break` after an unscored conversation (the rest of the record lost)."""
+    from nemojax.sdg.llm import LLMError
+
+    def reward(messages):
+        if messages[-1]["content"] == "unscorable":
+            raise LLMError("too long for the reward model", "reward_too_long")
+        return {"helpfulness": 1.0}
+
+    user = {"role": "user", "content": "Q?"}
+    rows = [{"messages": [user]},  # no answer yet
+            {"responses": [{"messages": [user, {"role": "assistant", "content": text}]}
+                           for text in ("unscorable", "fine")]}]
+    run, summary = run_pipeline(tmp_path, {
+        "records": {"kind": "read", "path": write(tmp_path / "r.jsonl", rows)},
+        "kept": {"kind": "reward_filter", "threshold": 0.5},
+    }, {}, reward=ScriptedReward(reward, weights={"helpfulness": 1.0}))
+    assert [k["messages"][-1]["content"] for k in read(run, "kept")] == ["fine"]
+    assert summary["kept"]["dropped"] == {"no_conversation": 1, "reward_too_long": 1}
+
+
+def test_instruction_judge_takes_a_later_failing_turn_of_three(tmp_path):
+    """Three judged turns; the rejected response breaks the rule first in its second answer, so
+    the pair is its conversation up to that answer (turn 2) against the chosen one's up to the
+    same turn. Kills `assistant[len(assistant) - judged + turn]` -> `- turn` in `_up_to_turn`
+    (turn 0, the only one the two-turn test reaches, reads the same both ways)."""
+    item = {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "variant": "multi_turn"}
+    questions = ["Q one?", "Q two?", "Q three?"]
+
+    def conv(answers):
+        msgs = []
+        for q, a in zip(questions, answers):
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return msgs
+
+    rows = [{**item, "responses": [{"client": "clean", "messages": conv(["One.", "Two.", "Three."])},
+                                   {"client": "late", "messages": conv(["Uno.", "Dos, tres.", "Cuatro."])}]}]
+    run, _ = run_pipeline(tmp_path, {
+        "records": {"kind": "read", "path": write(tmp_path / "r.jsonl", rows)},
+        "pairs": {"kind": "preference", "judge": "instructions"},
+    }, {})
+    (pair,) = strip_ids(read(run, "pairs"))
+    assert (pair["chosen"], pair["rejected"], pair["judge"]["turn"]) == ("Two.", "Dos, tres.", 2)
+    assert pair["prompt"][-1] == {"role": "user", "content": "Q two?"}
