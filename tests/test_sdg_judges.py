@@ -391,3 +391,29 @@ def test_instruction_judge_takes_a_later_failing_turn_of_three(tmp_path):
     (pair,) = strip_ids(read(run, "pairs"))
     assert (pair["chosen"], pair["rejected"], pair["judge"]["turn"]) == ("Two.", "Dos, tres.", 2)
     assert pair["prompt"][-1] == {"role": "user", "content": "Q two?"}
+
+
+def test_llm_judge_judges_max_pairs_and_goes_on_after_a_failed_request(tmp_path):
+    """Three responses, `max_pairs: 2`: only the first two pairs in `combinations` order are
+    judged, (good, bad) then (good, meh). The judge's backend refuses the first (a non-transport
+    LLMError: its reason is counted as a drop) and the second is still judged and kept. Kills:
+    `islice(..., max_pairs)` -> `None` (the third pair judged too), and after the failed request
+    `break` -> `return` (the record's pairs lost) and `continue` -> `break` (the next pair lost)."""
+    from nemojax.sdg.llm import LLMError
+
+    def judge(req, i):
+        text = req.messages[-1]["content"]
+        a = text.split("Response A:\n")[1].split("\n")[0]
+        b = text.split("Response B:\n")[1].split("\n")[0]
+        if {a, b} == {"good", "bad"}:
+            raise LLMError("prompt too long for the judge", "judge_prompt_too_long")
+        return "A" if (a, b) in (("good", "meh"), ("meh", "bad"), ("good", "bad")) else "B"
+
+    run, summary = run_pipeline(tmp_path, {
+        "prompts": {"kind": "read", "path": write(tmp_path / "p.jsonl", [{"prompt": "Q?"}])},
+        "answers": {"kind": "respond", "clients": ["good", "bad", "meh"]},
+        "pairs": {"kind": "preference", "judge": "llm", "client": "judge", "max_pairs": 2},
+    }, {name: ScriptedLLM(lambda r, i, name=name: name) for name in ("good", "bad", "meh")}
+       | {"judge": ScriptedLLM(judge)})
+    assert [(p["chosen"], p["rejected"]) for p in read(run, "pairs")] == [("good", "meh")]
+    assert summary["pairs"]["dropped"] == {"judge_prompt_too_long": 1}
