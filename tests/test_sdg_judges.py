@@ -29,7 +29,7 @@ VERDICTS = [
     ("Response B", "B"), ("Assistant A", "A"), ("The first response is better.", "A"), ("The second one.", "B"),
     ("Assistant B's answer is more helpful.", "B"), ("assistant b is better", "B"),
     # final-verdict markers and declarations
-    ("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie"), ("**Final verdict:** [[A]]", "A"), ("Answer: b", "B"),
+    ("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie"), ("[[tie]]", "tie"), ("**Final verdict:** [[A]]", "A"), ("Answer: b", "B"),
     ("Verdict: A", "A"), ("My choice is B.", "B"), ("The better response is B.", "B"),
     ("After careful thought, the winner is Response A", "A"), ("The answer is a", "A"),
     ("Response A is accurate but verbose. Response B is concise. Overall, B.", "B"),
@@ -88,7 +88,8 @@ SCORES = [
 def test_verdicts_of_hand_labelled_replies():
     """Kills: reading the first letter-like token (the article "a" as a vote for A), taking the
     first statement instead of the last, dropping ties into A/B, guessing when no verdict is stated;
-    "B is worse" read as B or as no side (`_other` returning "B" always, "a" or "XXAXX")."""
+    "B is worse" read as B or as no side (`_other` returning "B" always, "a" or "XXAXX"); the marker
+    "[[tie]]" read as "TIE" (`("C", "TIE")` -> `("C", "tie")` / `"XXTIEXX"`)."""
     assert len(VERDICTS) >= 30
     wrong = [(reply, want, parse_verdict(reply)) for reply, want in VERDICTS if parse_verdict(reply) != want]
     assert not wrong, f"{len(wrong)} misread (reply, want, got): {wrong}"
@@ -417,3 +418,57 @@ def test_llm_judge_judges_max_pairs_and_goes_on_after_a_failed_request(tmp_path)
        | {"judge": ScriptedLLM(judge)})
     assert [(p["chosen"], p["rejected"]) for p in read(run, "pairs")] == [("good", "meh")]
     assert summary["pairs"]["dropped"] == {"judge_prompt_too_long": 1}
+
+
+def _responses(*texts, system=None):
+    head = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Q?"}]
+    return [{"client": f"c{i}", "messages": head + [{"role": "assistant", "content": t}]} for i, t in enumerate(texts)]
+
+
+def test_reward_judge_pairs_best_with_worst_and_drops_by_reason(tmp_path):
+    """Reward as judge, margin 1: three scored responses pair the best with the worst (not the
+    middle one); a gap of exactly the margin is dropped (`below_margin`); one scorable response of
+    two is no pair (`fewer_than_two_scored`, and the backend's reason counted). Kills, in
+    `_judge_reward`: `scored[-1]` -> `scored[+1]`, `hi - lo <= margin` -> `hi + lo` / `<`, and
+    the two drop reasons renamed or lost."""
+    from nemojax.sdg.llm import LLMError
+
+    value = {"good": 3.0, "meh": 2.0, "bad": 1.0}
+
+    def reward(messages):
+        text = messages[-1]["content"]
+        if text not in value:
+            raise LLMError("too long for the reward model", "reward_too_long")
+        return {"helpfulness": value[text]}
+
+    rows = [{"responses": _responses("meh", "good", "bad")}, {"responses": _responses("meh", "bad")},
+            {"responses": _responses("good", "unscorable")}]
+    run, summary = run_pipeline(tmp_path, {
+        "records": {"kind": "read", "path": write(tmp_path / "r.jsonl", rows)},
+        "pairs": {"kind": "preference", "judge": "reward", "margin": 1.0},
+    }, {}, reward=ScriptedReward(reward, weights={"helpfulness": 1.0}))
+    assert [(p["chosen"], p["rejected"], p["chosen_reward"], p["rejected_reward"]) for p in read(run, "pairs")] == [
+        ("good", "bad", 3.0, 1.0)]
+    assert summary["pairs"]["dropped"] == {"below_margin": 1, "fewer_than_two_scored": 1, "reward_too_long": 1}
+
+
+def test_verifier_judge_reads_the_final_answer_and_drops_by_reason(tmp_path):
+    """Verifier as judge on conversations with a system message (three messages, so the answer is
+    `messages[-1]`, not `messages[1]`): a right and a wrong answer make a pair with the verifier's
+    evidence; all wrong or all right is no pair, each counted under its reason. Kills, in
+    `_judge_verifier`: `messages[-1]` -> `messages[+1]`, the `no_correct_response` /
+    `no_incorrect_response` reasons renamed or lost, and the evidence key `verifier` renamed."""
+    name = "tests.sdg_helpers:verify_says_yes"
+    rows = [{"responses": _responses("no", "yes", system="Answer yes or no.")},
+            {"responses": _responses("no", "nope", system="Answer yes or no.")},
+            {"responses": _responses("yes", "YES", system="Answer yes or no.")}]
+    run, summary = run_pipeline(tmp_path, {
+        "records": {"kind": "read", "path": write(tmp_path / "r.jsonl", rows)},
+        "pairs": {"kind": "preference", "judge": "verifier", "verifier": name},
+    }, {})
+    assert strip_ids(read(run, "pairs")) == [{
+        "prompt": [{"role": "system", "content": "Answer yes or no."}, {"role": "user", "content": "Q?"}],
+        "chosen": "yes", "rejected": "no", "chosen_reward": 1.0, "rejected_reward": 0.0,
+        "judge": {"kind": "verifier", "chosen_from": "c1", "rejected_from": "c0", "verifier": name,
+                  "passed": 1, "total": 2}}]
+    assert summary["pairs"]["dropped"] == {"no_correct_response": 1, "no_incorrect_response": 1}
