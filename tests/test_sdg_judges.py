@@ -472,3 +472,45 @@ def test_verifier_judge_reads_the_final_answer_and_drops_by_reason(tmp_path):
         "judge": {"kind": "verifier", "chosen_from": "c1", "rejected_from": "c0", "verifier": name,
                   "passed": 1, "total": 2}}]
     assert summary["pairs"]["dropped"] == {"no_correct_response": 1, "no_incorrect_response": 1}
+
+
+def test_instruction_judge_rejects_the_fewest_followed_and_drops_by_reason(tmp_path):
+    """Two instructions (no comma, wrapped in double quotes), single-turn records read as they are: the
+    rejected response is the failing one that follows the fewest (not the first failing one); of
+    two failing ones following as many, the first (whatever it follows); a single-turn pair has
+    no `turn`. Dropped, each under its reason: a record without instructions, none passing, one
+    whose only "passing" response has no answer at all, none failing, and a multi-turn pair whose
+    conversations have different numbers of judged turns. Kills, in `_judge_instructions`: the
+    sort key `x[0]` -> `None` / `lambda x: None` / `x[1]`, a response without an assistant turn
+    counted as passing (`if per` -> `if per or True`), passing responses counted as failing too
+    (`x[1]` -> `x[2]`), the multi-turn branch taken for one turn (`w_turns > 1` -> `>= 1`, `and`
+    -> `or`), and the drop reasons `no_instructions`, `no_passing_response`,
+    `no_failing_response`, `turn_count_differs` renamed or lost."""
+    rules = {"instruction_id_list": ["punctuation:no_comma", "startend:quotation"], "kwargs": [{}, {}]}
+
+    def multi(*answers):
+        msgs = []
+        for i, a in enumerate(answers):
+            msgs += [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": a}]
+        return msgs
+
+    rows = [{**rules, "responses": _responses('"all good."', '"one, two."', "Bad, case.")},
+            {**rules, "responses": _responses('"fine."', "plain.", '"a, b."')},
+            {"responses": _responses("x.", "y.")},  # no instructions
+            {**rules, "responses": _responses("A, B.", "C, D.")},  # none passes
+            {**rules, "responses": [{"client": "c0", "messages": [{"role": "user", "content": "Q?"}]}]
+             + _responses("Bad, case.")[:1]},  # the other has no answer: no passing response either
+            {**rules, "responses": _responses('"x."', '"y."')},  # none fails
+            {**rules, "variant": "multi_turn",
+             "responses": [{"client": "two", "messages": multi('"a."', '"b."')},
+                           {"client": "three", "messages": multi('"c."', "D, e.", '"f."')}]}]
+    run, summary = run_pipeline(tmp_path, {
+        "records": {"kind": "read", "path": write(tmp_path / "r.jsonl", rows)},
+        "pairs": {"kind": "preference", "judge": "instructions"},
+    }, {})
+    pairs = strip_ids(read(run, "pairs"))
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [('"all good."', "Bad, case."), ('"fine."', "plain.")]
+    assert pairs[0]["judge"] == {"kind": "instructions", "chosen_from": "c0", "rejected_from": "c2", **rules,
+                                 "chosen_follows": [True, True], "rejected_follows": [False, False]}
+    assert summary["pairs"]["dropped"] == {"no_instructions": 1, "no_passing_response": 2, "no_failing_response": 1,
+                                           "turn_count_differs": 1}
