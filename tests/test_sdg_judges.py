@@ -348,8 +348,10 @@ def test_math_judge_drops_by_reason_and_reads_the_last_message(tmp_path):
 def test_reward_filter_drops_records_without_a_conversation_and_skips_unscored_ones(tmp_path):
     """A record with no assistant message is dropped as `no_conversation`; a conversation the
     reward backend cannot score is skipped (its reason counted) and the record's next
-    conversation is still judged. Kills: the `no_conversation` reason renamed or lost, and
-    `continue` -> `break` after an unscored conversation (the rest of the record lost)."""
+    conversation is still judged; a kept conversation carries the record's other fields, not its
+    `responses`. Kills: the `no_conversation` reason renamed or lost, `continue` -> `break` after
+    an unscored conversation (the rest of the record lost), and the fields copied the wrong way
+    (`k not in (...)` -> `k in (...)`, "responses" renamed in that tuple)."""
     from nemojax.sdg.llm import LLMError
 
     def reward(messages):
@@ -359,13 +361,15 @@ def test_reward_filter_drops_records_without_a_conversation_and_skips_unscored_o
 
     user = {"role": "user", "content": "Q?"}
     rows = [{"messages": [user]},  # no answer yet
-            {"responses": [{"messages": [user, {"role": "assistant", "content": text}]}
-                           for text in ("unscorable", "fine")]}]
+            {"topic": "t", "responses": [{"messages": [user, {"role": "assistant", "content": text}]}
+                                         for text in ("unscorable", "fine")]}]
     run, summary = run_pipeline(tmp_path, {
         "records": {"kind": "read", "path": write(tmp_path / "r.jsonl", rows)},
         "kept": {"kind": "reward_filter", "threshold": 0.5},
     }, {}, reward=ScriptedReward(reward, weights={"helpfulness": 1.0}))
-    assert [k["messages"][-1]["content"] for k in read(run, "kept")] == ["fine"]
+    assert strip_ids(read(run, "kept")) == [{"topic": "t", "source_id": "2",
+                                             "messages": [user, {"role": "assistant", "content": "fine"}],
+                                             "reward": {"helpfulness": 1.0, "reward": 1.0}}]
     assert summary["kept"]["dropped"] == {"no_conversation": 1, "reward_too_long": 1}
 
 
@@ -514,3 +518,28 @@ def test_instruction_judge_rejects_the_fewest_followed_and_drops_by_reason(tmp_p
                                  "chosen_follows": [True, True], "rejected_follows": [False, False]}
     assert summary["pairs"]["dropped"] == {"no_instructions": 1, "no_passing_response": 2, "no_failing_response": 1,
                                            "turn_count_differs": 1}
+
+
+def test_preference_config_errors_name_the_key_and_the_fix(tmp_path):
+    """Kills, in `PreferenceSpec`: `needs_client` never true (`judge == "LLM"` / "XXllmXX": an LLM
+    judge without a client passes validation), the stage key dropped from the base checks
+    (`super().validate(None, cfg)`), the judge list in the error broken (`None`, `'XX, XX'.join`),
+    and the verifier check skipped (`judge == "VERIFIER"`) or its message lost."""
+    import pytest
+
+    from nemojax.config import ConfigError
+    from nemojax.sdg.config import build_pipeline
+
+    def build(pairs, clients=None):
+        build_pipeline({"run_dir": str(tmp_path / "run"), "seed": 0, "progress": False, "clients": clients or {},
+                        "stages": {"records": {"kind": "read", "path": str(tmp_path / "r.jsonl")},
+                                   "pairs": {"kind": "preference", **pairs}}})
+
+    with pytest.raises(ConfigError, match=r"^stages.pairs \(preference\) generates text: declare a client"):
+        build({"judge": "llm"})
+    with pytest.raises(ConfigError, match="stages.pairs.judge='vibes': choose one of reward, llm, math, "
+                                          "instructions, verifier$"):
+        build({"judge": "vibes"})
+    with pytest.raises(ConfigError, match=r"^stages.pairs.verifier is required with judge: verifier \(e.g. "):
+        build({"judge": "verifier"})
+    build({"judge": "reward"})  # no client needed
