@@ -432,9 +432,11 @@ def _responses(*texts, system=None):
 def test_reward_judge_pairs_best_with_worst_and_drops_by_reason(tmp_path):
     """Reward as judge, margin 1: three scored responses pair the best with the worst (not the
     middle one); a gap of exactly the margin is dropped (`below_margin`); one scorable response of
-    two is no pair (`fewer_than_two_scored`, and the backend's reason counted). Kills, in
-    `_judge_reward`: `scored[-1]` -> `scored[+1]`, `hi - lo <= margin` -> `hi + lo` / `<`, and
-    the two drop reasons renamed or lost."""
+    two is no pair (`fewer_than_two_scored`, and the backend's reason counted); a duplicate
+    response is dropped and the next one still judged; a record without responses is no pair.
+    Kills, in `_judge_reward`: `scored[-1]` -> `scored[+1]`, `hi - lo <= margin` -> `hi + lo` /
+    `<`, and the two drop reasons renamed or lost; in `Preference.process`: `continue` -> `break`
+    after a duplicate, and `item.get("responses", [])` -> `None` (a TypeError)."""
     from nemojax.sdg.llm import LLMError
 
     value = {"good": 3.0, "meh": 2.0, "bad": 1.0}
@@ -446,14 +448,16 @@ def test_reward_judge_pairs_best_with_worst_and_drops_by_reason(tmp_path):
         return {"helpfulness": value[text]}
 
     rows = [{"responses": _responses("meh", "good", "bad")}, {"responses": _responses("meh", "bad")},
-            {"responses": _responses("good", "unscorable")}]
+            {"responses": _responses("good", "unscorable")}, {"responses": _responses("good", "good", "bad")},
+            {"prompt": "Q?"}]
     run, summary = run_pipeline(tmp_path, {
         "records": {"kind": "read", "path": write(tmp_path / "r.jsonl", rows)},
         "pairs": {"kind": "preference", "judge": "reward", "margin": 1.0},
     }, {}, reward=ScriptedReward(reward, weights={"helpfulness": 1.0}))
     assert [(p["chosen"], p["rejected"], p["chosen_reward"], p["rejected_reward"]) for p in read(run, "pairs")] == [
-        ("good", "bad", 3.0, 1.0)]
-    assert summary["pairs"]["dropped"] == {"below_margin": 1, "fewer_than_two_scored": 1, "reward_too_long": 1}
+        ("good", "bad", 3.0, 1.0)] * 2
+    assert summary["pairs"]["dropped"] == {"below_margin": 1, "fewer_than_two_scored": 1, "reward_too_long": 1,
+                                           "duplicate_response": 1, "fewer_than_two_responses": 1}
 
 
 def test_verifier_judge_reads_the_final_answer_and_drops_by_reason(tmp_path):
