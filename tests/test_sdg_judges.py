@@ -79,6 +79,7 @@ SCORES = [
     ("Score: 7 or 8 at first, then score: 8 after the fix.", 8),
     # no score
     ("0", None), ("11", None), ("Score: 15", None), ("11/10", None), ("Score: 10.5", None), ("Score: -3", None),
+    ("7/10.5", None), ("Score: 3-4-5", None), ("Rating on a scale of 1 to 10-7", None),
     ("7-8", None), ("7 or 8", None), ("Score: 7 or 8", None), ("I'd rate it 6 or 7.", None), ("Score: 6 to 8", None),
     ("Score: 4/5", None), ("Score: 70%", None), ("From 1 to 10, I'd say 9.", None),
     ("N/A", None), ("I cannot rate this.", None), ("", None), ("seven", None), ("Grade: B", None),
@@ -102,7 +103,10 @@ def test_scores_of_hand_labelled_replies():
     scores into the scale, reading a hedge ("7 or 8") as a score, fractions of other things as scores;
     `continue` -> `break` after a skipped candidate (a fraction of something else, a score on another
     scale, a hedge), which loses the real score after it. A fraction closing a sentence ("Rating:
-    8/10.") was read as no score until these were written (the denominator refused any "." after it)."""
+    8/10.") was read as no score until these were written (the denominator refused any "." after it).
+    Numbers glued to a range or a scale by a dash ("3-4-5", "1 to 10-7") are no score: kills the
+    placeholders `" range "` / `" scale "` -> `"XX range XX"` / `"XX scale XX"` (a word character
+    before the "-" then hides the minus sign and a 5 or 7 is read)."""
     assert len(SCORES) >= 30
     wrong = [(reply, want, judge_score(reply)) for reply, want in SCORES
              if judge_score(reply) != want or type(judge_score(reply)) is not type(want)]
