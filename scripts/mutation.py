@@ -130,12 +130,10 @@ COSMIC_RAY_EXCLUDE = (
 def make_work_copy(area: str, a: Area, mode: str = "fresh", debug: bool = False) -> Path:
     """.mutation/<area>/: the working tree's files as git sees them (tracked and new, not ignored).
 
-    mode "fresh": a new copy; "tests": only tests/ copied again (--confirm-only: today's tests
-    against the mutants of the last run); "resume": the copy as it is (--resume).
+    mode "fresh": a new copy; "tests": only tests/ copied again (--confirm-only, --resume: today's
+    tests against the mutants already made).
     """
     work = WORK / area
-    if mode == "resume":
-        return work
     if mode == "fresh" and work.exists():
         shutil.rmtree(work)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
@@ -333,7 +331,9 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     started, commit = time.monotonic(), git_commit()  # the commit whose files are copied
     if resume and not (WORK / area / "mutants").exists():
         raise SystemExit(f"--resume needs an interrupted run of {area} (.mutation/{area}/mutants)")
-    work = make_work_copy(area, a, "resume" if resume else "tests" if confirm_only else "fresh", debug)
+    # --resume and --confirm-only keep the mutants and copy today's tests (only tests may change
+    # between the runs: the report's commit is today's)
+    work = make_work_copy(area, a, "tests" if resume or confirm_only else "fresh", debug)
     log = open(work / "mutation.log", "a")
     print(f"[{area}] work copy {work}, log {log.name}", flush=True)
     diffs: dict[str, str] = {}
@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds one confirmation (or cosmic-ray) test run may take before it counts as a timeout")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run: mutants that already have a result are not run again")
+                   help="continue an interrupted run with today's tests: mutants that already have a result are not "
+                        "run again, and every one not killed is confirmed")
     p.add_argument("--partial", action="store_true",
                    help="report the areas' interrupted runs (mutants checked so far, rate, time left)")
     p.add_argument("--debug", action="store_true", help="mutmut's debug output (every pytest command) in the log")
