@@ -40,3 +40,9 @@ def save_random_lm(path: Path, max_seq_len: int = 512) -> Path:
                       ffn_hidden_size=128, init_std=0.2, max_seq_len=max_seq_len)
     save_model(init_model(cfg, seed=0), cfg, path)
     return path
+
+
+def verify_says_yes(item: dict[str, Any], texts: list[str]) -> list[bool]:
+    """A verifier for `judge: verifier` tests (`tests.sdg_helpers:verify_says_yes`): an answer is
+    right when it says yes, in any case."""
+    return [t.strip().lower() == "yes" for t in texts]

@@ -112,10 +112,16 @@ def test_preference_gradients_match_hand_derivations() -> None:
 
 
 def test_preference_loss_errors_name_the_fix() -> None:
-    with pytest.raises(ValueError, match="rpo_bwd_kl"):
+    """Kills, in `preference_loss`, the kinds listed as "dpoXX, XXipo..." (`'XX, XX'.join`) and
+    `chosen_rewards is None or rejected_rewards is None` -> `and` (one missing reward array then
+    reaches `jnp.asarray(None)`: a TypeError that names nothing)."""
+    with pytest.raises(ValueError, match="choose one of dpo, ipo, rpo_bwd_kl, rpo_fwd_kl, rpo_sq$"):
         preference_loss("rpo", **PAIR, beta=0.1)
     with pytest.raises(ValueError, match="chosen_rewards"):
         preference_loss("rpo_sq", **PAIR, beta=0.1)
+    for one_missing in (dict(chosen_rewards=REWARDS["chosen_rewards"]), dict(rejected_rewards=REWARDS["rejected_rewards"])):
+        with pytest.raises(ValueError, match="needs chosen_rewards and rejected_rewards"):
+            preference_loss("rpo_bwd_kl", **PAIR, beta=0.1, **one_missing)
     with pytest.raises(ValueError, match="beta"):
         preference_loss("dpo", **PAIR, beta=0.0)
 
@@ -197,3 +203,109 @@ def test_loss_sums_for_the_train_step() -> None:
     scores, labels = jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([[0.0, 2.0], [0.0, 0.0]])
     total, count, stats = reward_loss_sums(scores, labels, jnp.ones((2, 2)), example_mask=jnp.array([1.0, 0.0]))
     assert float(total) == 1.0 and float(count) == 2.0 and stats["n"].tolist() == [1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- guards and defaults
+# The tests below were written for the mutants `python scripts/mutation.py losses` found alive
+# (docs/TESTING.md); each names the mutants it kills.
+
+
+@pytest.mark.filterwarnings("error")  # a 0/0 the guards should have avoided is a RuntimeWarning
+def test_reward_metrics_guards_and_float64_host_math() -> None:
+    """`reward_metrics` where its guards decide, against numpy on the raw labels: an attribute with
+    three labels whose sums are exact in fp32 but whose n * sum(p^2) - sum(p)^2 is not (a: 3 *
+    12016010 rounds to a multiple of 4 in fp32, so fp32 host math reads the variance as 16, not
+    14, and Pearson r as 0.919, not 0.982), exactly two labels with a
+    variance below 1 (b), one label (c), none (d), constant predictions (e), and no labels at all.
+
+    Kills: `np.float64` -> the sums' own fp32 (`np.asarray(v, None)` / `np.asarray(v, )`);
+    `n >= 2` -> `n > 2` / `n >= 3`; `var > 0` -> `var > 1` / `var >= 0`; `and` -> `or`; a guard
+    dropped (`... or True`: 0/0); `float("nan")` -> `float(None)` / `float("XXnanXX")`; the overall
+    `mse` dropped, renamed, or computed as `sum * total`.
+    """
+    nan = float("nan")
+    p = np.array([[2000, 0.0, 1, 9, 2], [2001, 0.5, 9, 9, 2], [2003, 9, 9, 9, 2]], np.float32)
+    y = np.array([[1, 0.0, 2, 9, 1], [2, 0.25, 9, 9, 2], [3, 9, 9, 9, 4]], np.float32)
+    mask = np.array([[1, 1, 1, 0, 1], [1, 1, 0, 0, 1], [1, 0, 0, 0, 1]], np.float32)
+    m = reward_metrics(reward_stat_sums(jnp.asarray(p), jnp.asarray(y), jnp.asarray(mask)), list("abcde"))
+    keep = mask > 0
+    for i, a in enumerate("abcde"):
+        sq = (p[keep[:, i], i].astype(np.float64) - y[keep[:, i], i]) ** 2
+        assert m[f"mse/{a}"] == (pytest.approx(sq.mean(), rel=1e-6) if len(sq) else pytest.approx(nan, nan_ok=True))
+    assert m["pearson/a"] == pytest.approx(np.corrcoef(p[:, 0], y[:, 0])[0, 1], rel=1e-6)  # 9 / sqrt(14 * 6)
+    assert m["pearson/b"] == pytest.approx(1.0, rel=1e-6)  # two labels on a line, variance 1/64 * 1/4
+    assert all(math.isnan(m[f"pearson/{a}"]) for a in "cde")  # one label, none, constant predictions
+    sq_all = ((p.astype(np.float64) - y) ** 2)[keep]
+    assert m["mse"] == pytest.approx(sq_all.mean(), rel=1e-6)
+    empty = reward_metrics(reward_stat_sums(jnp.asarray(p), jnp.asarray(y), jnp.zeros_like(jnp.asarray(mask))),
+                           list("abcde"))
+    assert all(math.isnan(v) for v in empty.values())
+
+
+def test_pairwise_accuracy_masks_pairs_and_divides_by_their_count() -> None:
+    """Kills: the example mask ignored (`example_mask is None or True`), `hit * m` -> `hit / m`,
+    `jnp.maximum(sum(m), 1.0)` -> `2.0` (one pair)."""
+    chosen, rejected = jnp.array([2.0, 1.0, 3.0, 5.0]), jnp.array([1.0, 1.0, 4.0, 0.0])
+    assert float(pairwise_accuracy(chosen, rejected, jnp.array([1.0, 1.0, 1.0, 0.0]))) == pytest.approx(1 / 3)
+    assert float(pairwise_accuracy(jnp.array([2.0]), jnp.array([1.0]))) == 1.0
+    assert float(pairwise_accuracy(chosen, rejected, jnp.zeros(4))) == 0.0
+
+
+def test_missing_labels_contribute_nothing_whatever_they_hold() -> None:
+    """A missing label (mask 0) may hold anything (NeMo's -100, NaN): neither the loss nor its
+    gradient sees it, and one present label is its own mean. Kills: `mask > 0` -> `mask >= 0` in
+    `reward_regression_sums` (NaN * 0 is NaN), `jnp.maximum(count, 1.0)` -> `2.0` in `reward_mse`."""
+    pred = jnp.array([[1.0, 2.0], [0.5, 3.0]])
+    labels = jnp.array([[2.0, jnp.nan], [-100.0, jnp.inf]])
+    mask = jnp.array([[1.0, 0.0], [0.0, 0.0]])
+    total, count = reward_regression_sums(pred, labels, mask)
+    assert (float(total), float(count)) == (1.0, 1.0)
+    assert float(reward_mse(pred, labels, mask)) == 1.0
+    grad = jax.grad(lambda q: reward_regression_sums(q, labels, mask)[0])(pred)
+    np.testing.assert_array_equal(grad, [[-2.0, 0.0], [0.0, 0.0]])
+
+
+def test_preference_loss_sums_defaults_are_no_sft_term_and_eta_one() -> None:
+    """Called without them, `preference_loss_sums` has eta = 1 and no SFT term (NeMo-Aligner's
+    defaults). Kills the defaults `eta: float = 1.0` -> `2.0` and `sft_weight: float = 0.0` -> `1.0`."""
+    from nemojax.train.losses import preference_loss_sums
+
+    mask = jnp.ones(1)
+    num, den, _ = preference_loss_sums("rpo_sq", **PAIR, beta=0.5, example_mask=mask, **REWARDS)
+    assert float(num) == pytest.approx((0.5 * 1.5 - 1.0) ** 2, rel=1e-6) and float(den) == 1.0
+
+
+def test_average_log_probs_of_a_one_token_response_is_that_token() -> None:
+    """`average=True` divides by the response's token count, floored at 1 only for an empty
+    response. Kills `jnp.maximum(sum(mask), 1.0)` -> `2.0` in `sequence_log_probs`."""
+    logits = jnp.array([[[0.0, math.log(3.0)], [2.0, 2.0]]])
+    avg = sequence_log_probs(logits, jnp.array([[1, 0]]), jnp.array([[1.0, 0.0]]), average=True)
+    assert float(avg[0]) == pytest.approx(math.log(0.75), abs=1e-6)
+
+
+def test_preference_losses_compute_in_fp32_whatever_the_input_dtype() -> None:
+    """bf16 log-probs (a bf16 forward) are upcast before Delta is formed: (-256) - (-1.0078125) is
+    -254.9921875 in fp32 but -255 in bf16. Kills `jnp.asarray(x, f32)` -> `jnp.asarray(x, None)` /
+    `jnp.asarray(x, )` (and `f32 = None`) in `preference_loss`, and the same in `sft_loss`."""
+    bf = dict(chosen_logps=jnp.array([-256.0], jnp.bfloat16), rejected_logps=jnp.array([-2.0], jnp.bfloat16),
+              ref_chosen_logps=jnp.array([-1.0078125], jnp.bfloat16), ref_rejected_logps=jnp.array([-2.0], jnp.bfloat16))
+    delta = -256.0 + 1.0078125  # exact in fp32 (and in float64)
+    for kind, want in (("ipo", (delta - 1.0) ** 2), ("rpo_sq", (0.5 * delta - 1.0) ** 2)):
+        loss = preference_loss(kind, **bf, beta=0.5, **REWARDS)
+        assert loss.dtype == jnp.float32 and float(loss[0]) == pytest.approx(want, rel=1e-7), kind
+    assert sft_loss(bf["chosen_logps"]).dtype == jnp.float32
+
+
+def test_preference_metric_sums_without_a_mask_count_every_pair_in_fp32() -> None:
+    """No example mask means every pair is real, counted in fp32 whatever the log-probs' dtype:
+    257 bf16 pairs count 257 (bf16 holds 256 or 258). Kills, in `preference_metric_sums`, the
+    default mask dropped (`example_mask is None and False`: None.astype), built from None
+    (`jnp.ones_like(None)`, `jnp.asarray(None, f32)`, `jnp.asarray(jnp.float32)`), or in the
+    log-probs' own dtype (`jnp.asarray(chosen_logps, None)` / `jnp.asarray(chosen_logps, )`)."""
+    n = 257
+    c = jnp.full((n,), -1.0, jnp.bfloat16)
+    r = jnp.full((n,), -2.0, jnp.bfloat16)
+    ref = jnp.zeros((n,), jnp.bfloat16)
+    sums = preference_metric_sums(c, r, ref, ref, beta=0.5)
+    assert sums["pairs"].dtype == jnp.float32 and float(sums["pairs"]) == n
+    assert float(sums["accuracy"]) == n and float(sums["margin"]) == pytest.approx(0.5 * n, rel=1e-2)

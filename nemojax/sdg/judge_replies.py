@@ -152,7 +152,7 @@ _HEDGE = re.compile(r"\s*(?:or|and)\s*-?\d", re.IGNORECASE)  # "7 or 8": no sing
 _FRACTION = re.compile(r"\s*(?:/|out\s+of)\s*\d", re.IGNORECASE)
 _SCORE_RE = [  # by rank; the score is the last match of the first rank that matches
     re.compile(rf"\[\[\s*{_NUM}\s*\]\]"),
-    re.compile(rf"{_NUM}\s*(?:/|out\s+of)\s*(?P<d>\d+)(?![\w.])", re.IGNORECASE),
+    re.compile(rf"{_NUM}\s*(?:/|out\s+of)\s*(?P<d>\d+)(?![\w%]|\.\d)", re.IGNORECASE),  # "8/10." ends a sentence
     re.compile(rf"(?:\b(?:score|rating|grade|mark|scale)\b|\b(?:rate|give)\b)[^\d\n]{{0,30}}?{_NUM}",
                re.IGNORECASE),
     re.compile(rf"(?:^|[.!?:])[^\w\n]*{_NUM}[^\w\n]*$", re.MULTILINE),  # a number closing a line on its own

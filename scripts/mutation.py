@@ -1,0 +1,510 @@
+"""Mutation testing of the modules that define correctness, one area at a time (docs/TESTING.md).
+
+    python scripts/mutation.py losses             # mutate the area's modules, run only its tests
+    python scripts/mutation.py --list             # the areas: modules, tests, tool
+    python scripts/mutation.py losses --confirm-only   # re-check the last run's survivors (new tests)
+    python scripts/mutation.py --table            # the docs/TESTING.md table from docs/mutation/*.json
+    python scripts/mutation.py tasks --partial    # report an interrupted run: what it checked, its rate
+    python scripts/mutation.py --survivors        # every survivor with its reason (docs/mutation/reasons.json)
+
+Each area mutates its modules and runs only that area's test files, in the order listed (cheap
+hand-value tests first: with `-x` most mutants die there). The work happens in a copy of the
+working tree (.mutation/<area>/, git-ignored), never in it. Results go to docs/mutation/<area>.json:
+per module the mutant counts by status, the kill ratio, and every surviving mutant with its diff.
+
+Tools (the `mutation` extra pins both):
+
+* mutmut: every mutant of a module is compiled in next to the original behind a trampoline and
+  selected by an environment variable, so one copy serves all mutants. Each mutant runs in a
+  process forked from a fork server that has imported nothing but pytest (`forkserver_warmup =
+  "none"`): JAX is imported fresh per mutant, after the fork (JAX's threads do not survive a fork,
+  and an in-memory jit cache inherited from a clean run would replay unmutated programs). mutmut
+  runs, per mutant, only the area's tests that called the mutated function in its stats run; a
+  test that reused a program compiled by an earlier test never calls it there. So every mutant
+  mutmut does not kill (survived, no tests, suspicious) is *confirmed*: applied to the copy's
+  source and checked by the area's whole test command in a fresh process. The reported
+  survivors are those that pass the whole command.
+* cosmic-ray, for a module that runs as a script in a child process (`sandbox_child.py`, started
+  as `python -I sandbox_child.py`): mutmut's trampolines dispatch by module name, which a script
+  does not have; cosmic-ray rewrites the file on disk and runs the test command per mutant.
+
+Kill ratio = (killed + timeout) / all mutants checked; "no tests" and "suspicious" mutants that
+the confirmation run does not kill count as survivors. An area stopped before the end (too slow
+for the time at hand) is reported with --partial: the mutants checked so far, unconfirmed (so
+its kill ratio is a lower bound over those), the rate and the estimated time for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / ".mutation"
+REPORTS = REPO / "docs" / "mutation"
+PYTHON = sys.executable
+
+
+@dataclass(frozen=True)
+class Area:
+    """Modules mutated together and the test files that guard them (cheap ones first)."""
+
+    modules: tuple[str, ...]
+    tests: tuple[str, ...]
+    what: str
+    # fnmatch globs over mutmut's mutant names: only these parts of the modules (default: all)
+    functions: tuple[str, ...] = ()
+    tool: str = "mutmut"
+
+
+_SERVE_APP = "nemojax.serve.app."
+AREAS: dict[str, Area] = {
+    "losses": Area(("nemojax/train/losses.py",), ("tests/test_losses.py", "tests/test_stage_objectives.py"),
+                   "every training loss, as pure functions"),
+    "tasks": Area(("nemojax/train/tasks.py",),
+                  ("tests/test_stage_objectives.py", "tests/test_stage_task.py", "tests/test_reference_cache.py",
+                   "tests/test_reward_reading.py"),
+                  "each stage's objective, batch fields and trainable set"),
+    "step": Area(("nemojax/train/step.py",), ("tests/test_optim.py", "tests/test_stage_objectives.py"),
+                 "the train step: gradient accumulation, division, update"),
+    "reward": Area(("nemojax/model/reward.py", "nemojax/inference/reward.py"),
+                   ("tests/test_reward_model.py", "tests/test_reward_reading.py", "tests/test_reward_cli.py"),
+                   "the reward model and RewardScorer"),
+    "sampling": Area(("nemojax/inference/sampling.py",), ("tests/test_sampling.py", "tests/test_engine.py"),
+                     "sampling filters and the seeded sampler"),
+    "prefix_cache": Area(("nemojax/inference/prefix_cache.py",), ("tests/test_prefix_cache.py", "tests/test_engine.py"),
+                         "the prefix cache's block index"),
+    "serve": Area(("nemojax/serve/app.py", "nemojax/serve/protocol.py"),
+                  ("tests/test_serve_limits.py", "tests/test_serve.py"),
+                  "the server's auth and limits: API key, body size, queue, timeouts, disconnects, request checks",
+                  functions=tuple(_SERVE_APP + f for f in (
+                      "xǁTicketǁ*", "xǁServerǁretry_after__*", "xǁServerǁ_full__*", "xǁServerǁrefuse_early__*",
+                      "xǁServerǁadmit__*", "xǁServerǁadmit_generation__*", "xǁServerǁqueue_depth__*",
+                      "xǁServerǁdeadline__*", "xǁServerǁtimeout_error__*", "xǁServerǁevents__*",
+                      "xǁServerǁuntil_done__*", "x__disconnected__*", "x__wait_for_disconnect__*", "xǁ_Guardǁ*",
+                      "x__too_large__*", "x__limited__*")) + ("nemojax.serve.protocol.*",)),
+    "sandbox": Area(("nemojax/sdg/sandbox.py",), ("tests/test_sdg_sandbox.py",), "the SDG code sandbox's runner"),
+    "sandbox_child": Area(("nemojax/sdg/sandbox_child.py",), ("tests/test_sdg_sandbox.py",),
+                          "the SDG code sandbox's launcher (namespaces, cgroups, limits)", tool="cosmic-ray"),
+    "judges": Area(("nemojax/sdg/judge_replies.py", "nemojax/sdg/stages/judges.py"),
+                   ("tests/test_sdg_judges.py", "tests/test_sdg_verify.py"),
+                   "SDG judges: reward filter, LLM-as-judge, preference pairs"),
+    "instructions": Area(("nemojax/sdg/instructions/checkers.py", "nemojax/sdg/instructions/text.py"),
+                         ("tests/test_sdg_instructions.py", "tests/test_sdg_instructions_reference.py"),
+                         "IFEval instruction checkers"),
+}
+
+# mutmut's exit codes (mutmut.stats.status_by_exit_code), folded into the statuses reported here
+_KILLED, _TIMEOUT = {1, 3}, {36, 24, -24, 152, 255, -9}
+_SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
+PYTEST_FLAGS = ("-x", "-q", "-n", "0", "-p", "no:cacheprovider")  # -n 0: no xdist workers per mutant
+
+# cosmic-ray's operators, narrowed to one plausible slip per site (as mutmut's are): replacing an
+# arithmetic operator by a shift, a bitwise or a modulo only makes a TypeError or nonsense that
+# any test kills, and `is` for `==` on numbers is an identity test nobody writes by mistake.
+COSMIC_RAY_EXCLUDE = (
+    r"core/ReplaceBinaryOperator_(Add|Sub|Mul|Div|FloorDiv|Mod|Pow)_(FloorDiv|Mod|Pow|RShift|LShift|BitOr|BitAnd|BitXor)",
+    r"core/ReplaceBinaryOperator_(LShift|RShift)_.*",
+    r"core/ReplaceBinaryOperator_(BitOr|BitAnd|BitXor)_(Add|Sub|Mul|Div|FloorDiv|Mod|Pow|RShift|LShift)",
+    r"core/ReplaceBinaryOperator_(BitOr_BitXor|BitXor_BitOr)",
+    r"core/ReplaceComparisonOperator_(Eq|NotEq|Lt|LtE|Gt|GtE|In|NotIn)_(Is|IsNot)",
+    r"core/ReplaceUnaryOperator_.*_(Invert|Not)",
+    r"core/VariableReplacer", r"core/VariableInserter", r"core/RemoveDecorator",
+)
+
+
+# --------------------------------------------------------------------------- the work copy
+
+
+def make_work_copy(area: str, a: Area, mode: str = "fresh", debug: bool = False) -> Path:
+    """.mutation/<area>/: the working tree's files as git sees them (tracked and new, not ignored).
+
+    mode "fresh": a new copy; "tests": only tests/ copied again (--confirm-only, --resume: today's
+    tests against the mutants already made).
+    """
+    work = WORK / area
+    if mode == "fresh" and work.exists():
+        shutil.rmtree(work)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        if mode == "tests" and not f.startswith("tests/"):
+            continue
+        src, dst = REPO / f, work / f
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    if a.tool == "mutmut" and mode == "fresh":
+        (work / "pyproject.toml").write_text(_area_pyproject(a, debug))
+    if mode == "fresh":  # for --partial: the rate of an interrupted run
+        (work / "started.json").write_text(json.dumps({"time": time.time(), "commit": git_commit()}))
+    return work
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)  # strings (TOML basic strings are JSON strings here) and numbers
+
+
+def _area_pyproject(a: Area, debug: bool = False) -> str:
+    """The repo's pyproject with its [tool.mutmut] settings plus the area's modules and tests."""
+    text = (REPO / "pyproject.toml").read_text()
+    settings = dict(tomllib.loads(text)["tool"]["mutmut"])
+    settings.update(only_mutate=list(a.modules), pytest_add_cli_args_test_selection=list(a.tests), debug=debug)
+    body = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)
+    return body.rstrip() + "\n\n[tool.mutmut]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items())
+
+
+def _env(work: Path, python_path: list[Path], order: tuple[str, ...]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MUTANT_UNDER_TEST", "PYTHONPATH")}
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in python_path)
+    env["NEMOJAX_TEST_CACHE"] = str(REPO / ".jax_cache")  # compiled programs are keyed by their HLO
+    env["NEMOJAX_MUTATION_TEST_ORDER"] = ",".join(order)
+    env["PATH"] = str(Path(PYTHON).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def test_command(a: Area) -> list[str]:
+    return [PYTHON, "-m", "pytest", *PYTEST_FLAGS, *a.tests]
+
+
+# --------------------------------------------------------------------------- mutmut
+
+
+def _status(code: int | None) -> str:
+    if code is None:
+        return "not checked"
+    if code in _KILLED:
+        return "killed"
+    if code in _TIMEOUT:
+        return "timeout"
+    if code == 37:
+        return "killed"  # caught by the type check (none is configured)
+    return _SURVIVED.get(code, "suspicious")
+
+
+def _selected(a: Area, name: str) -> bool:
+    return not a.functions or any(fnmatch.fnmatch(name, g) for g in a.functions)
+
+
+def mutmut_results(work: Path, a: Area) -> dict[str, dict[str, str]]:
+    """{module: {mutant name: status}} from mutmut's per-file .meta records (the area's functions only)."""
+    out = {}
+    for module in a.modules:
+        meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
+        out[module] = {k: _status(v) for k, v in meta["exit_code_by_key"].items() if _selected(a, k)}
+    return out
+
+
+def run_mutmut(work: Path, a: Area, jobs: int, log) -> None:
+    # on PYTHONPATH for the tests' own subprocesses; created first: a sys.path entry that does not
+    # exist when Python starts is cached as absent for the life of the process (and its forks)
+    (work / "mutants").mkdir(exist_ok=True)
+    env = _env(work, [work / "mutants", REPO / "scripts"], a.tests)
+    cmd = [PYTHON, "-m", "mutmut", "run", "--max-children", str(jobs), *a.functions]
+    rc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"mutmut run failed (exit {rc}); see {log.name}")
+
+
+def confirm(work: Path, a: Area, module: str, name: str, timeout: float, log) -> str:
+    """Apply one mutant to the copy's source and run the area's whole test command in a fresh process."""
+    path = work / module
+    original = path.read_text()
+    try:
+        subprocess.run([PYTHON, "-m", "mutmut", "apply", name], cwd=work, check=True, capture_output=True,
+                       env=_env(work, [work], a.tests))
+        if path.read_text() == original:
+            raise RuntimeError(f"mutmut apply {name} changed nothing in {module}")
+        log.write(f"\n== confirm {name}\n")
+        log.flush()
+        try:
+            rc = subprocess.run(test_command(a), cwd=work, env=_env(work, [work], a.tests), stdout=log,
+                                stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+        if rc in (2, 4):
+            raise RuntimeError(f"the test command could not run for {name} (pytest exit {rc}); see {log.name}")
+        return "killed" if rc != 0 else "survived"
+    finally:
+        path.write_text(original)
+
+
+def mutant_diff(work: Path, name: str) -> str:
+    out = subprocess.run([PYTHON, "-m", "mutmut", "show", name], cwd=work, capture_output=True, text=True,
+                         env=_env(work, [work], ())).stdout
+    return "\n".join(line for line in out.splitlines()[1:] if line.strip())
+
+
+# --------------------------------------------------------------------------- cosmic-ray
+
+
+def run_cosmic_ray(work: Path, a: Area, timeout: float, log) -> dict[str, dict[str, str]]:
+    """{module: {mutant id: status}}; diffs are kept in the session database."""
+    (module,) = a.modules
+    cfg = work / "cosmic-ray.toml"
+    cfg.write_text(
+        "[cosmic-ray]\n"
+        f"module-path = {json.dumps(module)}\n"
+        f"timeout = {timeout}\n"
+        "excluded-modules = []\n"
+        f"test-command = {json.dumps(' '.join(['python', '-m', 'pytest', *PYTEST_FLAGS, *a.tests]))}\n"
+        "[cosmic-ray.distributor]\nname = \"local\"\n"
+        "[cosmic-ray.filters.operators-filter]\n"
+        f"exclude-operators = {_toml_value(list(COSMIC_RAY_EXCLUDE))}\n")
+    db = work / "session.sqlite"
+    env = _env(work, [work], a.tests)
+    for cmd in (["cosmic-ray", "init", cfg.name, db.name, "--force"], ["cr-filter-operators", db.name, cfg.name],
+                ["cr-filter-pragma", db.name], ["cosmic-ray", "baseline", cfg.name],
+                ["cosmic-ray", "exec", cfg.name, db.name]):
+        rc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed (exit {rc}); see {log.name}")
+    return {module: {job: status for job, status, _ in cosmic_ray_rows(db)}}
+
+
+def cosmic_ray_rows(db: Path) -> list[tuple[str, str, str]]:
+    """(mutant id, status, diff) of every mutant cosmic-ray ran (filtered ones are 'skipped')."""
+    rows = sqlite3.connect(db).execute(
+        "SELECT s.job_id, s.operator_name, s.occurrence, s.start_pos_row, r.worker_outcome, r.test_outcome, "
+        "r.output, r.diff FROM mutation_specs s JOIN work_results r ON r.job_id = s.job_id").fetchall()
+    out = []
+    for job, op, occ, row, worker, test, output, diff in rows:
+        if worker == "skipped":
+            continue
+        if test == "killed":
+            status = "timeout" if (output or "").strip() == "timeout" else "killed"
+        elif test == "survived":
+            status = "survived"
+        else:
+            status = "suspicious"  # incompetent: the mutant does not even run
+        out.append((f"{op}#{occ}@L{row}:{job[:8]}", status, diff or ""))
+    return out
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def counts(statuses: dict[str, str]) -> dict[str, float]:
+    c = {s: sum(v == s for v in statuses.values())
+         for s in ("killed", "timeout", "survived", "suspicious", "not checked")}
+    checked = len(statuses) - c["not checked"]
+    c["mutants"] = len(statuses)
+    c["kill_ratio"] = round((c["killed"] + c["timeout"]) / checked, 4) if checked else None
+    return c
+
+
+def git_commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
+def tool_version(tool: str) -> str:
+    from importlib.metadata import version
+
+    return f"{tool} {version(tool)}"
+
+
+def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bool = False,
+             resume: bool = False) -> dict:
+    a = AREAS[area]
+    report_path = REPORTS / f"{area}.json"
+    previous = json.loads(report_path.read_text()) if confirm_only else None
+    if confirm_only and (previous is None or not (WORK / area).exists()):
+        raise SystemExit(f"--confirm-only needs a previous run of {area} (.mutation/{area} and {report_path})")
+    started, commit = time.monotonic(), git_commit()  # the commit whose files are copied
+    if resume and not (WORK / area / "mutants").exists():
+        raise SystemExit(f"--resume needs an interrupted run of {area} (.mutation/{area}/mutants)")
+    # --resume and --confirm-only keep the mutants and copy today's tests (only tests may change
+    # between the runs: the report's commit is today's)
+    work = make_work_copy(area, a, "tests" if resume or confirm_only else "fresh", debug)
+    log = open(work / "mutation.log", "a")
+    print(f"[{area}] work copy {work}, log {log.name}", flush=True)
+    diffs: dict[str, str] = {}
+    if a.tool == "cosmic-ray":
+        if confirm_only:
+            raise SystemExit("--confirm-only is for mutmut areas; re-run the cosmic-ray area")
+        statuses = run_cosmic_ray(work, a, timeout, log)
+        diffs = {job: diff for job, _, diff in cosmic_ray_rows(work / "session.sqlite")}
+        confirmed: dict[str, str] = {}
+    else:
+        if confirm_only:
+            statuses = {m: dict(v["statuses"]) for m, v in previous["modules"].items()}
+            confirmed = dict(previous.get("confirmed", {}))
+        else:
+            run_mutmut(work, a, jobs, log)
+            statuses = mutmut_results(work, a)
+            confirmed = {}
+        for module, by_name in statuses.items():
+            open_names = [n for n, s in by_name.items() if s in ("survived", "no tests", "suspicious")]
+            for i, name in enumerate(open_names):
+                print(f"[{area}] confirming {i + 1}/{len(open_names)} {name}", flush=True)
+                by_name[name] = confirmed[name] = confirm(work, a, module, name, timeout, log)
+        for module, by_name in statuses.items():
+            for name, s in by_name.items():
+                if s == "survived":
+                    diffs[name] = mutant_diff(work, name)
+    wall = time.monotonic() - started
+    report = {
+        "area": area, "what": a.what, "tool": tool_version(a.tool), "modules_tested_by": list(a.tests),
+        "command": f"python scripts/mutation.py {area}", "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "wall_s": round(wall + (previous["wall_s"] if previous else 0.0), 1),
+        "confirm_only_runs": (previous.get("confirm_only_runs", 0) + 1) if previous else 0,
+        "modules": {m: {**counts(s), "statuses": s} for m, s in statuses.items()},
+        "total": counts({f"{m}:{k}": v for m, s in statuses.items() for k, v in s.items()}),
+        "confirmed": confirmed,
+        "survivors": {name: diffs.get(name, "") for s in statuses.values() for name, v in s.items()
+                      if v == "survived"},
+    }
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    t = report["total"]
+    print(f"[{area}] {t['mutants']} mutants: {t['killed']} killed, {t['timeout']} timeout, {t['survived']} survived, "
+          f"kill ratio {t['kill_ratio']}; {wall:.0f} s; {report_path}", flush=True)
+    return report
+
+
+def partial_report(area: str) -> dict:
+    """docs/mutation/<area>.json for a mutmut run stopped before the end: mutants checked so far.
+
+    mutmut's own verdicts, unconfirmed (a confirmation can only turn a survivor into a kill, so
+    the kill ratio over the checked mutants is a lower bound); the rate is mutants checked per
+    minute since the work copy was made (a --resume'd run's pause counts as time)."""
+    a = AREAS[area]
+    work = WORK / area
+    if a.tool != "mutmut" or not (work / "started.json").exists() or not (work / "mutants").exists():
+        raise SystemExit(f"--partial needs an interrupted mutmut run of {area} made by this script (.mutation/{area})")
+    started = json.loads((work / "started.json").read_text())
+    statuses = mutmut_results(work, a)
+    metas = [work / "mutants" / (m + ".meta") for m in a.modules]
+    last = max(p.stat().st_mtime for p in metas)
+    minutes = (last - started["time"]) / 60
+    total = counts({f"{m}:{k}": v for m, s in statuses.items() for k, v in s.items()})
+    checked = total["mutants"] - total["not checked"]
+    rate = checked / minutes if minutes > 0 else None
+    report = {
+        "area": area, "what": a.what, "tool": tool_version(a.tool), "modules_tested_by": list(a.tests),
+        "command": f"python scripts/mutation.py {area}", "commit": started["commit"],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(last)), "partial": True,
+        "minutes_run": round(minutes, 1), "mutants_per_minute": round(rate, 2) if rate else None,
+        "estimated_minutes_left": round(total["not checked"] / rate) if rate else None,
+        "modules": {m: {**counts(s), "statuses": s} for m, s in statuses.items()},
+        "total": total,
+        "survivors_unconfirmed": {n: mutant_diff(work, n) for s in statuses.values() for n, v in s.items()
+                                  if v in ("survived", "no tests", "suspicious")},
+    }
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    (REPORTS / f"{area}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    print(f"[{area}] partial: {checked} of {total['mutants']} mutants checked in {minutes:.0f} min, "
+          f"kill ratio so far {total['kill_ratio']}; about {report['estimated_minutes_left']} min left", flush=True)
+    return report
+
+
+def survivors() -> str:
+    """Markdown: every confirmed survivor of every area, its changed line and why it survives.
+
+    The reasons are docs/mutation/reasons.json, {area: {mutant name: reason}}, written by whoever
+    read the mutant: "equivalent: <why no input tells it apart>" or "test to write: <which>"."""
+    reasons_path = REPORTS / "reasons.json"
+    reasons = json.loads(reasons_path.read_text()) if reasons_path.exists() else {}
+    out = []
+    for area in AREAS:
+        path = REPORTS / f"{area}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        if r.get("partial"):
+            continue
+        out.append(f"### {area} ({len(r['survivors'])} survivors)\n")
+        for name, diff in r["survivors"].items():
+            changed = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+            why = reasons.get(area, {}).get(name, "**no reason recorded**")
+            out.append(f"- `{name.rsplit('.', 1)[-1]}`: `{' / '.join(changed)}`: {why}")
+        out.append("")
+    return "\n".join(out)
+
+
+def table() -> str:
+    """The docs/TESTING.md table: one row per module, from docs/mutation/*.json."""
+    lines = ["| area | module | tests | mutants | killed | timeout | survived | kill ratio | date, tool, commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for area in AREAS:
+        path = REPORTS / f"{area}.json"
+        if not path.exists():
+            lines.append(f"| {area} | {', '.join(AREAS[area].modules)} | | not run | | | | | |")
+            continue
+        r = json.loads(path.read_text())
+        tests = ", ".join(Path(t).name for t in r["modules_tested_by"])
+        for module, c in r["modules"].items():
+            ratio = "n/a" if c["kill_ratio"] is None else f"{100 * c['kill_ratio']:.1f}%"
+            mutants = c["mutants"]
+            if r.get("partial"):
+                mutants = f"partial: {c['mutants'] - c['not checked']} of {c['mutants']} checked"
+                ratio = f">= {ratio} (unconfirmed)"
+            lines.append(f"| {area} | {module} | {tests} | {mutants} | {c['killed']} | {c['timeout']} | "
+                         f"{c['survived'] + c['suspicious']} | {ratio} | {r['date'][:16]}, {r['tool']}, "
+                         f"{r['commit'][:10]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("areas", nargs="*", help=f"areas to run ({', '.join(AREAS)}) or 'all'")
+    p.add_argument("--list", action="store_true", help="print the areas and exit")
+    p.add_argument("--table", action="store_true", help="print the markdown table of the last reports")
+    p.add_argument("--survivors", action="store_true",
+                   help="print every survivor of the last reports with its reason (docs/mutation/reasons.json)")
+    p.add_argument("--confirm-only", action="store_true",
+                   help="re-check only the last run's survivors against today's tests (after adding tests)")
+    p.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1: a shared machine)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds one confirmation (or cosmic-ray) test run may take before it counts as a timeout")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with today's tests: mutants that already have a result are not "
+                        "run again, and every one not killed is confirmed")
+    p.add_argument("--partial", action="store_true",
+                   help="report the areas' interrupted runs (mutants checked so far, rate, time left)")
+    p.add_argument("--debug", action="store_true", help="mutmut's debug output (every pytest command) in the log")
+    args = p.parse_args(argv)
+    if args.list:
+        for name, a in AREAS.items():
+            print(f"{name}: {a.what}\n  modules: {' '.join(a.modules)}\n  tests:   {' '.join(a.tests)}\n"
+                  f"  tool:    {a.tool}{' (selected functions)' if a.functions else ''}")
+        return 0
+    if args.table:
+        print(table())
+        return 0
+    if args.survivors:
+        print(survivors())
+        return 0
+    areas = list(AREAS) if args.areas == ["all"] else args.areas
+    unknown = [x for x in areas if x not in AREAS]
+    if unknown or not areas:
+        p.error(f"name one or more areas of: {', '.join(AREAS)} (or 'all'); unknown: {unknown}")
+    for area in areas:
+        if args.partial:
+            partial_report(area)
+            continue
+        run_area(area, args.jobs, args.confirm_only, args.timeout, args.debug, args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
