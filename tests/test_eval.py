@@ -66,6 +66,7 @@ def ckpt(tmp_path_factory):
     return save_random_lm(tmp_path_factory.mktemp("eval") / "lm", max_seq_len=128)
 
 
+@pytest.mark.heavy
 def test_eval_cli_on_a_checkpoint(ckpt, tmp_path, capsys):
     import jax.numpy as jnp
 

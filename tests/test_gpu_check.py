@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.heavy  # .ci/run runs it after the default suite (-m heavy)
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 # the --tiny model (gpu_check.TINY_MODEL): hidden 64, 2 layers, 4 heads / 2 KV heads of 16, FFN 128, vocab 256

@@ -283,6 +283,7 @@ def _rows_sha(batch: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(b"".join(np.ascontiguousarray(batch[k]).tobytes() for k in sorted(batch))).hexdigest()[:16]
 
 
+@pytest.mark.heavy
 def test_train_in_two_processes_reads_half_per_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nemojax.config import load_config
 

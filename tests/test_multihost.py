@@ -199,6 +199,7 @@ def test_sigterm_to_every_process_while_starting_stops_after_the_first_step(pree
     _stopped_cleanly(job, preempted["run_dir"], "SIGTERM to both while starting (from the first step)")
 
 
+@pytest.mark.heavy
 def test_layouts_across_two_processes_match_one_device(sequence, reference) -> None:
     for name, layout in [("tensor8", "tensor8"), ("pipeline2_tensor4", "pipeline2_tensor4"), ("fsdp8", "fsdp8"),
                          ("uninterrupted", PREEMPTED)]:

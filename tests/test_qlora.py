@@ -37,7 +37,7 @@ def forward(model: nnx.Module, ids: jax.Array) -> jax.Array:
     return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, ids)
 
 
-@pytest.mark.parametrize("mode,block", [("int8", 0), ("nf4", 8)])
+@pytest.mark.parametrize("mode,block", [("int8", 0), pytest.param("nf4", 8, marks=pytest.mark.heavy)])
 def test_adapters_on_a_quantized_base_equal_dequantized_weights_plus_delta(mode, block):
     cfg = dataclasses.replace(BASE, quant=QuantConfig(mode=mode, block_size=block), lora=LoraConfig(rank=4, alpha=8.0))
     model = make_model(cfg, seed=1)
@@ -81,6 +81,7 @@ def test_a_quantized_run_is_a_post_training_stage_with_adapters():
         load_config("configs/tiny.yaml", ["model.quant.mode=int8", "model.lora.rank=4"])
 
 
+@pytest.mark.heavy
 def test_qlora_dpo_stage_keeps_the_quantized_base_frozen(tmp_path):
     import orbax.checkpoint as ocp
 

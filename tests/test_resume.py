@@ -87,6 +87,7 @@ def straight(tmp_path_factory) -> Path:
     return rd
 
 
+@pytest.mark.heavy
 def test_exact_resume_after_sigkill(straight, tmp_path):
     rd = tmp_path / "killed"
     proc = train(rd, kill_after=6)

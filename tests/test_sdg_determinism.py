@@ -49,6 +49,7 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     return [f"Question {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) for i in range(n)]
 
 
+@pytest.mark.heavy
 def test_pipeline_engine_gives_each_request_the_same_numbers_whatever_runs_beside_it(ckpt):
     """Twelve seeded requests (mixed prompt lengths, n = 4 or 1, temperature 0.8, top_p 0.95,
     8-48 tokens) on an engine built as a pipeline builds it, all together and then only the

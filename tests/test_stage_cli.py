@@ -74,6 +74,7 @@ def head(src: str, n: int, out: Path) -> Path:
     return out
 
 
+@pytest.mark.heavy
 def test_dpo_resumes_exactly_after_sigkill(base: Path, tmp_path: Path) -> None:
     train = head("configs/data/preference_train.jsonl", 40, tmp_path / "train.jsonl")
     val = head("configs/data/preference_val.jsonl", 8, tmp_path / "val.jsonl")

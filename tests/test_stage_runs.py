@@ -105,6 +105,7 @@ def opt_state_paths(step_dir: Path) -> list[str]:
     return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+@pytest.mark.heavy
 def test_lora_rpo_rounds_with_scored_rewards(world: dict[str, str], tmp_path: Path) -> None:
     """Kills the mutant "round r's reference is not round r-1's weights" (`round_config` passing
     the stage's init_from as round 2's reference): checked by value, not by the cache's path."""

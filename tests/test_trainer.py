@@ -287,6 +287,7 @@ def test_plot_metrics_script_writes_png(trained, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+@pytest.mark.heavy
 def test_throughput_benchmark_prints_json(tmp_path):
     import os
     import subprocess
