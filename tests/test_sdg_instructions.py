@@ -76,13 +76,18 @@ def test_kwargs_the_reference_would_replace_at_random_are_refused():
     """IFEval's evaluator drops falsy kwargs (0, "", []) and its checkers then draw a random value,
     as they do for negative counts and invalid letters; no fixed verdict equals that, so each is a
     ValueError naming the kwarg, whatever the response. Kills: `num_placeholders=0` passing every
-    response and `keywords=[]` passing every response (the reference draws 1-4 and two words)."""
+    response and `keywords=[]` passing every response (the reference draws 1-4 and two words); the
+    kwarg's name lost from the message of a negative `frequency` / `num_placeholders` (`_count(None,
+    ...)`, `"XXfrequencyXX"`, `"NUM_PLACEHOLDERS"`)."""
     refused = [("detectable_content:number_placeholders", {"num_placeholders": 0}, "num_placeholders=0"),
                ("keywords:existence", {"keywords": []}, "keywords=\\[\\]"),
                ("keywords:forbidden_words", {"forbidden_words": []}, "forbidden_words=\\[\\]"),
                ("startend:end_checker", {"end_phrase": ""}, "end_phrase=''"),
                ("length_constraints:number_words", {"num_words": 0, "relation": "less than"}, "num_words=0"),
                ("detectable_format:number_bullet_lists", {"num_bullets": -1}, "num_bullets=-1"),
+               ("keywords:frequency", {"keyword": "text", "frequency": -1, "relation": "at least"},
+                "^frequency=-1: must be >= 0"),
+               ("detectable_content:number_placeholders", {"num_placeholders": -2}, "^num_placeholders=-2: must be"),
                ("keywords:letter_frequency", {"letter": " a", "let_frequency": 1, "let_relation": "at least"},
                 "letter=' a'"),
                ("language:response_language", {"language": "xx"}, "language='xx'"),
