@@ -77,8 +77,8 @@ def test_kwargs_the_reference_would_replace_at_random_are_refused():
     as they do for negative counts and invalid letters; no fixed verdict equals that, so each is a
     ValueError naming the kwarg, whatever the response. Kills: `num_placeholders=0` passing every
     response and `keywords=[]` passing every response (the reference draws 1-4 and two words); the
-    kwarg's name lost from the message of a negative `frequency` / `num_placeholders` (`_count(None,
-    ...)`, `"XXfrequencyXX"`, `"NUM_PLACEHOLDERS"`)."""
+    kwarg's name lost from the message of a negative `frequency` / `num_placeholders` /
+    `num_sections` (`_count(None, ...)`, `"XXfrequencyXX"`, `"NUM_PLACEHOLDERS"`, ...)."""
     refused = [("detectable_content:number_placeholders", {"num_placeholders": 0}, "num_placeholders=0"),
                ("keywords:existence", {"keywords": []}, "keywords=\\[\\]"),
                ("keywords:forbidden_words", {"forbidden_words": []}, "forbidden_words=\\[\\]"),
@@ -88,6 +88,8 @@ def test_kwargs_the_reference_would_replace_at_random_are_refused():
                ("keywords:frequency", {"keyword": "text", "frequency": -1, "relation": "at least"},
                 "^frequency=-1: must be >= 0"),
                ("detectable_content:number_placeholders", {"num_placeholders": -2}, "^num_placeholders=-2: must be"),
+               ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": -1},
+                "^num_sections=-1: must be"),
                ("keywords:letter_frequency", {"letter": " a", "let_frequency": 1, "let_relation": "at least"},
                 "letter=' a'"),
                ("language:response_language", {"language": "xx"}, "language='xx'"),
@@ -167,3 +169,16 @@ def test_cli_ifeval_and_kinds(tmp_path, capsys):
     assert main(["sdg", "kinds"]) == 0
     kinds = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert {k["kind"] for k in kinds} >= {"topics", "preference", "genetic_instruct", "dedup", "export_sft"}
+
+
+def test_highlights_and_titles_whose_text_is_one_letter_or_blank():
+    """As IFEval's reference counts them: "*X*" is a highlight and "<<X>>" a title (one letter is
+    text), "** **" is no highlight (blank between the double asterisks). Kills the strip sets
+    `"*"` -> `"XX*XX"`, `"<"` -> `"XX<XX"`, `">"` -> `"XX>XX"` (an X stripped as if markup), and
+    `removeprefix("**").removesuffix("**")` with either call doubled (a blank double highlight
+    then keeps a "**" and counts)."""
+    highlights = "detectable_format:number_highlighted_sections"
+    assert check(highlights, "*X* marks it.", num_highlights=1)
+    assert check(highlights, "** ** and *ok*", num_highlights=1)
+    assert not check(highlights, "** ** and *ok*", num_highlights=2)
+    assert check("detectable_format:title", "<<X>> then text")
