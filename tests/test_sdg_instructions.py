@@ -77,8 +77,8 @@ def test_kwargs_the_reference_would_replace_at_random_are_refused():
     as they do for negative counts and invalid letters; no fixed verdict equals that, so each is a
     ValueError naming the kwarg, whatever the response. Kills: `num_placeholders=0` passing every
     response and `keywords=[]` passing every response (the reference draws 1-4 and two words); the
-    kwarg's name lost from the message of a negative `frequency` / `num_placeholders` /
-    `num_sections` (`_count(None, ...)`, `"XXfrequencyXX"`, `"NUM_PLACEHOLDERS"`, ...)."""
+    kwarg's name lost from the message of a negative count, for every count kwarg (`_count(None,
+    ...)`, `"XXfrequencyXX"`, `"NUM_PLACEHOLDERS"`, ...)."""
     refused = [("detectable_content:number_placeholders", {"num_placeholders": 0}, "num_placeholders=0"),
                ("keywords:existence", {"keywords": []}, "keywords=\\[\\]"),
                ("keywords:forbidden_words", {"forbidden_words": []}, "forbidden_words=\\[\\]"),
@@ -90,6 +90,19 @@ def test_kwargs_the_reference_would_replace_at_random_are_refused():
                ("detectable_content:number_placeholders", {"num_placeholders": -2}, "^num_placeholders=-2: must be"),
                ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": -1},
                 "^num_sections=-1: must be"),
+               ("keywords:letter_frequency", {"letter": "a", "let_frequency": -1, "let_relation": "at least"},
+                "^let_frequency=-1: must be"),
+               ("length_constraints:number_sentences", {"num_sentences": -1, "relation": "at least"},
+                "^num_sentences=-1: must be"),
+               ("length_constraints:number_paragraphs", {"num_paragraphs": -1}, "^num_paragraphs=-1: must be"),
+               ("length_constraints:number_words", {"num_words": -1, "relation": "at least"}, "^num_words=-1: must be"),
+               ("length_constraints:nth_paragraph_first_word",
+                {"num_paragraphs": -1, "nth_paragraph": 1, "first_word": "a"}, "^num_paragraphs=-1: must be"),
+               ("detectable_format:number_highlighted_sections", {"num_highlights": -1}, "^num_highlights=-1: must be"),
+               ("length_constraints:nth_paragraph_first_word",
+                {"num_paragraphs": 2, "nth_paragraph": -1, "first_word": "a"}, "^nth_paragraph=-1: must be"),
+               ("change_case:capital_word_frequency", {"capital_frequency": 1.5, "capital_relation": "at least"},
+                "^capital_frequency=1.5: must be an integer"),
                ("keywords:letter_frequency", {"letter": " a", "let_frequency": 1, "let_relation": "at least"},
                 "letter=' a'"),
                ("language:response_language", {"language": "xx"}, "language='xx'"),
