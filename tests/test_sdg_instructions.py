@@ -195,3 +195,11 @@ def test_highlights_and_titles_whose_text_is_one_letter_or_blank():
     assert check(highlights, "** ** and *ok*", num_highlights=1)
     assert not check(highlights, "** ** and *ok*", num_highlights=2)
     assert check("detectable_format:title", "<<X>> then text")
+
+
+def test_upper_case_json_fence_and_an_ending_x():
+    """As IFEval's reference reads them: a ```JSON fence is stripped like ```json, and a response
+    ending in the letter X ends with a phrase ending in X (only quotes are stripped). Kills the
+    fence list's "```JSON" -> "```json" / "XX```JSONXX", and `strip('"')` -> `strip('XX"XX')`."""
+    assert check("detectable_format:json_format", '```JSON\n{"a": 1}\n```')
+    assert check("startend:end_checker", "The answer is X", end_phrase="is X")
