@@ -203,3 +203,19 @@ def test_upper_case_json_fence_and_an_ending_x():
     fence list's "```JSON" -> "```json" / "XX```JSONXX", and `strip('"')` -> `strip('XX"XX')`."""
     assert check("detectable_format:json_format", '```JSON\n{"a": 1}\n```')
     assert check("startend:end_checker", "The answer is X", end_phrase="is X")
+
+
+def test_nth_paragraph_first_word_strips_quotes_and_stops_at_punctuation():
+    """As IFEval's reference reads a paragraph's first word: leading ' and " stripped, the word
+    cut at the first of . , ? ! ' "; and the checker itself refuses nth_paragraph 0 (`follows`
+    refuses a zero kwarg before it, the checker's own guard is what a direct call meets). Kills
+    `lstrip("'")` -> `lstrip(None)` / `rstrip("'")` / `lstrip("XX'XX")`, `lstrip('"')` ->
+    `lstrip('XX"XX')`, "?" and '"' dropped from the stop set, and `0 < nth_paragraph` -> `0 <=`."""
+    from nemojax.sdg.instructions.checkers import length_nth_paragraph_first_word
+
+    response = "'Xenon' is a gas.\n\n\"Xenon\" again.\n\nWhy? Because."
+    for nth, word in ((1, "xenon"), (2, "xenon"), (3, "why")):
+        assert check("length_constraints:nth_paragraph_first_word", response, num_paragraphs=3, nth_paragraph=nth,
+                     first_word=word), nth
+    with pytest.raises(ValueError, match=r"^nth_paragraph=0: must be in \[1, num_paragraphs=3\]"):
+        length_nth_paragraph_first_word(response, num_paragraphs=3, nth_paragraph=0, first_word="xenon")
