@@ -219,3 +219,26 @@ def test_nth_paragraph_first_word_strips_quotes_and_stops_at_punctuation():
                      first_word=word), nth
     with pytest.raises(ValueError, match=r"^nth_paragraph=0: must be in \[1, num_paragraphs=3\]"):
         length_nth_paragraph_first_word(response, num_paragraphs=3, nth_paragraph=0, first_word="xenon")
+
+
+def test_relations_and_languages_refused_by_their_own_names():
+    """An unknown relation is refused naming the kwarg it came in (`let_relation`,
+    `capital_relation`), and an unknown language lists IFEval's codes ", "-separated. Kills the
+    relation name passed to `_compare` dropped / renamed in `keywords_letter_frequency` and
+    `change_case_capital_word_frequency`, and `', '.join` -> `'XX, XX'.join` in
+    `language_response_language`."""
+    with pytest.raises(ValueError, match="^let_relation='more': must be one of"):
+        follows("keywords:letter_frequency", "x", {"letter": "a", "let_frequency": 1, "let_relation": "more"})
+    with pytest.raises(ValueError, match="^capital_relation='more': must be one of"):
+        follows("change_case:capital_word_frequency", "x", {"capital_frequency": 1, "capital_relation": "more"})
+    with pytest.raises(ValueError, match="IFEval's codes: en, es, pt, "):
+        follows("language:response_language", "x", {"language": "xx"})
+
+
+def test_case_of_a_response_without_language_features():
+    """Roman-numeral letters are cased but carry no language features: IFEval's reference then
+    catches langdetect's error and counts the case instruction as followed, and so do we. Kills
+    `except LanguageUndetectable: return True` -> `return False` in `change_case_english_capital`
+    and `change_case_english_lowercase`."""
+    assert check("change_case:english_capital", "Ⅻ 12")
+    assert check("change_case:english_lowercase", "ⅻ 12")
