@@ -76,13 +76,33 @@ def test_kwargs_the_reference_would_replace_at_random_are_refused():
     """IFEval's evaluator drops falsy kwargs (0, "", []) and its checkers then draw a random value,
     as they do for negative counts and invalid letters; no fixed verdict equals that, so each is a
     ValueError naming the kwarg, whatever the response. Kills: `num_placeholders=0` passing every
-    response and `keywords=[]` passing every response (the reference draws 1-4 and two words)."""
+    response and `keywords=[]` passing every response (the reference draws 1-4 and two words); the
+    kwarg's name lost from the message of a negative count, for every count kwarg (`_count(None,
+    ...)`, `"XXfrequencyXX"`, `"NUM_PLACEHOLDERS"`, ...)."""
     refused = [("detectable_content:number_placeholders", {"num_placeholders": 0}, "num_placeholders=0"),
                ("keywords:existence", {"keywords": []}, "keywords=\\[\\]"),
                ("keywords:forbidden_words", {"forbidden_words": []}, "forbidden_words=\\[\\]"),
                ("startend:end_checker", {"end_phrase": ""}, "end_phrase=''"),
                ("length_constraints:number_words", {"num_words": 0, "relation": "less than"}, "num_words=0"),
                ("detectable_format:number_bullet_lists", {"num_bullets": -1}, "num_bullets=-1"),
+               ("keywords:frequency", {"keyword": "text", "frequency": -1, "relation": "at least"},
+                "^frequency=-1: must be >= 0"),
+               ("detectable_content:number_placeholders", {"num_placeholders": -2}, "^num_placeholders=-2: must be"),
+               ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": -1},
+                "^num_sections=-1: must be"),
+               ("keywords:letter_frequency", {"letter": "a", "let_frequency": -1, "let_relation": "at least"},
+                "^let_frequency=-1: must be"),
+               ("length_constraints:number_sentences", {"num_sentences": -1, "relation": "at least"},
+                "^num_sentences=-1: must be"),
+               ("length_constraints:number_paragraphs", {"num_paragraphs": -1}, "^num_paragraphs=-1: must be"),
+               ("length_constraints:number_words", {"num_words": -1, "relation": "at least"}, "^num_words=-1: must be"),
+               ("length_constraints:nth_paragraph_first_word",
+                {"num_paragraphs": -1, "nth_paragraph": 1, "first_word": "a"}, "^num_paragraphs=-1: must be"),
+               ("detectable_format:number_highlighted_sections", {"num_highlights": -1}, "^num_highlights=-1: must be"),
+               ("length_constraints:nth_paragraph_first_word",
+                {"num_paragraphs": 2, "nth_paragraph": -1, "first_word": "a"}, "^nth_paragraph=-1: must be"),
+               ("change_case:capital_word_frequency", {"capital_frequency": 1.5, "capital_relation": "at least"},
+                "^capital_frequency=1.5: must be an integer"),
                ("keywords:letter_frequency", {"letter": " a", "let_frequency": 1, "let_relation": "at least"},
                 "letter=' a'"),
                ("language:response_language", {"language": "xx"}, "language='xx'"),
@@ -162,3 +182,63 @@ def test_cli_ifeval_and_kinds(tmp_path, capsys):
     assert main(["sdg", "kinds"]) == 0
     kinds = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert {k["kind"] for k in kinds} >= {"topics", "preference", "genetic_instruct", "dedup", "export_sft"}
+
+
+def test_highlights_and_titles_whose_text_is_one_letter_or_blank():
+    """As IFEval's reference counts them: "*X*" is a highlight and "<<X>>" a title (one letter is
+    text), "** **" is no highlight (blank between the double asterisks). Kills the strip sets
+    `"*"` -> `"XX*XX"`, `"<"` -> `"XX<XX"`, `">"` -> `"XX>XX"` (an X stripped as if markup), and
+    `removeprefix("**").removesuffix("**")` with either call doubled (a blank double highlight
+    then keeps a "**" and counts)."""
+    highlights = "detectable_format:number_highlighted_sections"
+    assert check(highlights, "*X* marks it.", num_highlights=1)
+    assert check(highlights, "** ** and *ok*", num_highlights=1)
+    assert not check(highlights, "** ** and *ok*", num_highlights=2)
+    assert check("detectable_format:title", "<<X>> then text")
+
+
+def test_upper_case_json_fence_and_an_ending_x():
+    """As IFEval's reference reads them: a ```JSON fence is stripped like ```json, and a response
+    ending in the letter X ends with a phrase ending in X (only quotes are stripped). Kills the
+    fence list's "```JSON" -> "```json" / "XX```JSONXX", and `strip('"')` -> `strip('XX"XX')`."""
+    assert check("detectable_format:json_format", '```JSON\n{"a": 1}\n```')
+    assert check("startend:end_checker", "The answer is X", end_phrase="is X")
+
+
+def test_nth_paragraph_first_word_strips_quotes_and_stops_at_punctuation():
+    """As IFEval's reference reads a paragraph's first word: leading ' and " stripped, the word
+    cut at the first of . , ? ! ' "; and the checker itself refuses nth_paragraph 0 (`follows`
+    refuses a zero kwarg before it, the checker's own guard is what a direct call meets). Kills
+    `lstrip("'")` -> `lstrip(None)` / `rstrip("'")` / `lstrip("XX'XX")`, `lstrip('"')` ->
+    `lstrip('XX"XX')`, "?" and '"' dropped from the stop set, and `0 < nth_paragraph` -> `0 <=`."""
+    from nemojax.sdg.instructions.checkers import length_nth_paragraph_first_word
+
+    response = "'Xenon' is a gas.\n\n\"Xenon\" again.\n\nWhy? Because."
+    for nth, word in ((1, "xenon"), (2, "xenon"), (3, "why")):
+        assert check("length_constraints:nth_paragraph_first_word", response, num_paragraphs=3, nth_paragraph=nth,
+                     first_word=word), nth
+    with pytest.raises(ValueError, match=r"^nth_paragraph=0: must be in \[1, num_paragraphs=3\]"):
+        length_nth_paragraph_first_word(response, num_paragraphs=3, nth_paragraph=0, first_word="xenon")
+
+
+def test_relations_and_languages_refused_by_their_own_names():
+    """An unknown relation is refused naming the kwarg it came in (`let_relation`,
+    `capital_relation`), and an unknown language lists IFEval's codes ", "-separated. Kills the
+    relation name passed to `_compare` dropped / renamed in `keywords_letter_frequency` and
+    `change_case_capital_word_frequency`, and `', '.join` -> `'XX, XX'.join` in
+    `language_response_language`."""
+    with pytest.raises(ValueError, match="^let_relation='more': must be one of"):
+        follows("keywords:letter_frequency", "x", {"letter": "a", "let_frequency": 1, "let_relation": "more"})
+    with pytest.raises(ValueError, match="^capital_relation='more': must be one of"):
+        follows("change_case:capital_word_frequency", "x", {"capital_frequency": 1, "capital_relation": "more"})
+    with pytest.raises(ValueError, match="IFEval's codes: en, es, pt, "):
+        follows("language:response_language", "x", {"language": "xx"})
+
+
+def test_case_of_a_response_without_language_features():
+    """Roman-numeral letters are cased but carry no language features: IFEval's reference then
+    catches langdetect's error and counts the case instruction as followed, and so do we. Kills
+    `except LanguageUndetectable: return True` -> `return False` in `change_case_english_capital`
+    and `change_case_english_lowercase`."""
+    assert check("change_case:english_capital", "Ⅻ 12")
+    assert check("change_case:english_lowercase", "ⅻ 12")
