@@ -4,6 +4,7 @@ on their own (no model): the engine tests check what they do to outputs."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from nemojax.data.tokenizer import load_tokenizer
 from nemojax.inference.detokenize import IncrementalText, StopMatcher
@@ -76,3 +77,34 @@ def test_stop_matcher_looks_only_at_new_text_and_holds_back_a_possible_start():
     assert m.search("abcEN", 3) == -1 and m.search("abcEND", 5) == 3
     assert m.search("xx\n\nyy", 3) == 2
     assert StopMatcher([]).safe_length("abc") == 3 and StopMatcher([]).search("abc", 0) == -1
+
+
+def test_counters_clear_partial_blocks_and_arguments():
+    """Mutants (docs/TESTING.md, prefix_cache survivors): clear() rebuilding a shorter or wrong
+    free list; `_chunks` taking a final partial block; a block inserted by this call evicted by
+    the same call (`keep.add(None)`); stats counters starting at 1 or set / decremented instead of
+    added (the server's prefix-cache metrics read them); the constructor's argument checks."""
+    cache = PrefixCache(num_blocks=3, block_size=2)
+    assert cache.stats == {"lookups": 0, "hit_blocks": 0, "inserted_blocks": 0, "evicted_blocks": 0}
+    # full blocks only: 5 tokens of block size 2 are two blocks; 3 tokens are one
+    assert [i for i, _ in cache.insert([1, 2, 3, 4, 5])] == [0, 1]
+    assert [i for i, _ in cache.insert([7, 8, 9])] == [0]
+    assert cache.stats["inserted_blocks"] == 3 and len(cache) == 3
+    assert cache.match([1, 2, 3, 4, 6]) and cache.stats["lookups"] == 1 and cache.stats["hit_blocks"] == 2
+    # a 3-block prefix into a full pool: its own new blocks are never evicted to make room for it
+    got = cache.insert([11, 12, 13, 14, 15, 16])
+    assert len({b for _, b in got}) == len(got) == 3 and cache.stats["evicted_blocks"] == 3
+    assert cache.stats["inserted_blocks"] == 6
+    # clear: every block is handed out again, each once
+    cache.clear()
+    assert len(cache) == 0 and cache.match([11, 12]) == []
+    again = cache.insert([21, 22, 23, 24, 25, 26])
+    assert sorted(b for _, b in again) == [0, 1, 2] and cache.stats["evicted_blocks"] == 3
+    # arguments: an empty pool and one-token blocks are valid; negative sizes are refused by name
+    assert PrefixCache(num_blocks=0, block_size=1).insert([1, 2]) == []
+    assert len(PrefixCache(num_blocks=2, block_size=1).insert([1, 2])) == 2
+    # more new blocks than the pool: the call stops early rather than evict its own first blocks
+    assert [i for i, _ in PrefixCache(num_blocks=2, block_size=1).insert([1, 2, 3])] == [0, 1]
+    for bad in ((-1, 2), (2, 0)):
+        with pytest.raises(ValueError, match="num_blocks >= 0 and block_size >= 1"):
+            PrefixCache(*bad)
