@@ -132,3 +132,109 @@ def test_sampling_params_validation_names_the_field():
     p = SamplingParams.from_dict({"temperature": 0, "top_k": 5, "prompt": "ignored"},
                                  SamplingParams(max_tokens=7, stop=["a"]))
     assert (p.temperature, p.top_k, p.max_tokens, p.stop) == (0.0, 5, 7, ["a"])
+
+
+# Every rule of SamplingParams.validate at its boundary: (field, bad value, the message's reason).
+# Guards mutants that move a bound (`< 0` to `<= 0`, `<= 1` to `< 1`), drop a type check, or change
+# the message a client reads (the full message is compared, not a substring).
+_BAD = [
+    ("temperature", -0.1, "must be a number >= 0 (0 = greedy)"),
+    ("temperature", "1", "must be a number >= 0 (0 = greedy)"),
+    ("temperature", math.inf, "must be a finite number"),
+    ("temperature", math.nan, "must be a finite number"),
+    ("top_p", 0, "must be in (0, 1]"),
+    ("top_p", 1.0001, "must be in (0, 1]"),
+    ("top_p", "0.5", "must be in (0, 1]"),
+    ("top_k", -1, "must be an integer >= 0 (0 = off)"),
+    ("top_k", True, "must be an integer >= 0 (0 = off)"),
+    ("min_p", -0.01, "must be in [0, 1]"),
+    ("min_p", 1.01, "must be in [0, 1]"),
+    ("min_p", None, "must be in [0, 1]"),
+    ("prompt_logprobs", 1, "must be true or false"),
+    ("max_tokens", 0, "must be an integer >= 1 (0 only with prompt_logprobs)"),
+    ("max_tokens", 2.0, "must be an integer >= 1 (0 only with prompt_logprobs)"),
+    ("stop", 5, "must be a string or a list of non-empty strings"),
+    ("stop", ["a", 3], "must be a string or a list of non-empty strings"),
+    ("stop_token_ids", [-1], "must be a list of token ids >= 0"),
+    ("stop_token_ids", [1.0], "must be a list of token ids >= 0"),
+    ("stop_token_ids", (1,), "must be a list of token ids >= 0"),
+    ("seed", -1, "must be an integer >= 0 or null"),
+    ("seed", 1.5, "must be an integer >= 0 or null"),
+    ("n", 1.0, "must be an integer >= 1"),
+    ("logprobs", 1, "must be true or false"),
+    ("top_logprobs", 21, f"must be an integer in [0, {20}]"),
+    ("top_logprobs", -1, f"must be an integer in [0, {20}]"),
+    ("top_logprobs", 2.0, f"must be an integer in [0, {20}]"),
+]
+
+
+@pytest.mark.parametrize("name,value,why", _BAD, ids=[f"{n}={v!r}" for n, v, _ in _BAD])
+def test_each_bad_sampling_parameter_is_refused_with_its_full_message(name, value, why):
+    with pytest.raises(SamplingError) as e:
+        SamplingParams(**{name: value}).validate()
+    assert str(e.value) == f"{name}={value!r}: {why}"
+
+
+def test_the_boundary_values_themselves_are_accepted_and_numbers_become_floats():
+    """Each bound's own value is legal (guards `<` / `<=` swaps the refusals above miss)."""
+    ok = SamplingParams(temperature=0, top_p=1, top_k=0, min_p=1, seed=0, n=1, top_logprobs=20,
+                        stop=[], stop_token_ids=[0], logprobs=True).validate()
+    assert (type(ok.temperature), type(ok.top_p), type(ok.min_p)) == (float, float, float)
+    assert (ok.temperature, ok.top_p, ok.min_p) == (0.0, 1.0, 1.0)
+    assert SamplingParams(min_p=0, top_p=1e-9, seed=None, max_tokens=1).validate().min_p == 0.0
+    assert SamplingParams(max_tokens=0, prompt_logprobs=True).validate().max_tokens == 0
+    with pytest.raises(SamplingError, match="max_tokens=-1"):
+        SamplingParams(max_tokens=-1, prompt_logprobs=True).validate()
+
+
+def test_from_dict_copies_the_defaults_lists():
+    """A request's stop list is its own: from_dict must not share (and then extend) the defaults'."""
+    defaults = SamplingParams(stop=["a"], stop_token_ids=[3])
+    p = SamplingParams.from_dict({}, defaults)
+    p.stop.append("b")
+    p.stop_token_ids.append(4)
+    assert (defaults.stop, defaults.stop_token_ids) == (["a"], [3])
+    assert SamplingParams.from_dict({"seed": 5}).seed == 5 and SamplingParams.from_dict({}).seed is None
+
+
+def test_a_draw_is_the_inverse_cdf_of_the_request_keys_uniform():
+    """The token drawn for (seed, sample, token index) computed independently: the key folded
+    with the sample index then the token index, one uniform, numpy's inverse CDF over the
+    filtered distribution. Guards swapped or dropped fold-ins, `<=` / `<` in the CDF search,
+    and the clamp to the last token."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(8, 11)).astype(np.float32)
+    seeds, samples, tokens = np.arange(8, dtype=np.uint32) * 7 + 3, np.arange(8) % 3, np.arange(8) * 5 + 1
+    got, _ = sample(jnp.asarray(logits), temperature=jnp.full((8,), 0.7), top_k=jnp.zeros((8,), jnp.int32),
+                    top_p=jnp.ones((8,)), min_p=jnp.zeros((8,)), seed=jnp.asarray(seeds),
+                    sample_index=jnp.asarray(samples, jnp.int32), token_index=jnp.asarray(tokens, jnp.int32))
+    for row in range(8):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(seeds[row])), int(samples[row])),
+                                 int(tokens[row]))
+        u = float(jax.random.uniform(key, (), jnp.float32))
+        p = np.exp((logits[row] - logits[row].max()) / 0.7)
+        cdf = np.cumsum(p / p.sum())
+        assert int(got[row]) == int(np.searchsorted(cdf, u, side="right")), row
+
+
+def test_greedy_takes_the_first_of_tied_maxima_and_ignores_the_filters():
+    """argmax_first: ties go to the lowest id; a temperature-0 row in a sampled batch stays greedy
+    and filter_logits leaves its logits unscaled."""
+    logits = jnp.asarray([[0.0, 2.0, 1.0, 2.0], [0.0, 2.0, 1.0, 2.0]], jnp.float32)
+    tok, _ = sample(logits, temperature=jnp.asarray([0.0, 1.0]), top_k=jnp.asarray([1, 1], jnp.int32),
+                    top_p=jnp.ones((2,)), min_p=jnp.zeros((2,)), seed=jnp.zeros((2,), jnp.uint32),
+                    sample_index=jnp.zeros((2,), jnp.int32), token_index=jnp.zeros((2,), jnp.int32))
+    assert int(tok[0]) == 1 and int(tok[1]) in (1, 3)
+    out = filter_logits(logits, temperature=jnp.asarray([0.0, 0.5]), top_k=jnp.zeros((2,), jnp.int32),
+                        top_p=jnp.ones((2,)), min_p=jnp.zeros((2,)))
+    np.testing.assert_allclose(np.asarray(out), [[0, 2, 1, 2], [0, 4, 2, 4]])
+
+
+def test_top_logprobs_are_the_k_best_model_log_probs_only_when_asked():
+    from nemojax.inference.sampling import top_logprobs
+    logits = jnp.asarray(LOGITS)
+    ids, values = top_logprobs(logits, jnp.asarray([1]), k=3)
+    assert np.asarray(ids).tolist() == [[1, 3, 0]]
+    np.testing.assert_allclose(np.asarray(values), np.log([[0.5, 0.25, 0.125]]), rtol=1e-6)
+    ids, values = top_logprobs(logits, jnp.asarray([0]), k=3)
+    assert not np.asarray(ids).any() and not np.asarray(values).any()
