@@ -156,7 +156,8 @@ def preference_objective(p: dict, cfg: Any, rows: dict[str, np.ndarray], st: Any
     return {"loss": float(np.mean(st.preference_weight * pref[real] - st.sft_weight * c[real])),
             "preference_loss": float(pref[real].mean()), "sft_loss": float(-c[real].mean()),
             "margin": float(st.beta * delta[real].mean()), "accuracy": float((delta[real] > 0).mean()),
-            "chosen_logps": float(c[real].mean()), "rejected_logps": float(r[real].mean())}
+            "chosen_logps": float(c[real].mean()), "rejected_logps": float(r[real].mean()),
+            "logp_accuracy": float((c[real] > r[real]).mean())}
 
 
 def sft_objective(p: dict, cfg: Any, rows: dict[str, np.ndarray]) -> float:

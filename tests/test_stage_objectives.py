@@ -90,7 +90,8 @@ def lm_rows(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def pair_rows(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Pairs sharing a prompt, responses of different lengths; the last pair is padding."""
+    """Pairs sharing a prompt, responses of different lengths; pair 1's sides are the same
+    sequence (a tie); the last pair is padding."""
     n = ACCUM * MICRO
     out: dict[str, np.ndarray] = {}
     for side in ("chosen", "rejected"):
@@ -105,6 +106,8 @@ def pair_rows(rng: np.random.Generator) -> dict[str, np.ndarray]:
             out[f"{side}_input_ids"][i, :L], out[f"{side}_positions"][i, :L] = seq, np.arange(L)
             out[f"{side}_segment_ids"][i, :L], out[f"{side}_targets"][i, :L - 1] = 1, seq[1:]
             out[f"{side}_loss_mask"][i, len(prompt) - 1:L - 1] = 1.0
+    for k in ("input_ids", "targets", "positions", "segment_ids", "loss_mask"):  # pair 1 a tie: log
+        out[f"rejected_{k}"][1] = out[f"chosen_{k}"][1]  # pi(chosen) == log pi(rejected) exactly
     out["example_mask"] = np.r_[np.ones(n - 1), 0.0].astype(np.float32)
     out["chosen_reward"] = rng.uniform(0, 4, n).astype(np.float32)
     out["rejected_reward"] = rng.uniform(0, 4, n).astype(np.float32)
@@ -276,7 +279,8 @@ def test_preference_step_is_the_formula(case: str) -> None:
 
     Kills the train-step mutants: beta applied twice (`beta=st.beta**2` in `stage_task`), the
     SFT term dropped (`sft_weight=0`), the policy (stop-gradient) used as its own reference in
-    `preference_sums`, the RPO reward gap's sign flipped (chosen / rejected rewards swapped)."""
+    `preference_sums`, the RPO reward gap's sign flipped (chosen / rejected rewards swapped);
+    and the logp_accuracy metric renamed, mis-weighted (`/ example_mask`) or counting ties."""
     run = outcome(case)
     want = objective_parts(case, run["before"])
     m = run["metrics"]
@@ -284,5 +288,6 @@ def test_preference_step_is_the_formula(case: str) -> None:
         assert m[k] == pytest.approx(want[k], rel=LOSS_RTOL, abs=METRIC_ATOL), f"{case}: {k}"
     assert m["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
     assert 0 < want["accuracy"] < 1, "the batch must have pairs on both sides of the reference"
+    assert m["logp_accuracy"] == pytest.approx(want["logp_accuracy"], abs=1e-6), case
     check_gradient(case)
     check_frozen(case)

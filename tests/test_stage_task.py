@@ -33,8 +33,8 @@ MODEL = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_he
 LORA = dict(rank=2, alpha=4.0, targets=["q", "up"], init_std=0.3)
 
 
-def config(kind: str, **model):
-    return config_from_dict({"model": dict(MODEL, **model), "mesh": {"data": 1, "fsdp": 2}, "steps": 1, "seed": 5,
+def config(kind: str, seed: int = 5, **model):
+    return config_from_dict({"model": dict(MODEL, **model), "mesh": {"data": 1, "fsdp": 2}, "steps": 1, "seed": seed,
                              "stage": {"kind": kind, "train": "unused.jsonl"},
                              "data": dict(seq_len=16, global_batch_size=2, micro_batch_size=2)})
 
@@ -46,17 +46,18 @@ def flat(tree: dict, prefix: str = "") -> dict[str, jax.Array]:
     return out
 
 
-@pytest.mark.parametrize("kind, extra, lacking", [
-    ("reward", dict(reward={"enabled": True}), {"reward_head.kernel", "reward_head.bias"}),
-    ("dpo", dict(lora=LORA), {"blocks.q_lora_a", "blocks.q_lora_b", "blocks.up_lora_a", "blocks.up_lora_b"}),
+@pytest.mark.parametrize("kind, seed, extra, lacking", [
+    ("reward", 5, dict(reward={"enabled": True}), {"reward_head.kernel", "reward_head.bias"}),
+    ("dpo", 2**31 + 5, dict(lora=LORA), {"blocks.q_lora_a", "blocks.q_lora_b", "blocks.up_lora_a", "blocks.up_lora_b"}),
 ])
-def test_base_weights_where_the_base_has_them_a_fresh_init_where_it_lacks_them(tmp_path, kind, extra, lacking):
+def test_base_weights_where_the_base_has_them_a_fresh_init_where_it_lacks_them(tmp_path, kind, seed, extra, lacking):
     """Kills: the fresh part not computed (`if not missing` inverted) or seeded otherwise, a fresh
-    leaf put under the wrong name (`_put` / `_get` mutants), the requested shardings ignored."""
+    leaf put under the wrong name (`_put` / `_get` mutants), the requested shardings ignored (for
+    the fresh leaves, and `sharding=None` or dropped for the base's), the seed's uint32 dtype dropped."""
     base_cfg = config("sft").model
     base = make_model(base_cfg, seed=11)  # another seed than the stage's: a base leaf is not a fresh one
     save_model(base, base_cfg, tmp_path / "base")
-    cfg = config(kind, **extra)
+    cfg = config(kind, seed, **extra)  # a seed >= 2**31 is a uint32, not an int32, in both inits
     training = build_training(cfg, make_mesh(cfg.mesh, jax.devices()[:2]), task=stage_task(cfg))
     fresh = flat(nnx.to_pure_dict(training.init_state(cfg.seed).params))
     from_base = flat(nnx.to_pure_dict(nnx.state(base, nnx.Param)))
@@ -69,9 +70,20 @@ def test_base_weights_where_the_base_has_them_a_fresh_init_where_it_lacks_them(t
     # the fresh kernels are the seeded normal init (biases and LoRA B start at zero by design)
     assert all(np.abs(np.asarray(got[n])).max() > 0 for n in lacking if n.endswith(("kernel", "_a")))
     wanted = flat(shardings)
-    for name in lacking:
+    for name in got:  # base and fresh leaves alike land where the caller asked
         assert got[name].sharding.is_equivalent_to(wanted[name], got[name].ndim), name
     assert any(len(wanted[n].device_set) == 2 and not wanted[n].is_fully_replicated for n in lacking)
+    assert any(len(wanted[n].device_set) == 2 and not wanted[n].is_fully_replicated for n in set(got) - lacking)
+
+
+def test_put_makes_the_nested_path():
+    """`_put` at depth 3 (the model's own names are 2 deep, where `keys[:1]` and `keys[:-1]` agree):
+    kills `keys[:+1]` and `keys[+1]`."""
+    from nemojax.train.tasks import _put
+    tree = {"a": {"x": 1}}
+    _put(tree, ("a", "b", "c"), 2)
+    _put(tree, ("d",), 3)
+    assert tree == {"a": {"x": 1, "b": {"c": 2}}, "d": 3}
 
 
 @pytest.mark.parametrize("config_name", ["sft_general", "reward", "dpo"])

@@ -95,7 +95,6 @@ def _load_lm_weights(path: str, cfg: Config, shardings: Any) -> dict:
 class TrainTask:
     """What a training stage plugs into `build_training` (see the module docstring)."""
 
-    name: str = "pretrain"
     make_model: Callable[[Config, nnx.Rngs], nnx.Module] = lm_model
     loss_sums: LossSums = lm_loss_sums
     batch_fields: Callable[[Config], dict[str, BatchField]] = lm_batch_fields

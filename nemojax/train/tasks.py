@@ -61,13 +61,6 @@ def trainable_params(cfg: Config) -> Any:
     return LoraParam
 
 
-def _paths(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    out = []
-    for k, v in tree.items():
-        out += _paths(v, (*prefix, k)) if isinstance(v, dict) else [(*prefix, k)]
-    return out
-
-
 def _get(tree: dict, keys: tuple[str, ...]) -> Any:
     for k in keys:
         tree = tree[k]
@@ -80,7 +73,7 @@ def _put(tree: dict, keys: tuple[str, ...], value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def load_stage_weights(path: str, cfg: Config, shardings: Any) -> dict:
+def load_stage_weights(path: str, cfg: Config, shardings: dict) -> dict:
     """`init_from` for a stage: the base's weights, plus a fresh init of what the base lacks.
 
     The fresh parts come from the same seeded init as a run without `init_from` (only those
@@ -98,7 +91,7 @@ def load_stage_weights(path: str, cfg: Config, shardings: Any) -> dict:
         full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {".".join(k): _get(full, k) for k in keys}
 
-    out_shardings = {".".join(k): _get(shardings, k) for k in keys} if isinstance(shardings, dict) else None
+    out_shardings = {".".join(k): _get(shardings, k) for k in keys}
     for name, value in jax.jit(fresh, out_shardings=out_shardings)().items():
         _put(params, tuple(name.split(".")), value)
     return params
@@ -193,13 +186,13 @@ def stage_task(cfg: Config) -> TrainTask:
         return PRETRAIN
     common = dict(make_model=stage_model, trainable=trainable_params(cfg), load_weights=load_stage_weights)
     if st.kind == "sft":
-        return TrainTask(name="sft", loss_sums=lm_loss_sums, batch_fields=lm_batch_fields, **common)
+        return TrainTask(loss_sums=lm_loss_sums, batch_fields=lm_batch_fields, **common)
     if st.kind == "reward":
-        return TrainTask(name="reward", loss_sums=reward_sums, batch_fields=reward_batch_fields, **common)
+        return TrainTask(loss_sums=reward_sums, batch_fields=reward_batch_fields, **common)
     loss = functools.partial(preference_sums, kind=st.kind, beta=st.beta, eta=st.eta,
                              preference_weight=st.preference_weight, sft_weight=st.sft_weight,
                              average=st.average_log_probs)
-    return TrainTask(name=st.kind, loss_sums=loss, batch_fields=preference_batch_fields, **common)
+    return TrainTask(loss_sums=loss, batch_fields=preference_batch_fields, **common)
 
 
 __all__ = ["load_stage_weights", "pair_log_probs", "preference_batch_fields", "preference_sums",
