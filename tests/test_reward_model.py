@@ -161,3 +161,62 @@ def test_scorer_truncates_from_the_left_and_rejects_bad_conversations(reward_mod
         scorer.score([CONVS[0], [{"role": "user", "content": "no answer"}]])
     with pytest.raises(ValueError, match="language model"):
         RewardScorer(make_model(BASE), TOK)
+
+
+def test_last_true_and_the_scored_position_without_a_mask(reward_model) -> None:
+    """Which token is scored when the caller gives no `last_index`: the last 1 of the mask, the
+    last segment id > 0, or (no mask at all) the last position; a row with no real token reads
+    its last position. Guards `seq - 1` / `[:, ::-1]` slips in `last_true` and the fallbacks."""
+    from nemojax.model.reward import last_true
+    mask = jnp.asarray([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]], bool)
+    assert np.asarray(last_true(mask)).tolist() == [1, 3, 3, 2]
+    ids = jnp.asarray([[2, 17, 99, 5, 6]], jnp.int32)
+    h, _ = reward_model.hidden(ids)
+    want = np.asarray(reward_model.reward_head(h[:, 4]))
+    np.testing.assert_allclose(reward_model(ids), want, rtol=1e-5, atol=1e-6)
+    seg = jnp.asarray([[1, 1, 1, 0, 0]], jnp.int32)
+    h, _ = reward_model.hidden(ids, segment_ids=seg)
+    np.testing.assert_allclose(reward_model(ids, segment_ids=seg), reward_model.reward_head(h[:, 2]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reward_model.reward(jnp.ones((1, 5))),
+                               [sum(RCFG.reward.weight_vector())], rtol=1e-6)
+
+
+def test_scorer_arguments_buckets_and_counters(reward_model) -> None:
+    """RewardScorer's refusals name the value to fix; the bucket bounds are inclusive; `stats`
+    counts what was scored. Guards moved bounds (`< 1`, `2 <=`, `b >= length`), dropped
+    messages and counters."""
+    assert length_buckets(32) == [32] and length_buckets(33) == [32, 33] and length_buckets(64, 16) == [16, 32, 64]
+    with pytest.raises(ValueError) as e:
+        RewardScorer(reward_model, TOK, batch_size=0)
+    assert str(e.value) == "batch_size must be >= 1, got 0"
+    for bad in (1, 129):
+        with pytest.raises(ValueError) as e:
+            RewardScorer(reward_model, TOK, max_len=bad)
+        assert str(e.value) == f"max_len={bad} must be in [2, model.max_seq_len=128]"
+    assert RewardScorer(reward_model, TOK, max_len=2).max_len == 2
+    assert RewardScorer(reward_model, TOK).max_len == 128
+    scorer = RewardScorer(reward_model, TOK, batch_size=2, max_len=64)
+    assert scorer.score([]) == [] and scorer.score_ids([]).shape == (0, 5)
+    for lengths in ([0, 3], [3, 65]):
+        with pytest.raises(ValueError) as e:
+            scorer.score_ids([[7] * n for n in lengths])
+        assert str(e.value) == f"token sequences must have 1..64 tokens, got lengths {min(lengths)}..{max(lengths)}"
+    seqs = [[2] + [40] * 31, [2] + [41] * 32, [2, 5]]  # 32 tokens fit bucket 32; 33 need 64
+    got = scorer.score_ids(seqs)
+    assert scorer.compile_counts() == {32: 1, 64: 1} and scorer.stats == {"scored": 3, "truncated": 0}
+    for s, row in zip(seqs, got):
+        np.testing.assert_allclose(row, reward_model(jnp.asarray([s]))[0], rtol=2e-5, atol=2e-5)
+
+
+def test_scorer_from_checkpoint_with_a_tokenizer_path_and_a_dtype(reward_model, tmp_path) -> None:
+    """`from_checkpoint`: a tokenizer given as a path is loaded, the dtype override reaches the
+    model, and the batch size / max_len are passed on."""
+    save_model(reward_model, RCFG, tmp_path / "rm")
+    scorer = RewardScorer.from_checkpoint(tmp_path / "rm", tokenizer=str(TOK.path), batch_size=3, max_len=40,
+                                          dtype="bfloat16")
+    assert (scorer.batch_size, scorer.max_len, scorer.buckets) == (3, 40, [32, 40])
+    assert scorer.model.cfg.param_dtype == "bfloat16" and scorer.model.embed[...].dtype == jnp.bfloat16
+    assert scorer.tokenizer.encode("hello") == TOK.encode("hello")
+    plain = RewardScorer.from_checkpoint(tmp_path / "rm")
+    assert plain.model.cfg.param_dtype == RCFG.param_dtype and plain.max_len == 128
