@@ -143,3 +143,30 @@ def test_stage_objectives_read_a_sequence_wherever_it_sits_in_its_row():
         logps[left] = np.asarray(log_probs(mb))
     np.testing.assert_allclose(logps[True], logps[False], rtol=1e-5, atol=1e-5)
     assert np.all(logps[False] < 0)
+
+
+@pytest.mark.parametrize("kind, extra, trains", [
+    ("sft", dict(lora=LORA), "adapters"),
+    ("reward", dict(lora=LORA, reward={"enabled": True}), "adapters and head"),
+    ("dpo", dict(lora=LORA), "adapters"),
+    ("sft", {}, "everything"),
+])
+def test_each_stage_task_trains_what_its_config_says(kind, extra, trains):
+    """The task a stage gets: its model class, and its trainable set by the config's meaning
+    (LoRA: only adapters, plus a reward model's head). Kills `stage_task` returning a task
+    without its `**common` part (an SFT LoRA run would train every weight), and a pretraining
+    config not getting the pretraining task (`st.kind == "pretrain"` mutated)."""
+    from nemojax.model.transformer import NemotronLM
+    from nemojax.model.reward import NemotronRewardModel
+    from nemojax.train.build import PRETRAIN
+
+    cfg = config(kind, **extra)
+    task = stage_task(cfg)
+    model = nnx.eval_shape(lambda: task.make_model(cfg, nnx.Rngs(params=0)))
+    assert type(model) is (NemotronRewardModel if kind == "reward" else NemotronLM)
+    params = set(flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    trained = params if task.trainable is None else set(flat(nnx.to_pure_dict(nnx.state(model, task.trainable))))
+    want = {n for n in params if trains == "everything" or "_lora_" in n
+            or (trains == "adapters and head" and n.startswith("reward_head."))}
+    assert trained == want and want
+    assert stage_task(config("pretrain")) is PRETRAIN
