@@ -25,7 +25,7 @@ import time
 import pytest
 
 from nemojax.data.chat_template import format_chat
-from nemojax.data.tokenizer import load_tokenizer
+from nemojax.data.tokenizer import TokenizerError, load_tokenizer
 from nemojax.inference.requests import Request
 from nemojax.inference.sampling import SamplingParams
 from nemojax.serve import protocol
@@ -793,3 +793,27 @@ def test_chat_accepts_the_neutral_tool_and_format_values(parser):
                   {"max_tokens": None, "max_completion_tokens": 3}, {"max_tokens": 3, "max_completion_tokens": None}):
         assert parser.chat({"messages": USER, **extra}).kind == "chat", extra
 
+
+class NoChatPieces:
+    """The builtin tokenizer without the chat control tokens (a completion-only tokenizer)."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+    def special_id(self, piece: str) -> int:
+        raise TokenizerError(f"tok.model has no piece {piece!r}")
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+
+def test_a_tokenizer_without_chat_tokens_refuses_chat_but_serves_completions():
+    """A server whose tokenizer has no `<extra_id_*>` pieces cannot build a chat prompt: chat is
+    a 400 naming messages (vLLM answers a model without a chat template the same way), not a
+    500 with a traceback in the log. Completions work. Kills: the TokenizerError not caught."""
+    p = Parser(NoChatPieces(TOK), "tiny", MAX_LEN, VOCAB, bos=True)
+    assert p.turn_id is None
+    assert p.completion({"prompt": "Hi"}).requests[0].prompt_ids == [BOS] + TOK.encode("Hi")
+    refusal(p.chat, {"messages": USER}, param="messages",
+            message="messages: this server's tokenizer has no chat control tokens (tok.model has no piece "
+                    "'<extra_id_0>'); send a formatted prompt to /v1/completions instead")
