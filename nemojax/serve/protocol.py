@@ -303,9 +303,8 @@ class Parser:
         self.vocab_size = vocab_size
         self.bos = bos
         self.max_chars = 2 * max_len * longest_piece(tokenizer)
-        self.turn_id: int | None = None
         try:
-            self.turn_id = int(tokenizer.special_id(TURN_TOKEN))
+            self.turn_id: int | None = int(tokenizer.special_id(TURN_TOKEN))
         except Exception:  # a tokenizer without the chat symbols: completions only
             self.turn_id = None
 
@@ -333,9 +332,6 @@ class Parser:
         badids = [t for t in ids if not 0 <= t < self.vocab_size]
         if badids:
             raise bad(param, f"token ids {badids[:5]} outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.max_len:
-            raise bad(param, f"the prompt has {len(ids)} tokens but this server's context is {self.max_len} "
-                             f"tokens (prompt + completion), so at most {self.max_len - 1} prompt tokens fit")
         return ids
 
     def check_room(self, prompts: list[list[int]], params: SamplingParams, field_name: str) -> None:
@@ -359,7 +355,7 @@ class Parser:
             return bool(v), top
         if v is None:
             return False, 0
-        if isinstance(v, bool) or not _is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS:
+        if not _is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS:
             raise bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or null")
         return True, v
 
