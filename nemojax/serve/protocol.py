@@ -11,7 +11,8 @@ Semantics worth knowing:
   `bos=False`. Chat messages are tokenized by `nemojax.data.chat.prompt_ids`, exactly as
   training tokenizes them: text inside a message that looks like a template control token
   (`<extra_id_1>`, `<s>` ...) is escaped and never becomes one. Generation stops at
-  `<extra_id_1>`; the newline the template puts before it is not returned.
+  `<extra_id_1>`; the newline the template puts before it is not returned. A tokenizer without
+  the chat control tokens serves completions only: chat requests get a 400 saying so.
 - Extensions: `top_k` (0 or -1 = off) and `min_p` (0 = off).
 - `max_tokens` must fit: prompt + max_tokens <= the server's context, else 400 (param
   max_tokens). Chat's default is "until the context is full"; completions' default is 16, as in
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemojax.data.chat_template import TURN_TOKEN, ChatFormatError
+from nemojax.data.tokenizer import TokenizerError
 from nemojax.inference.requests import Request
 from nemojax.inference.sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams
 
@@ -301,10 +303,9 @@ class Parser:
         self.vocab_size = vocab_size
         self.bos = bos
         self.max_chars = 2 * max_len * longest_piece(tokenizer)
-        self.turn_id: int | None = None
         try:
-            self.turn_id = int(tokenizer.special_id(TURN_TOKEN))
-        except Exception:  # a tokenizer without the chat symbols: stop on the string instead
+            self.turn_id: int | None = int(tokenizer.special_id(TURN_TOKEN))
+        except Exception:  # a tokenizer without the chat symbols: completions only
             self.turn_id = None
 
     def check_model(self, body: dict[str, Any], names: tuple[str, ...] | None = None) -> None:
@@ -331,9 +332,6 @@ class Parser:
         badids = [t for t in ids if not 0 <= t < self.vocab_size]
         if badids:
             raise bad(param, f"token ids {badids[:5]} outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.max_len:
-            raise bad(param, f"the prompt has {len(ids)} tokens but this server's context is {self.max_len} "
-                             f"tokens (prompt + completion), so at most {self.max_len - 1} prompt tokens fit")
         return ids
 
     def check_room(self, prompts: list[list[int]], params: SamplingParams, field_name: str) -> None:
@@ -357,7 +355,7 @@ class Parser:
             return bool(v), top
         if v is None:
             return False, 0
-        if isinstance(v, bool) or not _is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS:
+        if not _is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS:
             raise bad("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or null")
         return True, v
 
@@ -430,6 +428,9 @@ class Parser:
             ids = prompt_ids(self.tokenizer, msgs, bos=self.bos if bos is None else bos)
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
+        except TokenizerError as e:  # no <extra_id_*> pieces: a completion-only tokenizer
+            raise APIError(400, f"messages: this server's tokenizer has no chat control tokens ({e}); send a "
+                                f"formatted prompt to /v1/completions instead", param="messages") from None
         return self.check_prompt_ids(ids, "messages")
 
     def chat(self, body: dict[str, Any]) -> Job:
@@ -456,9 +457,6 @@ class Parser:
             self.check_room([ids], params, field_name)
         else:
             params.max_tokens = self.max_len - len(ids)
-        if self.turn_id is not None:
-            params.stop_token_ids.append(self.turn_id)
-        else:
-            params.stop.append(TURN_TOKEN)
+        params.stop_token_ids.append(self.turn_id)  # not None: chat_prompt found the chat tokens
         req = Request(f"chatcmpl-{uuid.uuid4().hex}", ids, params, stream=True)
         return Job(req.id, "chat", [req], params, stream, include_usage, params.logprobs, params.top_logprobs)
