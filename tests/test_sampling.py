@@ -116,11 +116,14 @@ def test_same_seed_and_index_same_token_regardless_of_row():
 def test_a_draw_is_the_inverse_cdf_of_the_request_keys_uniform():
     """The token drawn for (seed, sample, token index) computed independently: the key folded
     with the sample index then the token index, one uniform, numpy's inverse CDF over the
-    filtered distribution. Guards swapped or dropped fold-ins, `<=` / `<` in the CDF search,
-    and the clamp to the last token."""
+    filtered distribution. Guards swapped or dropped fold-ins, the row max added or taken over the
+    batch, and a clamp that cuts off the last token."""
+    seeds, samples, tokens = np.arange(8, dtype=np.uint32) * 7 + 3, np.arange(8) % 3, np.arange(8) * 5 + 1
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(8, 11)).astype(np.float32)
-    seeds, samples, tokens = np.arange(8, dtype=np.uint32) * 7 + 3, np.arange(8) % 3, np.arange(8) * 5 + 1
+    logits[5] += 80.0  # exp(80 + max) overflows fp32: the max must be subtracted, not added
+    logits[6] -= 150.0  # 150 below the others: a max over the whole batch would underflow this row
+    logits[7, -1] += 30.0  # the last token all but certain: a clamp below vocab - 1 would miss it
     got, _ = sample(jnp.asarray(logits), temperature=jnp.full((8,), 0.7), top_k=jnp.zeros((8,), jnp.int32),
                     top_p=jnp.ones((8,)), min_p=jnp.zeros((8,)), seed=jnp.asarray(seeds),
                     sample_index=jnp.asarray(samples, jnp.int32), token_index=jnp.asarray(tokens, jnp.int32))
@@ -128,9 +131,10 @@ def test_a_draw_is_the_inverse_cdf_of_the_request_keys_uniform():
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(seeds[row])), int(samples[row])),
                                  int(tokens[row]))
         u = float(jax.random.uniform(key, (), jnp.float32))
-        p = np.exp((logits[row] - logits[row].max()) / 0.7)
+        p = np.exp((logits[row].astype(np.float64) - logits[row].max()) / 0.7)
         cdf = np.cumsum(p / p.sum())
         assert int(got[row]) == int(np.searchsorted(cdf, u, side="right")), row
+    assert int(got[7]) == 10
 
 
 def test_greedy_takes_the_first_of_tied_maxima_and_ignores_the_filters():
@@ -147,10 +151,26 @@ def test_greedy_takes_the_first_of_tied_maxima_and_ignores_the_filters():
 
 
 def test_top_logprobs_are_the_k_best_model_log_probs_only_when_asked():
+    """Per row (two rows: a softmax over the batch would mix them), over the last axis of any
+    leading shape, in fp32 from bf16 logits; zeros of the right shape when no row asks."""
     from nemojax.inference.sampling import top_logprobs
-    logits = jnp.asarray(LOGITS)
-    ids, values = top_logprobs(logits, jnp.asarray([1]), k=3)
-    assert np.asarray(ids).tolist() == [[1, 3, 0]]
-    np.testing.assert_allclose(np.asarray(values), np.log([[0.5, 0.25, 0.125]]), rtol=1e-6)
-    ids, values = top_logprobs(logits, jnp.asarray([0]), k=3)
-    assert not np.asarray(ids).any() and not np.asarray(values).any()
+    logits = jnp.concatenate([LOGITS, 2.0 * LOGITS[:, ::-1]])
+    ids, values = top_logprobs(logits, jnp.asarray([1, 0]), k=3)
+    assert np.asarray(ids).tolist() == [[1, 3, 0], [3, 1, 4]]
+    np.testing.assert_allclose(np.asarray(values)[0], np.log([0.5, 0.25, 0.125]), rtol=1e-6)
+    row = 2.0 * np.log(PROBS[::-1])
+    want = row - np.log(np.exp(row).sum())
+    np.testing.assert_allclose(np.asarray(values)[1], np.sort(want)[::-1][:3], rtol=1e-5)
+    ids3, values3 = top_logprobs(logits.reshape(1, 2, 5).astype(jnp.bfloat16), jnp.asarray([1]), k=3)
+    assert ids3.shape == (1, 2, 3) and values3.dtype == jnp.float32
+    assert np.asarray(ids3)[0].tolist() == np.asarray(ids).tolist()
+    ids, values = top_logprobs(logits.reshape(1, 2, 5), jnp.asarray([0]), k=3)
+    assert ids.shape == values.shape == (1, 2, 3) and not np.asarray(ids).any() and not np.asarray(values).any()
+
+
+def test_argmax_first_works_along_the_last_axis_of_any_shape():
+    from nemojax.inference.sampling import argmax_first
+    """Ties go to the lowest index; a max over another axis would pick [1, 0, 0]'s first entry in
+    the second row (the first column's largest value) instead of its own maximum."""
+    x = jnp.asarray([[[0.0, 9.0, 9.0], [1.0, 5.0, 0.0]], [[2.0, 2.0, 2.0], [0.0, 0.0, 9.0]]])
+    assert np.asarray(argmax_first(x)).tolist() == [[1, 1], [0, 2]]
