@@ -218,5 +218,6 @@ def test_scorer_from_checkpoint_with_a_tokenizer_path_and_a_dtype(reward_model, 
     assert (scorer.batch_size, scorer.max_len, scorer.buckets) == (3, 40, [32, 40])
     assert scorer.model.cfg.param_dtype == "bfloat16" and scorer.model.embed[...].dtype == jnp.bfloat16
     assert scorer.tokenizer.encode("hello") == TOK.encode("hello")
-    plain = RewardScorer.from_checkpoint(tmp_path / "rm")
-    assert plain.model.cfg.param_dtype == RCFG.param_dtype and plain.max_len == 128
+    plain = RewardScorer.from_checkpoint(tmp_path / "rm")  # no tokenizer.model saved: the builtin one
+    assert plain.model.cfg.param_dtype == RCFG.param_dtype and (plain.max_len, plain.batch_size) == (128, 8)
+    assert plain.tokenizer.encode("hello") == TOK.encode("hello")
