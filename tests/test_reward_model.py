@@ -157,6 +157,11 @@ def test_scorer_truncates_from_the_left_and_rejects_bad_conversations(reward_mod
     assert cut and len(ids) == 32 and ids[0] == TOK.bos_id and ids[1:] == full[-31:]
     scorer.score([long_conv])
     assert scorer.stats["truncated"] == 1
+    scorer.score([long_conv, CONVS[0], long_conv])  # counted per conversation, across calls
+    assert scorer.stats["truncated"] == 3
+    exact = scorer.encode(long_conv)[0]  # exactly max_len tokens: scored whole, not truncated
+    fit = RewardScorer(reward_model, TOK, batch_size=2, max_len=len(encode_reward_input(TOK, CONVS[1])))
+    assert fit.encode(CONVS[1]) == (encode_reward_input(TOK, CONVS[1]), False) and len(exact) == 32
     with pytest.raises(ChatFormatError, match=r"conversations\[1\].*assistant"):
         scorer.score([CONVS[0], [{"role": "user", "content": "no answer"}]])
     with pytest.raises(ValueError, match="language model"):
@@ -169,7 +174,7 @@ def test_last_true_and_the_scored_position_without_a_mask(reward_model) -> None:
     its last position. Guards `seq - 1` / `[:, ::-1]` slips in `last_true` and the fallbacks."""
     from nemojax.model.reward import last_true
     mask = jnp.asarray([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]], bool)
-    assert np.asarray(last_true(mask)).tolist() == [1, 3, 3, 2]
+    assert np.asarray(last_true(mask)).tolist() == [1, 3, 3, 2] and last_true(mask).dtype == jnp.int32
     ids = jnp.asarray([[2, 17, 99, 5, 6]], jnp.int32)
     h, _ = reward_model.hidden(ids)
     want = np.asarray(reward_model.reward_head(h[:, 4]))
@@ -202,11 +207,15 @@ def test_scorer_arguments_buckets_and_counters(reward_model) -> None:
         with pytest.raises(ValueError) as e:
             scorer.score_ids([[7] * n for n in lengths])
         assert str(e.value) == f"token sequences must have 1..64 tokens, got lengths {min(lengths)}..{max(lengths)}"
-    seqs = [[2] + [40] * 31, [2] + [41] * 32, [2, 5]]  # 32 tokens fit bucket 32; 33 need 64
+    seqs = [[2] + [40] * 31, [2] + [41] * 32, [2, 5], [9]]  # 32 tokens fit bucket 32; 33 need 64; 1 is legal
     got = scorer.score_ids(seqs)
-    assert scorer.compile_counts() == {32: 1, 64: 1} and scorer.stats == {"scored": 3, "truncated": 0}
-    for s, row in zip(seqs, got):
-        np.testing.assert_allclose(row, reward_model(jnp.asarray([s]))[0], rtol=2e-5, atol=2e-5)
+    assert got.dtype == np.float32
+    assert scorer.compile_counts() == {32: 1, 64: 1} and scorer.stats == {"scored": 4, "truncated": 0}
+    ids, mask = np.zeros((4, 33), np.int32), np.zeros((4, 33), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    np.testing.assert_allclose(got, reward_model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)),
+                               rtol=2e-5, atol=2e-5)
 
 
 def test_scorer_from_checkpoint_with_a_tokenizer_path_and_a_dtype(reward_model, tmp_path) -> None:
@@ -221,3 +230,10 @@ def test_scorer_from_checkpoint_with_a_tokenizer_path_and_a_dtype(reward_model, 
     plain = RewardScorer.from_checkpoint(tmp_path / "rm")  # no tokenizer.model saved: the builtin one
     assert plain.model.cfg.param_dtype == RCFG.param_dtype and (plain.max_len, plain.batch_size) == (128, 8)
     assert plain.tokenizer.encode("hello") == TOK.encode("hello")
+    # a checkpoint's own tokenizer.model wins over the builtin one
+    from nemojax.data.tokenizer import train_tokenizer
+    own = train_tokenizer([f"hello world {i} reward model {7 * i} quick brown fox" for i in range(300)],
+                          tmp_path / "tok", vocab_size=320)
+    (tmp_path / "rm" / "tokenizer.model").write_bytes(own.read_bytes())
+    mine = RewardScorer.from_checkpoint(tmp_path / "rm").tokenizer
+    assert mine.encode("hello world") == load_tokenizer(own).encode("hello world") != TOK.encode("hello world")
