@@ -174,3 +174,26 @@ def test_argmax_first_works_along_the_last_axis_of_any_shape():
     the second row (the first column's largest value) instead of its own maximum."""
     x = jnp.asarray([[[0.0, 9.0, 9.0], [1.0, 5.0, 0.0]], [[2.0, 2.0, 2.0], [0.0, 0.0, 9.0]]])
     assert np.asarray(argmax_first(x)).tolist() == [[1, 1], [0, 2]]
+
+
+def test_filters_are_per_row_and_their_bounds_are_exact():
+    """Each filter on a batch of rows with different scales (a max or softmax taken over the whole
+    batch would mix them), at the exact bounds: min_p keeps a token exactly at min_p * max prob;
+    top_k = 0 with top_p < 1 is top-p alone; top_k = 1 alone still filters (the sort is skipped
+    only when no row asks for top-k or top-p); top-p after top-k renormalises over the k kept
+    tokens only (top_p 0.82 keeps 2 of top-3's renormalised .571/.286/.143, 3 if a 4th leaked)."""
+    half = float(jnp.log(jnp.float32(0.5)))
+    two = jnp.asarray([[0.0, half, -5.0], [10.0, 9.0, 0.0]], jnp.float32)
+    assert np.asarray(min_p_mask(two, jnp.asarray([0.5, 0.5]))).tolist() == [[True, True, False], [True, False, False]]
+    scaled = jnp.concatenate([LOGITS, 3.0 * LOGITS])
+    assert np.asarray(top_p_mask(scaled, jnp.asarray([0.6, 0.6]))).tolist() == [
+        [False, True, False, True, False], [False, True, False, False, False]]
+
+    def kept(top_k, top_p, temperature=1.0):
+        out = filter_logits(LOGITS, temperature=jnp.asarray([temperature]), top_k=jnp.asarray([top_k]),
+                            top_p=jnp.asarray([top_p]), min_p=jnp.asarray([0.0]))
+        return keep(jnp.isfinite(out))
+
+    assert kept(0, 0.6) == [False, True, False, True, False]
+    assert kept(1, 1.0) == [False, True, False, False, False]
+    assert kept(3, 0.82) == [False, True, False, True, False]
