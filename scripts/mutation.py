@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -153,6 +154,10 @@ def make_work_copy(area: str, a: Area, mode: str = "fresh", debug: bool = False)
         (work / "pyproject.toml").write_text(_area_pyproject(a, debug))
     if mode == "fresh":  # for --partial: the rate of an interrupted run
         (work / "started.json").write_text(json.dumps({"time": time.time(), "commit": git_commit()}))
+        for module in a.modules:  # what `confirm` restores, whatever an interrupted confirmation left
+            pristine = work / "pristine" / module
+            pristine.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / module, pristine)
     return work
 
 
@@ -228,7 +233,9 @@ def run_mutmut(work: Path, a: Area, jobs: int, log) -> None:
 def confirm(work: Path, a: Area, module: str, name: str, timeout: float, log) -> str:
     """Apply one mutant to the copy's source and run the area's whole test command in a fresh process."""
     path = work / module
-    original = path.read_text()
+    saved = work / "pristine" / module
+    original = saved.read_text() if saved.exists() else path.read_text()
+    path.write_text(original)
     try:
         subprocess.run([PYTHON, "-m", "mutmut", "apply", name], cwd=work, check=True, capture_output=True,
                        env=_env(work, [work], a.tests))
@@ -469,6 +476,8 @@ def table() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a stopped run (SIGTERM) unwinds, so `confirm` puts the copy's source back
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("areas", nargs="*", help=f"areas to run ({', '.join(AREAS)}) or 'all'")
     p.add_argument("--list", action="store_true", help="print the areas and exit")
