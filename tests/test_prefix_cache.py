@@ -108,3 +108,14 @@ def test_counters_clear_partial_blocks_and_arguments():
     for bad in ((-1, 2), (2, 0)):
         with pytest.raises(ValueError, match="num_blocks >= 0 and block_size >= 1"):
             PrefixCache(*bad)
+
+
+def test_a_later_block_never_matches_as_a_prompts_first_block():
+    """The third block of one prompt, seen as the first block of another, is not a hit: its
+    cached KV was computed after two other blocks. Entry ids key their children, so an entry id
+    equal to the root's (0) would file a third block under the root. Kills `_next_id -= 1`
+    (ids 1, 0, -1: the second block takes the root's id)."""
+    cache = PrefixCache(num_blocks=8, block_size=2)
+    assert len(cache.insert([1, 2, 3, 4, 5, 6])) == 3
+    assert cache.match([5, 6, 7, 8]) == [] and cache.match([3, 4]) == []
+    assert len(cache.match([1, 2, 3, 4, 5, 6, 7])) == 3
