@@ -27,3 +27,15 @@ def test_missing_base_checkpoint_is_named(tmp_path) -> None:
                                                        f"bases.strong={{checkpoint: {tmp_path / 'nope'}}}"])
     with pytest.raises(AlignError, match="base checkpoint .*nope.*does not exist"):
         AlignLoop(cfg).architecture("strong")
+
+
+def test_a_world_needs_a_prompt_pool_per_iteration(tmp_path) -> None:
+    """Iteration k's SDG reads the world's prompts/pool_k.jsonl: too few pools is refused when the
+    config loads (it used to fail at iteration 3's SDG, two hours into configs/align/judge.yaml)."""
+    from nemojax.config import ConfigError
+    with pytest.raises(ConfigError) as e:
+        load_align_config("configs/align/judge.yaml", [f"run_dir={tmp_path}", "world.spec.pools=2"])
+    assert str(e.value) == ("world.spec.pools=2 but there are 3 iterations: iteration k's SDG reads the world's "
+                            "prompts/pool_k.jsonl; set world.spec.pools: 3")
+    assert load_align_config("configs/align/judge.yaml", [f"run_dir={tmp_path}"]).world.spec["pools"] == 3
+    assert "pools" not in load_align_config("configs/align/stats.yaml", [f"run_dir={tmp_path}"]).world.spec

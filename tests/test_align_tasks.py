@@ -147,6 +147,13 @@ def test_toy_world_is_deterministic_and_decontaminated(tmp_path):
     assert (tmp_path / "a/tokenizer/tokenizer.model").is_file()
     # a second build with the same spec is a no-op; another spec rebuilds
     assert build_toy_world(tmp_path / "a", spec) == a
+    # a third pool (a third iteration) is drawn last: every other file is the two-pool world's, so
+    # runs of configs/align/judge.yaml share stats.yaml's world and bases
+    three = build_toy_world(tmp_path / "c", dataclasses.replace(spec, pools=3))
+    assert set(three["files"]) == set(a["files"]) | {"prompts/pool_3.jsonl"}
+    for name in a["files"]:
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+    assert (tmp_path / "c/prompts/pool_3.jsonl").read_bytes() != (tmp_path / "a/prompts/pool_2.jsonl").read_bytes()
 
 
 def test_code_checks_from_many_threads_share_one_event_loop():

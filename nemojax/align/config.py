@@ -172,6 +172,13 @@ class AlignConfig:
             raise ConfigError("generator: give exactly one of checkpoint (an aligned model) or base (+ stages)")
         if g.base and g.base not in self.bases:
             raise ConfigError(f"generator.base={g.base!r} names no base; bases: {', '.join(self.bases) or 'none'}")
+        if self.world.enabled:
+            from nemojax.align.toy_world import ToyWorldSpec
+            pools = self.world.spec.get("pools", ToyWorldSpec.pools)
+            if not isinstance(pools, int) or pools < len(self.iterations):
+                raise ConfigError(f"world.spec.pools={pools!r} but there are {len(self.iterations)} iterations: "
+                                  f"iteration k's SDG reads the world's prompts/pool_k.jsonl; set world.spec.pools: "
+                                  f"{len(self.iterations)}")
         for i, it in enumerate(self.iterations):
             if it.base not in self.bases:
                 raise ConfigError(f"iterations[{i}].base={it.base!r} names no base; bases: {', '.join(self.bases) or 'none'}")

@@ -394,7 +394,10 @@ class AlignLoop:
         from nemojax.align.toy_world import WORLD_VERSION
 
         spec = self._world_spec()
-        self.world_fingerprint = fingerprint({"spec": asdict(spec), "version": WORLD_VERSION})
+        # pools after the second are drawn last (toy_world): a world with more of them has every
+        # other file of the two-pool world, so adding an iteration's pool reruns nothing
+        self.world_fingerprint = fingerprint({"spec": {**asdict(spec), "pools": min(spec.pools, 2)},
+                                              "version": WORLD_VERSION})
         if not self.tokenizer:
             self.tokenizer = str(self.world / "tokenizer/tokenizer.model")
 

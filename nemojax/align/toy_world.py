@@ -347,9 +347,12 @@ def build_toy_world(out_dir: str | Path, spec: ToyWorldSpec | None = None) -> di
     counts_out["seed/sft.jsonl"] = _write_jsonl(out / "seed/sft.jsonl", (chat_record(t) for t in seeds))
     counts_out["seed/code_sft.jsonl"] = _write_jsonl(out / "seed/code_sft.jsonl",
                                                     (chat_record(t) for t in seeds if t.family == "code"))
-    for k in range(1, spec.pools + 1):
+    def write_pool(k: int) -> None:
         pool = _tasks(random.Random(rng.random()), spec.prompts_per_pool, fams, list(spec.train_levels), leaks_task)
         counts_out[f"prompts/pool_{k}.jsonl"] = _write_jsonl(out / f"prompts/pool_{k}.jsonl", (t.to_json() for t in pool))
+
+    for k in range(1, min(spec.pools, 2) + 1):
+        write_pool(k)
     r_rng = random.Random(rng.random())
     r_tasks = _tasks(r_rng, spec.reward_records, fams, list(spec.train_levels), leaks_task)
     counts_out["reward/train.jsonl"] = _write_jsonl(out / "reward/train.jsonl", (
@@ -357,6 +360,10 @@ def build_toy_world(out_dir: str | Path, spec: ToyWorldSpec | None = None) -> di
     counts_out["reward/val.jsonl"] = _write_jsonl(out / "reward/val.jsonl", (reward_record(t, r_rng) for t in eval_tasks))
     counts_out["reward/preference_val.jsonl"] = _write_jsonl(out / "reward/preference_val.jsonl",
                                                             (preference_record(t, r_rng) for t in eval_tasks))
+    # pools after the second are drawn last: a world with more pools is the two-pool world of the
+    # same seed (every other file identical) plus those pools, so a run can add an iteration
+    for k in range(3, spec.pools + 1):
+        write_pool(k)
     tok_text = docs + [json.dumps(chat_record(t)) for t in seeds]
     train_tokenizer(tok_text, out / "tokenizer", vocab_size=spec.vocab_size)
     manifest = {"spec": spec_json, "files": counts_out, "tokenizer": str(out / "tokenizer/tokenizer.model"),
