@@ -21,7 +21,8 @@ from tests.test_align_fingerprint import CORPUS, WORLD
 BASES = (f"bases={{weak: {{config: configs/align/toy_base.yaml, overrides: [model.num_layers=2, {CORPUS}]}}, "
          f"strong: {{config: configs/align/toy_base.yaml, overrides: [{CORPUS}]}}, "
          f"stronger: {{config: configs/align/toy_base.yaml, init_from: strong, overrides: [steps=3, {CORPUS}]}}}}")
-CONFIG = [WORLD, BASES, "iterations=[{base: strong}, {base: stronger}, {base: stronger}]", "pipeline=[general_sft, dpo]",
+CONFIG = [WORLD, "world.spec.pools=3", BASES, "iterations=[{base: strong}, {base: stronger}, {base: stronger}]",
+          "pipeline=[general_sft, dpo]",
           "controls=[seed_only, random_gold, generator_base, same_base]", "control_stages=[general_sft]"]
 
 
