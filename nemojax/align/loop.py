@@ -391,12 +391,12 @@ class AlignLoop:
         and must run before a changed spec rewrites the world)."""
         if not self.cfg.world.enabled:
             return
-        from nemojax.align.toy_world import WORLD_VERSION
+        from nemojax.align.toy_world import EARLY_POOLS, WORLD_VERSION
 
         spec = self._world_spec()
         # pools after the second are drawn last (toy_world): a world with more of them has every
         # other file of the two-pool world, so adding an iteration's pool reruns nothing
-        self.world_fingerprint = fingerprint({"spec": {**asdict(spec), "pools": min(spec.pools, 2)},
+        self.world_fingerprint = fingerprint({"spec": {**asdict(spec), "pools": min(spec.pools, EARLY_POOLS)},
                                               "version": WORLD_VERSION})
         if not self.tokenizer:
             self.tokenizer = str(self.world / "tokenizer/tokenizer.model")

@@ -69,6 +69,11 @@ class ToyWorldSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Pools drawn before the reward records (the original two); later pools are drawn after everything
+# else, so adding one changes no other file of the world (nemojax.align.loop's world fingerprint).
+EARLY_POOLS = 2
+
+
 def chat_record(task: Task, response: str | None = None) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": task.prompt},
                          {"role": "assistant", "content": task.answer if response is None else response}]}
@@ -351,7 +356,7 @@ def build_toy_world(out_dir: str | Path, spec: ToyWorldSpec | None = None) -> di
         pool = _tasks(random.Random(rng.random()), spec.prompts_per_pool, fams, list(spec.train_levels), leaks_task)
         counts_out[f"prompts/pool_{k}.jsonl"] = _write_jsonl(out / f"prompts/pool_{k}.jsonl", (t.to_json() for t in pool))
 
-    for k in range(1, min(spec.pools, 2) + 1):
+    for k in range(1, min(spec.pools, EARLY_POOLS) + 1):
         write_pool(k)
     r_rng = random.Random(rng.random())
     r_tasks = _tasks(r_rng, spec.reward_records, fams, list(spec.train_levels), leaks_task)
@@ -362,7 +367,7 @@ def build_toy_world(out_dir: str | Path, spec: ToyWorldSpec | None = None) -> di
                                                             (preference_record(t, r_rng) for t in eval_tasks))
     # pools after the second are drawn last: a world with more pools is the two-pool world of the
     # same seed (every other file identical) plus those pools, so a run can add an iteration
-    for k in range(3, spec.pools + 1):
+    for k in range(EARLY_POOLS + 1, spec.pools + 1):
         write_pool(k)
     tok_text = docs + [json.dumps(chat_record(t)) for t in seeds]
     train_tokenizer(tok_text, out / "tokenizer", vocab_size=spec.vocab_size)
