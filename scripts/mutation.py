@@ -90,7 +90,8 @@ AREAS: dict[str, Area] = {
     "prefix_cache": Area(("nemojax/inference/prefix_cache.py",), ("tests/test_prefix_cache.py", "tests/test_engine.py"),
                          "the prefix cache's block index"),
     "serve": Area(("nemojax/serve/app.py", "nemojax/serve/protocol.py"),
-                  ("tests/test_serve_protocol.py", "tests/test_serve_limits.py", "tests/test_serve.py",
+                  ("tests/test_serve_protocol.py", "tests/test_serve_admission.py", "tests/test_serve_limits.py",
+                   "tests/test_serve.py",
                    "tests/test_serve_hardening.py"),
                   "the server's auth and limits: API key, body size, queue, timeouts, disconnects, request checks",
                   functions=tuple(_SERVE_APP + f for f in (
