@@ -296,15 +296,18 @@ def _cgroup_parents() -> list[tuple[str, Path]]:
     return _parents_cache
 
 
-def _find_cgroup_parents() -> list[tuple[str, Path]]:
+def _find_cgroup_parents(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                         mountinfo: Path = Path("/proc/self/mountinfo")) -> list[tuple[str, Path]]:
+    """The writable parents (see `_cgroup_parents`) from this process's cgroup membership and the
+    mount table (files of the same formats can be passed in to test the branches a host lacks)."""
     try:
         own: dict[str, str] = {}
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
+        for line in proc_cgroup.read_text().splitlines():
             _, controllers, path = line.split(":", 2)
             for c in controllers.split(",") if controllers else ["v2"]:
                 own[c] = path
         mounts: dict[str, tuple[str, str]] = {}
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        for line in mountinfo.read_text().splitlines():
             left, _, right = line.partition(" - ")
             fields, (fstype, _src, opts) = left.split(), right.split()[:3]
             for c in ("memory", "pids"):
