@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -221,12 +221,28 @@ def mutmut_results(work: Path, a: Area) -> dict[str, dict[str, str]]:
     return out
 
 
-def run_mutmut(work: Path, a: Area, jobs: int, log) -> None:
+def _unchecked(work: Path, a: Area) -> list[str]:
+    """The area's mutants an interrupted run has no verdict for yet."""
+    names = []
+    for module in a.modules:
+        meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
+        names += [k for k, v in meta["exit_code_by_key"].items() if v is None and _selected(a, k)]
+    return names
+
+
+def run_mutmut(work: Path, a: Area, jobs: int, log, resume: bool = False) -> None:
     # on PYTHONPATH for the tests' own subprocesses; created first: a sys.path entry that does not
     # exist when Python starts is cached as absent for the life of the process (and its forks)
     (work / "mutants").mkdir(exist_ok=True)
     env = _env(work, [work / "mutants", REPO / "scripts"], a.tests)
-    cmd = [PYTHON, "-m", "mutmut", "run", "--max-children", str(jobs), *a.functions]
+    # mutmut re-runs every mutant named on its command line, finished or not: a resumed area
+    # with selected functions names only the mutants still without a verdict
+    names = list(a.functions)
+    if resume and a.functions:
+        names = _unchecked(work, a)
+        if not names:
+            return
+    cmd = [PYTHON, "-m", "mutmut", "run", "--max-children", str(jobs), *names]
     rc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"mutmut run failed (exit {rc}); see {log.name}")
@@ -361,7 +377,7 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
             statuses = {m: dict(v["statuses"]) for m, v in previous["modules"].items()}
             confirmed = dict(previous.get("confirmed", {}))
         else:
-            run_mutmut(work, a, jobs, log)
+            run_mutmut(work, a, jobs, log, resume)
             statuses = mutmut_results(work, a)
             confirmed = {}
         for module, by_name in statuses.items():
