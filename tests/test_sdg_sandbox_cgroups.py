@@ -1,8 +1,9 @@
-"""The sandbox's cgroup bookkeeping on hand-made cgroup trees: the v1 and v2 layouts a host may
-have (this machine has one of them; test_sdg_sandbox.py runs the real one), containers whose
-cgroup root is not the hierarchy's, and the limits written into a new cgroup. The fake "kernel"
-below does what cgroupfs does on mkdir / rmdir of a cgroup: it creates and removes the control
-files.
+"""What the sandbox reads from its host, on hand-made hosts: cgroup trees in the v1 and v2
+layouts a host may have (this machine has one of them; test_sdg_sandbox.py runs the real one),
+containers whose cgroup root is not the hierarchy's, the limits written into a new cgroup, the
+kernel version, and how the isolation is described. The fake "kernel" below does what cgroupfs
+does on mkdir / rmdir of a cgroup (control files appear and go) and on a kill (the process
+leaves cgroup.procs).
 
 Each test names, in its docstring, the mutants of nemojax/sdg/sandbox.py it kills
 (scripts/mutation.py sandbox).
@@ -11,12 +12,15 @@ Each test names, in its docstring, the mutants of nemojax/sdg/sandbox.py it kill
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from nemojax.sdg import sandbox
-from nemojax.sdg.sandbox import SandboxError, SandboxLimits, _find_cgroup_parents, _TreeLimits
+from nemojax.sdg.sandbox import SandboxError, SandboxLimits, _find_cgroup_parents, _kernel, _Plan, _TreeLimits
 
 CONTROL_FILES = {"v1-memory": {"memory.limit_in_bytes": "9223372036854771712", "memory.memsw.limit_in_bytes": "max",
                                "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
@@ -124,17 +128,46 @@ def test_unreadable_or_malformed_proc_files_mean_no_cgroups(tmp_path):
     assert _find_cgroup_parents(cg, mi) == []
 
 
+def test_a_cgroup_path_may_hold_colons(tmp_path):
+    """/proc/self/cgroup is `id:controllers:path` and only the first two colons separate (a
+    systemd unit's cgroup may be `/system.slice/run-u7:x.scope`). Kills: `split(":")` without
+    the limit, `split(":", 3)`."""
+    cg, mi = _v1_tree(tmp_path, mem_own="/run:1/a", pids_own="/run:1/b")
+    assert _find_cgroup_parents(cg, mi) == [("v1-memory", tmp_path / "fs" / "memory" / "run:1" / "a"),
+                                            ("v1-pids", tmp_path / "fs" / "pids" / "run:1" / "b")]
+
+
+def test_own_cgroup_must_exist_inside_the_mount(tmp_path):
+    """A cgroup outside the mount's root is refused even when a directory of that relative name
+    happens to exist beside the mount, and a cgroup directory that does not exist is not used.
+    Kills: the `..` check dropped or its string changed, the is-a-directory check dropped."""
+    cg, mi = _v1_tree(tmp_path, root="/docker/c1")
+    cg.write_text(cg.read_text().replace("4:memory:/docker/c1/job/a", "4:memory:/elsewhere/job/a"))
+    (tmp_path / "elsewhere" / "job" / "a").mkdir(parents=True)  # point/../../elsewhere/job/a
+    (tmp_path / "elsewhere" / "job" / "a" / "memory.limit_in_bytes").write_text("max")
+    assert _find_cgroup_parents(cg, mi) == []
+    cg, mi = _v1_tree(tmp_path / "2")
+    (tmp_path / "2" / "fs" / "pids" / "b").rmdir()
+    assert _find_cgroup_parents(cg, mi) == []
+
+
 @pytest.fixture
 def kernel(monkeypatch, tmp_path):
     """cgroupfs's mkdir (control files appear) and rmdir (they go) for cgroups under tmp_path."""
     kinds: dict[Path, str] = {}
-    mkdir, rmdir = Path.mkdir, Path.rmdir
+    mkdir, rmdir, kill = Path.mkdir, Path.rmdir, os.kill
 
     def fake_mkdir(self, *a, **k):
         mkdir(self, *a, **k)
         if self.parent in kinds:
             for name, text in CONTROL_FILES[kinds[self.parent]].items():
                 (self / name).write_text(text)
+
+    def fake_kill(pid, sig):
+        kill(pid, sig)
+        for d in kinds:
+            for procs in d.glob("*/cgroup.procs"):
+                procs.write_text("".join(f"{p}\n" for p in procs.read_text().split() if int(p) != pid))
 
     def fake_rmdir(self):
         if self.parent in kinds and (self / "cgroup.procs").exists():
@@ -146,6 +179,7 @@ def kernel(monkeypatch, tmp_path):
 
     monkeypatch.setattr(Path, "mkdir", fake_mkdir)
     monkeypatch.setattr(Path, "rmdir", fake_rmdir)
+    monkeypatch.setattr(sandbox.os, "kill", fake_kill)
 
     def parents(*pairs: tuple[str, str]) -> list[tuple[str, Path]]:
         out = []
@@ -204,13 +238,14 @@ def test_each_run_gets_its_own_cgroup(kernel):
 
 
 @pytest.mark.parametrize("kind,events,text", [
-    ("v2", "memory.events", "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n"),
+    ("v2", "memory.events", "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\noom_group_kill 0\n"),
     ("v1-memory", "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"),
 ])
 def test_finish_reports_the_oom_killer(kernel, kind, events, text):
     """An OOM kill inside the cgroup is reported (the run's reason becomes "memory"), from v2's
     memory.events or v1's memory.oom_control; other counters (`oom`, `max`) are not kills. Kills:
-    the event file names swapped, `== "oom_kill"` changed, `> 0` as `>= 0` or `> 1`, `|=` as `=`."""
+    the event file names swapped, `== "oom_kill"` changed, `> 0` as `>= 0` or `> 1`, `|=` as `=`
+    (v2's oom_group_kill line comes after oom_kill)."""
     ((_, parent),) = kernel((kind, "cg"))
     tree = _TreeLimits.create(SandboxLimits())
     d = _only_child(parent)
@@ -237,3 +272,51 @@ def test_no_cgroups_means_no_tree_limits(monkeypatch):
     """Where no writable cgroup exists the runner falls back to per-process limits: None."""
     monkeypatch.setattr(sandbox, "_parents_cache", [])
     assert _TreeLimits.create(SandboxLimits()) is None
+
+
+def test_finish_kills_what_is_left_and_removes_every_cgroup(kernel, tmp_path):
+    """A process still in the run's cgroup is killed (SIGKILL) before the cgroup is removed; a
+    cgroup already gone does not stop the others from being removed. Kills: the cgroup.procs read
+    dropped or misnamed, the kill dropped, `break` as `return` (the pids cgroup left behind)."""
+    (_, mem), (_, pids) = kernel(("v1-memory", "memory"), ("v1-pids", "pids"))
+    tree = _TreeLimits.create(SandboxLimits())
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (_only_child(pids) / "cgroup.procs").write_text(f"{left.pid}\n")
+        assert tree.finish() is False
+        assert left.wait(timeout=10) == -9
+    finally:
+        left.kill()
+    assert list(mem.iterdir()) == [] and list(pids.iterdir()) == []
+    tree = _TreeLimits.create(SandboxLimits())
+    for f in _only_child(mem).iterdir():  # the memory cgroup vanished under us
+        f.unlink()
+    _only_child(mem).rmdir()
+    tree.finish()
+    assert list(pids.iterdir()) == []
+
+
+@pytest.mark.parametrize("release,expected", [
+    ("5.15.0-1057-aws", (5, 15)), ("6.8.0-45-generic", (6, 8)), ("4.19.112+", (4, 19)), ("5.4-rc7", (5, 4)),
+    ("5.14", (5, 14)), ("6", (0, 0)), ("weird", (0, 0)), ("", (0, 0)),
+])
+def test_kernel_version_from_the_release_string(monkeypatch, release, expected):
+    """RLIMIT_NPROC bounds a user namespace's processes only from Linux 5.14 (elsewhere it counts all
+    the caller's processes), so the version must be read right: a release candidate "5.4-rc7" is
+    5.4 (a digit filter made it 5.47), an unparsable one (0, 0). Kills: the split, its index and
+    every constant of the version parse."""
+    monkeypatch.setattr(sandbox.os, "uname", lambda: SimpleNamespace(release=release))
+    assert _kernel() == expected
+
+
+@pytest.mark.parametrize("plan,parents,text", [
+    (_Plan(False, False), [], "unsafe-process-group (rlimits and a process group only)"),
+    (_Plan(True, False), [("v2", Path("/x"))], "PID+mount+network namespaces (root, per-run uid), cgroup memory+pids"),
+    (_Plan(True, True), [], "PID+mount+network namespaces (user namespace), no writable cgroup: per-process limits"),
+])
+def test_isolation_is_described_as_it_is(monkeypatch, plan, parents, text):
+    """What `ensure_sandbox()` returns and SDG records as the isolation a run had: whether it had
+    namespaces, as root or in a user namespace, and whether the tree limits are cgroups. Kills:
+    every branch and string of `_Plan.describe`."""
+    monkeypatch.setattr(sandbox, "_parents_cache", parents)
+    assert plan.describe() == text

@@ -21,6 +21,7 @@ import ast
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import sys
@@ -274,11 +275,10 @@ def _read_status(fd: int) -> dict:
 
 
 def _kernel() -> tuple[int, int]:
-    try:
-        major, minor = os.uname().release.split(".")[:2]
-        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-    except ValueError:
-        return (0, 0)
+    """(major, minor) of the running kernel, (0, 0) if its release string does not start so: the
+    minor's leading digits only ("5.4-rc7" is 5.4, not 5.47)."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 # --- cgroups: memory and process count for the whole tree -----------------------------------------
