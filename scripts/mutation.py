@@ -248,17 +248,24 @@ def run_mutmut(work: Path, a: Area, jobs: int, log, resume: bool = False) -> Non
         raise SystemExit(f"mutmut run failed (exit {rc}); see {log.name}")
 
 
-def confirm(work: Path, a: Area, module: str, name: str, timeout: float, log) -> str:
-    """Apply one mutant to the copy's source and run the area's whole test command in a fresh process."""
+def confirm(work: Path, a: Area, module: str, name: str, timeout: float, log, diff: str = "") -> str:
+    """Apply one mutant to the copy's source and run the area's whole test command in a fresh process.
+
+    A mutmut mutant is applied by name; a cosmic-ray one (`diff`, from its report) with `patch`.
+    """
     path = work / module
     saved = work / "pristine" / module
     original = saved.read_text() if saved.exists() else path.read_text()
     path.write_text(original)
     try:
-        subprocess.run([PYTHON, "-m", "mutmut", "apply", name], cwd=work, check=True, capture_output=True,
-                       env=_env(work, [work], a.tests))
+        if diff:
+            subprocess.run(["patch", "-p1", "--forward", "--quiet"], input=diff, text=True, cwd=work, check=True,
+                           capture_output=True)
+        else:
+            subprocess.run([PYTHON, "-m", "mutmut", "apply", name], cwd=work, check=True, capture_output=True,
+                           env=_env(work, [work], a.tests))
         if path.read_text() == original:
-            raise RuntimeError(f"mutmut apply {name} changed nothing in {module}")
+            raise RuntimeError(f"applying {name} changed nothing in {module}")
         log.write(f"\n== confirm {name}\n")
         log.flush()
         try:
@@ -367,11 +374,19 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     print(f"[{area}] work copy {work}, log {log.name}", flush=True)
     diffs: dict[str, str] = {}
     if a.tool == "cosmic-ray":
-        if confirm_only:
-            raise SystemExit("--confirm-only is for mutmut areas; re-run the cosmic-ray area")
-        statuses = run_cosmic_ray(work, a, timeout, log)
-        diffs = {job: diff for job, _, diff in cosmic_ray_rows(work / "session.sqlite")}
-        confirmed: dict[str, str] = {}
+        if confirm_only:  # cosmic-ray's survivors are final verdicts; today's tests re-check them
+            (module,) = a.modules
+            statuses = {m: dict(v["statuses"]) for m, v in previous["modules"].items()}
+            confirmed = dict(previous.get("confirmed", {}))
+            diffs = dict(previous["survivors"])
+            open_names = [n for n, s in statuses[module].items() if s == "survived"]
+            for i, name in enumerate(open_names):
+                print(f"[{area}] confirming {i + 1}/{len(open_names)} {name}", flush=True)
+                statuses[module][name] = confirmed[name] = confirm(work, a, module, name, timeout, log, diffs[name])
+        else:
+            statuses = run_cosmic_ray(work, a, timeout, log)
+            diffs = {job: diff for job, _, diff in cosmic_ray_rows(work / "session.sqlite")}
+            confirmed = {}
     else:
         if confirm_only:
             statuses = {m: dict(v["statuses"]) for m, v in previous["modules"].items()}

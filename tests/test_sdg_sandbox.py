@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -401,6 +402,41 @@ def test_writes_stay_inside_its_own_directory(tmp_path):
     assert outcome["file_size"].endswith("27") and outcome["disk"] == "28", outcome  # EFBIG, ENOSPC
 
 
+def test_the_program_runs_with_its_rlimits_on_nosuid_nodev_mounts():
+    """The program's own limits, read from inside: no core dumps, 64 open files, the file-size cap;
+    its root and /sandbox mounted nosuid and nodev (a set-uid binary or a device node written to
+    /sandbox gives nothing). Mutants (sandbox_child.py, cosmic-ray): RLIMIT_CORE -1 (unlimited),
+    /sandbox's tmpfs flags `MS_NOSUID & MS_NODEV` (0)."""
+    result, _ = run("""
+        import json, os, resource
+        out = {name: resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper()))
+               for name in ("core", "nofile", "fsize")}
+        for path in ("/", "/sandbox"):
+            flags = os.statvfs(path).f_flag
+            out[path] = [bool(flags & os.ST_NOSUID), bool(flags & os.ST_NODEV)]
+        print(json.dumps(out))
+        assert True
+    """, file_size_mb=2)
+    assert result.reason == "ok", result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {
+        "core": [0, 0], "nofile": [64, 64], "fsize": [2 << 20, 2 << 20], "/": [True, True], "/sandbox": [True, True]}
+
+
+def test_a_background_process_holding_the_marker_pipe_does_not_break_the_report():
+    """A program that exits early while a child it forked still holds the completion pipe open:
+    the launcher's non-blocking read finds the pipe empty but open (BlockingIOError) and reports
+    an early exit, not an error. Mutant (cosmic-ray): that exception not caught."""
+    result, seconds = run("""
+        import os, time
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        os._exit(0)
+        assert True
+    """, timeout_s=10.0)
+    assert result.reason == "exited_early" and seconds < 5.0, (result, seconds)
+
+
 def test_no_network_not_even_to_the_hosts_localhost():
     """Attack (issue 18): a TCP connection to a localhost listener went through. Mutant: no
     network namespace."""
@@ -497,7 +533,10 @@ print(json.dumps(out))
 
 def test_unprivileged_user_namespace_path(tmp_path):
     """Without root (a laptop): the same isolation from an unprivileged user namespace, the
-    process count from RLIMIT_NPROC counted per user namespace (Linux >= 5.14)."""
+    process count from RLIMIT_NPROC counted per user namespace (Linux >= 5.14). Skipped only when
+    util-linux's `unshare` cannot make those namespaces as `nobody` either. Mutant
+    (sandbox_child.py, cosmic-ray): CLONE_NEWUSER's value changed (the sandbox says it cannot
+    isolate, which the test used to take for a host without user namespaces)."""
     python = shutil.which("python3", path="/usr/bin:/bin")
     if os.geteuid() != 0 or not shutil.which("setpriv") or not python:
         pytest.skip("needs root to become `nobody`, setpriv and a system python3")
@@ -524,7 +563,11 @@ def test_unprivileged_user_namespace_path(tmp_path):
                            UNPRIVILEGED, str(SANDBOX_PY)], input=json.dumps(jobs), capture_output=True, text=True,
                           timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
     if "cannot isolate" in proc.stderr:
-        pytest.skip(f"unprivileged user namespaces are disabled here: {proc.stderr.strip()[-300:]}")
+        # decided independently of the sandbox (a mutant that breaks its unshare must fail here)
+        probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "unshare", "--user",
+                                "--map-root-user", "--pid", "--net", "--mount", "--fork", "true"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip(f"unprivileged user namespaces are disabled here: {proc.stderr.strip()[-300:]}")
     out = json.loads(proc.stdout)
     assert "user namespace" in out["isolation"], out
     assert {k: v[0] for k, v in out.items() if k != "isolation"} == {
@@ -566,3 +609,28 @@ def test_unsafe_process_group_is_an_explicit_warned_opt_out():
     loop = asyncio.run(run_python("while True:\n    pass\nassert True", SandboxLimits(timeout_s=1.0),
                                   isolation="unsafe-process-group"))
     assert (ok.reason, early.reason, loop.reason) == ("ok", "exited_early", "timeout")
+
+
+def test_unsafe_process_group_runs_on_the_host_and_cleans_up():
+    """The opt-out really is the host (its hostname, a temporary directory of the host), and the
+    launcher still kills the program's process group and removes its directory. Mutants
+    (sandbox_child.py, cosmic-ray): the mode compared with `>=` (the opt-out would unshare
+    namespaces), `not not namespaces` (no kill of the group, the directory left behind)."""
+    mark = "nemojax-sandbox-test-" + secrets.token_hex(6)
+    with warnings.catch_warnings():  # the opt-out's warning is test_unsafe_process_group_is_an_explicit_...'s
+        warnings.simplefilter("ignore", UserWarning)
+        result = asyncio.run(run_python(textwrap.dedent(f"""
+            import os, socket, sys
+            if os.fork() == 0:
+                os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "{mark}"])
+            print(os.getcwd(), socket.gethostname())
+            assert True
+        """), isolation="unsafe-process-group"))
+    assert result.reason == "ok", result.output
+    cwd, hostname = result.output.strip().splitlines()[-1].split()
+    assert hostname == socket.gethostname() and cwd != "/sandbox"
+    assert not Path(cwd).exists(), cwd
+    deadline = time.monotonic() + 5
+    while host_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host_processes(mark) == []
