@@ -601,6 +601,55 @@ def test_refuses_when_it_cannot_isolate(monkeypatch, tmp_path):
         asyncio.run(sandbox.ensure_sandbox())
 
 
+GARBAGE_LAUNCHER = """
+import json, os, sys
+cfg = json.loads(sys.stdin.read())
+os.write(cfg["status_fd"], b"not json " * 40)
+"""
+SILENT_LAUNCHER = """
+import sys
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("launcher,message", [
+    (GARBAGE_LAUNCHER, "sandbox failed: unreadable launcher report " + repr((b"not json " * 40)[:200])),
+    (SILENT_LAUNCHER, "sandbox failed: no report from the launcher (launcher exit 0"),
+])
+def test_a_launcher_that_reports_garbage_or_nothing_is_a_sandbox_error(monkeypatch, tmp_path, launcher, message):
+    """The runner never takes an unreadable or missing launcher report for a result: SandboxError
+    with the first 200 bytes of what it got, or saying there was no report. Mutants: the error
+    key renamed, the excerpt 201 bytes, an empty report parsed as JSON."""
+    fake = tmp_path / "launcher.py"
+    fake.write_text(launcher)
+    monkeypatch.setattr(sandbox, "_CHILD", str(fake))
+    monkeypatch.setattr(sandbox, "_checked", {"auto": "checked"})
+    with pytest.raises(sandbox.SandboxError) as e:
+        asyncio.run(run_python("assert True"))
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_an_unknown_isolation_is_refused_by_name():
+    """Mutant: the ValueError without its message."""
+    with pytest.raises(ValueError, match="isolation='bogus': choose one of auto, "):
+        asyncio.run(run_python("assert True", isolation="bogus"))
+
+
+def test_runs_share_the_cpus_concurrently():
+    """As many programs run at once as there are CPUs (the SDG stage runs candidates concurrently):
+    two one-second programs take about one second together, not two. Mutant: one slot
+    (`os.cpu_count() and 1`)."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: runs are serial by design")
+
+    async def both() -> list[RunResult]:
+        return await asyncio.gather(*(run_python("import time\ntime.sleep(1.0)\nassert True") for _ in range(2)))
+
+    start = time.monotonic()
+    results = asyncio.run(both())
+    assert [r.reason for r in results] == ["ok", "ok"] and time.monotonic() - start < 1.8, results
+
+
 def test_unsafe_process_group_is_an_explicit_warned_opt_out():
     with pytest.warns(UserWarning, match="without isolation"):
         asyncio.run(sandbox.ensure_sandbox("unsafe-process-group"))

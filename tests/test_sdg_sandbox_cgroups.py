@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ import pytest
 from nemojax.sdg import sandbox
 from nemojax.sdg.sandbox import SandboxError, SandboxLimits, _find_cgroup_parents, _kernel, _Plan, _TreeLimits
 
+BUSY_ONCE: dict[str, int] = {}  # cgroup names whose first rmdir fails with EBUSY (a process not yet reaped)
 CONTROL_FILES = {"v1-memory": {"memory.limit_in_bytes": "9223372036854771712", "memory.memsw.limit_in_bytes": "max",
                                "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
                                "cgroup.procs": ""},
@@ -155,6 +157,8 @@ def test_own_cgroup_must_exist_inside_the_mount(tmp_path):
 def kernel(monkeypatch, tmp_path):
     """cgroupfs's mkdir (control files appear) and rmdir (they go) for cgroups under tmp_path."""
     kinds: dict[Path, str] = {}
+    busy = BUSY_ONCE
+    busy.clear()
     mkdir, rmdir, kill = Path.mkdir, Path.rmdir, os.kill
 
     def fake_mkdir(self, *a, **k):
@@ -171,7 +175,7 @@ def kernel(monkeypatch, tmp_path):
 
     def fake_rmdir(self):
         if self.parent in kinds and (self / "cgroup.procs").exists():
-            if (self / "cgroup.procs").read_text().split():
+            if (self / "cgroup.procs").read_text().split() or busy.pop(self.name, 0):
                 raise OSError(16, "Device or resource busy")
             for f in self.iterdir():
                 f.unlink()
@@ -277,13 +281,18 @@ def test_no_cgroups_means_no_tree_limits(monkeypatch):
 def test_finish_kills_what_is_left_and_removes_every_cgroup(kernel, tmp_path):
     """A process still in the run's cgroup is killed (SIGKILL) before the cgroup is removed; a
     cgroup already gone does not stop the others from being removed. Kills: the cgroup.procs read
-    dropped or misnamed, the kill dropped, `break` as `return` (the pids cgroup left behind)."""
+    dropped or misnamed, the kill dropped, `break` as `return` (the pids cgroup left behind), the
+    kill and rmdir polls sleeping a second (`time.sleep(1.01)`) or not at all (`sleep(None)`);
+    the memory cgroup is busy for one rmdir, as while the kernel reaps the killed process."""
     (_, mem), (_, pids) = kernel(("v1-memory", "memory"), ("v1-pids", "pids"))
     tree = _TreeLimits.create(SandboxLimits())
     left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (_only_child(pids) / "cgroup.procs").write_text(f"{left.pid}\n")
+        BUSY_ONCE[_only_child(mem).name] = 1
+        start = time.monotonic()
         assert tree.finish() is False
+        assert time.monotonic() - start < 0.5  # polls every 10 ms, not every second
         assert left.wait(timeout=10) == -9
     finally:
         left.kill()
