@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from nemojax.sdg import sandbox
-from nemojax.sdg.sandbox import RunResult, SandboxLimits, SandboxUnavailable, run_python, top_level_asserts
+from nemojax.sdg.sandbox import (RunResult, SandboxLimits, SandboxUnavailable, _TreeLimits, run_python,
+                                  top_level_asserts)
 
 SANDBOX_PY = Path(sandbox.__file__)
 
@@ -422,6 +423,18 @@ def test_the_program_runs_with_its_rlimits_on_nosuid_nodev_mounts():
         "core": [0, 0], "nofile": [64, 64], "fsize": [2 << 20, 2 << 20], "/": [True, True], "/sandbox": [True, True]}
 
 
+def test_a_program_that_leaves_its_process_group_is_still_waited_for():
+    """The program may call setsid (a new session and process group): init must still reap it by
+    pid and report. Mutant (cosmic-ray): `waitpid(-0, ...)`, i.e. waiting for the caller's process
+    group only (the program would be lost and the run fail as a sandbox error)."""
+    result, _ = run("""
+        import os
+        os.setsid()
+        assert os.getpgrp() == os.getpid()
+    """, timeout_s=10.0)
+    assert result.reason == "ok", result
+
+
 def test_a_background_process_holding_the_marker_pipe_does_not_break_the_report():
     """A program that exits early while a child it forked still holds the completion pipe open:
     the launcher's non-blocking read finds the pipe empty but open (BlockingIOError) and reports
@@ -627,6 +640,26 @@ def test_a_launcher_that_reports_garbage_or_nothing_is_a_sandbox_error(monkeypat
     with pytest.raises(sandbox.SandboxError) as e:
         asyncio.run(run_python("assert True"))
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_launcher_failure_is_reported_with_its_cause(monkeypatch, tmp_path):
+    """The launcher joins the run's cgroups first; when that fails (here the procs file it is
+    given is a directory) the runner raises SandboxError naming the launcher's exception, not
+    "no report".
+    Mutant (sandbox_child.py, cosmic-ray): main's `except BaseException` narrowed (the launcher
+    dies with a traceback and reports nothing)."""
+    if not sandbox._cgroup_parents():
+        pytest.skip("no writable cgroup: the launcher has no cgroup to join")
+    create = _TreeLimits.create.__func__
+
+    def unjoinable(cls, limits):
+        tree = create(cls, limits)  # the real cgroups, removed by finish() as usual
+        tree.procs = [str(tmp_path)]
+        return tree
+
+    monkeypatch.setattr(_TreeLimits, "create", classmethod(unjoinable))
+    with pytest.raises(sandbox.SandboxError, match="sandbox failed: IsADirectoryError"):
+        asyncio.run(run_python("assert True"))
 
 
 def test_an_unknown_isolation_is_refused_by_name():
