@@ -435,6 +435,46 @@ def test_a_program_that_leaves_its_process_group_is_still_waited_for():
     assert result.reason == "ok", result
 
 
+def test_a_forged_completion_marker_is_not_completion():
+    """The program can write to the completion pipe (fd 4) but does not know the nonce: bytes that
+    sort after it are not the marker. Mutant (cosmic-ray): the marker compared with `>=`."""
+    result, _ = run("""
+        import os
+        os.write(4, b"\\xff" * 40 + b"\\n")
+        os._exit(0)
+        assert True
+    """)
+    assert result.reason == "exited_early", result
+
+
+def test_the_hosts_hostname_is_untouched():
+    """The program's hostname is "sandbox", set in a UTS namespace of its own: the host keeps its
+    name. Mutant (cosmic-ray): `CLONE_NEWIPC & CLONE_NEWUTS` (no UTS namespace: sethostname
+    renamed the host; this happened to the machine that ran the mutation test)."""
+    before = socket.gethostname()
+    result, _ = run("""
+        import socket
+        print(socket.gethostname())
+        assert True
+    """)
+    assert result.reason == "ok" and result.output.split() == ["sandbox"], result
+    assert socket.gethostname() == before != "sandbox"
+
+
+def test_launcher_syscall_errors_carry_their_errno():
+    """A failing mount / unshare / pivot_root raises OSError with the C library's errno, never
+    passes silently. Mutants (cosmic-ray): libc loaded without `use_errno` (errno 0), `rc > 0` for
+    `rc != 0` (libc reports failure as -1: every failure ignored)."""
+    from nemojax.sdg import sandbox_child
+
+    rc = sandbox_child._libc.umount2(b"/nonexistent-nemojax-mount-point", 0)
+    assert rc == -1
+    with pytest.raises(OSError, match="umount probe: ") as e:
+        sandbox_child._check(rc, "umount probe")
+    assert e.value.errno in (2, 1, 22), e.value  # ENOENT (or EPERM / EINVAL): a real errno, not 0
+    sandbox_child._check(0, "fine")
+
+
 def test_a_background_process_holding_the_marker_pipe_does_not_break_the_report():
     """A program that exits early while a child it forked still holds the completion pipe open:
     the launcher's non-blocking read finds the pipe empty but open (BlockingIOError) and reports
@@ -697,7 +737,9 @@ def test_unsafe_process_group_runs_on_the_host_and_cleans_up():
     """The opt-out really is the host (its hostname, a temporary directory of the host), and the
     launcher still kills the program's process group and removes its directory. Mutants
     (sandbox_child.py, cosmic-ray): the mode compared with `>=` (the opt-out would unshare
-    namespaces), `not not namespaces` (no kill of the group, the directory left behind)."""
+    namespaces), `not not namespaces` (no kill of the group, the directory left behind), the
+    `sys.platform == "linux"` guard of PR_SET_NO_NEW_PRIVS inverted or changed (read from
+    /proc/self/status, which only the opt-out can see)."""
     mark = "nemojax-sandbox-test-" + secrets.token_hex(6)
     with warnings.catch_warnings():  # the opt-out's warning is test_unsafe_process_group_is_an_explicit_...'s
         warnings.simplefilter("ignore", UserWarning)
@@ -705,12 +747,14 @@ def test_unsafe_process_group_runs_on_the_host_and_cleans_up():
             import os, socket, sys
             if os.fork() == 0:
                 os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "{mark}"])
-            print(os.getcwd(), socket.gethostname())
+            nnp = [line.split()[1] for line in open("/proc/self/status") if line.startswith("NoNewPrivs:")]
+            print(os.getcwd(), socket.gethostname(), *nnp)
             assert True
         """), isolation="unsafe-process-group"))
     assert result.reason == "ok", result.output
-    cwd, hostname = result.output.strip().splitlines()[-1].split()
+    cwd, hostname, no_new_privs = result.output.strip().splitlines()[-1].split()
     assert hostname == socket.gethostname() and cwd != "/sandbox"
+    assert no_new_privs == "1"  # set-uid binaries give nothing, even without namespaces
     assert not Path(cwd).exists(), cwd
     deadline = time.monotonic() + 5
     while host_processes(mark) and time.monotonic() < deadline:
