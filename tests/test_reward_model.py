@@ -237,3 +237,36 @@ def test_scorer_from_checkpoint_with_a_tokenizer_path_and_a_dtype(reward_model, 
     (tmp_path / "rm" / "tokenizer.model").write_bytes(own.read_bytes())
     mine = RewardScorer.from_checkpoint(tmp_path / "rm").tokenizer
     assert mine.encode("hello world") == load_tokenizer(own).encode("hello world") != TOK.encode("hello world")
+
+
+def test_scorer_edges_left_by_the_mutation_run(reward_model) -> None:
+    """The smallest batch is accepted; the counter accumulates over calls; a batch of B forward
+    passes covers B sequences (not one pass per sequence); a language model is refused with the
+    whole message. Kills: `batch_size <= 1` / `< 2`, `stats["scored"] = n`, `range(0, n, )`
+    (overlapping batches: the same scores from B times the work), the refusal's message mangled
+    (scripts/mutation.py reward)."""
+    one = RewardScorer(reward_model, TOK, batch_size=1, max_len=32)
+    seqs = [[2, 5, 6], [2, 7], [2, 8, 9, 10], [2, 11, 12]]
+    np.testing.assert_allclose(one.score_ids(seqs), RewardScorer(reward_model, TOK, batch_size=4, max_len=32)
+                               .score_ids(seqs), rtol=2e-5, atol=2e-5)
+    scorer = RewardScorer(reward_model, TOK, batch_size=2, max_len=32)
+    calls = []
+    forward = scorer._forward
+    scorer._forward = lambda *a: calls.append(1) or forward(*a)
+    scorer.score_ids(seqs)
+    scorer.score_ids(seqs[:3])
+    assert len(calls) == 2 + 2 and scorer.stats["scored"] == 7
+    with pytest.raises(ValueError) as e:
+        RewardScorer(NemotronLM(BASE, rngs=nnx.Rngs(0)), TOK)
+    assert str(e.value) == ("RewardScorer needs a reward model (a checkpoint trained with model.reward.enabled: "
+                            "true); this one is a language model")
+
+
+def test_reward_head_is_stored_in_the_param_dtype() -> None:
+    """A bf16 reward model keeps its head in bf16 like every other weight (checkpoints, memory),
+    and computes the scores in fp32. Kills: the head's kernel / bias created in the default
+    dtype (`_param(..., None)`, `_const(..., None)`)."""
+    model = make_model(dataclasses.replace(RCFG, param_dtype="bfloat16"), seed=0)
+    assert model.reward_head.kernel[...].dtype == jnp.bfloat16 and model.reward_head.bias[...].dtype == jnp.bfloat16
+    scores = model(jnp.asarray([[2, 5, 6, 7]], jnp.int32))
+    assert scores.dtype == jnp.float32 and scores.shape == (1, 5)
