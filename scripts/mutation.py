@@ -320,6 +320,7 @@ def cosmic_ray_rows(db: Path) -> list[tuple[str, str, str]]:
         "r.output, r.diff FROM mutation_specs s JOIN work_results r ON r.job_id = s.job_id").fetchall()
     out = []
     for job, op, occ, row, worker, test, output, diff in rows:
+        worker, test = (worker or "").lower(), (test or "").lower()  # cosmic-ray 8 stores enum names: KILLED
         if worker == "skipped":
             continue
         if test == "killed":
@@ -374,11 +375,12 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     print(f"[{area}] work copy {work}, log {log.name}", flush=True)
     diffs: dict[str, str] = {}
     if a.tool == "cosmic-ray":
-        if confirm_only:  # cosmic-ray's survivors are final verdicts; today's tests re-check them
+        if confirm_only:  # the session database holds cosmic-ray's verdicts; today's tests re-check survivors
             (module,) = a.modules
-            statuses = {m: dict(v["statuses"]) for m, v in previous["modules"].items()}
+            rows = cosmic_ray_rows(work / "session.sqlite")
             confirmed = dict(previous.get("confirmed", {}))
-            diffs = dict(previous["survivors"])
+            statuses = {module: {job: confirmed.get(job, status) for job, status, _ in rows}}
+            diffs = {job: diff for job, _, diff in rows}
             open_names = [n for n, s in statuses[module].items() if s == "survived"]
             for i, name in enumerate(open_names):
                 print(f"[{area}] confirming {i + 1}/{len(open_names)} {name}", flush=True)
