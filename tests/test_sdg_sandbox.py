@@ -406,8 +406,8 @@ def test_writes_stay_inside_its_own_directory(tmp_path):
 def test_the_program_runs_with_its_rlimits_on_nosuid_nodev_mounts():
     """The program's own limits, read from inside: no core dumps, 64 open files, the file-size cap;
     its root and /sandbox mounted nosuid and nodev (a set-uid binary or a device node written to
-    /sandbox gives nothing). Mutants (sandbox_child.py, cosmic-ray): RLIMIT_CORE -1 (unlimited),
-    /sandbox's tmpfs flags `MS_NOSUID & MS_NODEV` (0)."""
+    /sandbox gives nothing); the four devices there. Mutants (sandbox_child.py, cosmic-ray):
+    RLIMIT_CORE -1 (unlimited), /sandbox's tmpfs flags `MS_NOSUID & MS_NODEV` (0), no device bound."""
     result, _ = run("""
         import json, os, resource
         out = {name: resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper()))
@@ -415,12 +415,16 @@ def test_the_program_runs_with_its_rlimits_on_nosuid_nodev_mounts():
         for path in ("/", "/sandbox"):
             flags = os.statvfs(path).f_flag
             out[path] = [bool(flags & os.ST_NOSUID), bool(flags & os.ST_NODEV)]
+        with open("/dev/null", "w") as null:
+            null.write("x")
+        out["devices"] = [len(open("/dev/" + name, "rb").read(4)) for name in ("zero", "urandom", "random")]
         print(json.dumps(out))
         assert True
     """, file_size_mb=2)
     assert result.reason == "ok", result.output
     assert json.loads(result.output.strip().splitlines()[-1]) == {
-        "core": [0, 0], "nofile": [64, 64], "fsize": [2 << 20, 2 << 20], "/": [True, True], "/sandbox": [True, True]}
+        "core": [0, 0], "nofile": [64, 64], "fsize": [2 << 20, 2 << 20], "/": [True, True], "/sandbox": [True, True],
+        "devices": [4, 4, 4]}
 
 
 def test_a_program_that_leaves_its_process_group_is_still_waited_for():
@@ -433,6 +437,50 @@ def test_a_program_that_leaves_its_process_group_is_still_waited_for():
         assert os.getpgrp() == os.getpid()
     """, timeout_s=10.0)
     assert result.reason == "ok", result
+
+
+def test_mount_points_under_a_directory_with_escaped_names(tmp_path):
+    """The launcher remounts read-only every mount under the new root, read from mountinfo, whose
+    names escape spaces as octal (`\\040`). Mutants (cosmic-ray): the escape decoded from the wrong
+    group or base, `point == under` compared otherwise (a sibling like /newer, or /, counted)."""
+    from nemojax.sdg import sandbox_child
+
+    info = tmp_path / "mountinfo"
+    info.write_text("".join(f"{i} 1 0:{i} / {point} rw - tmpfs tmpfs rw\n" for i, point in enumerate((
+        "/", "/new", "/new/usr", "/new/my\\040dir", "/newer", "/ne", "/old/new", "/new/a\\011b"))))
+    assert sandbox_child._mount_points(str(info), "/new") == ["/new", "/new/usr", "/new/my dir", "/new/a\tb"]
+
+
+def test_bind_paths_are_distinct_and_not_nested():
+    """Each directory of the Python installation is bound once, and not again under a directory
+    already bound (the venv's interpreter under its base prefix). Mutant (cosmic-ray): the
+    dedup's `or` as `and` (sys.prefix == sys.exec_prefix bound twice)."""
+    from nemojax.sdg import sandbox_child
+
+    paths = sandbox_child._bind_paths(sys.executable)
+    assert len(set(paths)) == len(paths), paths
+    assert not [(p, q) for p in paths for q in paths if p != q and p.startswith(q.rstrip("/") + "/")], paths
+    assert os.path.realpath(sys.base_prefix) in paths or any(
+        os.path.realpath(sys.base_prefix).startswith(q + "/") for q in paths)
+
+
+def test_an_orphan_exiting_first_does_not_end_the_run():
+    """init reaps orphans of the program (here a grandchild whose parent exited) but reports the
+    program's own exit: status 3, a failure, not the orphan's 0. Mutant (cosmic-ray): `pid >=
+    child` (the first orphan to exit taken for the program)."""
+    result, _ = run("""
+        import os, sys, time
+        if os.fork() == 0:
+            if os.fork() == 0:
+                time.sleep(0.2)
+                os._exit(0)
+            os._exit(0)
+        os.wait()
+        time.sleep(1.0)
+        sys.exit(3)
+        assert True
+    """, timeout_s=10.0)
+    assert (result.reason, result.returncode) == ("failed", 3), result
 
 
 def test_a_forged_completion_marker_is_not_completion():
