@@ -419,6 +419,9 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
         "survivors": {name: diffs.get(name, "") for s in statuses.values() for name, v in s.items()
                       if v == "survived"},
     }
+    if previous and previous.get("partial"):  # a stopped run's survivors, now confirmed: still a lower bound
+        report.update({k: previous[k] for k in ("partial", "minutes_run", "mutants_per_minute",
+                                                 "estimated_minutes_left") if k in previous})
     REPORTS.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     t = report["total"]
@@ -503,7 +506,7 @@ def table() -> str:
             mutants = c["mutants"]
             if r.get("partial"):
                 mutants = f"partial: {c['mutants'] - c['not checked']} of {c['mutants']} checked"
-                ratio = f">= {ratio} (unconfirmed)"
+                ratio = f">= {ratio} ({'survivors confirmed' if r.get('confirm_only_runs') else 'unconfirmed'})"
             lines.append(f"| {area} | {module} | {tests} | {mutants} | {c['killed']} | {c['timeout']} | "
                          f"{c['survived'] + c['suspicious']} | {ratio} | {r['date'][:16]}, {r['tool']}, "
                          f"{r['commit'][:10]} |")
