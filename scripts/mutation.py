@@ -411,7 +411,7 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
         "area": area, "what": a.what, "tool": tool_version(a.tool), "modules_tested_by": list(a.tests),
         "command": f"python scripts/mutation.py {area}", "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "wall_s": round(wall + (previous["wall_s"] if previous else 0.0), 1),
+        "wall_s": round(wall + (previous.get("wall_s", 0.0) if previous else 0.0), 1),
         "confirm_only_runs": (previous.get("confirm_only_runs", 0) + 1) if previous else 0,
         "modules": {m: {**counts(s), "statuses": s} for m, s in statuses.items()},
         "total": counts({f"{m}:{k}": v for m, s in statuses.items() for k, v in s.items()}),
