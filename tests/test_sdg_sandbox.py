@@ -407,7 +407,9 @@ def test_the_program_runs_with_its_rlimits_on_nosuid_nodev_mounts():
     """The program's own limits, read from inside: no core dumps, 64 open files, the file-size cap;
     its root and /sandbox mounted nosuid and nodev (a set-uid binary or a device node written to
     /sandbox gives nothing); the four devices there. Mutants (sandbox_child.py, cosmic-ray):
-    RLIMIT_CORE -1 (unlimited), /sandbox's tmpfs flags `MS_NOSUID & MS_NODEV` (0), no device bound."""
+    RLIMIT_CORE -1 (unlimited), /sandbox's tmpfs flags `MS_NOSUID & MS_NODEV` (0), no device bound;
+    (sandbox.py, mutmut) the CPU limit's `+ 1` changed, the memory or disk size shifted by 21.
+    The CPU limit is the wall timeout + 1 s, so a busy loop dies by SIGXCPU at the latest then."""
     result, _ = run("""
         import json, os, resource
         out = {name: resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper()))
@@ -415,14 +417,19 @@ def test_the_program_runs_with_its_rlimits_on_nosuid_nodev_mounts():
         for path in ("/", "/sandbox"):
             flags = os.statvfs(path).f_flag
             out[path] = [bool(flags & os.ST_NOSUID), bool(flags & os.ST_NODEV)]
+        out["cpu"] = resource.getrlimit(resource.RLIMIT_CPU)
+        out["as"] = resource.getrlimit(resource.RLIMIT_AS)
+        st = os.statvfs("/sandbox")
+        out["disk"] = st.f_blocks * st.f_frsize
         with open("/dev/null", "w") as null:
             null.write("x")
         out["devices"] = [len(open("/dev/" + name, "rb").read(4)) for name in ("zero", "urandom", "random")]
         print(json.dumps(out))
         assert True
-    """, file_size_mb=2)
+    """, file_size_mb=2, timeout_s=5.0, memory_mb=300, disk_mb=6)
     assert result.reason == "ok", result.output
-    assert json.loads(result.output.strip().splitlines()[-1]) == {
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"cpu": [6, 6], "as": [300 << 20, 300 << 20],
+                                                                   "disk": 6 << 20, 
         "core": [0, 0], "nofile": [64, 64], "fsize": [2 << 20, 2 << 20], "/": [True, True], "/sandbox": [True, True],
         "devices": [4, 4, 4]}
 
@@ -481,6 +488,42 @@ def test_an_orphan_exiting_first_does_not_end_the_run():
         assert True
     """, timeout_s=10.0)
     assert (result.reason, result.returncode) == ("failed", 3), result
+
+
+def test_the_program_runs_under_a_uid_of_its_own():
+    """As root, each run's program gets a random uid and gid in [2**30, 2**30 + 2**24): no
+    real user's, never root's. Mutants: the uid range's arithmetic, the gid left at the runner's."""
+    if os.geteuid() != 0:
+        pytest.skip("the per-run uid is the root path's")
+    result, _ = run("""
+        import os
+        print(os.getuid(), os.getgid(), os.getgroups())
+        assert True
+    """)
+    uid, gid, groups = result.output.split(maxsplit=2)
+    assert 1 << 30 <= int(uid) < (1 << 30) + (1 << 24) and gid == uid and groups.strip() == "[]", result
+
+
+def test_what_the_runner_reports_about_the_program():
+    """The result says how the program ended: killed by a signal (negative returncode, "killed"),
+    its output decoded with invalid UTF-8 replaced, its wall time. Mutants: the signal's sign or
+    key, `decode` without "replace" (or a misspelt handler), `seconds` dropped or `now + start`."""
+    start = time.monotonic()
+    result = asyncio.run(run_python("import os, sys\nsys.stdout.buffer.write(b'ok\\xff\\n')\nsys.stdout.flush()\n"
+                                    "os.kill(os.getpid(), 9)\nassert True"))
+    wall = time.monotonic() - start
+    assert (result.reason, result.returncode, result.passed) == ("killed", -9, False), result
+    assert result.output == "ok\ufffd\n" and 0 < result.seconds <= wall, result
+
+
+def test_the_output_cap_is_exact():
+    """max_output_kb * 1024 bytes are allowed, one more byte is over. Mutants: `>=`, `* 1025`,
+    the over-limit result passed."""
+    ok = asyncio.run(run_python("import sys\nsys.stdout.write('x' * 1024)\nassert True", SandboxLimits(max_output_kb=1)))
+    over = asyncio.run(run_python("import sys\nsys.stdout.write('x' * 1025)\nsys.stdout.flush()\n"
+                                  "import time\ntime.sleep(5)\nassert True", SandboxLimits(max_output_kb=1)))
+    assert (ok.reason, ok.output_bytes) == ("ok", 1024), ok
+    assert (over.reason, over.passed) == ("output_limit", False), over
 
 
 def test_a_forged_completion_marker_is_not_completion():
@@ -747,6 +790,58 @@ def test_a_launcher_failure_is_reported_with_its_cause(monkeypatch, tmp_path):
 
     monkeypatch.setattr(_TreeLimits, "create", classmethod(unjoinable))
     with pytest.raises(sandbox.SandboxError, match="sandbox failed: IsADirectoryError"):
+        asyncio.run(run_python("assert True"))
+
+
+HUNG_LAUNCHER = """
+import sys, time
+sys.stdin.read()
+time.sleep(60)
+"""
+NOISY_PROBE_LAUNCHER = """
+import json, os, sys
+cfg = json.loads(sys.stdin.read())
+sys.stdout.write("x" * 600 + "END")
+sys.stdout.flush()
+os.write(cfg["status_fd"], json.dumps({"exit": 1, "completed": False}).encode())
+"""
+
+
+def test_a_hung_launcher_is_killed_at_the_backstop(monkeypatch, tmp_path):
+    """A launcher that never exits (its own timer broken) is killed by the runner at the timeout
+    plus a grace period, and the run counts as a timeout. Mutants: no backstop timeout
+    (`timeout=None`), the backstop flag not set, the kill not sent (scripts/mutation.py sandbox)."""
+    fake = tmp_path / "launcher.py"
+    fake.write_text(HUNG_LAUNCHER)
+    monkeypatch.setattr(sandbox, "_CHILD", str(fake))
+    monkeypatch.setattr(sandbox, "_checked", {"auto": "checked"})
+    start = time.monotonic()
+    result = asyncio.run(run_python("assert True", SandboxLimits(timeout_s=0.5)))
+    assert (result.reason, result.passed) == ("timeout", False) and time.monotonic() - start < 0.5 + sandbox._GRACE_S + 5
+
+
+def test_a_probe_that_fails_names_its_output(monkeypatch, tmp_path):
+    """ensure_sandbox refuses when the trivial program fails, quoting the last 500 characters of
+    its output. Mutants: the excerpt `[+500:]` / `[-501:]`."""
+    fake = tmp_path / "launcher.py"
+    fake.write_text(NOISY_PROBE_LAUNCHER)
+    monkeypatch.setattr(sandbox, "_CHILD", str(fake))
+    monkeypatch.setattr(sandbox, "_checked", {})
+    with pytest.raises(SandboxUnavailable) as e:
+        asyncio.run(sandbox.ensure_sandbox())
+    assert "a trivial program gave failed: " + "x" * 497 + "END" in str(e.value)
+    assert "x" * 498 + "END" not in str(e.value)
+
+
+def test_a_launcher_that_cannot_start_is_a_sandbox_error(monkeypatch):
+    """Mutants: the error's message dropped, `proc = ""` (the cleanup then fails on it), closing
+    the status pipe with `os.close(None)`."""
+    async def cannot_start(*args, **kwargs):
+        raise OSError(8, "Exec format error")
+
+    monkeypatch.setattr(sandbox.asyncio, "create_subprocess_exec", cannot_start)
+    monkeypatch.setattr(sandbox, "_checked", {"auto": "checked"})
+    with pytest.raises(sandbox.SandboxError, match=r"cannot start the sandbox launcher: \[Errno 8\] Exec format"):
         asyncio.run(run_python("assert True"))
 
 
