@@ -548,8 +548,11 @@ def test_the_hosts_hostname_is_untouched():
         print(socket.gethostname())
         assert True
     """)
+    after = socket.gethostname()
+    if after != before:  # put the host's name back before failing: later tests read it too
+        socket.sethostname(before)
     assert result.reason == "ok" and result.output.split() == ["sandbox"], result
-    assert socket.gethostname() == before != "sandbox"
+    assert after == before, f"the run renamed the host from {before!r} to {after!r}"
 
 
 def test_launcher_syscall_errors_carry_their_errno():
