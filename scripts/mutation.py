@@ -248,6 +248,20 @@ def run_mutmut(work: Path, a: Area, jobs: int, log, resume: bool = False) -> Non
         raise SystemExit(f"mutmut run failed (exit {rc}); see {log.name}")
 
 
+def _confirm_each(area: str, names: list[str], statuses: dict[str, str], confirmed: dict[str, str],
+                  check) -> list[str]:
+    """Confirm `names` one by one into `statuses` / `confirmed`; stopped (SIGTERM, Ctrl-C), return
+    the names not re-checked, so that the report keeps every verdict reached so far."""
+    for i, name in enumerate(names):
+        print(f"[{area}] confirming {i + 1}/{len(names)} {name}", flush=True)
+        try:
+            statuses[name] = confirmed[name] = check(name)
+        except (KeyboardInterrupt, SystemExit):
+            print(f"[{area}] stopped: {len(names) - i} survivors not re-checked", flush=True)
+            return names[i:]
+    return []
+
+
 def confirm(work: Path, a: Area, module: str, name: str, timeout: float, log, diff: str = "") -> str:
     """Apply one mutant to the copy's source and run the area's whole test command in a fresh process.
 
@@ -374,6 +388,7 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     log = open(work / "mutation.log", "a")
     print(f"[{area}] work copy {work}, log {log.name}", flush=True)
     diffs: dict[str, str] = {}
+    not_rechecked: list[str] = []
     if a.tool == "cosmic-ray":
         if confirm_only:  # the session database holds cosmic-ray's verdicts; today's tests re-check survivors
             (module,) = a.modules
@@ -382,9 +397,8 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
             statuses = {module: {job: confirmed.get(job, status) for job, status, _ in rows}}
             diffs = {job: diff for job, _, diff in rows}
             open_names = [n for n, s in statuses[module].items() if s == "survived"]
-            for i, name in enumerate(open_names):
-                print(f"[{area}] confirming {i + 1}/{len(open_names)} {name}", flush=True)
-                statuses[module][name] = confirmed[name] = confirm(work, a, module, name, timeout, log, diffs[name])
+            not_rechecked += _confirm_each(area, open_names, statuses[module], confirmed,
+                                           lambda n: confirm(work, a, module, n, timeout, log, diffs[n]))
         else:
             statuses = run_cosmic_ray(work, a, timeout, log)
             diffs = {job: diff for job, _, diff in cosmic_ray_rows(work / "session.sqlite")}
@@ -399,9 +413,11 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
             confirmed = {}
         for module, by_name in statuses.items():
             open_names = [n for n, s in by_name.items() if s in ("survived", "no tests", "suspicious")]
-            for i, name in enumerate(open_names):
-                print(f"[{area}] confirming {i + 1}/{len(open_names)} {name}", flush=True)
-                by_name[name] = confirmed[name] = confirm(work, a, module, name, timeout, log)
+            if not_rechecked:  # stopped during an earlier module: leave the rest as mutmut left them
+                not_rechecked += open_names
+                continue
+            not_rechecked += _confirm_each(area, open_names, by_name, confirmed,
+                                           lambda n: confirm(work, a, module, n, timeout, log))
         for module, by_name in statuses.items():
             for name, s in by_name.items():
                 if s == "survived":
@@ -416,6 +432,7 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
         "modules": {m: {**counts(s), "statuses": s} for m, s in statuses.items()},
         "total": counts({f"{m}:{k}": v for m, s in statuses.items() for k, v in s.items()}),
         "confirmed": confirmed,
+        "not_rechecked": not_rechecked,
         "survivors": {name: diffs.get(name, "") for s in statuses.values() for name, v in s.items()
                       if v == "survived"},
     }
@@ -482,9 +499,12 @@ def survivors() -> str:
         if r.get("partial"):
             continue
         out.append(f"### {area} ({len(r['survivors'])} survivors)\n")
+        stale = set(r.get("not_rechecked", ()))
         for name, diff in r["survivors"].items():
             changed = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
             why = reasons.get(area, {}).get(name, "**no reason recorded**")
+            if name in stale:
+                why += " (not re-checked with the latest tests: the confirmation was stopped)"
             out.append(f"- `{name.rsplit('.', 1)[-1]}`: `{' / '.join(changed)}`: {why}")
         out.append("")
     return "\n".join(out)
@@ -507,6 +527,9 @@ def table() -> str:
             if r.get("partial"):
                 mutants = f"partial: {c['mutants'] - c['not checked']} of {c['mutants']} checked"
                 ratio = f">= {ratio} ({'survivors confirmed' if r.get('confirm_only_runs') else 'unconfirmed'})"
+            left = [n for n in r.get("not_rechecked", ()) if c["statuses"].get(n) == "survived"]
+            if left:
+                ratio += f" ({len(left)} survivors not re-checked with the latest tests)"
             lines.append(f"| {area} | {module} | {tests} | {mutants} | {c['killed']} | {c['timeout']} | "
                          f"{c['survived'] + c['suspicious']} | {ratio} | {r['date'][:16]}, {r['tool']}, "
                          f"{r['commit'][:10]} |")
