@@ -129,3 +129,13 @@ def test_too_large_names_the_size_or_the_limit():
     e = _too_large(None, 1_000)
     assert e.code == "request_too_large"
     assert "has more than 1000 bytes" in e.message and "None" not in e.message
+
+
+def test_queue_depth_is_what_waits_beyond_the_running_slots(server):
+    """Samples accepted minus those running (never negative): the gauge and Retry-After's
+    numerator. Kills: `outstanding + running` (scripts/mutation.py serve; written after its run)."""
+    server.engine = type("Engine", (), {"running": lambda self: 3})()
+    server.outstanding = 5
+    assert server.queue_depth() == 2.0
+    server.outstanding = 1
+    assert server.queue_depth() == 0.0
