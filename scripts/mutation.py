@@ -496,9 +496,10 @@ def survivors() -> str:
         if not path.exists():
             continue
         r = json.loads(path.read_text())
-        if r.get("partial"):
-            continue
-        out.append(f"### {area} ({len(r['survivors'])} survivors)\n")
+        if r.get("partial") and not r.get("confirm_only_runs"):
+            continue  # mutmut's unconfirmed verdicts: nothing to argue yet
+        partial = ", partial: the mutants checked so far" if r.get("partial") else ""
+        out.append(f"### {area} ({len(r['survivors'])} survivors{partial})\n")
         stale = set(r.get("not_rechecked", ()))
         for name, diff in r["survivors"].items():
             changed = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
