@@ -29,6 +29,17 @@ from nemojax.sdg.sandbox import (RunResult, SandboxLimits, SandboxUnavailable, _
                                   top_level_asserts)
 
 SANDBOX_PY = Path(sandbox.__file__)
+HOSTNAME = socket.gethostname()
+
+
+@pytest.fixture(autouse=True)
+def _host_keeps_its_name():
+    """Put the host's name back after any test whose run renamed it (a sandbox without its UTS
+    namespace does), so one broken run cannot fail every later test: under mutation testing that
+    turned 104 surviving mutants into false kills."""
+    yield
+    if socket.gethostname() != HOSTNAME:
+        socket.sethostname(HOSTNAME)
 
 
 def namespaces_available() -> bool:
@@ -549,10 +560,8 @@ def test_the_hosts_hostname_is_untouched():
         assert True
     """)
     after = socket.gethostname()
-    if after != before:  # put the host's name back before failing: later tests read it too
-        socket.sethostname(before)
     assert result.reason == "ok" and result.output.split() == ["sandbox"], result
-    assert after == before, f"the run renamed the host from {before!r} to {after!r}"
+    assert after == before == HOSTNAME, f"the run renamed the host from {before!r} to {after!r}"
 
 
 def test_launcher_syscall_errors_carry_their_errno():
