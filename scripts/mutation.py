@@ -223,11 +223,7 @@ def mutmut_results(work: Path, a: Area) -> dict[str, dict[str, str]]:
 
 def _unchecked(work: Path, a: Area) -> list[str]:
     """The area's mutants an interrupted run has no verdict for yet."""
-    names = []
-    for module in a.modules:
-        meta = json.loads((work / "mutants" / (module + ".meta")).read_text())
-        names += [k for k, v in meta["exit_code_by_key"].items() if v is None and _selected(a, k)]
-    return names
+    return [n for by_name in mutmut_results(work, a).values() for n, s in by_name.items() if s == "not checked"]
 
 
 def run_mutmut(work: Path, a: Area, jobs: int, log, resume: bool = False) -> None:
