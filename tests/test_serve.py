@@ -421,6 +421,10 @@ def test_request_timeout_cancels_the_request_and_answers_504(engine, tok):
     with TestClient(create_app(engine, tok, model_name="tiny", request_timeout=0.3)) as c:
         worker, server = c.app.state.worker, c.app.state.server
         worker.pause()  # nothing runs: every request waits past its deadline
+        # a server that lost its timeout answers 200 once this resumes the engine, instead of
+        # hanging the suite (a mutant of the deadline code would otherwise wait forever here)
+        watchdog = threading.Timer(10.0, worker.resume)
+        watchdog.start()
         try:
             r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "n": 2})
             assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
@@ -429,6 +433,7 @@ def test_request_timeout_cancels_the_request_and_answers_504(engine, tok):
             assert not done and chunks[-1]["error"]["code"] == "request_timeout"
             assert server.outstanding == 0
         finally:
+            watchdog.cancel()
             worker.resume()
         deadline = time.time() + 10
         while worker.stats["active_requests"] and time.time() < deadline:
