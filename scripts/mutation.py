@@ -67,9 +67,18 @@ class Area:
     # fnmatch globs over mutmut's mutant names: only these parts of the modules (default: all)
     functions: tuple[str, ...] = ()
     tool: str = "mutmut"
+    # another area whose work copy (mutants, verdicts) this one shares: two selections of one module
+    shares: str = ""
 
 
-_SERVE_APP = "nemojax.serve.app."
+def work_dir(area: str) -> Path:
+    """.mutation/<area>, or the work copy of the area it shares."""
+    return WORK / (AREAS[area].shares or area)
+
+
+_SERVE_APP, _SERVE_PROTOCOL = "nemojax.serve.app.", "nemojax.serve.protocol."
+_SERVE_TESTS = ("tests/test_serve_protocol.py", "tests/test_serve_admission.py", "tests/test_serve_waiting.py",
+                "tests/test_serve_limits.py", "tests/test_serve.py", "tests/test_serve_hardening.py")
 AREAS: dict[str, Area] = {
     "losses": Area(("nemojax/train/losses.py",), ("tests/test_losses.py", "tests/test_stage_objectives.py"),
                    "every training loss, as pure functions"),
@@ -89,18 +98,27 @@ AREAS: dict[str, Area] = {
                      "sampling filters and the seeded sampler"),
     "prefix_cache": Area(("nemojax/inference/prefix_cache.py",), ("tests/test_prefix_cache.py", "tests/test_engine.py"),
                          "the prefix cache's block index"),
-    "serve": Area(("nemojax/serve/app.py", "nemojax/serve/protocol.py"),
-                  ("tests/test_serve_protocol.py", "tests/test_serve_admission.py", "tests/test_serve_waiting.py",
-                   "tests/test_serve_limits.py",
-                   "tests/test_serve.py",
-                   "tests/test_serve_hardening.py"),
+    "serve": Area(("nemojax/serve/app.py", "nemojax/serve/protocol.py"), _SERVE_TESTS,
                   "the server's auth and limits: API key, body size, queue, timeouts, disconnects, request checks",
                   functions=tuple(_SERVE_APP + f for f in (
                       "xǁTicketǁ*", "xǁServerǁretry_after__*", "xǁServerǁ_full__*", "xǁServerǁrefuse_early__*",
                       "xǁServerǁadmit__*", "xǁServerǁadmit_generation__*", "xǁServerǁqueue_depth__*",
                       "xǁServerǁdeadline__*", "xǁServerǁtimeout_error__*", "xǁServerǁevents__*",
                       "xǁServerǁuntil_done__*", "x__disconnected__*", "x__wait_for_disconnect__*", "xǁ_Guardǁ*",
-                      "x__too_large__*", "x__limited__*")) + ("nemojax.serve.protocol.*",)),
+                      "x__too_large__*", "x__limited__*")) + tuple(_SERVE_PROTOCOL + f for f in (
+                      "xǁAPIErrorǁ*", "x_bad__*", "x__reject_constant__*", "x__child__*", "x__check_tree__*",
+                      "x_parse_json_body__*", "x_check_fields__*", "x_longest_piece__*", "xǁParserǁ__init____*",
+                      "xǁParserǁcheck_model__*", "xǁParserǁcheck_text__*", "xǁParserǁcheck_prompt_ids__*",
+                      "xǁParserǁcheck_room__*"))),
+    # the rest of protocol.py: what a valid request means (sampling fields, messages, prompts)
+    "serve_requests": Area(("nemojax/serve/app.py", "nemojax/serve/protocol.py"), _SERVE_TESTS,
+                           "the server's request parsing: sampling fields, messages, prompts, chat template",
+                           functions=tuple(_SERVE_PROTOCOL + f for f in (
+                               "x__is_int__*", "x__is_num__*", "x__opt__*", "x_sampling_params__*",
+                               "x_stream_flags__*", "x_normalize_messages__*", "xǁParserǁ_top_logprobs__*",
+                               "xǁParserǁcompletion__*", "xǁParserǁ_prompts__*", "xǁParserǁchat_prompt__*",
+                               "xǁParserǁchat__*")),
+                           shares="serve"),
     "sandbox": Area(("nemojax/sdg/sandbox.py",), ("tests/test_sdg_sandbox_cgroups.py", "tests/test_sdg_sandbox.py"),
                     "the SDG code sandbox's runner"),
     "sandbox_child": Area(("nemojax/sdg/sandbox_child.py",), ("tests/test_sdg_sandbox.py",),
@@ -141,7 +159,7 @@ def make_work_copy(area: str, a: Area, mode: str = "fresh", debug: bool = False)
     mode "fresh": a new copy; "tests": only tests/ copied again (--confirm-only, --resume: today's
     tests against the mutants already made).
     """
-    work = WORK / area
+    work = work_dir(area)
     if mode == "fresh" and work.exists():
         shutil.rmtree(work)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
@@ -374,10 +392,10 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     a = AREAS[area]
     report_path = REPORTS / f"{area}.json"
     previous = json.loads(report_path.read_text()) if confirm_only else None
-    if confirm_only and (previous is None or not (WORK / area).exists()):
+    if confirm_only and (previous is None or not work_dir(area).exists()):
         raise SystemExit(f"--confirm-only needs a previous run of {area} (.mutation/{area} and {report_path})")
     started, commit = time.monotonic(), git_commit()  # the commit whose files are copied
-    if resume and not (WORK / area / "mutants").exists():
+    if resume and not (work_dir(area) / "mutants").exists():
         raise SystemExit(f"--resume needs an interrupted run of {area} (.mutation/{area}/mutants)")
     # --resume and --confirm-only keep the mutants and copy today's tests (only tests may change
     # between the runs: the report's commit is today's)
@@ -451,7 +469,7 @@ def partial_report(area: str) -> dict:
     the kill ratio over the checked mutants is a lower bound); the rate is mutants checked per
     minute since the work copy was made (a --resume'd run's pause counts as time)."""
     a = AREAS[area]
-    work = WORK / area
+    work = work_dir(area)
     if a.tool != "mutmut" or not (work / "started.json").exists() or not (work / "mutants").exists():
         raise SystemExit(f"--partial needs an interrupted mutmut run of {area} made by this script (.mutation/{area})")
     started = json.loads((work / "started.json").read_text())
