@@ -10,9 +10,10 @@ accuracy and held-out loss: each run's value, the mean and the sample standard d
 Then every comparison of nemojax.align.report.COMPARISONS that the runs hold (control arms, DPO /
 RPO, the reward-model judge), on every metric (all tasks, each family, IFEval): per run the
 difference with its paired bootstrap interval over tasks and McNemar's exact p, and over runs the
-mean difference, its sd, a t interval and a two-stage bootstrap interval (runs, then tasks). A
-difference both intervals place on one side of 0 is `positive` / `negative`; any other is `not
-established`, regressions included. A `--judge` run is paired with the run of the same world (the
+mean difference, its sd, a t interval and a two-stage bootstrap interval (runs, then tasks), and the
+t test's p with Holm's adjustment over all the report's comparisons of that metric. A difference
+both intervals place on one side of 0 is `positive` / `negative`; any other is `not established`,
+regressions included (the Holm p says which of them survive the number of comparisons made). A `--judge` run is paired with the run of the same world (the
 same evaluation tasks).
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nemojax.align.report import COMPARISONS, metric_vectors, models, stage_rows, task_results  # noqa: E402
-from nemojax.align.stats import compare  # noqa: E402
+from nemojax.align.stats import compare, holm  # noqa: E402
 from nemojax.align.tasks import Task  # noqa: E402
 
 
@@ -79,7 +80,17 @@ def comparisons(groups: list[dict]) -> list[dict]:
                     metrics[metric] = compare(runs)
             out.append({"iteration": k, "label": label, "a": a, "b": b, "meaning": meaning,
                         "runs": [n for n, _ in paired], "metrics": metrics})
+    _adjust_for_multiplicity(out)
     return out
+
+
+def _adjust_for_multiplicity(comps: list[dict]) -> None:
+    """Holm-adjusted over-runs p of each metric, across every comparison of the report (the family
+    a reader scans for an established difference)."""
+    for metric in {m for c in comps for m in c["metrics"]}:
+        held = [c["metrics"][metric] for c in comps if c["metrics"].get(metric, {}).get("t_p") is not None]
+        for s, p in zip(held, holm([s["t_p"] for s in held])):
+            s["holm_p"] = p
 
 
 def report(run_dirs: list[Path], judge_dirs: list[Path]) -> dict:
@@ -116,6 +127,10 @@ def _ci(ci: list[float] | None) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
 
 
+def _p(p: float | None) -> str:
+    return f"{p:.3g}" if p is not None else "-"
+
+
 def format_report(rep: dict) -> str:
     lines = [f"runs: {', '.join(rep['runs'])}" + (f"; judge runs: {', '.join(rep['judge_runs'])}" if rep["judge_runs"] else ""),
              "", "per model: mean (sd) over runs"]
@@ -127,13 +142,15 @@ def format_report(rep: dict) -> str:
                         else f" {m[c]['mean']:>15.3f}" if c in m else f" {'':>15}" for c in cols)
         lines.append(f"{m['iteration']:>2}  {m['model'][:34]:<34}" + cells)
     lines += ["", "comparisons: A - B; per run: diff [95% paired bootstrap] McNemar p; over runs: mean (sd), "
-              "t and two-stage bootstrap 95% intervals"]
+              "t and two-stage bootstrap 95% intervals, the t test's p and its Holm adjustment over every "
+              "comparison of the report on the same metric"]
     for c in rep["comparisons"]:
         lines.append(f"\niteration {c['iteration']}: {c['label']}  ({c['a']} - {c['b']}: {c['meaning']})")
         for metric, s in c["metrics"].items():
             runs = "; ".join(f"{r['diff']:+.3f} {_ci(r['ci'])} p={r['p']:.3g}" for r in s["runs"])
             pooled = (f"mean {s['mean_diff']:+.3f} (sd {s['sd']:.3f}) t {_ci(s.get('t_ci'))} boot "
-                      f"{_ci(s.get('bootstrap_ci'))}" if s["n_runs"] > 1 else "")
+                      f"{_ci(s.get('bootstrap_ci'))} p {_p(s.get('t_p'))} Holm {_p(s.get('holm_p'))}"
+                      if s["n_runs"] > 1 else "")
             lines.append(f"  {metric:<16} {s['established']:<16} {pooled}  runs: {runs}")
     for j in rep["judge"]:
         lines.append(f"\njudge run {j['run']}:")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import binomtest, ttest_1samp
 
-from nemojax.align.stats import compare, mcnemar, paired_bootstrap, t_interval, two_stage_bootstrap
+from nemojax.align.stats import compare, holm, mcnemar, paired_bootstrap, t_interval, t_test_p, two_stage_bootstrap
 
 
 def test_mcnemar_is_the_exact_binomial_test_on_discordant_tasks():
@@ -33,6 +33,22 @@ def test_t_interval_by_the_formula():
     half = 2.7764451051977987 * sd / math.sqrt(5)  # t_{0.975, 4} from a table
     assert t_interval(d) == pytest.approx((mean - half, mean + half))
     assert t_interval([0.1]) is None
+
+
+def test_t_test_p_is_scipys_one_sample_test():
+    """Kills: a one-sided p, the population sd, df n instead of n - 1."""
+    for d in ([0.10, 0.20, 0.30, 0.00, 0.10], [-0.02, 0.05, 0.01], [0.054, 0.05, 0.117, 0.083, 0.058]):
+        assert t_test_p(d) == pytest.approx(ttest_1samp(d, 0.0).pvalue, rel=1e-9)
+    assert t_test_p([0.1]) is None and t_test_p([0.05, 0.05]) is None
+
+
+def test_holm_by_hand():
+    """Holm over p = (0.01, 0.04, 0.03, 0.005): sorted 0.005 x4 = 0.02, 0.01 x3 = 0.03, 0.03 x2 =
+    0.06, 0.04 x1 = 0.04 -> monotone 0.06; returned in the input order. Kills: Bonferroni (x m for
+    all), no monotone step, no cap at 1."""
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
 
 
 def test_paired_bootstrap_matches_the_normal_approximation_for_many_tasks():

@@ -11,6 +11,9 @@ Per run, each model has a 0/1 result per task; a comparison is their per-task di
   per-run differences (df n - 1: the runs are the unit a claim about the method generalises over),
   and a two-stage bootstrap that resamples runs and then tasks within each drawn run (both sources of
   variance). `compare` calls a difference established only when both intervals exclude 0.
+* a report makes many comparisons at once: `holm` adjusts their over-runs p values (one-sample t
+  test of the per-run differences) for that multiplicity, so a reader can see which established
+  differences survive it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,33 @@ def t_interval(diffs: Sequence[float], level: float = LEVEL) -> tuple[float, flo
     return float(x.mean() - half), float(x.mean() + half)
 
 
+def t_test_p(diffs: Sequence[float]) -> float | None:
+    """Two-sided p of the one-sample t test that the per-run differences have mean 0; None for
+    fewer than two runs or runs that all differ by the same amount (the test is undefined)."""
+    from scipy.stats import t
+
+    x = np.asarray(diffs, np.float64)
+    if x.size < 2:
+        return None
+    sd = x.std(ddof=1)
+    if sd == 0:
+        return None
+    stat = x.mean() / (sd / math.sqrt(x.size))
+    return float(2 * t.sf(abs(stat), x.size - 1))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p values (controls the family-wise error rate):
+    the i-th smallest p is multiplied by (m - i), made monotone, capped at 1."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def two_stage_bootstrap(runs: Sequence[tuple[Sequence[float], Sequence[float]]], *, n_boot: int = 4000,
                         seed: int = 0, level: float = LEVEL) -> tuple[float, float]:
     """Percentile interval of the mean over runs of mean(a) - mean(b): each replicate draws runs
@@ -89,6 +119,7 @@ def compare(runs: Sequence[tuple[Sequence[bool], Sequence[bool]]], *, seed: int 
                  "positive_runs": sum(d > 0 for d in diffs), "negative_runs": sum(d < 0 for d in diffs)}
     if len(per_run) > 1:
         out["t_ci"] = list(t_interval(diffs))
+        out["t_p"] = t_test_p(diffs)
         out["bootstrap_ci"] = list(two_stage_bootstrap(runs, seed=seed))
         intervals = [out["t_ci"], out["bootstrap_ci"]]
     else:
