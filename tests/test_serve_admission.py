@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 from nemojax.data.tokenizer import load_tokenizer  # noqa: E402
 from nemojax.serve import app as app_module  # noqa: E402
 from nemojax.serve.app import Server, _too_large  # noqa: E402
+from nemojax.serve.protocol import APIError  # noqa: E402
 
 NOW = 1000.0
 
@@ -139,3 +140,46 @@ def test_queue_depth_is_what_waits_beyond_the_running_slots(server):
     assert server.queue_depth() == 2.0
     server.outstanding = 1
     assert server.queue_depth() == 0.0
+
+
+class _Worker:
+    engine = None
+
+    def __init__(self, alive: bool, why: str = "") -> None:
+        self.alive, self._why = alive, why
+
+    def why_unavailable(self) -> str:
+        return self._why
+
+
+def _job(samples: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(samples=samples)
+
+
+def test_admit_generation_needs_a_live_engine(tok):
+    """No generation model: 503 "no generation model"; a dead worker: 503 with the worker's own
+    reason; a live one: a ticket for the job's samples; draining: admit's 503 whatever the worker.
+    Kills: `if self.draining and ...`, `worker is None and not worker.alive`, the reason replaced
+    by None / the fixed text / its case changed, and the error without its message."""
+    server = Server(None, tok, "m", True)
+    with pytest.raises(APIError) as err:
+        server.admit_generation(_job(1))
+    assert (err.value.status, err.value.message, err.value.type) == (503, "no generation model", "server_error")
+
+    server.worker = _Worker(alive=False, why="the engine failed earlier (OOM); restart the server")
+    with pytest.raises(APIError) as err:
+        server.admit_generation(_job(1))
+    assert (err.value.status, err.value.message) == (503, "the engine failed earlier (OOM); restart the server")
+
+    server.worker = _Worker(alive=True)
+    ticket = server.admit_generation(_job(3))
+    assert ticket.size == 3 and server.outstanding == 3
+    ticket.release()
+
+    server.draining = True
+    server.worker = _Worker(alive=False, why="the server is shutting down")
+    with pytest.raises(APIError) as err:
+        server.admit_generation(_job(1))
+    assert err.value.status == 503 and "shutting down" in err.value.message

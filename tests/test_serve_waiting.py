@@ -22,6 +22,7 @@ from nemojax.data.tokenizer import load_tokenizer  # noqa: E402
 from nemojax.inference.requests import Completion  # noqa: E402
 from nemojax.serve.app import Server, Ticket, _ClientGone  # noqa: E402
 from nemojax.serve.protocol import APIError  # noqa: E402
+from nemojax.serve.worker import Failure, WorkerStopped  # noqa: E402
 
 GIVE_UP_S = 3.0  # a test that would otherwise wait forever fails after this
 
@@ -49,16 +50,20 @@ class FakeClient:
 
 
 class FakeWorker:
-    """Accepts requests; answers each with one completion after `delay` seconds (None: never)."""
+    """Accepts requests; answers each after `delay` seconds (None: never) with one completion, or
+    with `fail` (a Failure's message); `stopped`: submit raises WorkerStopped with that message."""
 
     engine = None
 
-    def __init__(self, delay: float | None) -> None:
-        self.delay, self.cancelled, self.alive = delay, [], True
+    def __init__(self, delay: float | None, fail: str | None = None, stopped: str | None = None) -> None:
+        self.delay, self.fail, self.stopped, self.cancelled, self.alive = delay, fail, stopped, [], True
 
     def submit(self, request: Any, deliver: Any, stream: bool = False) -> None:
+        if self.stopped is not None:
+            raise WorkerStopped(self.stopped)
         if self.delay is not None:
-            done = Completion(request.id, 0, len(request.prompt_ids), [5, 6], "stop")
+            done = Failure(request.id, self.fail, False) if self.fail is not None else \
+                Completion(request.id, 0, len(request.prompt_ids), [5, 6], "stop")
             asyncio.get_running_loop().call_later(self.delay, deliver, done)
 
     def cancel(self, request_id: Any) -> None:
@@ -157,6 +162,51 @@ def test_a_client_that_leaves_a_generation_cancels_its_requests(tok):
         with pytest.raises(_ClientGone):
             await asyncio.wait_for(_collect(server, client, stream=False), GIVE_UP_S)
         assert worker.cancelled == ["r1"]
+        assert server.outstanding == 0
+
+    asyncio.run(main())
+
+
+def test_a_generation_past_its_timeout_answers_504_within_the_timeout(tok):
+    """The engine never answers: `events` raises 504 after the 50 ms timeout, cancels the request
+    and frees its place. Kills: the wait floored at 1 s (`max(1.0, deadline - now)`)."""
+    async def main() -> None:
+        worker = FakeWorker(delay=None)
+        server = Server(worker, tok, "m", True, request_timeout=0.05)
+        t0 = time.monotonic()
+        with pytest.raises(APIError) as err:
+            await asyncio.wait_for(_collect(server, None, stream=True), GIVE_UP_S)
+        assert err.value.status == 504 and time.monotonic() - t0 < 0.6
+        assert worker.cancelled == ["r1"] and server.outstanding == 0
+
+    asyncio.run(main())
+
+
+def test_a_failed_request_is_not_cancelled_again(tok):
+    """A Failure ends the request in the worker: `events` yields it and stops without cancelling
+    that request (it is no longer the worker's) or counting its sample as aborted. Kills: the
+    failed request left among the remaining ones (`remaining.pop(None, None)`)."""
+    async def main() -> None:
+        worker = FakeWorker(delay=0.01, fail="prompt too long")
+        server = Server(worker, tok, "m", True)
+        events = await asyncio.wait_for(_collect(server, None, stream=True), GIVE_UP_S)
+        assert [type(e) for e in events] == [Failure] and events[0].message == "prompt too long"
+        assert worker.cancelled == [] and server.outstanding == 0
+
+    asyncio.run(main())
+
+
+def test_a_stopped_worker_answers_503_with_its_reason(tok):
+    """Submitting to a worker that stopped gives OpenAI's 503 server_error with the worker's own
+    reason, and the place in the queue back. Kills: another status (None, 504), no message or
+    str(None), no or another error type."""
+    async def main() -> None:
+        worker = FakeWorker(delay=0.01, stopped="the server is shutting down")
+        server = Server(worker, tok, "m", True)
+        with pytest.raises(APIError) as err:
+            await asyncio.wait_for(_collect(server, None, stream=True), GIVE_UP_S)
+        e = err.value
+        assert (e.status, e.message, e.type) == (503, "the server is shutting down", "server_error")
         assert server.outstanding == 0
 
     asyncio.run(main())
