@@ -97,6 +97,33 @@ def evaluate(ckpt: Path, world: Path, out_dir: Path) -> dict:
     return rep
 
 
+def preference_accuracy(world: Path, checkpoint: Path, out_dir: Path) -> dict:
+    """Held-out preference accuracy (log p(right) > log p(wrong)) of a checkpoint on every pair of
+    the world's preference_val.jsonl: one evaluation for the general-SFT model and every setting
+    (a stage's own validation during training sees only its first eval_batches x batch pairs)."""
+    from nemojax.config import load_config
+    from nemojax.train.stages import evaluate_checkpoint
+
+    pairs = world / "reward/preference_val.jsonl"
+    cfg = load_config("configs/align/toy_sft.yaml", [f"stage.train={world / 'seed/sft.jsonl'}",
+                                                      f"stage.validation={world / 'eval/sft.jsonl'}",
+                                                      f"stage.preference_validation={pairs}",
+                                                      f"data.tokenizer={world / 'tokenizer/tokenizer.model'}",
+                                                      f"run_dir={out_dir}", "eval_batches=100000"])
+    m = evaluate_checkpoint(cfg, str(checkpoint))
+    return {"held_out_preference_accuracy": m["val_pref_accuracy"],
+            "held_out_preference_pairs": sum(1 for x in pairs.read_text().splitlines() if x.strip())}
+
+
+def _implicit_pairs(setting: str, held_out: int) -> int:
+    """How many held-out pairs a setting's own end-of-training validation scored."""
+    from nemojax.config import load_config
+
+    config, overrides, _ = SETTINGS[setting]
+    cfg = load_config(config, [*overrides, "stage.train=unused.jsonl"])  # the sizes, not the data
+    return min(cfg.eval_batches * (cfg.data.micro_batch_size or cfg.data.global_batch_size), held_out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="a finished nemojax align run (configs/align/stats.yaml)")
@@ -125,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = {"off": run / f"iter_{k}" / "sdg" / "preference.jsonl"}
     if any(SETTINGS[s][2] == "on" for s in names):
         pairs["on"], results["on_policy_pairs"] = on_policy_pairs(run, k, student, out, seed * 1000 + 100 + k)
+    results["held_out_pairs"] = sum(1 for x in (world / "reward/preference_val.jsonl").read_text().splitlines()
+                                    if x.strip())
     results["pairs"] = {kind: sum(1 for x in path.read_text().splitlines() if x.strip()) for kind, path in pairs.items()}
     index = LeakIndex(eval_items_from_files([world / "eval/tasks.jsonl"]))
     audit = audit_files(index, list(pairs.values()))
@@ -138,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = results.setdefault("settings", {})
     for name in names:
         if name in settings:
+            if "held_out_preference_pairs" not in settings[name]:  # a run made before every pair was scored
+                settings[name].update(preference_accuracy(world, out / name, out / name / "preference_eval"),
+                                      implicit_reward_pairs=_implicit_pairs(name, results["held_out_pairs"]))
+                results_path.write_text(json.dumps(results, indent=1))
             continue
         config, overrides, kind = SETTINGS[name]
         rd = out / name
@@ -151,24 +184,17 @@ def main(argv: list[str] | None = None) -> int:
         vec = metric_vectors(task_results(rd / "eval_rows.jsonl", tasks), base_rows)
         settings[name] = {"config": config, "overrides": overrides, "pairs": kind, "train_seconds": round(seconds, 1),
                           "score": rep["score"], "loss": rep["suites"]["loss"]["score"],
-                          "held_out_preference_accuracy": final.get("val_pref_accuracy"),
+                          **preference_accuracy(world, rd, rd / "preference_eval"),
+                          # the stage's own validation at the end of training: its first pairs only
                           "held_out_implicit_reward_accuracy": final.get("val_accuracy"),
+                          "implicit_reward_pairs": _implicit_pairs(name, results["held_out_pairs"]),
                           "vs_general_sft": {m: compare([v]) for m, v in vec.items()}}
         print(f"[preference] {name}: score {rep['score']:.3f}, held-out preference accuracy "
-              f"{final.get('val_pref_accuracy')}", file=sys.stderr, flush=True)
+              f"{settings[name]['held_out_preference_accuracy']}", file=sys.stderr, flush=True)
         results_path.write_text(json.dumps(results, indent=1))
-    if "general_sft" not in results:
-        from nemojax.config import load_config
-        from nemojax.train.stages import evaluate_checkpoint
-
-        cfg = load_config("configs/align/toy_sft.yaml", [f"stage.train={world / 'seed/sft.jsonl'}",
-                                                          f"stage.validation={world / 'eval/sft.jsonl'}",
-                                                          f"stage.preference_validation={world / 'reward/preference_val.jsonl'}",
-                                                          f"data.tokenizer={world / 'tokenizer/tokenizer.model'}",
-                                                          f"run_dir={out / 'general_sft_eval'}", "eval_batches=1000"])
-        m = evaluate_checkpoint(cfg, str(student))
+    if "held_out_preference_pairs" not in results.get("general_sft", {}):
         results["general_sft"] = {"score": json.loads((student / "step.json").read_text())["eval"]["score"],
-                                  "held_out_preference_accuracy": m["val_pref_accuracy"]}
+                                  **preference_accuracy(world, student, out / "general_sft_eval")}
     results_path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     return 0
