@@ -183,3 +183,38 @@ def test_admit_generation_needs_a_live_engine(tok):
     with pytest.raises(APIError) as err:
         server.admit_generation(_job(1))
     assert err.value.status == 503 and "shutting down" in err.value.message
+
+
+DRAINING = "the server is shutting down; retry on another replica"
+
+
+def test_draining_refuses_with_503_and_says_where_to_go(server):
+    """While draining, both the early check (before the body is read) and admission answer 503
+    server_error telling the client to retry on another replica. Kills: the message dropped or
+    changed, the error type dropped or changed, in either place."""
+    server.draining = True
+    for refuse in (server.refuse_early, lambda: server.admit(1)):
+        with pytest.raises(APIError) as err:
+            refuse()
+        assert (err.value.status, err.value.message, err.value.type) == (503, DRAINING, "server_error")
+
+
+def test_a_request_larger_than_the_capacity_is_a_400_naming_its_field(server):
+    """Capacity 1 reward batch + 3 queued = 4: 5 samples can never run (400 on `n`), 5
+    conversations neither (400 on `conversations`), each message naming the size, what it counts
+    and the capacity; 4 fit. Kills: no capacity check (`cap = None`), the param dropped, swapped or
+    renamed, the message dropped, the default `what` changed (its param turns to conversations)."""
+    assert server.capacity == 4
+    with pytest.raises(APIError) as err:
+        server.admit(5)
+    e = err.value
+    assert (e.status, e.param) == (400, "n")
+    assert e.message == "n: 5 samples (prompts x n) exceed this server's capacity of 4 (slots + queue); split the request"
+    with pytest.raises(APIError) as err:
+        server.admit(5, "conversations")
+    assert (err.value.param, err.value.message) == (
+        "conversations", "conversations: 5 conversations exceed this server's capacity of 4 (slots + queue); split the request")
+    ticket = server.admit(4)
+    assert server.outstanding == 4
+    ticket.release()
+    assert server.outstanding == 0
