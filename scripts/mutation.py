@@ -78,6 +78,7 @@ def work_dir(area: str) -> Path:
 
 _SERVE_APP, _SERVE_PROTOCOL = "nemojax.serve.app.", "nemojax.serve.protocol."
 _SERVE_TESTS = ("tests/test_serve_protocol.py", "tests/test_serve_admission.py", "tests/test_serve_waiting.py",
+                "tests/test_serve_guard.py",
                 "tests/test_serve_limits.py", "tests/test_serve.py", "tests/test_serve_hardening.py")
 AREAS: dict[str, Area] = {
     "losses": Area(("nemojax/train/losses.py",), ("tests/test_losses.py", "tests/test_stage_objectives.py"),
