@@ -9,6 +9,7 @@ Each test names, in its docstring, the mutants of nemojax/serve/app.py it kills
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -74,3 +75,53 @@ def test_a_handler_that_fails_before_answering_counts_as_500(tok):
     with pytest.raises(RuntimeError, match="handler broke"):
         asyncio.run(_Guard(app, server)(_scope(), _receive, send))
     assert _count(server, "500") == 1 and _count(server, "501") == 0
+
+
+def test_latency_is_observed_once_per_response_at_its_last_byte(tok):
+    """A streamed response (start, a chunk with more_body, 60 ms, the last chunk without the key):
+    one latency sample of at least 60 ms under the route's label. Kills: observing on the start
+    message or on every chunk, never observing, a last chunk told apart by another key or
+    default, the label dropped, arrival time added instead of subtracted."""
+    server = Server(None, tok, "m", True)
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await asyncio.sleep(0.06)
+        await send({"type": "http.response.body", "body": b"b"})
+
+    async def send(message):
+        pass
+
+    asyncio.run(_Guard(app, server)(_scope(), _receive, send))
+    samples = {s.name: s.value for s in server.metrics.latency.collect()[0].samples
+               if s.labels.get("endpoint") == UNMATCHED}
+    assert samples["nemojax_request_latency_seconds_count"] == 1
+    assert 0.06 <= samples["nemojax_request_latency_seconds_sum"] < 5
+
+
+@pytest.mark.parametrize("authorization, message", [
+    (None, "missing API key: send 'Authorization: Bearer <key>'"),
+    (b"Bearer nope", "missing or wrong API key: send 'Authorization: Bearer <key>'"),
+])
+def test_a_request_without_the_key_is_told_which_header_to_send(tok, authorization, message):
+    """No Authorization header: "missing API key"; a wrong key: "missing or wrong API key"; both
+    401 invalid_api_key with WWW-Authenticate, and the app is never called. Kills: a default
+    header value that is not empty (an absent header then reads as a wrong key)."""
+    server = Server(None, tok, "m", True, api_key="sesame")
+    sent, called = [], []
+
+    async def app(scope, receive, send):
+        called.append(True)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = _scope()
+    if authorization is not None:
+        scope["headers"] = [(b"authorization", authorization)]
+    asyncio.run(_Guard(app, server)(scope, _receive, send))
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    assert start["status"] == 401 and (b"www-authenticate", b"Bearer") in start["headers"] and not called
+    error = json.loads(body)["error"]
+    assert (error["message"], error["code"]) == (message, "invalid_api_key")
