@@ -103,11 +103,14 @@ def test_latency_is_observed_once_per_response_at_its_last_byte(tok):
 @pytest.mark.parametrize("authorization, message", [
     (None, "missing API key: send 'Authorization: Bearer <key>'"),
     (b"Bearer nope", "missing or wrong API key: send 'Authorization: Bearer <key>'"),
+    (b"Token: sesame", "missing or wrong API key: send 'Authorization: Bearer <key>'"),  # the key, not as Bearer
 ])
 def test_a_request_without_the_key_is_told_which_header_to_send(tok, authorization, message):
-    """No Authorization header: "missing API key"; a wrong key: "missing or wrong API key"; both
-    401 invalid_api_key with WWW-Authenticate, and the app is never called. Kills: a default
-    header value that is not empty (an absent header then reads as a wrong key)."""
+    """No Authorization header: "missing API key"; a wrong key, or the right key in another
+    scheme: "missing or wrong API key"; each 401 invalid_api_key with WWW-Authenticate, and the app
+    is never called. Kills: a default header value that is not empty (an absent header then reads
+    as a wrong key), the key taken from any 7-character scheme (`... or True`), a non-Bearer
+    header read as a missing one (`given and auth`), the messages changed."""
     server = Server(None, tok, "m", True, api_key="sesame")
     sent, called = [], []
 
