@@ -128,3 +128,37 @@ def test_a_request_without_the_key_is_told_which_header_to_send(tok, authorizati
     assert start["status"] == 401 and (b"www-authenticate", b"Bearer") in start["headers"] and not called
     error = json.loads(body)["error"]
     assert (error["message"], error["code"]) == (message, "invalid_api_key")
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_a_byte_is_read(tok):
+    """Content-Length 101 with a 100-byte limit: 413 naming the size and the limit, with
+    `Connection: close`, before the body is read or the app called; exactly 100 passes. Kills:
+    the header looked up under another name, `>=` for `>`, the
+    size left out of the message, the Connection header dropped."""
+    for length, refused in ((101, True), (100, False)):
+        server = Server(None, tok, "m", True, max_body_bytes=100)
+        sent, reads, called = [], [], []
+
+        async def receive():
+            reads.append(True)
+            return {"type": "http.request", "body": b"x" * length, "more_body": False}
+
+        async def app(scope, receive, send):
+            called.append((await receive())["body"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {**_scope(), "headers": [(b"content-length", str(length).encode())]}
+        asyncio.run(_Guard(app, server)(scope, receive, send))
+        if not refused:
+            assert sent[0]["status"] == 200 and called == [b"x" * 100]
+            continue
+        assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+        assert not reads and not called
+        error = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]
+        assert error["message"] == ("the request body has 101 bytes; this server accepts at most 100 "
+                                    "(--max-body-mb); split the request")
+        assert error["code"] == "request_too_large"
