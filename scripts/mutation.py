@@ -37,6 +37,7 @@ its kill ratio is a lower bound over those), the rate and the estimated time for
 from __future__ import annotations
 
 import argparse
+import ast
 import fnmatch
 import json
 import os
@@ -292,8 +293,7 @@ def confirm(work: Path, a: Area, module: str, name: str, timeout: float, log, di
             subprocess.run(["patch", "-p1", "--forward", "--quiet"], input=diff, text=True, cwd=work, check=True,
                            capture_output=True)
         else:
-            subprocess.run([PYTHON, "-m", "mutmut", "apply", name], cwd=work, check=True, capture_output=True,
-                           env=_env(work, [work], a.tests))
+            path.write_text(apply_mutmut_mutant(work, module, name, original))
         if path.read_text() == original:
             raise RuntimeError(f"applying {name} changed nothing in {module}")
         log.write(f"\n== confirm {name}\n")
@@ -308,6 +308,39 @@ def confirm(work: Path, a: Area, module: str, name: str, timeout: float, log, di
         return "killed" if rc != 0 else "survived"
     finally:
         path.write_text(original)
+
+
+def _function(tree: ast.Module, cls: str | None, name: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
+    scope = tree.body
+    if cls is not None:
+        classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
+        if len(classes) != 1:
+            raise RuntimeError(f"class {cls} found {len(classes)} times")
+        scope = classes[0].body
+    found = [n for n in scope if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name]
+    if len(found) != 1:
+        raise RuntimeError(f"{cls + '.' if cls else ''}{name} found {len(found)} times")
+    return found[0]
+
+
+def apply_mutmut_mutant(work: Path, module: str, name: str, original: str) -> str:
+    """`original` (the module's source) with mutant `name` in place of the function it mutates.
+
+    Not `mutmut apply`: mutmut 3.8.1 puts a method's mutant into the first function of that name
+    in the module, whatever its class, so a mutant of `_Guard.__call__` replaced
+    `_ReservedStream.__call__` and the tests it broke counted it killed. Here the mutant's text is
+    taken from mutmut's mutated module (its `xǁClassǁmethod__mutmut_N` or `x_function__mutmut_N`)
+    and put over that class's method (or that module-level function), decorators kept."""
+    mangled = name.rsplit(".", 1)[1]
+    key = mangled.rsplit("__mutmut_", 1)[0]
+    cls, fn = (key.split("ǁ")[1], key.split("ǁ")[2]) if key.startswith("xǁ") else (None, key[2:])
+    mutated = (work / "mutants" / module).read_text()
+    src = _function(ast.parse(mutated), cls, mangled)
+    lines = mutated.splitlines(keepends=True)[src.lineno - 1:src.end_lineno]
+    lines[0] = lines[0].replace(f"def {mangled}(", f"def {fn}(", 1)
+    target = _function(ast.parse(original), cls, fn)
+    out = original.splitlines(keepends=True)
+    return "".join(out[:target.lineno - 1] + lines + out[target.end_lineno:])
 
 
 def mutant_diff(work: Path, name: str) -> str:
@@ -388,8 +421,24 @@ def tool_version(tool: str) -> str:
     return f"{tool} {version(tool)}"
 
 
+def _ambiguous(work: Path, module: str, names: list[str]) -> list[str]:
+    """The mutants among `names` whose function name is defined more than once in the module's
+    classes or top level: the ones `mutmut apply` (used for confirmation before the fix above) may
+    have put into another class's function."""
+    saved = work / "pristine" / module
+    tree = ast.parse((saved if saved.exists() else work / module).read_text())
+    defs = [n.name for top in tree.body for n in ([top] + (top.body if isinstance(top, ast.ClassDef) else []))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+    def fn(name: str) -> str:
+        key = name.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
+        return key.split("ǁ")[2] if key.startswith("xǁ") else key[2:]
+
+    return [n for n in names if defs.count(fn(n)) > 1]
+
+
 def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bool = False,
-             resume: bool = False) -> dict:
+             resume: bool = False, reconfirm_ambiguous: bool = False) -> dict:
     a = AREAS[area]
     report_path = REPORTS / f"{area}.json"
     previous = json.loads(report_path.read_text()) if confirm_only else None
@@ -405,6 +454,7 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     print(f"[{area}] work copy {work}, log {log.name}", flush=True)
     diffs: dict[str, str] = {}
     not_rechecked: list[str] = []
+    reconfirmed: list[str] = list(previous.get("reconfirmed_after_apply_fix", [])) if previous else []
     if a.tool == "cosmic-ray":
         if confirm_only:  # the session database holds cosmic-ray's verdicts; today's tests re-check survivors
             (module,) = a.modules
@@ -423,6 +473,13 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
         if confirm_only:
             statuses = {m: dict(v["statuses"]) for m, v in previous["modules"].items()}
             confirmed = dict(previous.get("confirmed", {}))
+            if reconfirm_ambiguous:  # confirmed kills that mutmut's apply may have placed wrongly
+                for module, by_name in statuses.items():
+                    kills = [n for n in confirmed if n in by_name and confirmed[n] in ("killed", "timeout")]
+                    for n in _ambiguous(work, module, kills):
+                        by_name[n] = "survived"
+                        del confirmed[n]
+                        reconfirmed.append(n)
         else:
             run_mutmut(work, a, jobs, log, resume)
             statuses = mutmut_results(work, a)
@@ -449,6 +506,7 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
         "total": counts({f"{m}:{k}": v for m, s in statuses.items() for k, v in s.items()}),
         "confirmed": confirmed,
         "not_rechecked": not_rechecked,
+        "reconfirmed_after_apply_fix": reconfirmed,
         "survivors": {name: diffs.get(name, "") for s in statuses.values() for name, v in s.items()
                       if v == "survived"},
     }
@@ -570,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with today's tests: mutants that already have a result are not "
                         "run again, and every one not killed is confirmed")
+    p.add_argument("--reconfirm-ambiguous", action="store_true",
+                   help="with --confirm-only: confirm again the kills of mutants in a function whose name the module "
+                        "defines twice (mutmut 3.8.1's apply, used before, may have mutated the other one)")
     p.add_argument("--partial", action="store_true",
                    help="report the areas' interrupted runs (mutants checked so far, rate, time left)")
     p.add_argument("--debug", action="store_true", help="mutmut's debug output (every pytest command) in the log")
@@ -593,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.partial:
             partial_report(area)
             continue
-        run_area(area, args.jobs, args.confirm_only, args.timeout, args.debug, args.resume)
+        run_area(area, args.jobs, args.confirm_only, args.timeout, args.debug, args.resume, args.reconfirm_ambiguous)
     return 0
 
 
