@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 from nemojax.data.tokenizer import load_tokenizer  # noqa: E402
-from nemojax.serve.app import Server, _Guard  # noqa: E402
+from nemojax.serve.app import BodyTooLarge, Server, _Guard  # noqa: E402
 from nemojax.serve.metrics import UNMATCHED  # noqa: E402
 
 
@@ -162,3 +162,26 @@ def test_a_declared_body_over_the_limit_is_refused_before_a_byte_is_read(tok):
         assert error["message"] == ("the request body has 101 bytes; this server accepts at most 100 "
                                     "(--max-body-mb); split the request")
         assert error["code"] == "request_too_large"
+
+
+def test_a_body_without_a_length_is_cut_off_once_it_passes_the_limit(tok):
+    """A chunked body (no Content-Length) is read through: 60 bytes pass a 100-byte limit, the
+    next 60 raise BodyTooLarge carrying the limit, which the 413 handler puts in its message.
+    Kills: the limit dropped from the exception (`BodyTooLarge(None)`: "at most None")."""
+    server = Server(None, tok, "m", True, max_body_bytes=100)
+    chunks, caught = [b"x" * 60, b"x" * 60], []
+
+    async def receive():
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    async def app(scope, receive, send):
+        assert len((await receive())["body"]) == 60
+        with pytest.raises(BodyTooLarge) as err:
+            await receive()
+        caught.append(err.value.args)
+
+    async def send(message):
+        pass
+
+    asyncio.run(_Guard(app, server)(_scope(), receive, send))
+    assert caught == [(100,)]
