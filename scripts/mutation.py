@@ -455,6 +455,7 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
     diffs: dict[str, str] = {}
     not_rechecked: list[str] = []
     reconfirmed: list[str] = list(previous.get("reconfirmed_after_apply_fix", [])) if previous else []
+    recheck_only: set[str] = set()
     if a.tool == "cosmic-ray":
         if confirm_only:  # the session database holds cosmic-ray's verdicts; today's tests re-check survivors
             (module,) = a.modules
@@ -479,13 +480,15 @@ def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bo
                     for n in _ambiguous(work, module, kills):
                         by_name[n] = "survived"
                         del confirmed[n]
-                        reconfirmed.append(n)
+                        recheck_only.add(n)
+                reconfirmed += sorted(recheck_only)
         else:
             run_mutmut(work, a, jobs, log, resume)
             statuses = mutmut_results(work, a)
             confirmed = {}
         for module, by_name in statuses.items():
-            open_names = [n for n, s in by_name.items() if s in ("survived", "no tests", "suspicious")]
+            open_names = [n for n, s in by_name.items() if s in ("survived", "no tests", "suspicious")
+                          and (not reconfirm_ambiguous or n in recheck_only)]  # the others: confirmed already
             if not_rechecked:  # stopped during an earlier module: leave the rest as mutmut left them
                 not_rechecked += open_names
                 continue
@@ -629,8 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="continue an interrupted run with today's tests: mutants that already have a result are not "
                         "run again, and every one not killed is confirmed")
     p.add_argument("--reconfirm-ambiguous", action="store_true",
-                   help="with --confirm-only: confirm again the kills of mutants in a function whose name the module "
-                        "defines twice (mutmut 3.8.1's apply, used before, may have mutated the other one)")
+                   help="with --confirm-only: confirm again (only) the kills of mutants in a function whose name the "
+                        "module defines twice (mutmut 3.8.1's apply, used before, may have mutated the other one)")
     p.add_argument("--partial", action="store_true",
                    help="report the areas' interrupted runs (mutants checked so far, rate, time left)")
     p.add_argument("--debug", action="store_true", help="mutmut's debug output (every pytest command) in the log")
