@@ -270,3 +270,35 @@ def test_reward_head_is_stored_in_the_param_dtype() -> None:
     assert model.reward_head.kernel[...].dtype == jnp.bfloat16 and model.reward_head.bias[...].dtype == jnp.bfloat16
     scores = model(jnp.asarray([[2, 5, 6, 7]], jnp.int32))
     assert scores.dtype == jnp.float32 and scores.shape == (1, 5)
+
+
+def test_the_trunk_is_the_language_models_in_shape_dtype_and_sharding_axes() -> None:
+    """Every trunk parameter of the reward model has the language model's shape, dtype (bf16
+    here) and logical axes, so a language-model checkpoint and the LM's sharding rules apply
+    unchanged. Kills (found after mutmut's `apply` was fixed to mutate the right class): the
+    embedding's or the final norm's logical axes renamed, the final norm created in the default
+    fp32 instead of the param dtype."""
+    cfg = dataclasses.replace(RCFG, param_dtype="bfloat16")
+    rm = make_model(cfg, seed=0)
+    lm = NemotronLM(dataclasses.replace(cfg, reward=RewardConfig()), rngs=nnx.Rngs(0))
+    rm_state = nnx.to_pure_dict(nnx.state(rm, nnx.Param))
+    lm_state = nnx.to_pure_dict(nnx.state(lm, nnx.Param))
+    rm_axes, lm_axes = logical_axes(rm), logical_axes(lm)
+    for name in ("embed", "blocks", "final_norm_scale", "final_norm_bias"):
+        ours, theirs = jax.tree_util.tree_leaves_with_path(rm_state[name]), jax.tree_util.tree_leaves_with_path(lm_state[name])
+        assert [(p, x.shape, x.dtype) for p, x in ours] == [(p, x.shape, x.dtype) for p, x in theirs], name
+        assert rm_axes[name] == lm_axes[name], name
+    assert rm_state["final_norm_scale"].dtype == jnp.bfloat16
+
+
+def test_positions_reach_the_trunk(reward_model) -> None:
+    """Explicit positions are the ones RoPE uses: the scores equal the trunk's hidden state at
+    those positions through the head, and differ from the default positions'. Kills: the
+    positions dropped (`positions=None`, or not passed) on the way to the trunk."""
+    ids = jnp.asarray([[2, 17, 99, 5, 6, 7]], jnp.int32)
+    shifted = jnp.arange(6, dtype=jnp.int32)[None] * 3 + 5
+    h, _ = reward_model.hidden(ids, positions=shifted)
+    want = reward_model.reward_head(h[:, -1])
+    got = reward_model(ids, positions=shifted)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(got), np.asarray(reward_model(ids)), atol=1e-4)
