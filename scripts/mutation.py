@@ -323,6 +323,13 @@ def _function(tree: ast.Module, cls: str | None, name: str) -> ast.FunctionDef |
     return found[0]
 
 
+def _mutated_function(name: str) -> tuple[str | None, str]:
+    """(class or None, function) that mutmut mutant `name` mutates: `...xǁClassǁmethod__mutmut_N`
+    or `...x_function__mutmut_N`."""
+    key = name.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
+    return (key.split("ǁ")[1], key.split("ǁ")[2]) if key.startswith("xǁ") else (None, key[2:])
+
+
 def apply_mutmut_mutant(work: Path, module: str, name: str, original: str) -> str:
     """`original` (the module's source) with mutant `name` in place of the function it mutates.
 
@@ -332,8 +339,7 @@ def apply_mutmut_mutant(work: Path, module: str, name: str, original: str) -> st
     taken from mutmut's mutated module (its `xǁClassǁmethod__mutmut_N` or `x_function__mutmut_N`)
     and put over that class's method (or that module-level function), decorators kept."""
     mangled = name.rsplit(".", 1)[1]
-    key = mangled.rsplit("__mutmut_", 1)[0]
-    cls, fn = (key.split("ǁ")[1], key.split("ǁ")[2]) if key.startswith("xǁ") else (None, key[2:])
+    cls, fn = _mutated_function(name)
     mutated = (work / "mutants" / module).read_text()
     src = _function(ast.parse(mutated), cls, mangled)
     lines = mutated.splitlines(keepends=True)[src.lineno - 1:src.end_lineno]
@@ -429,12 +435,7 @@ def _ambiguous(work: Path, module: str, names: list[str]) -> list[str]:
     tree = ast.parse((saved if saved.exists() else work / module).read_text())
     defs = [n.name for top in tree.body for n in ([top] + (top.body if isinstance(top, ast.ClassDef) else []))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-
-    def fn(name: str) -> str:
-        key = name.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
-        return key.split("ǁ")[2] if key.startswith("xǁ") else key[2:]
-
-    return [n for n in names if defs.count(fn(n)) > 1]
+    return [n for n in names if defs.count(_mutated_function(n)[1]) > 1]
 
 
 def run_area(area: str, jobs: int, confirm_only: bool, timeout: float, debug: bool = False,
