@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
            "same_held_out_data": {"how": "nemojax.train.stages.evaluate_checkpoint with configs/sft_general.yaml "
                                          "(configs/data/sft_val.jsonl; preference_val.jsonl)", **held},
            "example_records_leak_audit": {"eval_items": len(items), "hits": audit["hits"],
-                                          "files": {k: v["hits"] for k, v in audit["files"].items()}}}
+                                          "files": {str(Path(k).relative_to(REPO)): v["hits"]
+                                                    for k, v in audit["files"].items()}}}
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:
