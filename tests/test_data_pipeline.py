@@ -147,6 +147,33 @@ def test_determinism_from_seed(builtin_cfg: DataConfig) -> None:
     assert not np.array_equal(np.stack(xa), np.stack(xc))
 
 
+def test_order_does_not_depend_on_where_the_data_lives(tmp_path: Path) -> None:
+    """The same file in another directory (another run directory, another host's mount) gives the
+    same batches: nemojax align writes its world inside the run directory, and seed 0 of a run in
+    one place must be seed 0 anywhere. Two different files of one blend are still told apart."""
+    rng = np.random.default_rng(4)
+    docs = _marked_docs(60, 10, rng)
+    for d in ("run_a/world", "elsewhere/run_b/world"):
+        (tmp_path / d).mkdir(parents=True)
+        write_array_record(tmp_path / d / "corpus.arrayrecord", docs)
+
+    def first_batches(d: str, seed: int = 0) -> np.ndarray:
+        cfg = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / d / "corpus.arrayrecord"))],
+                         validation_fraction=0.0)
+        it = make_batch_iterator(cfg, batch_size=4, seq_len=16, seed=seed)
+        return np.stack([next(it)["input_ids"] for _ in range(4)])
+
+    np.testing.assert_array_equal(first_batches("run_a/world"), first_batches("elsewhere/run_b/world"))
+    assert not np.array_equal(first_batches("run_a/world"), first_batches("run_a/world", seed=1))
+    (tmp_path / "other").mkdir()  # same file name, other documents
+    write_array_record(tmp_path / "other/corpus.arrayrecord", _marked_docs(61, 10, rng))
+    blend = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "run_a/world/corpus.arrayrecord"), weight=0.5),
+                                DataSourceConfig(path=str(tmp_path / "other/corpus.arrayrecord"), weight=0.5)],
+                       validation_fraction=0.0)
+    seeds = [s["seed"] for s in make_batch_iterator(blend, batch_size=4, seq_len=16, seed=0).get_state()["sources"]]
+    assert seeds[0] != seeds[1]
+
+
 def test_validation_split_is_held_out_and_repeatable(builtin_cfg: DataConfig) -> None:
     for n in (1, 2, 50, 1000):
         tr, va = split_indices(n, "train", 0.05), split_indices(n, "validation", 0.05)

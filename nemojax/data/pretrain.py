@@ -41,6 +41,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -105,10 +106,15 @@ def _derive_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "little")
 
 
-def _order_seed(seed: int, group: str, src: DataSourceConfig) -> int:
-    """Seed of one source's document order: from the data seed and the source's identity (not its
-    position in the blend, so reordering or extending a blend keeps every source's order)."""
-    return _derive_seed(seed, group, *source_key(src))
+def _order_seed(seed: int, group: str, src: DataSourceConfig, num_docs: int) -> int:
+    """Seed of one source's document order: from the data seed and what the source is, not where.
+
+    Not its position in the blend (reordering or extending a blend keeps every source's order) and
+    not its directory: the same file copied, moved or mounted elsewhere (another run directory,
+    another host's mount point) is read in the same order, so a run reproduces wherever its data
+    lives. Its file name, format, text field and document count tell sources apart.
+    """
+    return _derive_seed(seed, group, Path(src.path.rstrip("/")).name, src.format, src.text_field, num_docs)
 
 
 @dataclass
@@ -156,7 +162,7 @@ def _build_stream(i: int, src: DataSourceConfig, group: str, *, split: str, hold
     if len(indices) == 0:
         return None  # e.g. a one-document source has nothing to give validation
     return _Stream(label=label, key=source_key(src), weight=float(src.weight), indices=indices, source=source,
-                   seed=_order_seed(seed, group, src))
+                   seed=_order_seed(seed, group, src, n))
 
 
 # ---------------------------------------------------------------------------- the iterator
