@@ -225,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         > h["sft_general"]["preference_accuracy"],
     }
     results["paths"] = {"out": str(out), "base": str(base), **{k: str(v) for k, v in runs.items()}}
+    results["command"] = " ".join(["python", "benchmarks/post_training_cpu.py", *(argv if argv is not None else sys.argv[1:])])
+    results["seed"] = args.seed
+    results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True).stdout.strip()
     results_path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     return 0
