@@ -148,3 +148,33 @@ def test_report_pairs_tasks_within_a_world_and_a_judge_run_with_its_world(tmp_pa
     assert jv["n_runs"] == 1 and jv["runs"][0]["diff"] == pytest.approx(2 / 4 - 3 / 4)
     text = format_report(rep)
     assert "student - generator" in text and "judge: student - generator" in text
+
+
+def test_preference_report_pools_settings_over_seeds_against_each_seeds_student(tmp_path):
+    """scripts/preference_report.py: each seed's setting is paired with that seed's own general-SFT
+    student on that seed's tasks; the held-out preference accuracy difference is per seed."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from preference_report import load_run, pooled, table
+
+    tasks = [{"family": "lists", "level": 1, "prompt": f"What is the largest number of {i}, 9?", "answer": "9",
+              "check": {"kind": "number", "value": 9}} for i in range(4)]
+    outs = []
+    for seed, (sft_ok, dpo_ok, accs) in enumerate([([1, 0, 0, 0], [1, 1, 0, 0], (0.5, 0.6)),
+                                                    ([0, 0, 1, 1], [1, 0, 1, 1], (0.7, 0.65))]):
+        run, out = tmp_path / f"stats-s{seed}", tmp_path / f"pref-s{seed}"
+        ts = [dict(t, prompt=t["prompt"] + " " * seed) for t in tasks]  # another world per seed
+        _world(run, ts)
+        student = _model(run, "iter_1/general_sft", ts, ["9"] * 4, [bool(x) for x in sft_ok])
+        _model(out, "dpo", ts, ["9"] * 4, [bool(x) for x in dpo_ok])
+        (out / "results.json").write_text(json.dumps({
+            "run": str(run), "iteration": 1, "student": student["checkpoint"],
+            "general_sft": {"held_out_preference_accuracy": accs[0]},
+            "settings": {"dpo": {"pairs": "off", "held_out_preference_accuracy": accs[1]}}}))
+        outs.append(out)
+    rep = pooled([load_run(o) for o in outs])
+    dpo = rep["settings"]["dpo"]
+    assert [r["diff"] for r in dpo["score"]["runs"]] == [0.25, 0.25]
+    assert dpo["score"]["mean_diff"] == 0.25 and dpo["score"]["sd"] == 0.0
+    assert dpo["preference_accuracy_diff"]["per_run"] == [pytest.approx(0.1), pytest.approx(-0.05)]
+    assert "| dpo | off | +0.250" in table(rep)

@@ -1,0 +1,94 @@
+"""DPO and RPO settings over seeds: pools `benchmarks/preference_cpu.py` runs of the same iteration.
+
+    python scripts/preference_report.py runs/pref-s0-it1 runs/pref-s1-it1 runs/pref-s2-it1 \
+        --json docs/results/preference_it1_report.json
+
+Each run directory holds one seed's settings, each trained from that seed's general-SFT student and
+evaluated per task (`eval_rows.jsonl`). For every setting that all the runs hold, and for each
+metric (all tasks, IFEval prompt-level strict), the setting minus its general-SFT student: per seed
+the difference with its paired bootstrap interval, over seeds the mean, the sample sd, a t interval
+and a two-stage bootstrap interval (nemojax.align.stats.compare; `established` only when both
+exclude 0). The held-out preference accuracy (log p(right) > log p(wrong) on the world's held-out
+pairs) is pooled the same way from each run's totals (t interval over seeds). Prints a markdown
+table and, with --json, writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nemojax.align.report import metric_vectors, task_results  # noqa: E402
+from nemojax.align.stats import compare, t_interval  # noqa: E402
+from nemojax.align.tasks import Task  # noqa: E402
+
+METRICS = ("score", "ifeval")
+
+
+def load_run(out: Path) -> dict:
+    """One preference_cpu.py run: its results and, per setting, the per-task vectors against its student."""
+    res = json.loads((out / "results.json").read_text())
+    world = Path(res["run"]) / "world"
+    tasks = {json.loads(x)["prompt"]: Task.from_json(json.loads(x))
+             for x in (world / "eval/tasks.jsonl").read_text().splitlines() if x.strip()}
+    base = task_results(Path(res["student"]) / "eval_rows.jsonl", tasks)
+    vectors = {name: metric_vectors(task_results(out / name / "eval_rows.jsonl", tasks), base)
+               for name in res.get("settings", {})}
+    return {"dir": str(out), "results": res, "vectors": vectors}
+
+
+def pooled(runs: list[dict]) -> dict:
+    settings = [s for s in runs[0]["vectors"] if all(s in r["vectors"] for r in runs)]
+    out: dict = {"runs": [r["dir"] for r in runs], "iterations": sorted({r["results"]["iteration"] for r in runs}),
+                 "settings": {}}
+    for name in settings:
+        entry: dict = {m: compare([r["vectors"][name][m] for r in runs]) for m in METRICS
+                       if all(m in r["vectors"][name] for r in runs)}  # IFEval needs format tasks
+        acc = [r["results"]["settings"][name]["held_out_preference_accuracy"]
+               - r["results"]["general_sft"]["held_out_preference_accuracy"] for r in runs]
+        entry["preference_accuracy_diff"] = {"per_run": acc, "mean": sum(acc) / len(acc),
+                                             "t_ci": list(t_interval(acc)) if len(acc) > 1 else None}
+        entry["pairs"] = runs[0]["results"]["settings"][name]["pairs"]
+        out["settings"][name] = entry
+    return out
+
+
+def _ci(c: dict) -> str:
+    lo, hi = c["t_ci"] if c["n_runs"] > 1 else c["runs"][0]["ci"]
+    return f"{c['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def table(rep: dict) -> str:
+    lines = ["| setting | pairs | score minus general SFT, mean [t 95%] (per seed) | verdict | IFEval minus general SFT "
+             "| pref. acc. minus general SFT (per seed) |", "|---|---|---|---|---|---|"]
+    for name, e in rep["settings"].items():
+        per = "; ".join(f"{r['diff']:+.3f}" for r in e["score"]["runs"])
+        acc = e["preference_accuracy_diff"]
+        lines.append(f"| {name} | {e['pairs']} | {_ci(e['score'])} ({per}) | {e['score']['established']} | "
+                     f"{_ci(e['ifeval']) + ' ' + e['ifeval']['established'] if 'ifeval' in e else 'n/a'} | "
+                     f"{acc['mean']:+.3f} "
+                     f"({'; '.join(f'{d:+.3f}' for d in acc['per_run'])}) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="preference_cpu.py output directories, one per seed")
+    p.add_argument("--json", type=Path, help="write the pooled report here")
+    args = p.parse_args(argv)
+    runs = [load_run(d) for d in args.runs]
+    rep = pooled(runs)
+    if len(rep["iterations"]) != 1:
+        raise SystemExit(f"the runs mix iterations {rep['iterations']}: pool one iteration at a time")
+    print(table(rep))
+    if args.json:
+        args.json.write_text(json.dumps(rep, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
