@@ -174,6 +174,38 @@ def test_order_does_not_depend_on_where_the_data_lives(tmp_path: Path) -> None:
     assert seeds[0] != seeds[1]
 
 
+def test_a_moved_run_resumes_and_continues_its_stream(tmp_path: Path) -> None:
+    """A data position saved with the file at one path is found again with the file moved: exact
+    resume (set_state), a next stage that continues it, and reshuffle's refusal to replay it."""
+    docs = _marked_docs(50, 10, np.random.default_rng(5))
+
+    def cfg_at(d: str) -> DataConfig:
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+        write_array_record(tmp_path / d / "corpus.arrayrecord", docs)
+        return DataConfig(sources=[DataSourceConfig(path=str(tmp_path / d / "corpus.arrayrecord"))],
+                          validation_fraction=0.0)
+
+    here, there = cfg_at("a"), cfg_at("b/c")
+    run = make_batch_iterator(here, batch_size=4, seq_len=16, seed=0)
+    for _ in range(3):
+        next(run)
+    state = run.get_state()
+    expected = [next(run)["input_ids"] for _ in range(3)]
+    moved = make_batch_iterator(there, batch_size=4, seq_len=16, seed=0)
+    moved.set_state(state)
+    np.testing.assert_array_equal(np.stack([next(moved)["input_ids"] for _ in range(3)]), np.stack(expected))
+    nxt = make_batch_iterator(there, batch_size=4, seq_len=16, seed=7)  # a next stage, its own seed
+    assert "continues where the previous run stopped" in nxt.continue_from(state)[0]
+    np.testing.assert_array_equal(next(nxt)["input_ids"], expected[0])
+    with pytest.raises(ConfigError, match="same order"):
+        make_batch_iterator(there, batch_size=4, seq_len=16, seed=0).continue_from(state, mode="reshuffle")
+    other = DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "a" / "corpus.arrayrecord"), weight=0.5),
+                                DataSourceConfig(path=str(tmp_path / "b/c" / "corpus.arrayrecord"), weight=0.5)],
+                       validation_fraction=0.0)
+    with pytest.raises(DataError, match="configuration changed"):  # a different blend is still refused
+        make_batch_iterator(other, batch_size=4, seq_len=16, seed=0).set_state(state)
+
+
 def test_validation_split_is_held_out_and_repeatable(builtin_cfg: DataConfig) -> None:
     for n in (1, 2, 50, 1000):
         tr, va = split_indices(n, "train", 0.05), split_indices(n, "validation", 0.05)

@@ -106,15 +106,22 @@ def _derive_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "little")
 
 
-def _order_seed(seed: int, group: str, src: DataSourceConfig, num_docs: int) -> int:
-    """Seed of one source's document order: from the data seed and what the source is, not where.
+def source_identity(src: DataSourceConfig, num_docs: int) -> list[Any]:
+    """What a source is wherever it lives: its file name, format, text field and document count.
 
-    Not its position in the blend (reordering or extending a blend keeps every source's order) and
-    not its directory: the same file copied, moved or mounted elsewhere (another run directory,
-    another host's mount point) is read in the same order, so a run reproduces wherever its data
-    lives. Its file name, format, text field and document count tell sources apart.
+    It seeds the source's order, so the same file copied, moved or mounted elsewhere (another run
+    directory, another host's mount point) is read in the same order and a run reproduces wherever
+    its data lives; and a saved position finds its source by it when the path changed. Two files
+    of one name and length (shards `en/part-0`, `de/part-0`) share it: their orders are the same
+    permutation of their own documents, and a moved blend of them resumes by position.
     """
-    return _derive_seed(seed, group, Path(src.path.rstrip("/")).name, src.format, src.text_field, num_docs)
+    return [Path(src.path.rstrip("/")).name, src.format, src.text_field, int(num_docs)]
+
+
+def _order_seed(seed: int, group: str, identity: list[Any]) -> int:
+    """Seed of one source's document order: from the data seed and the source's identity (not its
+    position in the blend, so reordering or extending a blend keeps every source's order)."""
+    return _derive_seed(seed, group, *identity)
 
 
 @dataclass
@@ -122,7 +129,8 @@ class _Stream:
     """One source's documents in stream order (k = 0, 1, ... over epochs): lengths and tokens."""
 
     label: str
-    key: list[str]
+    key: list[str]  # source_key: the path as configured
+    identity: list[Any]  # source_identity: the same wherever the file lives
     weight: float
     indices: np.ndarray  # document ids of this split
     source: IndexedSource  # lengths of every document; tokens of the ones read
@@ -161,8 +169,9 @@ def _build_stream(i: int, src: DataSourceConfig, group: str, *, split: str, hold
     indices = split_indices(n, split, holdout) if holdout > 0 else np.arange(n, dtype=np.int64)
     if len(indices) == 0:
         return None  # e.g. a one-document source has nothing to give validation
-    return _Stream(label=label, key=source_key(src), weight=float(src.weight), indices=indices, source=source,
-                   seed=_order_seed(seed, group, src, n))
+    identity = source_identity(src, n)
+    return _Stream(label=label, key=source_key(src), identity=identity, weight=float(src.weight), indices=indices,
+                   source=source, seed=_order_seed(seed, group, identity))
 
 
 # ---------------------------------------------------------------------------- the iterator
@@ -273,7 +282,7 @@ class BatchIterator:
         return {
             "version": STATE_VERSION,
             "rows": int(self.rows),
-            "sources": [{"source": s.key, "weight": s.weight, "seed": s.seed, "doc": int(c.doc),
+            "sources": [{"source": s.key, "identity": s.identity, "weight": s.weight, "seed": s.seed, "doc": int(c.doc),
                          "offset": int(c.offset), "rows": int(r)}
                         for s, c, r in zip(self.streams, self.cursors, self.rows_per_source)],
             "spec": self.spec,
@@ -290,7 +299,9 @@ class BatchIterator:
         changed = sorted(k for k in set(old) | set(self.spec) if old.get(k) != self.spec.get(k))
         saved_src = [[x["source"], x["weight"]] for x in state["sources"]]
         mine = [[s.key, s.weight] for s in self.streams]
-        if saved_src != mine:
+        if len(saved_src) != len(mine) or not all(
+                x["weight"] == s.weight and (x["source"] == s.key or x.get("identity") == s.identity)
+                for x, s in zip(state["sources"], self.streams)):  # same file moved: found by its identity
             changed.append(f"sources: saved {saved_src!r}, now {mine!r}")
         if changed:
             detail = "; ".join(c if c.startswith("sources:") else f"{c}: saved {old.get(c)!r}, now {self.spec.get(c)!r}"
@@ -309,11 +320,11 @@ class BatchIterator:
     def continue_from(self, previous: dict[str, Any], mode: str = "continue") -> list[str]:
         """Start a new stage relative to another run's stream state (`data.stage_start`).
 
-        continue: each of this blend's sources that the previous run also read (same path,
-        format and text field, same tokenizer, split and hold-out) adopts that run's order and
-        position; blend counters start afresh. reshuffle: keep this stage's own orders, but
-        refuse (ConfigError) any source whose order equals the previous run's. Returns a line
-        per source saying what happened, for the log.
+        continue: each of this blend's sources that the previous run also read (same path, format
+        and text field, or the same file moved: `source_identity`; same tokenizer, split and
+        hold-out) adopts that run's order and position; blend counters start afresh. reshuffle:
+        keep this stage's own orders, but refuse (ConfigError) any source whose order equals the
+        previous run's. Returns a line per source saying what happened, for the log.
         """
         if not isinstance(previous, dict) or previous.get("version") != STATE_VERSION:
             return [f"{s.label}: starts at its beginning (the previous run's data position is from an "
@@ -321,10 +332,11 @@ class BatchIterator:
         old_spec = previous.get("spec", {})
         same_docs = all(old_spec.get(k) == self.spec.get(k) for k in ("split", "holdout", "tokenizer", "bos"))
         prev = {json.dumps(x["source"]): x for x in previous.get("sources", [])}
+        moved = {json.dumps(x["identity"]): x for x in previous.get("sources", []) if "identity" in x}
         self._carry = [{} for _ in self.streams]
         notes = []
         for i, s in enumerate(self.streams):
-            x = prev.get(json.dumps(s.key))
+            x = prev.get(json.dumps(s.key)) or moved.get(json.dumps(s.identity))
             if x is None:
                 notes.append(f"{s.label}: new to the blend, starts at its beginning")
             elif mode == "reshuffle":
