@@ -10,7 +10,7 @@ the difference with its paired bootstrap interval, over seeds the mean, the samp
 and a two-stage bootstrap interval (nemojax.align.stats.compare; `established` only when both
 exclude 0). The held-out preference accuracy (log p(right) > log p(wrong) on the world's held-out
 pairs) is pooled the same way from each run's totals (t interval over seeds). Prints a markdown
-table and, with --json, writes everything.
+table and, with --json, writes everything; settings missing from some runs are named, not pooled.
 """
 
 from __future__ import annotations
@@ -44,34 +44,40 @@ def load_run(out: Path) -> dict:
 def pooled(runs: list[dict]) -> dict:
     settings = [s for s in runs[0]["vectors"] if all(s in r["vectors"] for r in runs)]
     out: dict = {"runs": [r["dir"] for r in runs], "iterations": sorted({r["results"]["iteration"] for r in runs}),
-                 "settings": {}}
+                 "settings": {}, "left_out": sorted({s for r in runs for s in r["vectors"]} - set(settings))}
     for name in settings:
         entry: dict = {m: compare([r["vectors"][name][m] for r in runs]) for m in METRICS
                        if all(m in r["vectors"][name] for r in runs)}  # IFEval needs format tasks
         acc = [r["results"]["settings"][name]["held_out_preference_accuracy"]
                - r["results"]["general_sft"]["held_out_preference_accuracy"] for r in runs]
-        entry["preference_accuracy_diff"] = {"per_run": acc, "mean": sum(acc) / len(acc),
-                                             "t_ci": list(t_interval(acc)) if len(acc) > 1 else None}
+        ci = list(t_interval(acc)) if len(acc) > 1 else None
+        verdict = "not established" if ci is None or ci[0] <= 0 <= ci[1] else "positive" if ci[0] > 0 else "negative"
+        entry["preference_accuracy_diff"] = {"per_run": acc, "mean": sum(acc) / len(acc), "t_ci": ci,
+                                             "established": verdict}
         entry["pairs"] = runs[0]["results"]["settings"][name]["pairs"]
         out["settings"][name] = entry
     return out
 
 
 def _ci(c: dict) -> str:
+    """Mean difference and its 95% interval: t over seeds, or one seed's paired bootstrap."""
     lo, hi = c["t_ci"] if c["n_runs"] > 1 else c["runs"][0]["ci"]
     return f"{c['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def table(rep: dict) -> str:
-    lines = ["| setting | pairs | score minus general SFT, mean [t 95%] (per seed) | verdict | IFEval minus general SFT "
-             "| pref. acc. minus general SFT (per seed) |", "|---|---|---|---|---|---|"]
+    lines = ["| setting | pairs | score minus general SFT, mean [95%] (per seed) | verdict | IFEval minus general SFT "
+             "| pref. acc. minus general SFT, mean [95%] (per seed) |", "|---|---|---|---|---|---|"]
     for name, e in rep["settings"].items():
         per = "; ".join(f"{r['diff']:+.3f}" for r in e["score"]["runs"])
         acc = e["preference_accuracy_diff"]
+        acc_ci = f" [{acc['t_ci'][0]:+.3f}, {acc['t_ci'][1]:+.3f}]" if acc["t_ci"] else ""
         lines.append(f"| {name} | {e['pairs']} | {_ci(e['score'])} ({per}) | {e['score']['established']} | "
                      f"{_ci(e['ifeval']) + ' ' + e['ifeval']['established'] if 'ifeval' in e else 'n/a'} | "
-                     f"{acc['mean']:+.3f} "
-                     f"({'; '.join(f'{d:+.3f}' for d in acc['per_run'])}) |")
+                     f"{acc['mean']:+.3f}{acc_ci} ({'; '.join(f'{d:+.3f}' for d in acc['per_run'])}) "
+                     f"{acc['established']} |")
+    if rep["left_out"]:
+        lines.append(f"\nLeft out (not in every run): {', '.join(rep['left_out'])}")
     return "\n".join(lines)
 
 
@@ -80,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="preference_cpu.py output directories, one per seed")
     p.add_argument("--json", type=Path, help="write the pooled report here")
     args = p.parse_args(argv)
+    if len({d.resolve() for d in args.runs}) != len(args.runs):
+        raise SystemExit("a run directory is given twice: each seed counts once")
     runs = [load_run(d) for d in args.runs]
+    worlds = [r["results"]["run"] for r in runs]
+    if len(set(worlds)) != len(worlds):
+        raise SystemExit(f"two directories measure the same align run ({worlds}): each seed counts once")
     rep = pooled(runs)
     if len(rep["iterations"]) != 1:
         raise SystemExit(f"the runs mix iterations {rep['iterations']}: pool one iteration at a time")

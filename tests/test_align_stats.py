@@ -176,5 +176,10 @@ def test_preference_report_pools_settings_over_seeds_against_each_seeds_student(
     dpo = rep["settings"]["dpo"]
     assert [r["diff"] for r in dpo["score"]["runs"]] == [0.25, 0.25]
     assert dpo["score"]["mean_diff"] == 0.25 and dpo["score"]["sd"] == 0.0
-    assert dpo["preference_accuracy_diff"]["per_run"] == [pytest.approx(0.1), pytest.approx(-0.05)]
+    acc = dpo["preference_accuracy_diff"]
+    assert acc["per_run"] == [pytest.approx(0.1), pytest.approx(-0.05)]
+    from scipy import stats  # the t interval of the two seeds' differences, from the formula
+    half = stats.t.ppf(0.975, 1) * stats.tstd([0.1, -0.05]) / 2 ** 0.5
+    assert acc["t_ci"] == [pytest.approx(0.025 - half), pytest.approx(0.025 + half)]
+    assert acc["established"] == "not established"
     assert "| dpo | off | +0.250" in table(rep)
