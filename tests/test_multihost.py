@@ -140,7 +140,9 @@ def preempted(tmp_path_factory) -> dict:
     rerun, SIGTERM to both while they start."""
     run_dir = tmp_path_factory.mktemp("preempted") / "run"
     killed = _job(PREEMPTED, run_dir, f"steps={BIG}", kill_after=2).wait(timeout=600, stop_on_failure=False)
-    assert killed.returncodes == [-9, -9], killed.explain()  # SIGKILL, no cleanup
+    # SIGKILL, no cleanup. A process still returning from the collective save when its peer's
+    # SIGKILL lands is aborted by JAX's coordination service instead (SIGABRT, -6): dead just the same.
+    assert -9 in killed.returncodes and set(killed.returncodes) <= {-9, -6}, killed.explain()
     assert checkpoint_steps(run_dir) == [2] and sorted(logged_losses(run_dir)) == [1, 2]
     to_one = _preempt(run_dir, [1], after_step=4)
     at_start = _preempt(run_dir, [0, 1], after_step=None)
