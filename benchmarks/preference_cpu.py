@@ -132,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     args = p.parse_args(argv)
     from nemojax.align.leaks import LeakIndex, audit_files, eval_items_from_files
-    from nemojax.align.report import metric_vectors, task_results
+    from nemojax.align.report import eval_tasks, metric_vectors, task_results
     from nemojax.align.stats import compare
-    from nemojax.align.tasks import Task
 
     run, k, out = Path(args.run).absolute(), args.iteration, Path(args.out).absolute()
     names = [s for s in args.settings.split(",") if s]
@@ -161,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if audit["hits"]:
         results_path.write_text(json.dumps(results, indent=1))
         raise SystemExit(f"leak audit: {audit['examples'][:3]}")
-    tasks = {json.loads(x)["prompt"]: Task.from_json(json.loads(x))
-             for x in (world / "eval/tasks.jsonl").read_text().splitlines() if x.strip()}
+    tasks = eval_tasks(world)
     base_rows = task_results(student / "eval_rows.jsonl", tasks)
     settings = results.setdefault("settings", {})
     for name in names:

@@ -28,9 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nemojax.align.report import COMPARISONS, metric_vectors, models, stage_rows, task_results  # noqa: E402
+from nemojax.align.report import COMPARISONS, eval_tasks, metric_vectors, models, stage_rows, task_results  # noqa: E402
 from nemojax.align.stats import compare, holm  # noqa: E402
-from nemojax.align.tasks import Task  # noqa: E402
 
 
 def _stats(values: list[float]) -> dict:
@@ -99,8 +98,7 @@ def report(run_dirs: list[Path], judge_dirs: list[Path]) -> dict:
     for d in run_dirs:
         s = json.loads((d / "summary.json").read_text())
         summaries.append(s)
-        tasks = {json.loads(x)["prompt"]: Task.from_json(json.loads(x))
-                 for x in (d / "world/eval/tasks.jsonl").read_text().splitlines() if x.strip()}
+        tasks = eval_tasks(d / "world")
         groups[_world_key(d)] = {"name": str(d), "models": models(s), "tasks": tasks,
                                  "iterations": len(s.get("iterations", []))}
     judge_summaries = []

@@ -22,9 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nemojax.align.report import metric_vectors, task_results  # noqa: E402
-from nemojax.align.stats import compare, t_interval  # noqa: E402
-from nemojax.align.tasks import Task  # noqa: E402
+from nemojax.align.report import eval_tasks, metric_vectors, task_results  # noqa: E402
+from nemojax.align.stats import compare, t_interval, verdict  # noqa: E402
 
 METRICS = ("score", "ifeval")
 
@@ -32,9 +31,7 @@ METRICS = ("score", "ifeval")
 def load_run(out: Path) -> dict:
     """One preference_cpu.py run: its results and, per setting, the per-task vectors against its student."""
     res = json.loads((out / "results.json").read_text())
-    world = Path(res["run"]) / "world"
-    tasks = {json.loads(x)["prompt"]: Task.from_json(json.loads(x))
-             for x in (world / "eval/tasks.jsonl").read_text().splitlines() if x.strip()}
+    tasks = eval_tasks(Path(res["run"]) / "world")
     base = task_results(Path(res["student"]) / "eval_rows.jsonl", tasks)
     vectors = {name: metric_vectors(task_results(out / name / "eval_rows.jsonl", tasks), base)
                for name in res.get("settings", {})}
@@ -51,9 +48,8 @@ def pooled(runs: list[dict]) -> dict:
         acc = [r["results"]["settings"][name]["held_out_preference_accuracy"]
                - r["results"]["general_sft"]["held_out_preference_accuracy"] for r in runs]
         ci = list(t_interval(acc)) if len(acc) > 1 else None
-        verdict = "not established" if ci is None or ci[0] <= 0 <= ci[1] else "positive" if ci[0] > 0 else "negative"
         entry["preference_accuracy_diff"] = {"per_run": acc, "mean": sum(acc) / len(acc), "t_ci": ci,
-                                             "established": verdict}
+                                             "established": verdict([ci] if ci else [])}
         entry["pairs"] = runs[0]["results"]["settings"][name]["pairs"]
         out["settings"][name] = entry
     return out

@@ -142,6 +142,14 @@ def models(summary: dict[str, Any], prefix: str = "") -> dict[str, Path]:
     return out
 
 
+def eval_tasks(world: Path) -> dict[str, Any]:
+    """prompt -> Task of a toy world's evaluation set (`world/eval/tasks.jsonl`), what task_results reads."""
+    from nemojax.align.tasks import Task
+
+    rows = [json.loads(x) for x in (world / "eval/tasks.jsonl").read_text().splitlines() if x.strip()]
+    return {r["prompt"]: Task.from_json(r) for r in rows}
+
+
 def task_results(rows_file: Path, tasks: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """prompt -> {"correct", "family", "ifeval"} of one evaluation (`tasks`: prompt -> Task of the
     world's evaluation set; ifeval: a format task's instruction followed, prompt-level strict, else None)."""

@@ -124,6 +124,14 @@ def compare(runs: Sequence[tuple[Sequence[bool], Sequence[bool]]], *, seed: int 
         intervals = [out["t_ci"], out["bootstrap_ci"]]
     else:
         intervals = [per_run[0]["ci"]]
-    out["established"] = (all(lo > 0 for lo, _ in intervals) and "positive") or \
-        (all(hi < 0 for _, hi in intervals) and "negative") or "not established"
+    out["established"] = verdict(intervals)
     return out
+
+
+def verdict(intervals: Sequence[Sequence[float]]) -> str:
+    """`positive` / `negative` when every interval lies on that side of 0, else `not established`."""
+    if intervals and all(lo > 0 for lo, _ in intervals):
+        return "positive"
+    if intervals and all(hi < 0 for _, hi in intervals):
+        return "negative"
+    return "not established"
