@@ -9,8 +9,10 @@ metric (all tasks, IFEval prompt-level strict), the setting minus its general-SF
 the difference with its paired bootstrap interval, over seeds the mean, the sample sd, a t interval
 and a two-stage bootstrap interval (nemojax.align.stats.compare; `established` only when both
 exclude 0). The held-out preference accuracy (log p(right) > log p(wrong) on the world's held-out
-pairs) is pooled the same way from each run's totals (t interval over seeds). Prints a markdown
-table and, with --json, writes everything; settings missing from some runs are named, not pooled.
+pairs) is pooled the same way from each run's totals (t interval over seeds). Each metric's
+over-seeds p is Holm-adjusted across the settings (the family a reader scans for the one that
+works). Prints a markdown table and, with --json, writes everything; settings missing from some
+runs are named, not pooled.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nemojax.align.report import eval_tasks, metric_vectors, task_results  # noqa: E402
-from nemojax.align.stats import compare, t_interval, verdict  # noqa: E402
+from nemojax.align.stats import compare, holm, t_interval, t_test_p, verdict  # noqa: E402
 
 METRICS = ("score", "ifeval")
 
@@ -31,6 +33,9 @@ METRICS = ("score", "ifeval")
 def load_run(out: Path) -> dict:
     """One preference_cpu.py run: its results and, per setting, the per-task vectors against its student."""
     res = json.loads((out / "results.json").read_text())
+    if "held_out_preference_accuracy" not in res.get("general_sft", {}):
+        raise SystemExit(f"{out} is not a finished preference_cpu.py run (results.json has no general_sft "
+                         f"score): rerun its command, {res.get('command', 'benchmarks/preference_cpu.py')}, to finish it")
     tasks = eval_tasks(Path(res["run"]) / "world")
     base = task_results(Path(res["student"]) / "eval_rows.jsonl", tasks)
     vectors = {name: metric_vectors(task_results(out / name / "eval_rows.jsonl", tasks), base)
@@ -49,9 +54,13 @@ def pooled(runs: list[dict]) -> dict:
                - r["results"]["general_sft"]["held_out_preference_accuracy"] for r in runs]
         ci = list(t_interval(acc)) if len(acc) > 1 else None
         entry["preference_accuracy_diff"] = {"per_run": acc, "mean": sum(acc) / len(acc), "t_ci": ci,
-                                             "established": verdict([ci] if ci else [])}
+                                             "t_p": t_test_p(acc), "established": verdict([ci] if ci else [])}
         entry["pairs"] = runs[0]["results"]["settings"][name]["pairs"]
         out["settings"][name] = entry
+    for metric in (*METRICS, "preference_accuracy_diff"):
+        held = [e[metric] for e in out["settings"].values() if e.get(metric, {}).get("t_p") is not None]
+        for s, p in zip(held, holm([s["t_p"] for s in held])):
+            s["holm_p"] = p
     return out
 
 
@@ -61,16 +70,22 @@ def _ci(c: dict) -> str:
     return f"{c['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
+def _p(c: dict) -> str:
+    """The over-seeds p and its Holm adjustment, when the test is defined."""
+    return f" p {c['t_p']:.2g} / Holm {c['holm_p']:.2g}" if c.get("holm_p") is not None else ""
+
+
 def table(rep: dict) -> str:
-    lines = ["| setting | pairs | score minus general SFT, mean [95%] (per seed) | verdict | IFEval minus general SFT "
-             "| pref. acc. minus general SFT, mean [95%] (per seed) |", "|---|---|---|---|---|---|"]
+    lines = ["| setting | pairs | score minus general SFT, mean [95%] (per seed) p / Holm | verdict "
+             "| IFEval minus general SFT | pref. acc. minus general SFT, mean [95%] (per seed) |", "|---|---|---|---|---|---|"]
     for name, e in rep["settings"].items():
         per = "; ".join(f"{r['diff']:+.3f}" for r in e["score"]["runs"])
         acc = e["preference_accuracy_diff"]
         acc_ci = f" [{acc['t_ci'][0]:+.3f}, {acc['t_ci'][1]:+.3f}]" if acc["t_ci"] else ""
-        lines.append(f"| {name} | {e['pairs']} | {_ci(e['score'])} ({per}) | {e['score']['established']} | "
-                     f"{_ci(e['ifeval']) + ' ' + e['ifeval']['established'] if 'ifeval' in e else 'n/a'} | "
-                     f"{acc['mean']:+.3f}{acc_ci} ({'; '.join(f'{d:+.3f}' for d in acc['per_run'])}) "
+        lines.append(f"| {name} | {e['pairs']} | {_ci(e['score'])} ({per}){_p(e['score'])} | "
+                     f"{e['score']['established']} | "
+                     f"{_ci(e['ifeval']) + _p(e['ifeval']) + ' ' + e['ifeval']['established'] if 'ifeval' in e else 'n/a'} | "
+                     f"{acc['mean']:+.3f}{acc_ci} ({'; '.join(f'{d:+.3f}' for d in acc['per_run'])}){_p(acc)} "
                      f"{acc['established']} |")
     if rep["left_out"]:
         lines.append(f"\nLeft out (not in every run): {', '.join(rep['left_out'])}")

@@ -183,3 +183,52 @@ def test_preference_report_pools_settings_over_seeds_against_each_seeds_student(
     assert acc["t_ci"] == [pytest.approx(0.025 - half), pytest.approx(0.025 + half)]
     assert acc["established"] == "not established"
     assert "| dpo | off | +0.250" in table(rep)
+
+
+def _preference_run(tmp_path: Path, seed: int, tasks: list[dict], student_ok: list[int],
+                    settings: dict[str, tuple[list[int], float]], student_acc: float | None = 0.5) -> Path:
+    """One seed of scripts/preference_report.py's input: a world, its student and each setting's eval rows."""
+    run, out = tmp_path / f"stats-s{seed}", tmp_path / f"pref-s{seed}"
+    ts = [dict(t, prompt=t["prompt"] + " " * seed) for t in tasks]  # another world per seed
+    _world(run, ts)
+    student = _model(run, "iter_1/general_sft", ts, ["9"] * len(ts), [bool(x) for x in student_ok])
+    for name, (ok, _) in settings.items():
+        _model(out, name, ts, ["9"] * len(ts), [bool(x) for x in ok])
+    res = {"run": str(run), "iteration": 1, "student": student["checkpoint"], "command": f"preference_cpu.py {seed}",
+           "settings": {n: {"pairs": "off", "held_out_preference_accuracy": acc} for n, (_, acc) in settings.items()}}
+    if student_acc is not None:
+        res["general_sft"] = {"held_out_preference_accuracy": student_acc}
+    (out / "results.json").write_text(json.dumps(res))
+    return out
+
+
+def test_preference_report_holm_adjusts_across_settings_and_refuses_an_unfinished_run(tmp_path):
+    """A reader scans seven settings for one that works: each metric's over-seeds p is adjusted
+    across the settings (Holm, checked against scipy's t test and the step-down rule by hand); a
+    run cut before it scored its student is named, not a KeyError."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from preference_report import load_run, pooled, table
+    from scipy import stats
+
+    tasks = [{"family": "lists", "level": 1, "prompt": f"What is the largest number of {i}, 9?", "answer": "9",
+              "check": {"kind": "number", "value": 9}} for i in range(8)]
+    none = [0] * 8
+    gains = {"dpo": ([2, 3, 2], [0.55, 0.52, 0.6]), "rpo": ([1, 0, 2], [0.5, 0.45, 0.5])}  # tasks newly right
+    outs = [_preference_run(tmp_path, seed, tasks, none,
+                            {n: ([1] * g[seed] + [0] * (8 - g[seed]), g_acc[seed]) for n, (g, g_acc) in gains.items()})
+            for seed in range(3)]
+    rep = pooled([load_run(o) for o in outs])
+    raw = {n: stats.ttest_1samp([k / 8 for k in g], 0).pvalue for n, (g, _) in gains.items()}
+    lo, hi = sorted(raw, key=raw.get)
+    assert rep["settings"][lo]["score"]["t_p"] == pytest.approx(raw[lo])
+    assert rep["settings"][lo]["score"]["holm_p"] == pytest.approx(min(1.0, 2 * raw[lo]))
+    assert rep["settings"][hi]["score"]["holm_p"] == pytest.approx(max(min(1.0, 2 * raw[lo]), raw[hi]))
+    acc_p = stats.ttest_1samp([0.05, 0.02, 0.1], 0).pvalue
+    assert rep["settings"]["dpo"]["preference_accuracy_diff"]["t_p"] == pytest.approx(acc_p)
+    assert rep["settings"]["dpo"]["preference_accuracy_diff"]["holm_p"] >= acc_p
+    assert f"Holm {rep['settings']['dpo']['score']['holm_p']:.2g}" in table(rep)
+
+    cut = _preference_run(tmp_path / "cut", 0, tasks, none, {"dpo": ([1] * 8, 0.6)}, student_acc=None)
+    with pytest.raises(SystemExit, match="not a finished preference_cpu.py run"):
+        load_run(cut)
