@@ -32,14 +32,32 @@ METRICS = ("score", "ifeval")
 
 def load_run(out: Path) -> dict:
     """One preference_cpu.py run: its results and, per setting, the per-task vectors against its student."""
-    res = json.loads((out / "results.json").read_text())
-    if "held_out_preference_accuracy" not in res.get("general_sft", {}):
+    path = out / "results.json"
+    try:
+        res = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{out} has no results.json: give a `benchmarks/preference_cpu.py --out` directory "
+                         "(a run cut before its first setting has none yet: rerun its command)") from None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(res, dict) or not isinstance(res.get("general_sft"), dict) \
+            or "held_out_preference_accuracy" not in res["general_sft"]:
+        command = res.get("command", "benchmarks/preference_cpu.py") if isinstance(res, dict) else "it"
         raise SystemExit(f"{out} is not a finished preference_cpu.py run (results.json has no general_sft "
-                         f"score): rerun its command, {res.get('command', 'benchmarks/preference_cpu.py')}, to finish it")
-    tasks = eval_tasks(Path(res["run"]) / "world")
-    base = task_results(Path(res["student"]) / "eval_rows.jsonl", tasks)
-    vectors = {name: metric_vectors(task_results(out / name / "eval_rows.jsonl", tasks), base)
-               for name in res.get("settings", {})}
+                         f"score): rerun its command, {command}, to finish it")
+    settings = res.get("settings", {})
+    bad = [n for n, v in settings.items() if not isinstance(v, dict) or not {"pairs", "held_out_preference_accuracy"} <= set(v)] \
+        if isinstance(settings, dict) else ["settings"]
+    if bad or not {"run", "student", "iteration"} <= set(res):
+        raise SystemExit(f"{path} lacks what a finished run records (run, student, iteration; each setting's pairs "
+                         f"and held-out preference accuracy): {bad or 'run / student / iteration'}")
+    try:
+        tasks = eval_tasks(Path(res["run"]) / "world")
+        base = task_results(Path(res["student"]) / "eval_rows.jsonl", tasks)
+        vectors = {name: metric_vectors(task_results(out / name / "eval_rows.jsonl", tasks), base) for name in settings}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{out}: cannot read the evaluations it names ({e}); its paths are relative to where it "
+                         "ran, so run this report from there") from None
     return {"dir": str(out), "results": res, "vectors": vectors}
 
 
@@ -58,7 +76,7 @@ def pooled(runs: list[dict]) -> dict:
         entry["pairs"] = runs[0]["results"]["settings"][name]["pairs"]
         out["settings"][name] = entry
     for metric in (*METRICS, "preference_accuracy_diff"):
-        held = [e[metric] for e in out["settings"].values() if e.get(metric, {}).get("t_p") is not None]
+        held = [e[metric] for e in out["settings"].values() if "t_p" in e.get(metric, {})]  # over-seeds tests
         for s, p in zip(held, holm([s["t_p"] for s in held])):
             s["holm_p"] = p
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,10 @@ def test_t_test_p_is_scipys_one_sample_test():
     for d in ([0.10, 0.20, 0.30, 0.00, 0.10], [-0.02, 0.05, 0.01], [0.054, 0.05, 0.117, 0.083, 0.058]):
         assert t_test_p(d) == pytest.approx(ttest_1samp(d, 0.0).pvalue, rel=1e-9)
     assert t_test_p([0.1]) is None and t_test_p([0.05, 0.05]) is None
+    # one more task right on every seed, computed as a difference of means: equal up to rounding,
+    # so no test (not p ~ 1e-57 from an sd of 1e-17)
+    same = [float(np.mean(np.arange(240) < k + 1) - np.mean(np.arange(240) < k)) for k in (17, 40, 101, 3, 230)]
+    assert len(set(same)) > 1 and t_test_p(same) is None
 
 
 def test_holm_by_hand():
@@ -49,6 +54,9 @@ def test_holm_by_hand():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
     assert holm([]) == []
+    # an undefined test counts in the family (as 1, ranked last) and stays undefined: 0.01 x3 and 0.04 x2,
+    # not x2 and x1 as in a family that dropped it
+    assert holm([0.01, None, 0.04]) == [pytest.approx(0.03), None, pytest.approx(0.08)]
 
 
 def test_paired_bootstrap_matches_the_normal_approximation_for_many_tasks():
@@ -185,15 +193,25 @@ def test_preference_report_pools_settings_over_seeds_against_each_seeds_student(
     assert "| dpo | off | +0.250" in table(rep)
 
 
-def _preference_run(tmp_path: Path, seed: int, tasks: list[dict], student_ok: list[int],
-                    settings: dict[str, tuple[list[int], float]], student_acc: float | None = 0.5) -> Path:
-    """One seed of scripts/preference_report.py's input: a world, its student and each setting's eval rows."""
+FORMAT_TASK = {"family": "format", "level": 1, "prompt": 'Repeat the word "cat". Wrap your entire response with double '
+               "quotation marks.", "answer": '"cat"',
+               "check": {"kind": "text", "value": "cat", "instruction_id": "startend:quotation", "instruction_kwargs": {}}}
+
+
+def _preference_run(tmp_path: Path, seed: int, tasks: list[dict], settings: dict[str, tuple[list[int], float]],
+                    student_acc: float | None = 0.5) -> Path:
+    """One seed of scripts/preference_report.py's input: a world, a student that gets every task wrong
+    and, per setting, which tasks it gets right (a format task right = its instruction followed)."""
     run, out = tmp_path / f"stats-s{seed}", tmp_path / f"pref-s{seed}"
     ts = [dict(t, prompt=t["prompt"] + " " * seed) for t in tasks]  # another world per seed
+
+    def responses(ok: list[int]) -> list[str]:
+        return [('"cat"' if k else "cat") if t["family"] == "format" else "9" for t, k in zip(ts, ok)]
+
     _world(run, ts)
-    student = _model(run, "iter_1/general_sft", ts, ["9"] * len(ts), [bool(x) for x in student_ok])
+    student = _model(run, "iter_1/general_sft", ts, responses([0] * len(ts)), [False] * len(ts))
     for name, (ok, _) in settings.items():
-        _model(out, name, ts, ["9"] * len(ts), [bool(x) for x in ok])
+        _model(out, name, ts, responses(ok), [bool(x) for x in ok])
     res = {"run": str(run), "iteration": 1, "student": student["checkpoint"], "command": f"preference_cpu.py {seed}",
            "settings": {n: {"pairs": "off", "held_out_preference_accuracy": acc} for n, (_, acc) in settings.items()}}
     if student_acc is not None:
@@ -202,33 +220,69 @@ def _preference_run(tmp_path: Path, seed: int, tasks: list[dict], student_ok: li
     return out
 
 
+def _holm_by_hand(p: dict[str, float]) -> dict[str, float]:
+    """Holm for two p values, from the rule: the smaller times 2, the larger at least that."""
+    lo, hi = sorted(p, key=p.get)
+    return {lo: min(1.0, 2 * p[lo]), hi: max(min(1.0, 2 * p[lo]), p[hi])}
+
+
 def test_preference_report_holm_adjusts_across_settings_and_refuses_an_unfinished_run(tmp_path):
-    """A reader scans seven settings for one that works: each metric's over-seeds p is adjusted
-    across the settings (Holm, checked against scipy's t test and the step-down rule by hand); a
-    run cut before it scored its student is named, not a KeyError."""
+    """A reader scans seven settings for one that works: each metric's over-seeds p (score, IFEval,
+    preference accuracy) is adjusted across the settings, checked against scipy's t test and Holm's
+    rule by hand; a run cut before it scored its student is named, not a KeyError."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from preference_report import load_run, pooled, table
     from scipy import stats
 
-    tasks = [{"family": "lists", "level": 1, "prompt": f"What is the largest number of {i}, 9?", "answer": "9",
+    lists = [{"family": "lists", "level": 1, "prompt": f"What is the largest number of {i}, 9?", "answer": "9",
               "check": {"kind": "number", "value": 9}} for i in range(8)]
-    none = [0] * 8
-    gains = {"dpo": ([2, 3, 2], [0.55, 0.52, 0.6]), "rpo": ([1, 0, 2], [0.5, 0.45, 0.5])}  # tasks newly right
-    outs = [_preference_run(tmp_path, seed, tasks, none,
-                            {n: ([1] * g[seed] + [0] * (8 - g[seed]), g_acc[seed]) for n, (g, g_acc) in gains.items()})
-            for seed in range(3)]
+    fmt = [dict(FORMAT_TASK, prompt=FORMAT_TASK["prompt"] + "!" * i) for i in range(4)]
+    # per seed: lists tasks newly right, format tasks newly followed, held-out preference accuracy
+    gains = {"dpo": ([2, 3, 2], [1, 2, 1], [0.55, 0.52, 0.6]), "rpo": ([1, 0, 2], [0, 1, 1], [0.5, 0.45, 0.5])}
+    outs = [_preference_run(tmp_path, seed, lists + fmt, {
+        n: ([1] * g[seed] + [0] * (8 - g[seed]) + [1] * f[seed] + [0] * (4 - f[seed]), acc[seed])
+        for n, (g, f, acc) in gains.items()}) for seed in range(3)]
     rep = pooled([load_run(o) for o in outs])
-    raw = {n: stats.ttest_1samp([k / 8 for k in g], 0).pvalue for n, (g, _) in gains.items()}
-    lo, hi = sorted(raw, key=raw.get)
-    assert rep["settings"][lo]["score"]["t_p"] == pytest.approx(raw[lo])
-    assert rep["settings"][lo]["score"]["holm_p"] == pytest.approx(min(1.0, 2 * raw[lo]))
-    assert rep["settings"][hi]["score"]["holm_p"] == pytest.approx(max(min(1.0, 2 * raw[lo]), raw[hi]))
-    acc_p = stats.ttest_1samp([0.05, 0.02, 0.1], 0).pvalue
-    assert rep["settings"]["dpo"]["preference_accuracy_diff"]["t_p"] == pytest.approx(acc_p)
-    assert rep["settings"]["dpo"]["preference_accuracy_diff"]["holm_p"] >= acc_p
+    expected = {
+        "score": {n: stats.ttest_1samp([(a + b) / 12 for a, b in zip(g, f)], 0).pvalue for n, (g, f, _) in gains.items()},
+        "ifeval": {n: stats.ttest_1samp([b / 4 for b in f], 0).pvalue for n, (_, f, _) in gains.items()},
+        "preference_accuracy_diff": {n: stats.ttest_1samp([a - 0.5 for a in acc], 0).pvalue
+                                     for n, (_, _, acc) in gains.items()}}
+    for metric, raw in expected.items():
+        adjusted = _holm_by_hand(raw)
+        for name in gains:
+            got = rep["settings"][name][metric]
+            assert got["t_p"] == pytest.approx(raw[name], rel=1e-9), (metric, name)
+            assert got["holm_p"] == pytest.approx(adjusted[name], rel=1e-9), (metric, name)
     assert f"Holm {rep['settings']['dpo']['score']['holm_p']:.2g}" in table(rep)
 
-    cut = _preference_run(tmp_path / "cut", 0, tasks, none, {"dpo": ([1] * 8, 0.6)}, student_acc=None)
+    cut = _preference_run(tmp_path / "cut", 0, lists, {"dpo": ([1] * 8, 0.6)}, student_acc=None)
     with pytest.raises(SystemExit, match="not a finished preference_cpu.py run"):
         load_run(cut)
+
+
+def test_preference_report_names_a_broken_run_instead_of_a_traceback(tmp_path):
+    """Every way a run directory can be unreadable ends in a message naming it, not a traceback."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from preference_report import load_run
+
+    tasks = [{"family": "lists", "level": 1, "prompt": "What is the largest number of 1, 9?", "answer": "9",
+              "check": {"kind": "number", "value": 9}}]
+    good = _preference_run(tmp_path, 0, tasks, {"dpo": ([1], 0.6)})
+    results = json.loads((good / "results.json").read_text())
+    cases = {"no results.json": None, "not JSON": "{", "a list": "[]",
+             "general_sft null": json.dumps(dict(results, general_sft=None)),
+             "a setting without its accuracy": json.dumps(dict(results, settings={"dpo": {"pairs": "off"}})),
+             "no run": json.dumps({k: v for k, v in results.items() if k != "run"})}
+    for i, (case, text) in enumerate(cases.items()):
+        d = tmp_path / f"broken{i}"
+        d.mkdir()
+        if text is not None:
+            (d / "results.json").write_text(text)
+        with pytest.raises(SystemExit, match=re.escape(str(d))):
+            load_run(d)
+    (good / "dpo" / "eval_rows.jsonl").unlink()
+    with pytest.raises(SystemExit, match="cannot read the evaluations"):
+        load_run(good)

@@ -67,21 +67,25 @@ def t_test_p(diffs: Sequence[float]) -> float | None:
     if x.size < 2:
         return None
     sd = x.std(ddof=1)
-    if sd == 0:
+    if sd <= 1e-12 * max(1.0, abs(float(x.mean()))):  # equal up to rounding (k/240 - j/240 is not exact)
         return None
     stat = x.mean() / (sd / math.sqrt(x.size))
     return float(2 * t.sf(abs(stat), x.size - 1))
 
 
-def holm(pvalues: Sequence[float]) -> list[float]:
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     """Holm's step-down adjustment of a family of p values (controls the family-wise error rate):
-    the i-th smallest p is multiplied by (m - i), made monotone, capped at 1."""
+    the i-th smallest p is multiplied by (m - i), made monotone, capped at 1. An undefined p (None:
+    runs that all differ by the same amount) still counts in the family, as 1, and stays None;
+    leaving it out would shrink the family and flatter the others."""
     m = len(pvalues)
-    order = sorted(range(m), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * m, 0.0
+    filled = [1.0 if p is None else p for p in pvalues]
+    order = sorted(range(m), key=lambda i: filled[i])
+    adjusted: list[float | None] = [0.0] * m
+    running = 0.0
     for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        adjusted[i] = running
+        running = max(running, min(1.0, (m - rank) * filled[i]))
+        adjusted[i] = None if pvalues[i] is None else running
     return adjusted
 
 
