@@ -133,3 +133,10 @@ def test_random_gold_data_matches_the_sdg_counts_with_gold_answers(tmp_path, mon
 def test_control_names_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="unknown 'seed'"):
         load_align_config("configs/align/toy.yaml", ["controls=[seed]"])
+    # seed_only needs the generator's recipe: a checkpoint alone is refused, naming the fix, and
+    # accepted with its stages beside it (configs/align/judge.yaml's header)
+    with pytest.raises(ConfigError, match=r"generator=\{checkpoint: \.\.\., stages: \[seed_sft\]\}"):
+        load_align_config("configs/align/judge.yaml", ["controls=[seed_only]", "generator={checkpoint: g}"])
+    cfg = load_align_config("configs/align/judge.yaml",
+                            ["controls=[seed_only]", "generator={checkpoint: g, stages: [seed_sft]}"])
+    assert cfg.generator.stages == ["seed_sft"] and cfg.controls == ["seed_only"]

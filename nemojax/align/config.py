@@ -195,7 +195,9 @@ class AlignConfig:
         if unknown:
             raise ConfigError(f"controls: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(CONTROLS)}")
         if "seed_only" in self.controls and not g.stages:
-            raise ConfigError("controls: seed_only aligns the iteration's base with generator.stages, which is empty")
+            raise ConfigError("controls: seed_only aligns the iteration's base with generator.stages, which is empty; "
+                              "a generator given as a checkpoint needs the stages that made it beside it, e.g. "
+                              "generator={checkpoint: ..., stages: [seed_sft]}")
         used = set(g.stages) | set(self.pipeline) | {s for it in self.iterations for s in it.stages}
         used |= set(self.control_stages) | ({j.stage} if j.kind == "reward_model" else set())
         for name in sorted(used):
