@@ -141,8 +141,10 @@ def test_report_pairs_tasks_within_a_world_and_a_judge_run_with_its_world(tmp_pa
     _world(judge, tasks)
     jt = _model(judge, "iter_1/general_sft", tasks, ['"cat"', "1", "1", "9"], [True, False, False, True])
     jg = _model(judge, "generator/seed_sft", tasks, ["cat", "9", "9", "9"], [False] * 4)
+    js = _model(judge, "controls/seed_only/iter_1/seed_sft", tasks, ['"cat"', "9", "1", "1"], [True, True, False, False])
     (judge / "summary.json").write_text(json.dumps({"iterations": [
-        {"iteration": 1, "generator": jg, "base": {"name": "strong"}, "stages": [jt], "sdg": {}}]}))
+        {"iteration": 1, "generator": jg, "base": {"name": "strong"}, "stages": [jt], "sdg": {},
+         "controls": {"seed_only": {"stages": [dict(js, step="control seed_only 1 seed_sft")]}}}]}))
     rep = report(runs, [judge])
     by = {c["label"]: c for c in rep["comparisons"]}
     w2s = by["student - generator"]["metrics"]
@@ -154,6 +156,10 @@ def test_report_pairs_tasks_within_a_world_and_a_judge_run_with_its_world(tmp_pa
     # the judge run pairs with s0 (the same evaluation tasks), not s1
     jv = by["judge: student - verifier student"]["metrics"]["score"]
     assert jv["n_runs"] == 1 and jv["runs"][0]["diff"] == pytest.approx(2 / 4 - 3 / 4)
+    # the judge run's own seed-only control: its student (tasks 0 and 3 right) against it (0 and 1)
+    jc = by["judge: general SFT - seed-only SFT"]["metrics"]["score"]
+    assert jc["n_runs"] == 1 and jc["runs"][0]["a_only"] == 1 and jc["runs"][0]["b_only"] == 1
+    assert by["judge: general SFT - seed-only SFT"]["b"] == "judge/it1/seed_only/seed_sft"
     text = format_report(rep)
     assert "student - generator" in text and "judge: student - generator" in text
 

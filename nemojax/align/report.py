@@ -36,6 +36,8 @@ COMPARISONS: tuple[tuple[str, str, str, str], ...] = (
      "weak-to-strong with the learned reward model picking the data"),
     ("judge: student - verifier student", "judge/it{k}/student", "it{k}/student",
      "the learned judge against the oracle verifier, the same iteration (same generator in iteration 1)"),
+    ("judge: general SFT - seed-only SFT", "judge/it{k}/general_sft", "judge/it{k}/seed_only/seed_sft",
+     "the judge-picked data on the student's own base (the judge run's control seed_only)"),
     ("judge: DPO - general SFT", "judge/it{k}/dpo", "judge/it{k}/general_sft", "DPO on the judge's pairs"),
     ("judge: RPO - general SFT", "judge/it{k}/rpo1", "judge/it{k}/general_sft", "DPO and RPO on the judge's pairs"),
 )
