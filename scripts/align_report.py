@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nemojax.align.report import COMPARISONS, eval_tasks, metric_vectors, models, stage_rows, task_results  # noqa: E402
-from nemojax.align.stats import compare, holm  # noqa: E402
+from nemojax.align.stats import adjust_family, compare  # noqa: E402
 
 
 def _stats(values: list[float]) -> dict:
@@ -87,9 +87,7 @@ def _adjust_for_multiplicity(comps: list[dict]) -> None:
     """Holm-adjusted over-runs p of each metric, across every comparison of the report (the family
     a reader scans for an established difference)."""
     for metric in {m for c in comps for m in c["metrics"]}:
-        held = [c["metrics"][metric] for c in comps if "t_p" in c["metrics"].get(metric, {})]  # over-runs tests
-        for s, p in zip(held, holm([s["t_p"] for s in held])):
-            s["holm_p"] = p
+        adjust_family([c["metrics"][metric] for c in comps if metric in c["metrics"]])
 
 
 def report(run_dirs: list[Path], judge_dirs: list[Path]) -> dict:

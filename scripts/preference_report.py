@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nemojax.align.report import eval_tasks, metric_vectors, task_results  # noqa: E402
-from nemojax.align.stats import compare, holm, t_interval, t_test_p, verdict  # noqa: E402
+from nemojax.align.stats import adjust_family, compare, t_interval, t_test_p, verdict  # noqa: E402
 
 METRICS = ("score", "ifeval")
 
@@ -46,7 +46,8 @@ def load_run(out: Path) -> dict:
         raise SystemExit(f"{out} is not a finished preference_cpu.py run (results.json has no general_sft "
                          f"score): rerun its command, {command}, to finish it")
     settings = res.get("settings", {})
-    bad = [n for n, v in settings.items() if not isinstance(v, dict) or not {"pairs", "held_out_preference_accuracy"} <= set(v)] \
+    needed = {"pairs", "held_out_preference_accuracy"}
+    bad = [n for n, v in settings.items() if not isinstance(v, dict) or not needed <= set(v)] \
         if isinstance(settings, dict) else ["settings"]
     if bad or not {"run", "student", "iteration"} <= set(res):
         raise SystemExit(f"{path} lacks what a finished run records (run, student, iteration; each setting's pairs "
@@ -76,9 +77,7 @@ def pooled(runs: list[dict]) -> dict:
         entry["pairs"] = runs[0]["results"]["settings"][name]["pairs"]
         out["settings"][name] = entry
     for metric in (*METRICS, "preference_accuracy_diff"):
-        held = [e[metric] for e in out["settings"].values() if "t_p" in e.get(metric, {})]  # over-seeds tests
-        for s, p in zip(held, holm([s["t_p"] for s in held])):
-            s["holm_p"] = p
+        adjust_family([e[metric] for e in out["settings"].values() if metric in e])
     return out
 
 

@@ -89,6 +89,14 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     return adjusted
 
 
+def adjust_family(family: Sequence[dict]) -> None:
+    """Sets `holm_p` on each comparison of a family (dicts as `compare` returns them, those holding
+    an over-runs test `t_p`), the family being what a reader scans for one that is established."""
+    tested = [c for c in family if "t_p" in c]
+    for c, p in zip(tested, holm([c["t_p"] for c in tested])):
+        c["holm_p"] = p
+
+
 def two_stage_bootstrap(runs: Sequence[tuple[Sequence[float], Sequence[float]]], *, n_boot: int = 4000,
                         seed: int = 0, level: float = LEVEL) -> tuple[float, float]:
     """Percentile interval of the mean over runs of mean(a) - mean(b): each replicate draws runs
